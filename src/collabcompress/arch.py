@@ -1,0 +1,302 @@
+"""Architecture families: where the query/key tensors of every attention layer live.
+
+Each family is recognised from tensor names (any prefix such as ``bert.`` is allowed) and
+``config.json``; SPEC.md section 6 is the table. Architectures whose attention cannot be
+written as one shared bilinear form per head are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import BadInputError, UnsupportedArchitectureError
+from .io import FLOAT_DTYPES, Checkpoint
+
+__all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "detect", "load_query_key", "COLLAB_SUFFIXES"]
+
+COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family: a regex on the query (or fused) weight name and its layout.
+
+    ``pattern`` must have the groups ``m`` (the module prefix that owns the query tensor).
+    ``fused`` is ``"conv1d"`` for GPT-2's (in, 3*out) ``c_attn``, ``"linear"`` for timm's
+    (3*out, in) ``qkv``, or ``None`` for separate query and key tensors.
+    """
+
+    name: str
+    models: str
+    pattern: re.Pattern[str]
+    query: str
+    key: str | None
+    fused: str | None = None
+    example: str = ""
+    scale_one: bool = False
+    note: str = ""
+
+
+def _family(name: str, models: str, module: str, query: str, key: str | None, example: str, **kw: Any) -> Family:
+    pattern = re.compile(rf"^(?P<m>(?:.*?){module})\.{re.escape(query)}\.weight$")
+    return Family(name, models, pattern, query, key, example=example, **kw)
+
+
+FAMILIES: tuple[Family, ...] = (
+    _family("bert", "BERT, RoBERTa, ELECTRA, XLM-R, MiniLM", r"encoder\.layer\.\d+\.attention\.self",
+            "query", "key", "encoder.layer.{i}.attention.self.{query,key}"),
+    _family("mpnet", "MPNet", r"encoder\.layer\.\d+\.attention\.attn", "q", "k",
+            "encoder.layer.{i}.attention.attn.{q,k}", note="relative position bias is additive and untouched"),
+    _family("distilbert", "DistilBERT", r"transformer\.layer\.\d+\.attention", "q_lin", "k_lin",
+            "transformer.layer.{i}.attention.{q_lin,k_lin}"),
+    _family("albert", "ALBERT", r"encoder\.albert_layer_groups\.\d+\.albert_layers\.\d+\.attention", "query", "key",
+            "encoder.albert_layer_groups.{g}.albert_layers.{j}.attention.{query,key}",
+            note="one block shared by all layers"),
+    _family("vit", "HF ViT, DeiT", r"encoder\.layer\.\d+\.attention\.attention", "query", "key",
+            "encoder.layer.{i}.attention.attention.{query,key}"),
+    _family("gpt2", "GPT-2", r"h\.\d+\.attn", "c_attn", None, "h.{i}.attn.c_attn", fused="conv1d",
+            note="fused, Conv1D layout (in, 3*out)"),
+    _family("timm-vit", "timm ViT", r"blocks\.\d+\.attn", "qkv", None, "blocks.{i}.attn.qkv", fused="linear",
+            note="fused, Linear layout (3*out, in); heads from --heads or config"),
+    _family("t5", "T5", r"(?:encoder|decoder)\.block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)", "q", "k",
+            "{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,EncDecAttention}.{q,k}",
+            scale_one=True, note="no bias, scale 1"),
+    _family("bart", "BART, Marian, Whisper, CLIP", r"(?:self_attn|encoder_attn)", "q_proj", "k_proj",
+            "...{self_attn,encoder_attn}.{q_proj,k_proj}", note="per-side head counts from config"),
+)
+_BY_NAME = {f.name: f for f in FAMILIES}
+
+_ROTARY_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "gptj", "gpt_neox", "phi", "phi3", "falcon", "roformer", "esm", "olmo", "olmo2", "cohere",
+    "stablelm", "starcoder2", "deepseek_v2", "deepseek_v3", "internlm2", "baichuan", "chatglm", "persimmon",
+    "granite", "nemotron", "codegen", "mpt_rope", "modernbert",
+}
+_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base",
+                "rotary_emb_fraction", "partial_rotary_factor")
+_QK_NORM = re.compile(r"(?:^|\.)(?:q_norm|k_norm|query_norm|key_norm|q_layernorm|k_layernorm)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention module the tool can compress.
+
+    Attributes:
+        module: prefix of the module that owns the query tensor (SPEC section 4).
+        index: position of the module in the model (encoder first), 0-based.
+        family: family name.
+        n_head, head_dim, d_model: H, d and D of SPEC section 2.
+        scale: the score scale s (1/sqrt(d), or 1 for T5).
+        query, key: weight tensor names; for a fused family both name the fused tensor.
+        query_bias, key_bias: bias tensor names that exist, else ``None``.
+        fused: ``"conv1d"``, ``"linear"`` or ``None``.
+    """
+
+    module: str
+    index: int
+    family: str
+    n_head: int
+    head_dim: int
+    d_model: int
+    scale: float
+    query: str
+    key: str
+    query_bias: str | None
+    key_bias: str | None
+    fused: str | None = None
+
+    @property
+    def width(self) -> int:
+        """H*d, the concatenated key/query width."""
+        return self.n_head * self.head_dim
+
+
+@dataclass(frozen=True)
+class QueryKey:
+    """The query and key projections of one module, in nn.Linear layout, float64."""
+
+    w_query: torch.Tensor  # (H*d, D)
+    w_key: torch.Tensor  # (H*d, D)
+    b_query: torch.Tensor | None  # (H*d,)
+    b_key: torch.Tensor | None  # (H*d,)
+
+
+def _natural(s: str) -> tuple:
+    side = 1 if re.search(r"(?:^|\.)decoder\.", s) else 0
+    return (side, tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)))
+
+
+def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[str]:
+    reasons = []
+    if any(_QK_NORM.search(n) for n in names):
+        reasons.append("per-head query/key normalisation (q_norm/k_norm tensors): the normalisation between the "
+                       "projections and the product breaks the shared bilinear form")
+    cfg = config or {}
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads")
+    if (isinstance(kv, int) and isinstance(heads, int) and kv < heads) or cfg.get("multi_query") is True:
+        reasons.append(f"grouped-query or multi-query attention ({kv} key/value heads for {heads} query heads): "
+                       "key rows differ from query rows")
+    rotary = (cfg.get("model_type") in _ROTARY_MODEL_TYPES
+              or any(k in cfg for k in _ROTARY_KEYS)
+              or cfg.get("position_embedding_type") == "rotary"
+              or any("rotary_emb" in n for n in names))
+    if rotary:
+        reasons.append("rotary position embeddings: the rotation between query and key breaks the shared "
+                       "bilinear form")
+    return reasons
+
+
+def _config_heads(config: dict[str, Any] | None, family: Family, module: str) -> int | None:
+    if not config:
+        return None
+    cfg = config
+    # CLIP/Owl-style composite configs: the sub-config named after the tower.
+    for tower, sub in (("text_model", "text_config"), ("vision_model", "vision_config")):
+        if module.startswith(tower) or f".{tower}." in f".{module}":
+            if isinstance(config.get(sub), dict):
+                cfg = config[sub]
+    if family.name == "bart":
+        decoder = re.search(r"(?:^|\.)decoder\.", module) is not None
+        side = "decoder_attention_heads" if decoder else "encoder_attention_heads"
+        if isinstance(cfg.get(side), int):
+            return cfg[side]
+    if family.name == "timm-vit" and isinstance(cfg.get("model_args"), dict):
+        cfg = {**cfg, **cfg["model_args"]}
+    for key in ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads"):
+        if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
+            return cfg[key]
+    return None
+
+
+def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tuple[str, str]]]:
+    """-> (family, [(module prefix, query weight name)])."""
+    if arch is not None:
+        if arch not in _BY_NAME:
+            raise BadInputError(f"unknown --arch {arch!r}; choose one of: {', '.join(_BY_NAME)}")
+        candidates = [_BY_NAME[arch]]
+    else:
+        candidates = list(FAMILIES)
+    best: tuple[Family, list[tuple[str, str]]] | None = None
+    for family in candidates:
+        found = [(m.group("m"), n) for n in names if (m := family.pattern.match(n))]
+        if family.key is not None:
+            found = [(m, n) for m, n in found if f"{m}.{family.key}.weight" in names]
+        if found and (best is None or len(found) > len(best[1])):
+            best = (family, found)
+    if best is None:
+        if arch is not None:
+            raise BadInputError(f"no attention tensors of family {arch!r} found (expected names like "
+                                f"{candidates[0].example()}); check --arch or run `collabcompress archs`")
+        raise UnsupportedArchitectureError(
+            "unsupported architecture: no query/key tensors of a known family found; "
+            "run `collabcompress archs` for the supported naming, or pass --arch")
+    return best
+
+
+def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = None) -> list[AttentionSpec]:
+    """Find every attention module of ``ckpt`` that the tool can compress.
+
+    Args:
+        ckpt: an opened checkpoint (headers only are read).
+        heads: head count override (``--heads``), else from ``config.json``.
+        arch: family name override (``--arch``), else detected from tensor names.
+
+    Returns:
+        One :class:`AttentionSpec` per module, encoder before decoder, in layer order.
+
+    Raises:
+        UnsupportedArchitectureError: rotary, grouped-query, q/k-norm, or an unknown family.
+        BadInputError: no head count, a head count that does not divide the width,
+            inconsistent shapes, non-float weights, an already compressed checkpoint.
+    """
+    names = ckpt.names()
+    if any(n.endswith(COLLAB_SUFFIXES) for n in names):
+        raise BadInputError(f"{ckpt.path} is already compressed by collabcompress (it holds collab_* tensors); "
+                            "use the original checkpoint")
+    reasons = _refusal_reasons(names, ckpt.config)
+    if reasons:
+        model_type = (ckpt.config or {}).get("model_type")
+        what = f"model_type {model_type!r}" if model_type else str(ckpt.path)
+        raise UnsupportedArchitectureError(f"unsupported architecture ({what}): " + "; ".join(reasons))
+    if heads is not None and heads < 1:
+        raise BadInputError(f"--heads must be a positive integer, got {heads}")
+    family, found = _detect_family(names, arch)
+    name_set = set(names)
+    specs = []
+    for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0]))):
+        specs.append(_spec(ckpt, family, module, qname, index, heads, name_set))
+    return specs
+
+
+def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
+          heads: int | None, names: set[str]) -> AttentionSpec:
+    kname = qname if family.fused else f"{module}.{family.key}.weight"
+    for n in {qname, kname}:
+        if ckpt.dtype(n) not in FLOAT_DTYPES:
+            raise BadInputError(f"tensor {n!r} has dtype {ckpt.dtype(n)}; expected float32, float16 or bfloat16")
+        if len(ckpt.shape(n)) != 2:
+            raise BadInputError(f"tensor {n!r} has shape {list(ckpt.shape(n))}; expected a 2-D weight")
+    qshape = ckpt.shape(qname)
+    if family.fused == "conv1d":
+        d_model, three = qshape
+        width = three // 3
+    elif family.fused == "linear":
+        three, d_model = qshape
+        width = three // 3
+    else:
+        width, d_model = qshape
+        kshape = ckpt.shape(kname)
+        if kshape[1] != d_model:
+            raise BadInputError(f"{kname} has shape {list(kshape)} but {qname} has {list(qshape)}")
+        if kshape[0] != width:
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture: {kname} has {kshape[0]} rows and {qname} {width}: grouped-query or "
+                "multi-query attention (key rows differ from query rows)")
+    if family.fused and three % 3:
+        raise BadInputError(f"fused tensor {qname!r} of shape {list(qshape)} is not three equal blocks")
+    n_head = heads if heads is not None else _config_heads(ckpt.config, family, module)
+    if n_head is None:
+        raise BadInputError(f"no head count for {module}: no config.json with it beside the weights; "
+                            "pass --heads N")
+    if width % n_head:
+        raise BadInputError(f"head count {n_head} does not divide the query width {width} of {module}; "
+                            "check --heads or config.json")
+    head_dim = width // n_head
+    qb = f"{qname[:-len('weight')]}bias"
+    kb = f"{kname[:-len('weight')]}bias"
+    return AttentionSpec(
+        module=module, index=index, family=family.name, n_head=n_head, head_dim=head_dim, d_model=d_model,
+        scale=1.0 if family.scale_one else 1.0 / math.sqrt(head_dim),
+        query=qname, key=kname,
+        query_bias=qb if qb in names else None, key_bias=kb if kb in names else None,
+        fused=family.fused,
+    )
+
+
+def load_query_key(ckpt: Checkpoint, spec: AttentionSpec, dtype: torch.dtype = torch.float64) -> QueryKey:
+    """Read the query and key projections of one module (and nothing else), in nn.Linear layout.
+
+    NaN or Inf in a weight is refused with the tensor's name.
+    """
+    w = spec.width
+    if spec.fused:
+        fused = ckpt.load(spec.query, dtype, finite=True)
+        if spec.fused == "conv1d":
+            fused = fused.T  # (3*H*d, D)
+        w_q, w_k = fused[:w].contiguous(), fused[w:2 * w].contiguous()
+        b_q = b_k = None
+        if spec.query_bias:
+            bias = ckpt.load(spec.query_bias, dtype, finite=True)  # (3*H*d,)
+            b_q, b_k = bias[:w].contiguous(), bias[w:2 * w].contiguous()
+    else:
+        w_q = ckpt.load(spec.query, dtype, finite=True)
+        w_k = ckpt.load(spec.key, dtype, finite=True)
+        b_q = ckpt.load(spec.query_bias, dtype, finite=True) if spec.query_bias else None
+        b_k = ckpt.load(spec.key_bias, dtype, finite=True) if spec.key_bias else None
+    return QueryKey(w_q, w_k, b_q, b_k)

@@ -1,0 +1,176 @@
+"""The ``collabcompress`` command line: thin Typer commands over the library.
+
+One error boundary (:func:`_errors`) turns the library's :class:`CollabError` into a
+plain message on stderr and the exit code of SPEC.md section 3; anything else is a bug
+and keeps its traceback. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import BadInputError, CollabError
+
+app = typer.Typer(
+    name="collabcompress",
+    help="Compress transformer attention into collaborative multi-head attention (arXiv 2006.16362).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console(soft_wrap=False)
+err = Console(stderr=True)
+_state = {"debug": os.environ.get("COLLABCOMPRESS_DEBUG", "") not in ("", "0")}
+
+CheckpointArg = Annotated[Path, typer.Argument(help="A .safetensors file, a *.safetensors.index.json, or a directory "
+                                                    "holding model.safetensors or model.safetensors.index.json.",
+                                               show_default=False)]
+HeadsOpt = Annotated[Optional[int], typer.Option("--heads", help="Attention heads per layer (default: from config.json).")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture family (default: detected); see `archs`.")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the result as JSON to PATH ('-' = stdout, no table).",
+                                                metavar="PATH")]
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place where known errors become messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CollabError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _write_json(data: dict[str, Any], path: str) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    try:
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise BadInputError(f"cannot write JSON to {target}: {e}") from e
+
+
+def _progress(description: str, enabled: bool):
+    """A transient progress bar on stderr (terminals only) and its ``(name, done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not enabled or not err.is_terminal)
+    task = progress.add_task(description, total=None)
+
+    def step(name: str, done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total, description=f"{description} {name}")
+
+    return progress, step
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"collabcompress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Compress transformer attention into collaborative multi-head attention."""
+    if debug:
+        _state["debug"] = True
+
+
+@app.command()
+@_errors
+def analyze(
+    checkpoint: CheckpointArg,
+    heads: HeadsOpt = None,
+    arch: ArchOpt = None,
+    energy: Annotated[Optional[list[float]], typer.Option(
+        "--energy", help="Energy threshold tau in (0, 1]; repeatable. Default: 0.9, 0.95, 0.99.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the cumulative energy curves to this PNG.",
+                                                 metavar="PNG")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Measure how redundant the attention heads of every layer are (spectral analysis)."""
+    from .pipeline import DEFAULT_ENERGIES, analyze as run_analyze, check_energy
+    from .tables import analysis_summary, analysis_table, plot_energy, require_matplotlib
+
+    energies = sorted(set(check_energy(t) for t in energy)) if energy else list(DEFAULT_ENERGIES)
+    if plot is not None:
+        require_matplotlib()
+    progress, step = _progress("analyzing", json_path != "-")
+    with progress:
+        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step)
+    if plot is not None:
+        try:
+            plot_energy(result, plot)
+        except OSError as e:
+            raise BadInputError(f"cannot write plot {plot}: {e}") from e
+    if json_path:
+        _write_json(result.to_dict(), json_path)
+    if json_path != "-":
+        out.print(analysis_table(result, show_module=out.width >= 120))
+        out.print(analysis_summary(result), highlight=False)
+        if plot is not None:
+            out.print(f"plot written to {plot}", highlight=False)
+
+
+@app.command()
+@_errors
+def archs(json_path: JsonOpt = None) -> None:
+    """List the supported architecture families and how their tensors are named."""
+    from rich.table import Table
+
+    from .arch import FAMILIES
+
+    rows = [{"family": f.name, "models": f.models, "query_key_tensors": f.example, "notes": f.note}
+            for f in FAMILIES]
+    if json_path:
+        _write_json({"families": rows, "refused": ["rotary position embeddings", "grouped-query or multi-query "
+                                                   "attention", "per-head query/key normalisation"]}, json_path)
+    if json_path == "-":
+        return
+    table = Table(title="Supported architecture families", title_justify="left")
+    for col in ("family", "models", "query / key tensors", "notes"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["family"], r["models"], r["query_key_tensors"], r["notes"])
+    out.print(table)
+    out.print("Refused (exit 4): rotary position embeddings, grouped-query or multi-query attention, "
+              "per-head query/key normalisation (q_norm, k_norm).", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

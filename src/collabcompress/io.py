@@ -1,0 +1,220 @@
+"""Read safetensors checkpoints lazily: one file, a sharded index, or a directory.
+
+Only the tensors asked for are read; headers give names, shapes and dtypes without
+touching the data. Every failure a user can cause becomes a :class:`BadInputError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import BadInputError
+
+__all__ = ["Checkpoint", "open_checkpoint", "read_json", "FLOAT_DTYPES"]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file, turning every failure into a one-line :class:`BadInputError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise BadInputError(f"{what} not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read {what} {path}: {e}") from e
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BadInputError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def _check_header(path: Path) -> None:
+    """Cheap sanity check of the 8-byte length and JSON header before safetensors sees it."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BadInputError(f"{path} is not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise BadInputError(
+                    f"{path} is not a safetensors file or is truncated "
+                    f"(header claims {n} bytes, file has {size})"
+                )
+            first = f.read(1)
+    except OSError as e:
+        raise BadInputError(f"cannot read {path}: {e}") from e
+    if first != b"{":
+        raise BadInputError(f"{path} is not a safetensors file (no JSON header)")
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint: where its weights live and what they are.
+
+    Attributes:
+        path: the path the user gave.
+        directory: the directory that holds the weights (and ``config.json`` if any).
+        files: the safetensors files, in order (one, or the shards).
+        index_file: the sharded index, or ``None``.
+        weight_map: tensor name -> file holding it.
+        config: parsed ``config.json`` beside the weights, or ``None``.
+    """
+
+    path: Path
+    directory: Path
+    files: list[Path]
+    index_file: Path | None
+    weight_map: dict[str, Path]
+    config: dict[str, Any] | None
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _meta: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_file is not None
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise BadInputError(f"{file} is not a readable safetensors file: {e}") from e
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string of a tensor (``F32``, ``F16``, ``BF16``...)."""
+        return self._meta[name][1]
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def load(self, name: str, dtype: torch.dtype | None = None, *, finite: bool = False) -> torch.Tensor:
+        """Read one tensor (and only it) from disk, optionally cast and checked for NaN/Inf."""
+        if name not in self.weight_map:
+            raise BadInputError(f"tensor {name!r} not found in {self.path}")
+        try:
+            t = self._handle(self.weight_map[name]).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise BadInputError(f"cannot read tensor {name!r} from {self.weight_map[name]}: {e}") from e
+        if dtype is not None:
+            t = t.to(dtype)
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadInputError(f"tensor {name!r} contains NaN or Inf values")
+        return t
+
+    def metadata(self, file: Path) -> dict[str, str]:
+        return dict(self._handle(file).metadata() or {})
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _index_files(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
+    data = read_json(index_file, "sharded index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BadInputError(f"sharded index {index_file} has no 'weight_map' object")
+    root = index_file.parent.resolve()
+    files: dict[str, Path] = {}
+    mapping: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(name, str) or not isinstance(shard, str) or not shard:
+            raise BadInputError(f"sharded index {index_file}: entry {name!r} is not a tensor name -> file name")
+        if shard not in files:
+            file = (root / shard).resolve()
+            if file.parent != root and root not in file.parents:
+                raise BadInputError(f"sharded index {index_file} points outside its directory: {shard!r}")
+            if not file.is_file():
+                raise BadInputError(f"sharded index {index_file} names a missing shard: {shard}")
+            files[shard] = file
+        mapping[name] = files[shard]
+    return sorted(files.values()), mapping
+
+
+def _resolve(path: Path) -> tuple[Path, list[Path], Path | None]:
+    """-> (directory, files, index_file) for a file, an index or a directory."""
+    if not path.exists():
+        raise BadInputError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / f"model{INDEX_SUFFIX}"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+            singles = sorted(path.glob("*.safetensors"))
+            found = indexes if len(indexes) == 1 else (singles if len(singles) == 1 else [])
+            if not found:
+                if indexes or singles:
+                    raise BadInputError(
+                        f"{path} holds several safetensors files and no model.safetensors or "
+                        f"model{INDEX_SUFFIX}; pass the file or index to use"
+                    )
+                raise BadInputError(f"no safetensors weights in {path} (expected model.safetensors or model{INDEX_SUFFIX})")
+        path = found[0]
+    if path.name.endswith(INDEX_SUFFIX):
+        return path.parent, [], path
+    if not path.is_file():
+        raise BadInputError(f"not a file: {path}")
+    return path.parent, [path], None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Resolve ``path`` to a :class:`Checkpoint` and read its headers (not its data).
+
+    Args:
+        path: a ``.safetensors`` file, a ``*.safetensors.index.json``, or a directory
+            holding ``model.safetensors`` or ``model.safetensors.index.json``.
+
+    Raises:
+        BadInputError: missing, unreadable, truncated, not safetensors, a shard missing,
+            an index pointing outside its directory, or an unreadable ``config.json``.
+    """
+    path = Path(path)
+    directory, files, index_file = _resolve(path)
+    if index_file is not None:
+        files, weight_map = _index_files(index_file)
+    else:
+        weight_map = {}
+    ckpt = Checkpoint(path=path, directory=directory, files=files, index_file=index_file,
+                      weight_map=weight_map, config=None)
+    for file in files:
+        _check_header(file)
+        handle = ckpt._handle(file)
+        for name in handle.keys():
+            sl = handle.get_slice(name)
+            ckpt._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            if index_file is None:
+                weight_map[name] = file
+    for name, file in weight_map.items():
+        if name not in ckpt._meta:
+            raise BadInputError(f"sharded index {index_file} names tensor {name!r}, which {file.name} does not hold")
+    if not weight_map:
+        raise BadInputError(f"{path} holds no tensors")
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        config = read_json(config_path, "config")
+        if not isinstance(config, dict):
+            raise BadInputError(f"config {config_path} is not a JSON object")
+        ckpt.config = config
+    return ckpt

@@ -1,0 +1,100 @@
+"""Whole-checkpoint operations that join reading, architecture and the maths.
+
+The CLI and Python users call these; they return plain records (``to_dict`` gives the
+SPEC JSON) and never print.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .analysis import LayerSpectrum, layer_spectrum
+from .arch import AttentionSpec, detect, load_query_key
+from .errors import BadInputError
+from .io import open_checkpoint
+
+__all__ = ["AnalysisResult", "LayerAnalysis", "analyze", "DEFAULT_ENERGIES", "check_energy"]
+
+DEFAULT_ENERGIES = (0.9, 0.95, 0.99)
+Progress = Callable[[str, int, int], None]  # (module, done, total)
+
+
+def check_energy(tau: float, option: str = "--energy") -> float:
+    if not (0.0 < tau <= 1.0):
+        raise BadInputError(f"{option} must be in (0, 1], got {tau}")
+    return tau
+
+
+def _key(tau: float) -> str:
+    return f"{tau:g}"
+
+
+@dataclass(frozen=True)
+class LayerAnalysis:
+    spec: AttentionSpec
+    spectrum: LayerSpectrum
+
+    def to_dict(self, energies: Sequence[float]) -> dict[str, Any]:
+        sp = self.spectrum
+        return {
+            "module": self.spec.module,
+            "index": self.spec.index,
+            "heads": sp.n_head,
+            "head_dim": sp.head_dim,
+            "d_model": sp.d_model,
+            "energy_query": [round(float(e), 8) for e in sp.energy_query],
+            "energy_key": [round(float(e), 8) for e in sp.energy_key],
+            "rank_at": {_key(t): sp.rank_at(t) for t in energies},
+            "rank_at_query": {_key(t): sp.rank_at_sides(t)[0] for t in energies},
+            "rank_at_key": {_key(t): sp.rank_at_sides(t)[1] for t in energies},
+            "redundancy": {_key(t): round(sp.redundancy(t), 6) for t in energies},
+            "head_effective_rank": {_key(t): sp.head_effective_rank(t) for t in energies},
+        }
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    checkpoint: str
+    architecture: str
+    layers: tuple[LayerAnalysis, ...]
+    energies: tuple[float, ...]
+
+    def summary(self) -> dict[str, Any]:
+        width = sum(la.spectrum.width for la in self.layers)
+        needed = {_key(t): sum(la.spectrum.rank_at(t) for la in self.layers) for t in self.energies}
+        return {
+            "layers": len(self.layers),
+            "total_width": width,
+            "total_rank_at": needed,
+            "redundancy": {k: round(1.0 - v / width, 6) for k, v in needed.items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "architecture": self.architecture,
+            "energies": list(self.energies),
+            "layers": [la.to_dict(self.energies) for la in self.layers],
+            "summary": self.summary(),
+        }
+
+
+def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | None = None,
+            energies: Sequence[float] = DEFAULT_ENERGIES, progress: Progress | None = None) -> AnalysisResult:
+    """Spectral redundancy of every attention layer of a checkpoint (SPEC sections 2 and 3).
+
+    Reads only the query/key tensors, one layer at a time.
+    """
+    energies = tuple(check_energy(t) for t in energies)
+    ckpt = open_checkpoint(checkpoint)
+    specs = detect(ckpt, heads=heads, arch=arch)
+    layers = []
+    for done, spec in enumerate(specs, 1):
+        qk = load_query_key(ckpt, spec)
+        layers.append(LayerAnalysis(spec, layer_spectrum(qk.w_query, qk.w_key, spec.n_head)))
+        if progress:
+            progress(spec.module, done, len(specs))
+    return AnalysisResult(str(checkpoint), specs[0].family, tuple(layers), energies)
