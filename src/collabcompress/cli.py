@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -28,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console(soft_wrap=False)
+out_console = Console(soft_wrap=False)
 err = Console(stderr=True)
 _state = {"debug": os.environ.get("COLLABCOMPRESS_DEBUG", "") not in ("", "0")}
 
@@ -136,10 +137,94 @@ def analyze(
     if json_path:
         _write_json(result.to_dict(), json_path)
     if json_path != "-":
-        out.print(analysis_table(result, show_module=out.width >= 120))
-        out.print(analysis_summary(result), highlight=False)
+        out_console.print(analysis_table(result, show_module=out_console.width >= 120))
+        out_console.print(analysis_summary(result), highlight=False)
         if plot is not None:
-            out.print(f"plot written to {plot}", highlight=False)
+            out_console.print(f"plot written to {plot}", highlight=False)
+
+
+class Method(str, Enum):
+    cp_als = "cp-als"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@app.command()
+@_errors
+def compress(
+    checkpoint: CheckpointArg,
+    out: Annotated[Path, typer.Option("--out", help="Output directory (created atomically).", show_default=False)],
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Shared key/query width R for every layer.")] = None,
+    energy: Annotated[Optional[float], typer.Option(
+        "--energy", help="Per-layer R: the shared rank needed to keep this spectral energy, in (0, 1].")] = None,
+    min_rank: Annotated[int, typer.Option("--min-rank", help="With --energy: at least this width.")] = 1,
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="With --energy: at most this width.")] = None,
+    multiple_of: Annotated[int, typer.Option("--multiple-of", help="With --energy: round R up to a multiple.")] = 8,
+    method: Annotated[Method, typer.Option("--method", help="Decomposition method.")] = Method.cp_als,
+    max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="Most ALS sweeps per layer.")] = None,
+    tol: Annotated[Optional[float], typer.Option("--tol", help="Stop when the fit changes less than this.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (used only where randomness is needed).")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[DType, typer.Option("--dtype", help="dtype of the new tensors (auto = the source's).")] = DType.auto,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Compress only these layer indices, e.g. 0,2,4-5.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="Activation statistics from `calibrate` for the whitened decomposition.")] = None,
+    heads: HeadsOpt = None,
+    arch: ArchOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Re-parametrize every attention layer into collaborative attention and save the result."""
+    from .compress import CompressOptions, compress as run_compress
+    from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL
+    from .tables import compress_table
+
+    options = CompressOptions(rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
+                              multiple_of=multiple_of, method=method.value,
+                              max_iter=DEFAULT_MAX_ITER if max_iter is None else max_iter,
+                              tol=DEFAULT_TOL if tol is None else tol, seed=seed, device=device, dtype=dtype.value,
+                              layers=layers, calibration=str(calibration) if calibration else None)
+    progress, step = _progress("compressing", json_path != "-")
+    with progress:
+        manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, progress=step)
+    if json_path:
+        _write_json(manifest, json_path)
+    if json_path != "-":
+        out_console.print(compress_table(manifest))
+        t = manifest["totals"]
+        out_console.print(f"key/query parameters {t['qk_params_before']:,} -> {t['qk_params_after']:,}; "
+                          f"model parameters {t['params_before']:,} -> {t['params_after']:,}; written to {out}",
+                          highlight=False)
+
+
+@app.command()
+@_errors
+def verify(
+    directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
+    original: Annotated[Optional[Path], typer.Option(
+        "--original", help="The source checkpoint (default: the path in the manifest, checked by sha256).")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(
+        "--max-kl", help="Fail with exit code 5 when a layer's mean KL divergence exceeds this.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="Draw the probe inputs from these activation statistics.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the probe inputs.")] = 0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Compare original and collaborative attention distributions on probe inputs."""
+    from .tables import verify_table
+    from .verify import check_gate, verify as run_verify
+
+    result = run_verify(directory, original=original, max_kl=max_kl, seed=seed, calibration=calibration)
+    if json_path:
+        _write_json(result, json_path)
+    if json_path != "-":
+        out_console.print(verify_table(result))
+    check_gate(result)
 
 
 @app.command()
@@ -162,8 +247,8 @@ def archs(json_path: JsonOpt = None) -> None:
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["family"], r["models"], r["query_key_tensors"], r["notes"])
-    out.print(table)
-    out.print("Refused (exit 4): rotary position embeddings, grouped-query or multi-query attention, "
+    out_console.print(table)
+    out_console.print("Refused (exit 4): rotary position embeddings, grouped-query or multi-query attention, "
               "per-head query/key normalisation (q_norm, k_norm).", highlight=False)
 
 

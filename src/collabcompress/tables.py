@@ -83,3 +83,33 @@ def plot_energy(result: AnalysisResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def compress_table(manifest: dict) -> Table:
+    """Per compressed layer: shared width, key/query parameters, relative error, sweeps, seconds."""
+    table = Table(title=f"Compressed {manifest['source']['path']} ({manifest['source']['architecture']})",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("layer", "H*d", "R", "energy@R", "rel. error", "sweeps", "seconds"):
+        table.add_column(col, justify="right")
+    for layer in manifest["layers"]:
+        table.add_row(str(layer["index"]), str(layer["heads"] * layer["head_dim"]), str(layer["shared_dim"]),
+                      f"{layer['energy_spectral']:.3f}", f"{layer['relative_error']:.4f}",
+                      str(layer["iterations"]), f"{layer['seconds']:.2f}")
+    return table
+
+
+def verify_table(result: dict) -> Table:
+    """Per layer and overall: mean / max KL and the relative score error."""
+    table = Table(title=f"Attention change: {result['directory']} vs {result['original']}", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("layer", "R", "mean KL", "max KL", "rel. score error"):
+        table.add_column(col, justify="right")
+    for r in result["layers"]:
+        table.add_row(str(r["index"]), str(r["shared_dim"]), f"{r['kl_mean']:.3g}", f"{r['kl_max']:.3g}",
+                      f"{r['relative_score_error']:.3g}")
+    o = result["overall"]
+    table.add_section()
+    table.add_row("all", "", f"{o['kl_mean']:.3g}", f"{o['kl_max']:.3g}", f"{o['relative_score_error']:.3g}")
+    if result["layers"]:
+        table.caption = f"probe: {result['layers'][0]['probe']}"
+    return table

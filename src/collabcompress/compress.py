@@ -1,0 +1,347 @@
+"""Compress a checkpoint: collaborative re-parametrization of every chosen attention layer.
+
+Reads the source lazily, decomposes one layer at a time, writes the output directory of
+SPEC.md section 4 atomically (weights, config.json with a ``collaborative_attention``
+block, the source directory's other files, ``collab_manifest.json``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .analysis import choose_rank, layer_spectrum
+from .arch import AttentionSpec, detect, load_query_key
+from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, CPFactors, concatenated, cp_als
+from .errors import BadInputError
+from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
+from .manifest import FORMAT, MANIFEST_NAME
+from .output import atomic_directory, check_output_path, copy_other_files, file_record, sha256_file
+
+__all__ = ["CompressOptions", "compress", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Settings of ``compress`` (SPEC section 3); validated by :meth:`check`."""
+
+    rank: int | None = None
+    energy: float | None = None
+    min_rank: int = 1
+    max_rank: int | None = None
+    multiple_of: int = 8
+    method: str = "cp-als"
+    max_iter: int = DEFAULT_MAX_ITER
+    tol: float = DEFAULT_TOL
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    layers: str | None = None
+    calibration: str | None = None
+
+    def check(self) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise BadInputError("pass exactly one of --rank and --energy")
+        if self.rank is not None and self.rank < 1:
+            raise BadInputError(f"--rank must be at least 1, got {self.rank}")
+        if self.energy is not None and not (0.0 < self.energy <= 1.0):
+            raise BadInputError(f"--energy must be in (0, 1], got {self.energy}")
+        for name, value in (("--min-rank", self.min_rank), ("--multiple-of", self.multiple_of),
+                            ("--max-iter", self.max_iter)):
+            if value < 1:
+                raise BadInputError(f"{name} must be at least 1, got {value}")
+        if self.max_rank is not None and self.max_rank < max(1, self.min_rank):
+            raise BadInputError(f"--max-rank {self.max_rank} is below --min-rank {self.min_rank}")
+        if not (self.tol >= 0.0):
+            raise BadInputError(f"--tol must be >= 0, got {self.tol}")
+        if self.method != "cp-als":
+            raise BadInputError(f"unknown --method {self.method!r}; available: cp-als")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise BadInputError(f"unknown --dtype {self.dtype!r}; choose auto, float32, float16 or bfloat16")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise BadInputError(f"unknown --device {self.device!r}; choose cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadInputError("--device cuda was asked for but CUDA is not available here")
+
+
+def parse_layers(spec: str | None, n_layers: int) -> set[int]:
+    """``"0,2,4-5"`` -> {0, 2, 4, 5}; ``None`` -> every layer."""
+    if spec is None:
+        return set(range(n_layers))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise BadInputError(f"--layers {spec!r}: expected indices and ranges like 0,2,4-5")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi or hi >= n_layers:
+            raise BadInputError(f"--layers {spec!r}: the model has attention layers 0 to {n_layers - 1}")
+        chosen.update(range(lo, hi + 1))
+    return chosen
+
+
+def collab_names(module: str) -> dict[str, str]:
+    """Tensor names of SPEC section 4 for one module."""
+    return {"query": f"{module}.collab_query.weight", "key": f"{module}.collab_key.weight",
+            "mixing": f"{module}.collab_mixing", "content_bias": f"{module}.collab_content_bias.weight",
+            "value": f"{module}.collab_value.weight", "value_bias": f"{module}.collab_value.bias"}
+
+
+@dataclass
+class _Layer:
+    spec: AttentionSpec
+    shared_dim: int
+    factors: CPFactors
+    energy_spectral: float
+    seconds: float
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+
+
+def _content_bias(w_key: torch.Tensor, b_query: torch.Tensor | None, n_head: int) -> torch.Tensor:
+    """c_h = W_K^h^T b_Q^h, one row per head."""
+    width, d_model = w_key.shape
+    if b_query is None:
+        return w_key.new_zeros(n_head, d_model)
+    k = w_key.reshape(n_head, width // n_head, d_model)  # (H, d, D)
+    b = b_query.reshape(n_head, width // n_head, 1)  # (H, d, 1)
+    return (k * b).sum(1)  # (H, D)
+
+
+def _value_slices(ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = spec.width
+    fused = ckpt.load(spec.query)
+    value = fused[:, 2 * w:] if spec.fused == "conv1d" else fused[2 * w:]  # orientation of the fused tensor
+    bias = ckpt.load(spec.query_bias)[2 * w:] if spec.query_bias else None
+    return value.contiguous(), (bias.contiguous() if bias is not None else None)
+
+
+def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+                    whiten: tuple[torch.Tensor, torch.Tensor] | None) -> _Layer:
+    start = time.perf_counter()
+    qk = load_query_key(ckpt, spec)
+    spectrum = layer_spectrum(qk.w_query, qk.w_key, spec.n_head)
+    if opts.rank is not None:
+        if opts.rank > spec.width:
+            raise BadInputError(f"--rank {opts.rank} is above H*d = {spec.width} of {spec.module}; "
+                                "a rank above H*d compresses nothing")
+        shared_dim = opts.rank
+    else:
+        shared_dim = choose_rank(spectrum.rank_at(opts.energy), spec.width, min_rank=opts.min_rank,
+                                 max_rank=opts.max_rank, multiple_of=opts.multiple_of)
+    if shared_dim == spec.width and whiten is None:
+        factors = concatenated(qk.w_query, qk.w_key, spec.n_head)
+    else:
+        wq, wk = whiten if whiten is not None else (None, None)
+        factors = cp_als(qk.w_query, qk.w_key, spec.n_head, shared_dim, max_iter=opts.max_iter, tol=opts.tol,
+                         seed=opts.seed, device=opts.device, whiten_query=wq, whiten_key=wk)
+    energy = min(float(spectrum.energy_query[shared_dim - 1]), float(spectrum.energy_key[shared_dim - 1]))
+    names = collab_names(spec.module)
+    tensors = {
+        names["query"]: factors.query,  # (R, D)
+        names["key"]: factors.key,  # (R, D)
+        names["mixing"]: factors.mixing,  # (H, R)
+        names["content_bias"]: _content_bias(qk.w_key, qk.b_query, spec.n_head),  # (H, D)
+    }
+    tensors = {k: v.to(out_dtype).contiguous() for k, v in tensors.items()}
+    if spec.fused:
+        value, value_bias = _value_slices(ckpt, spec)
+        tensors[names["value"]] = value.to(out_dtype if opts.dtype != "auto" else value.dtype)
+        if value_bias is not None:
+            tensors[names["value_bias"]] = value_bias.to(out_dtype if opts.dtype != "auto" else value_bias.dtype)
+        removed = [spec.query] + ([spec.query_bias] if spec.query_bias else [])
+    else:
+        removed = [n for n in (spec.query, spec.query_bias, spec.key, spec.key_bias) if n]
+    return _Layer(spec, shared_dim, factors, energy, time.perf_counter() - start, tensors, removed)
+
+
+def _load_whitening(path: str, ckpt: Checkpoint, specs: list[AttentionSpec]):
+    from .calibration import load_whitening  # optional feature, imported when used
+
+    return load_whitening(Path(path), ckpt, specs)
+
+
+def _layer_record(layer: _Layer) -> dict[str, Any]:
+    spec, names = layer.spec, collab_names(layer.spec.module)
+    return {
+        "module": spec.module, "index": spec.index, "heads": spec.n_head, "head_dim": spec.head_dim,
+        "d_model": spec.d_model, "shared_dim": layer.shared_dim, "scale": spec.scale,
+        "relative_error": round(layer.factors.relative_error, 8), "energy_spectral": round(layer.energy_spectral, 8),
+        "iterations": layer.factors.iterations, "seconds": round(layer.seconds, 4),
+        "tensors": {"query": names["query"], "key": names["key"], "mixing": names["mixing"],
+                    "content_bias": names["content_bias"],
+                    "value": names["value"] if spec.fused else None},
+        "removed": layer.removed, "family": spec.family, "fused": spec.fused,
+        "query_bias": spec.query_bias is not None, "key_bias": spec.key_bias is not None,
+    }
+
+
+def _qk_params_before(ckpt: Checkpoint, spec: AttentionSpec) -> int:
+    if spec.fused:
+        n = 2 * spec.width * spec.d_model
+        return n + (2 * spec.width if spec.query_bias else 0)
+    return sum(ckpt.numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
+
+
+def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Path]:
+    """Every source tensor except the removed ones, plus the new ones; same shard layout as the source."""
+    removed = {n for layer in layers for n in layer.removed}
+    new_by_file: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in ckpt.files}
+    for layer in layers:
+        new_by_file[ckpt.weight_map[layer.spec.query]].update(layer.tensors)
+    written: list[Path] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file in ckpt.files:
+        tensors = {n: ckpt.load(n) for n, f in ckpt.weight_map.items() if f == file and n not in removed}
+        tensors.update(new_by_file[file])
+        name = file.name if ckpt.sharded else "model.safetensors"
+        metadata = {k: v for k, v in ckpt.metadata(file).items()}
+        metadata.update({"format": "pt", "collabcompress": __version__})
+        target = tmp / name
+        try:
+            save_file(dict(sorted(tensors.items())), str(target), metadata=metadata)
+        except OSError as e:
+            raise BadInputError(f"cannot write {name}: {e}") from e
+        written.append(target)
+        for n, t in tensors.items():
+            weight_map[n] = name
+            total += t.numel() * t.element_size()
+        del tensors
+    if ckpt.sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        target = tmp / f"model{INDEX_SUFFIX}"
+        target.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        written.append(target)
+    return written
+
+
+def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "version": __version__, "family": family,
+        "layers": {layer.spec.module: {"index": layer.spec.index, "shared_dim": layer.shared_dim,
+                                       "heads": layer.spec.n_head, "head_dim": layer.spec.head_dim,
+                                       "d_model": layer.spec.d_model, "scale": layer.spec.scale,
+                                       "fused": layer.spec.fused, "key_bias": layer.spec.key_bias is not None}
+                   for layer in layers},
+    }
+
+
+def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,
+             arch: str | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Compress ``checkpoint`` into the output directory ``out``; returns the manifest.
+
+    Args:
+        checkpoint: file, sharded index or directory (see :func:`open_checkpoint`).
+        out: the output directory; refused if it exists unless ``force``.
+        options: rank choice and decomposition settings.
+        heads, arch: overrides for the head count and the family.
+
+    Raises:
+        BadInputError, UnsupportedArchitectureError: see SPEC section 3.
+    """
+    options.check()
+    out = Path(out)
+    ckpt = open_checkpoint(checkpoint)
+    check_output_path(out, ckpt.files + ([ckpt.index_file] if ckpt.index_file else []), ckpt.directory
+                      if Path(checkpoint).is_dir() or ckpt.sharded else None, force=force)
+    specs = detect(ckpt, heads=heads, arch=arch)
+    chosen = parse_layers(options.layers, len(specs))
+    specs = [s for s in specs if s.index in chosen]
+    if options.rank is not None:
+        for s in specs:
+            if options.rank > s.width:
+                raise BadInputError(f"--rank {options.rank} is above H*d = {s.width} of {s.module}; "
+                                    "a rank above H*d compresses nothing")
+    whitening = _load_whitening(options.calibration, ckpt, specs) if options.calibration else {}
+    source_dtype = ckpt.dtype(specs[0].query)
+    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else FLOAT_TORCH[source_dtype]
+    layers = []
+    for done, spec in enumerate(specs, 1):
+        layers.append(_compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module)))
+        if progress:
+            progress(spec.module, done, len(specs))
+    source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
+    config_path = ckpt.directory / "config.json"
+    if ckpt.config is not None:
+        source_files.append(config_path)
+    with atomic_directory(out, force=force) as tmp:
+        outputs = _write_weights(ckpt, layers, tmp)
+        if ckpt.config is not None:
+            config = dict(ckpt.config)
+            config["collaborative_attention"] = _config_block(layers, specs[0].family)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            outputs.append(tmp / "config.json")
+        if Path(checkpoint).is_dir() or ckpt.sharded or ckpt.config is not None:
+            outputs.extend(copy_other_files(ckpt.directory, tmp, set(source_files)))
+        manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp)
+        manifest["settings"].update(heads=heads, arch=arch)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _publishable(tmp)
+    ckpt.close()
+    return manifest
+
+
+def _publishable(tmp: Path) -> None:
+    """Give written files the usual permissions (safetensors creates them owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in tmp.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    os.chmod(tmp, 0o777 & ~umask)
+
+
+FLOAT_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpec], layers: list[_Layer],
+              options: CompressOptions, source_files: list[Path], outputs: list[Path], tmp: Path) -> dict[str, Any]:
+    params_before = sum(ckpt.numel(n) for n in ckpt.names())
+    removed = sum(ckpt.numel(n) for layer in layers for n in layer.removed)
+    added = sum(t.numel() for layer in layers for t in layer.tensors.values())
+    qk_after = sum(layer.shared_dim * (2 * layer.spec.d_model + layer.spec.n_head)
+                   + layer.spec.n_head * layer.spec.d_model for layer in layers)
+    weights_out = [p for p in outputs if p.name.endswith((".safetensors", INDEX_SUFFIX))]
+    calibration = None
+    if options.calibration:
+        calibration = {"file": str(Path(options.calibration).resolve()), "sha256": sha256_file(Path(options.calibration))}
+    settings = asdict(options)
+    settings["calibration"] = calibration
+    return {
+        "format": FORMAT,
+        "tool": {"name": "collabcompress", "version": __version__},
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": {
+            "path": str(Path(checkpoint).resolve()),
+            "files": [file_record(f, ckpt.directory) for f in source_files],
+            "architecture": specs[0].family,
+            "dtype": _ST_DTYPE.get(ckpt.dtype(specs[0].query), ckpt.dtype(specs[0].query)),
+        },
+        "settings": settings,
+        "layers": [_layer_record(layer) for layer in layers],
+        "totals": {
+            "params_before": params_before,
+            "params_after": params_before - removed + added,
+            "qk_params_before": sum(_qk_params_before(ckpt, layer.spec) for layer in layers),
+            "qk_params_after": qk_after,
+            "bytes_before": sum(f.stat().st_size for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])),
+            "bytes_after": sum(p.stat().st_size for p in weights_out),
+        },
+        "outputs": [file_record(p, tmp) for p in outputs],
+    }

@@ -1,0 +1,226 @@
+"""Check how much the attention changed: original vs collaborative scores on probe inputs.
+
+For every compressed layer, seeded probe tokens of realistic scale (a standard normal
+pushed through the LayerNorm that feeds the attention, where the family has one; or
+drawn from the calibration statistics) go through the original and the collaborative
+score functions of SPEC.md section 2. Reported per layer and overall: mean and max
+KL(original || collaborative) of the attention distributions, and the relative error
+of the row-centred scores (terms constant along keys cancel in the softmax).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import AttentionSpec, detect, load_query_key
+from .errors import BadInputError, VerifyThresholdError
+from .io import Checkpoint, open_checkpoint
+from .manifest import load_manifest
+from .output import sha256_file
+
+__all__ = ["verify", "collaborative_scores", "original_scores", "attention_kl"]
+
+# Where the LayerNorm that feeds each family's attention lives ({i} = layer, {p} = prefix).
+_FEEDING_NORMS: dict[str, list[str]] = {
+    "bert": ["{p}encoder.layer.{prev}.output.LayerNorm", "{p}embeddings.LayerNorm"],
+    "mpnet": ["{p}encoder.layer.{prev}.output.LayerNorm", "{p}embeddings.LayerNorm"],
+    "distilbert": ["{p}transformer.layer.{prev}.output_layer_norm", "{p}embeddings.LayerNorm"],
+    "albert": ["{p}encoder.albert_layer_groups.{g}.albert_layers.{j}.full_layer_layer_norm"],
+    "vit": ["{p}encoder.layer.{i}.layernorm_before"],
+    "gpt2": ["{p}h.{i}.ln_1"],
+    "timm-vit": ["{p}blocks.{i}.norm1"],
+    "t5": ["{p}{side}.block.{i}.layer.{j}.layer_norm"],
+    "bart": ["{p}{side}.layers.{i}.self_attn_layer_norm", "{p}{side}.layers.{i}.layer_norm1",
+             "{p}{side}.layers.{prev}.final_layer_norm", "{p}{side}.layernorm_embedding"],
+}
+
+
+def _norm_fields(module: str) -> dict[str, str]:
+    fields: dict[str, str] = {"p": "", "i": "0", "prev": "-1", "g": "0", "j": "0", "side": "encoder"}
+    m = re.search(r"^(?P<p>.*?)(?:(?:encoder|decoder|transformer)\.)?(?:layer|layers|block|h|blocks)\.(?P<i>\d+)", module)
+    if m:
+        fields.update(p=m.group("p"), i=m.group("i"), prev=str(int(m.group("i")) - 1))
+    if (s := re.search(r"(?:^|\.)(encoder|decoder)\.", module)) is not None:
+        fields["side"] = s.group(1)
+        fields["p"] = module[: s.start(1)]
+    if (a := re.search(r"albert_layer_groups\.(\d+)\.albert_layers\.(\d+)", module)) is not None:
+        fields.update(g=a.group(1), j=a.group(2), p=module[: module.index("encoder.albert")])
+    if (t := re.search(r"block\.\d+\.layer\.(\d+)", module)) is not None:
+        fields["j"] = t.group(1)
+    return fields
+
+
+def feeding_norm(ckpt: Checkpoint, spec: AttentionSpec) -> str | None:
+    """Name (without ``.weight``) of the norm whose output feeds the attention, if found."""
+    fields = _norm_fields(spec.module)
+    for template in _FEEDING_NORMS.get(spec.family, []):
+        if "{prev}" in template and fields["prev"] == "-1":
+            continue
+        name = template.format(**fields)
+        if f"{name}.weight" in ckpt and ckpt.shape(f"{name}.weight") == (spec.d_model,):
+            return name
+    return None
+
+
+def _probe(ckpt: Checkpoint, spec: AttentionSpec, n_seq: int, n_tokens: int, seed: int,
+           moments: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, str]:
+    g = torch.Generator().manual_seed(seed + 1009 * spec.index)
+    z = torch.randn(n_seq, n_tokens, spec.d_model, generator=g, dtype=torch.float64)  # (B, N, D)
+    if moments is not None:
+        mean, second = moments
+        cov = second - torch.outer(mean, mean)
+        evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+        root = evecs * evals.clamp(min=0).sqrt()  # (D, D)
+        return mean + z @ root.T, "calibration statistics"
+    z = (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True, unbiased=False)
+    norm = feeding_norm(ckpt, spec)
+    if norm is None:
+        return z, "unit-variance tokens (no feeding LayerNorm found)"
+    weight = ckpt.load(f"{norm}.weight", torch.float64)
+    bias = ckpt.load(f"{norm}.bias", torch.float64) if f"{norm}.bias" in ckpt else 0.0
+    return z * weight + bias, f"through {norm}"
+
+
+def original_scores(x: torch.Tensor, y: torch.Tensor, w_query: torch.Tensor, w_key: torch.Tensor,
+                    b_query: torch.Tensor | None, b_key: torch.Tensor | None, n_head: int,
+                    scale: float) -> torch.Tensor:
+    """s * (W_Q^h x + b_Q^h) . (W_K^h y + b_K^h) for every head: (B, N, D) -> (B, H, N, M)."""
+    q = x @ w_query.T + (b_query if b_query is not None else 0.0)  # (B, N, H*d)
+    k = y @ w_key.T + (b_key if b_key is not None else 0.0)  # (B, M, H*d)
+    q = q.unflatten(-1, (n_head, -1)).transpose(1, 2)  # (B, H, N, d)
+    k = k.unflatten(-1, (n_head, -1)).transpose(1, 2)  # (B, H, M, d)
+    return scale * q @ k.transpose(-1, -2)  # (B, H, N, M)
+
+
+def collaborative_scores(x: torch.Tensor, y: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         mixing: torch.Tensor, content_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """SPEC section 2: s * [(U^T x) . (m_h * (V^T y)) + c_h . y]: (B, N, D) -> (B, H, N, M).
+
+    ``query`` = U^T (R, D), ``key`` = V^T (R, D), ``mixing`` = M (H, R), ``content_bias`` (H, D).
+    """
+    qx = x @ query.T  # (B, N, R)
+    ky = y @ key.T  # (B, M, R)
+    mixed = qx.unsqueeze(1) * mixing[None, :, None, :]  # (B, H, N, R)
+    bilinear = mixed @ ky.unsqueeze(1).transpose(-1, -2)  # (B, H, N, M)
+    content = (y @ content_bias.T).transpose(1, 2).unsqueeze(2)  # (B, H, 1, M)
+    return scale * (bilinear + content)
+
+
+def attention_kl(scores_p: torch.Tensor, scores_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) || softmax(q)) along the last axis, one value per query row."""
+    log_p = torch.log_softmax(scores_p, dim=-1)
+    log_q = torch.log_softmax(scores_q, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
+
+
+def _centred(s: torch.Tensor) -> torch.Tensor:
+    return s - s.mean(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class _Source:
+    ckpt: Checkpoint
+    specs: dict[str, AttentionSpec]
+
+
+def _original(manifest: dict[str, Any], directory: Path, original: str | Path | None) -> tuple[_Source, str]:
+    path = Path(original) if original is not None else Path(manifest["source"]["path"])
+    if not path.exists():
+        raise BadInputError(f"the original checkpoint {path} is not there any more; pass --original PATH")
+    ckpt = open_checkpoint(path)
+    if original is None:
+        root = ckpt.directory
+        for f in manifest["source"]["files"]:
+            file = root / f["name"]
+            if file.name.endswith(".safetensors") and (not file.is_file() or sha256_file(file) != f["sha256"]):
+                raise BadInputError(f"the original checkpoint at {path} changed since it was compressed "
+                                    f"({f['name']} differs); pass --original PATH")
+    heads = manifest["settings"].get("heads") if isinstance(manifest["settings"].get("heads"), int) else None
+    specs = {s.module: s for s in detect(ckpt, heads=heads, arch=manifest["source"]["architecture"])}
+    return _Source(ckpt, specs), str(path)
+
+
+def verify(directory: str | Path, *, original: str | Path | None = None, max_kl: float | None = None,
+           n_seq: int = 4, n_tokens: int = 64, seed: int = 0,
+           calibration: str | Path | None = None) -> dict[str, Any]:
+    """Compare original and collaborative attention of every compressed layer.
+
+    Args:
+        directory: output directory of ``compress``.
+        original: the source checkpoint (default: the manifest's path, checked by sha256).
+        max_kl: gate: raise :class:`VerifyThresholdError` when a layer's mean KL exceeds it.
+        n_seq, n_tokens, seed: probe size and seed.
+        calibration: activation statistics (``calibrate``) to draw the probes from.
+
+    Returns:
+        The verify record (``layers``, ``overall``, ``passed``); see the README for keys.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if max_kl is not None and not (max_kl >= 0):
+        raise BadInputError(f"--max-kl must be >= 0, got {max_kl}")
+    source, original_path = _original(manifest, directory, original)
+    out = open_checkpoint(directory)
+    moments_by_module = {}
+    if calibration is not None:
+        from .calibration import load_moments
+
+        moments_by_module = load_moments(Path(calibration), source.ckpt, list(source.specs.values()))
+    records = []
+    kl_sum, rows, kl_max, err_num, err_den = 0.0, 0, 0.0, 0.0, 0.0
+    for layer in manifest["layers"]:
+        spec = source.specs.get(layer["module"])
+        if spec is None:
+            raise BadInputError(f"module {layer['module']} of the manifest is not in the original checkpoint")
+        qk = load_query_key(source.ckpt, spec)
+        t = layer["tensors"]
+        for name in (t["query"], t["key"], t["mixing"], t["content_bias"]):
+            if name not in out:
+                raise BadInputError(f"{directory} is missing tensor {name!r} named in its manifest")
+        query, key = out.load(t["query"], torch.float64, finite=True), out.load(t["key"], torch.float64, finite=True)
+        mixing = out.load(t["mixing"], torch.float64, finite=True)
+        content = out.load(t["content_bias"], torch.float64, finite=True)
+        r, d_model, n_head = layer["shared_dim"], spec.d_model, spec.n_head
+        if query.shape != (r, d_model) or key.shape != (r, d_model) or mixing.shape != (n_head, r) \
+                or content.shape != (n_head, d_model):
+            raise BadInputError(f"{directory}: the collab tensors of {spec.module} have shapes that do not match "
+                                "the manifest")
+        x, probe = _probe(source.ckpt, spec, n_seq, n_tokens, seed, moments_by_module.get(spec.module))
+        s_orig = original_scores(x, x, qk.w_query, qk.w_key, qk.b_query, qk.b_key, n_head, spec.scale)
+        s_coll = collaborative_scores(x, x, query, key, mixing, content, spec.scale)
+        kl = attention_kl(s_orig, s_coll)  # (B, H, N)
+        num = float((_centred(s_orig) - _centred(s_coll)).pow(2).sum())
+        den = float(_centred(s_orig).pow(2).sum())
+        records.append({"module": spec.module, "index": layer["index"], "shared_dim": r,
+                        "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+                        "relative_score_error": (num / den) ** 0.5 if den > 0 else 0.0, "probe": probe})
+        kl_sum += float(kl.sum())
+        rows += kl.numel()
+        kl_max = max(kl_max, float(kl.max()))
+        err_num += num
+        err_den += den
+    out.close()
+    result = {
+        "directory": str(directory), "original": original_path,
+        "probe": {"sequences": n_seq, "tokens": n_tokens, "seed": seed,
+                  "calibration": str(calibration) if calibration else None},
+        "layers": records,
+        "overall": {"kl_mean": kl_sum / max(rows, 1), "kl_max": kl_max,
+                    "relative_score_error": (err_num / err_den) ** 0.5 if err_den > 0 else 0.0},
+        "max_kl": max_kl,
+        "passed": max_kl is None or all(r["kl_mean"] <= max_kl for r in records),
+    }
+    return result
+
+
+def check_gate(result: dict[str, Any]) -> None:
+    """Raise :class:`VerifyThresholdError` (exit 5) when ``--max-kl`` was exceeded."""
+    if not result["passed"]:
+        worst = max(result["layers"], key=lambda r: r["kl_mean"])
+        raise VerifyThresholdError(f"mean KL {worst['kl_mean']:.3g} of layer {worst['index']} ({worst['module']}) "
+                                   f"exceeds --max-kl {result['max_kl']:g}")
