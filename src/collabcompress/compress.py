@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from . import __version__
 from .analysis import choose_rank, layer_spectrum
 from .arch import AttentionSpec, detect, load_query_key
 from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, CPFactors, concatenated, cp_als
 from .errors import BadInputError
-from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
+from .io import INDEX_SUFFIX, TORCH_DTYPES, Checkpoint, open_checkpoint
 from .manifest import FORMAT, MANIFEST_NAME
-from .output import atomic_directory, check_output_path, copy_other_files, file_record, sha256_file
+from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file,
+                     write_safetensors)
 
 __all__ = ["CompressOptions", "compress", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
 
@@ -200,7 +200,10 @@ def _qk_params_before(ckpt: Checkpoint, spec: AttentionSpec) -> int:
 
 
 def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Path]:
-    """Every source tensor except the removed ones, plus the new ones; same shard layout as the source."""
+    """Every source tensor except the removed ones, plus the new ones; same shard layout as the source.
+
+    Tensors are streamed one at a time, so memory stays bounded by the largest tensor.
+    """
     removed = {n for layer in layers for n in layer.removed}
     new_by_file: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in ckpt.files}
     for layer in layers:
@@ -209,21 +212,16 @@ def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Pa
     weight_map: dict[str, str] = {}
     total = 0
     for file in ckpt.files:
-        tensors = {n: ckpt.load(n) for n, f in ckpt.weight_map.items() if f == file and n not in removed}
-        tensors.update(new_by_file[file])
+        entries = [(n, ckpt.shape(n), TORCH_DTYPES.get(ckpt.dtype(n)) or ckpt.load(n).dtype,
+                    lambda n=n: ckpt.load(n))
+                   for n, f in ckpt.weight_map.items() if f == file and n not in removed]
+        entries += [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in new_by_file[file].items()]
         name = file.name if ckpt.sharded else "model.safetensors"
-        metadata = {k: v for k, v in ckpt.metadata(file).items()}
+        metadata = dict(ckpt.metadata(file))
         metadata.update({"format": "pt", "collabcompress": __version__})
-        target = tmp / name
-        try:
-            save_file(dict(sorted(tensors.items())), str(target), metadata=metadata)
-        except OSError as e:
-            raise BadInputError(f"cannot write {name}: {e}") from e
-        written.append(target)
-        for n, t in tensors.items():
-            weight_map[n] = name
-            total += t.numel() * t.element_size()
-        del tensors
+        total += write_safetensors(tmp / name, entries, metadata)
+        written.append(tmp / name)
+        weight_map.update({e[0]: name for e in entries})
     if ckpt.sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         target = tmp / f"model{INDEX_SUFFIX}"
@@ -271,7 +269,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
                                     "a rank above H*d compresses nothing")
     whitening = _load_whitening(options.calibration, ckpt, specs) if options.calibration else {}
     source_dtype = ckpt.dtype(specs[0].query)
-    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else FLOAT_TORCH[source_dtype]
+    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else TORCH_DTYPES[source_dtype]
     layers = []
     for done, spec in enumerate(specs, 1):
         layers.append(_compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module)))
@@ -306,8 +304,6 @@ def _publishable(tmp: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
     os.chmod(tmp, 0o777 & ~umask)
 
-
-FLOAT_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpec], layers: list[_Layer],

@@ -22,6 +22,8 @@ __all__ = ["Checkpoint", "open_checkpoint", "read_json", "FLOAT_DTYPES"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+TORCH_DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 from .errors import BadInputError
 
-__all__ = ["atomic_directory", "sha256_file", "file_record", "copy_other_files", "check_output_path"]
+__all__ = ["atomic_directory", "sha256_file", "file_record", "copy_other_files", "check_output_path",
+           "write_safetensors"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
 _SKIP_NAMES = {"collab_manifest.json", "config.json"}
@@ -133,3 +138,45 @@ def copy_other_files(source_dir: Path, target: Path, skip: set[Path]) -> list[Pa
         except OSError as e:
             raise BadInputError(f"cannot copy {entry} to the output: {e}") from e
     return copied
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        _ST_NAMES[getattr(torch, _name)] = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}[_name]
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
+                      metadata: dict[str, str]) -> int:
+    """Write a safetensors file tensor by tensor, with a canonical (sorted) header.
+
+    ``entries`` are ``(name, shape, dtype, load)``; each tensor is loaded, written and
+    dropped in turn, so memory stays at one tensor. The header's keys are sorted, so the
+    same tensors and metadata always give the same bytes (``safetensors.save_file`` orders
+    the metadata of a hash map). Returns the number of data bytes.
+    """
+    entries = sorted(entries, key=lambda e: e[0])
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        if dtype not in _ST_NAMES:
+            raise BadInputError(f"cannot write tensor {name!r} of dtype {dtype}")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    try:
+        with path.open("wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for name, shape, dtype, load in entries:
+                t = load()
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise RuntimeError(f"tensor {name!r} changed shape or dtype while writing")
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    except OSError as e:
+        raise BadInputError(f"cannot write {path}: {e}") from e
+    return offset
