@@ -110,6 +110,9 @@ def verify_table(result: dict) -> Table:
     o = result["overall"]
     table.add_section()
     table.add_row("all", "", f"{o['kl_mean']:.3g}", f"{o['kl_max']:.3g}", f"{o['relative_score_error']:.3g}")
-    if result["layers"]:
-        table.caption = f"probe: {result['layers'][0]['probe']}"
+    probes = {r["probe"] for r in result["layers"]}
+    if len(probes) == 1:
+        table.caption = f"probe: {probes.pop()}"
+    elif probes:
+        table.caption = "probe: tokens through each layer's feeding norm (names in --json)"
     return table
