@@ -176,6 +176,8 @@ def compress(
         "--calibration", help="Activation statistics from `calibrate` for the whitened decomposition.")] = None,
     heads: HeadsOpt = None,
     arch: ArchOpt = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="Layers decomposed in parallel (default: the usable CPU cores).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     json_path: JsonOpt = None,
 ) -> None:
@@ -191,7 +193,8 @@ def compress(
                               layers=layers, calibration=str(calibration) if calibration else None)
     progress, step = _progress("compressing", json_path != "-")
     with progress:
-        manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, progress=step)
+        manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
+                                progress=step)
     if json_path:
         _write_json(manifest, json_path)
     if json_path != "-":
@@ -225,6 +228,123 @@ def verify(
     if json_path != "-":
         out_console.print(verify_table(result))
     check_gate(result)
+
+
+@app.command()
+@_errors
+def calibrate(
+    model_dir: Annotated[Path, typer.Argument(help="Directory of the original transformers model (with tokenizer).",
+                                              show_default=False)],
+    texts: Annotated[Path, typer.Option("--texts", help="UTF-8 text file, one text per line.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).", show_default=False)],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Stop after this many non-padding tokens.")] = 100_000,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate each text to this many tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 16,
+    keep_sequences: Annotated[int, typer.Option(
+        "--keep-sequences", help="Also keep the inputs of N seeded sequences (for --refine-steps).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the kept sequences.")] = 0,
+    heads: HeadsOpt = None,
+    arch: ArchOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing statistics file.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Record activation statistics of the original model on real text (needs the hf extra)."""
+    import warnings
+
+    from .calibration import calibrate as run_calibrate
+
+    progress, step = _progress("calibrating", json_path != "-")
+    with progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run_calibrate(model_dir, texts, out, max_tokens=max_tokens, max_length=max_length,
+                                batch_size=batch_size, keep_sequences=keep_sequences, seed=seed, heads=heads,
+                                arch=arch, force=force, progress=step)
+    if json_path:
+        _write_json(summary, json_path)
+    if json_path != "-":
+        out_console.print(f"{summary['tokens']:,} tokens from {summary['texts']} texts through "
+                          f"{len(summary['modules'])} attention modules; statistics written to {out}", highlight=False)
+
+
+@app.command()
+@_errors
+def report(
+    directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
+    seq_len: Annotated[Optional[list[int]], typer.Option(
+        "--seq-len", help="Sequence length N for the FLOPs per token; repeatable. Default: 128.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Draw FLOPs per token against sequence length, before and after, to this PNG.",
+        metavar="PNG")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Show what was saved: key/query and model parameters, bytes, FLOPs per token, key cache."""
+    from .report import DEFAULT_SEQ_LEN, build_report, plot_flops, report_tables
+    from .tables import require_matplotlib
+
+    if plot is not None:
+        require_matplotlib()
+    result = build_report(directory, seq_len or [DEFAULT_SEQ_LEN])
+    if plot is not None:
+        try:
+            plot_flops(result, plot)
+        except OSError as e:
+            raise BadInputError(f"cannot write plot {plot}: {e}") from e
+    if json_path:
+        _write_json(result.to_dict(), json_path)
+    if json_path != "-":
+        for table in report_tables(result):
+            out_console.print(table)
+        for note in result.notes():
+            out_console.print(note, highlight=False, markup=False)
+        if plot is not None:
+            out_console.print(f"plot written to {plot}", highlight=False)
+
+
+@app.command()
+@_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Directory for everything the demo writes.")] = Path(
+        "collabcompress-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace the directory of an earlier demo.")] = False,
+    sample: Annotated[Optional[Path], typer.Option(
+        "--sample", help="Use this model directory instead of the bundled sample.", show_default=False)] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Analyze, compress, report and verify the bundled sample model (all-MiniLM-L6-v2 attention)."""
+    from .demo import run_demo
+
+    quiet = json_path == "-"
+    summary = run_demo(out, force=force, sample=sample,
+                       echo=(lambda line: None) if quiet else
+                       (lambda line: out_console.print(line, highlight=False, markup=False, soft_wrap=True)))
+    if json_path:
+        _write_json(summary, json_path)
+
+
+@app.command()
+@_errors
+def evaluate(
+    original: Annotated[Path, typer.Argument(help="Directory of the original transformers model (with tokenizer).",
+                                             show_default=False)],
+    compressed: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
+    texts: Annotated[Optional[Path], typer.Option(
+        "--texts", help="UTF-8 text file, one text per line (default: the bundled sample).", show_default=False)] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate each text to this many tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 16,
+    json_path: JsonOpt = None,
+) -> None:
+    """Compare the compressed model's embeddings with the original's on real text (needs the hf extra)."""
+    from .evaluate import evaluate as run_evaluate, evaluation_table, read_texts
+
+    lines = read_texts(texts) if texts is not None else None
+    progress, step = _progress("evaluating", json_path != "-")
+    with progress:
+        result = run_evaluate(original, compressed, lines, max_length=max_length, batch_size=batch_size,
+                              texts_name=str(texts) if texts is not None else None, progress=step)
+    if json_path:
+        _write_json(result, json_path)
+    if json_path != "-":
+        out_console.print(evaluation_table(result))
 
 
 @app.command()

@@ -7,12 +7,14 @@ block, the source directory's other files, ``collab_manifest.json``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,8 +243,59 @@ def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
     }
 
 
+def default_workers() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
+                whitening: dict[str, Any], workers: int, progress: Progress | None) -> list[_Layer]:
+    """Decompose every layer, ``workers`` layers at a time.
+
+    Each layer runs single-threaded inside, so a layer's arithmetic is the same whether the
+    layers run one after another or side by side: serial and parallel outputs are
+    byte-identical, and small matrices do not pay for thread synchronisation.
+    """
+    def one(spec: AttentionSpec) -> _Layer:
+        return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module))
+
+    results: dict[str, _Layer] = {}
+    with _intra_op_threads(1):
+        if workers <= 1 or len(specs) == 1 or options.device != "cpu":
+            for done, spec in enumerate(specs, 1):
+                results[spec.module] = one(spec)
+                if progress:
+                    progress(spec.module, done, len(specs))
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collab-layer")
+            try:
+                futures = {pool.submit(one, spec): spec for spec in specs}
+                for done, future in enumerate(as_completed(futures), 1):
+                    spec = futures[future]
+                    results[spec.module] = future.result()
+                    if progress:
+                        progress(spec.module, done, len(specs))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return [results[spec.module] for spec in specs]
+
+
 def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,
-             arch: str | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             arch: str | None = None, force: bool = False, workers: int | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Compress ``checkpoint`` into the output directory ``out``; returns the manifest.
 
     Args:
@@ -250,11 +303,16 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         out: the output directory; refused if it exists unless ``force``.
         options: rank choice and decomposition settings.
         heads, arch: overrides for the head count and the family.
+        workers: layers decomposed in parallel (default: the usable CPU cores); the output
+            does not depend on it.
 
     Raises:
         BadInputError, UnsupportedArchitectureError: see SPEC section 3.
     """
     options.check()
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise BadInputError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     ckpt = open_checkpoint(checkpoint)
     check_output_path(out, ckpt.files + ([ckpt.index_file] if ckpt.index_file else []), ckpt.directory
@@ -270,11 +328,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     whitening = _load_whitening(options.calibration, ckpt, specs) if options.calibration else {}
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else TORCH_DTYPES[source_dtype]
-    layers = []
-    for done, spec in enumerate(specs, 1):
-        layers.append(_compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module)))
-        if progress:
-            progress(spec.module, done, len(specs))
+    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, workers, progress)
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
     if ckpt.config is not None:

@@ -1,0 +1,311 @@
+"""Activation statistics for data-aware compression (SPEC.md section 2, calibration).
+
+``calibrate`` runs the original transformers model on real texts and records, for every
+attention module that ``compress`` can touch, the second moment E[x x^T] and the mean of
+the inputs of its query projection (and of its key projection where those differ:
+cross-attention), over non-padding tokens. ``load_whitening`` turns a statistics file into
+the Cholesky factors used by the whitened CP-ALS; ``load_moments`` gives the raw moments.
+
+The statistics file is a safetensors file: per module ``{M}.second_moment`` (D, D) float64,
+``{M}.mean`` (D,), and for cross-attention ``{M}.key_second_moment`` / ``{M}.key_mean``;
+optionally ``{M}.sequences`` (N, T, D) float32 with ``{M}.lengths`` (N,) (kept inputs for
+refinement; ``{M}.key_sequences`` for cross-attention). Metadata: ``format``,
+``source_sha256`` (of the weight files), ``texts_sha256``, ``tokens``, ``tool_version``,
+``modules`` (JSON list).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import __version__
+from .arch import AttentionSpec, detect
+from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .io import Checkpoint, open_checkpoint
+from .output import sha256_file, write_safetensors
+
+__all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "read_texts", "STATS_FORMAT"]
+
+STATS_FORMAT = "collabcompress-stats/1"
+Progress = Callable[[str, int, int], None]
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """One text per non-empty line of a UTF-8 file; refuses an empty or non-UTF-8 file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise BadInputError(f"texts file not found: {path}") from e
+    except OSError as e:
+        raise BadInputError(f"cannot read texts file {path}: {e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"texts file {path} is not UTF-8 (byte {e.start}); convert it, "
+                            f"e.g. iconv -f latin1 -t utf-8") from e
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise BadInputError(f"texts file {path} holds no text (one text per line expected)")
+    return texts
+
+
+def source_sha256(ckpt: Checkpoint) -> str:
+    """One digest over the weight files (and index) of a checkpoint."""
+    h = hashlib.sha256()
+    for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else []):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingExtraError("this needs transformers: pip install 'collabcompress[hf]'") from e
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _find_modules(model: torch.nn.Module, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The in-memory modules computing the query and the key projection of ``spec``.
+
+    Found by weight identity, so prefixes and in-memory renames (ViT in transformers 5)
+    do not matter.
+    """
+    found = []
+    for name in (spec.query, spec.key) if not spec.fused else (spec.query,):
+        target = ckpt.load(name, torch.float32)
+        hit = None
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if isinstance(w, torch.Tensor) and w.shape == target.shape and torch.equal(w.detach().float(), target):
+                hit = module
+                break
+        if hit is None:
+            raise UnsupportedArchitectureError(f"cannot find the module computing {name} in the transformers model")
+        found.append(hit)
+    return (found[0], found[-1])
+
+
+class _Accumulator:
+    def __init__(self, d_model: int) -> None:
+        self.second = torch.zeros(d_model, d_model, dtype=torch.float64)
+        self.total = torch.zeros(d_model, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()  # (n, D)
+        self.second += x.T @ x
+        self.total += x.sum(0)
+        self.count += x.shape[0]
+
+
+def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *, max_tokens: int = 100_000,
+              max_length: int = 256, batch_size: int = 16, keep_sequences: int = 0, seed: int = 0,
+              heads: int | None = None, arch: str | None = None, force: bool = False,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Run the original model on texts and save activation statistics (see the module doc).
+
+    Args:
+        model_dir: directory of a transformers model (config.json, weights, tokenizer).
+        texts_file: UTF-8, one text per line.
+        out: the statistics file to write (``.safetensors``).
+        max_tokens: stop after this many non-padding tokens.
+        max_length: truncate each text to this many tokens.
+        keep_sequences: also keep the inputs of this many (seeded) sequences per module.
+
+    Returns:
+        A summary: ``tokens``, ``texts``, ``modules``, ``file``.
+    """
+    if max_tokens < 1 or max_length < 2 or batch_size < 1 or keep_sequences < 0:
+        raise BadInputError("--max-tokens, --max-length and --batch-size must be positive, --keep-sequences >= 0")
+    out = Path(out)
+    if out.exists() and not force:
+        raise BadInputError(f"{out} already exists; pass --force to replace it")
+    texts = read_texts(texts_file)
+    ckpt = open_checkpoint(model_dir)
+    if not Path(model_dir).is_dir():
+        raise BadInputError(f"calibrate needs a model directory (config.json, weights, tokenizer), got {model_dir}")
+    specs = detect(ckpt, heads=heads, arch=arch)
+    if specs[0].family in ("vit", "timm-vit"):
+        raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
+    tf = _transformers()
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir))
+        model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInputError(f"cannot load the model or tokenizer from {model_dir}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
+    state: dict[str, Any] = {"mask": None, "keep": None}
+    kept: dict[str, list[torch.Tensor]] = {}
+    kept_keys: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(spec: AttentionSpec, side: str):
+        def fn(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+            mask = state["mask"]  # (B, T)
+            if x.dim() != 3 or mask is None or x.shape[:2] != mask.shape:
+                return
+            q_acc, k_acc = acc[spec.module]
+            (q_acc if side == "query" else k_acc).add(x[mask.bool()])
+            for b in state["keep"]:
+                (kept if side == "query" else kept_keys).setdefault(spec.module, []).append(
+                    x[b, : int(mask[b].sum())].detach().float().clone())
+        return fn
+
+    for spec in specs:
+        q_mod, k_mod = _find_modules(model, ckpt, spec)
+        cross = spec.family in ("t5", "bart") and ("EncDecAttention" in spec.module or "encoder_attn" in spec.module)
+        acc[spec.module] = (_Accumulator(spec.d_model), _Accumulator(spec.d_model) if cross else None)
+        handles.append(q_mod.register_forward_pre_hook(hook(spec, "query"), with_kwargs=True))
+        if cross:
+            handles.append(k_mod.register_forward_pre_hook(hook(spec, "key"), with_kwargs=True))
+    g = torch.Generator().manual_seed(seed)
+    keep_idx = set(torch.randperm(len(texts), generator=g)[:keep_sequences].tolist())
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    tokens = used = 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = texts[start:start + batch_size]
+                enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                state["mask"] = enc["attention_mask"]
+                state["keep"] = [i for i in range(len(batch)) if start + i in keep_idx]
+                inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+                if encoder_decoder:
+                    inputs.update(decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
+                model(**inputs)
+                tokens += int(enc["attention_mask"].sum())
+                used += len(batch)
+                if progress:
+                    progress("texts", min(tokens, max_tokens), max_tokens)
+                if tokens >= max_tokens:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    smallest = min(a.count for a, _ in acc.values())
+    if smallest < 1:
+        raise BadInputError("no tokens reached the attention modules; check the texts and the model")
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (q_acc, k_acc) in acc.items():
+        tensors[f"{module}.second_moment"] = q_acc.second / q_acc.count
+        tensors[f"{module}.mean"] = q_acc.total / q_acc.count
+        if k_acc is not None:
+            tensors[f"{module}.key_second_moment"] = k_acc.second / max(k_acc.count, 1)
+            tensors[f"{module}.key_mean"] = k_acc.total / max(k_acc.count, 1)
+        for key, store in (("sequences", kept), ("key_sequences", kept_keys)):
+            if store.get(module):
+                seqs = store[module]
+                lengths = torch.tensor([s.shape[0] for s in seqs])
+                padded = torch.zeros(len(seqs), int(lengths.max()), seqs[0].shape[1])  # (N, T, D)
+                for i, s in enumerate(seqs):
+                    padded[i, : s.shape[0]] = s
+                tensors[f"{module}.{key}"] = padded
+                tensors[f"{module}.lengths"] = lengths
+    metadata = {
+        "format": STATS_FORMAT, "tool_version": __version__, "source_sha256": source_sha256(ckpt),
+        "texts_sha256": sha256_file(Path(texts_file)), "tokens": str(tokens), "texts": str(used),
+        "modules": json.dumps([s.module for s in specs]), "architecture": specs[0].family,
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        write_safetensors(tmp, [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()], metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": str(out), "tokens": tokens, "texts": used, "modules": [s.module for s in specs],
+            "kept_sequences": len(keep_idx & set(range(used)))}
+
+
+def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
+    if not path.is_file():
+        raise BadInputError(f"calibration statistics not found: {path}")
+    try:
+        f = safe_open(str(path), framework="pt")
+        meta = f.metadata() or {}
+        names = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInputError(f"{path} is not a calibration statistics file: {e}") from e
+    if meta.get("format") != STATS_FORMAT:
+        raise BadInputError(f"{path} is not a calibration statistics file (format {meta.get('format')!r})")
+    if meta.get("source_sha256") != source_sha256(ckpt):
+        raise BadInputError(f"calibration statistics {path} were made from another model "
+                            "(source sha256 differs); run `calibrate` on this checkpoint")
+    for spec in specs:
+        name = f"{spec.module}.second_moment"
+        if name not in names:
+            raise BadInputError(f"calibration statistics {path} have no entry for {spec.module}")
+        for key in (name, f"{spec.module}.mean"):
+            shape = tuple(f.get_slice(key).get_shape()) if key in names else None
+            want = (spec.d_model, spec.d_model) if key == name else (spec.d_model,)
+            if shape != want:
+                raise BadInputError(f"calibration statistics {path}: {key} has shape {list(shape or [])}, "
+                                    f"expected {list(want)}")
+    return f, names, meta
+
+
+def _checked(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    t = t.double()
+    if not bool(torch.isfinite(t).all()):
+        raise BadInputError(f"calibration statistics {path}: {name} contains NaN or Inf")
+    return t
+
+
+def load_moments(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module (mean (D,), second moment (D, D)) of the query-side inputs."""
+    f, _, _ = _open_stats(path, ckpt, specs)
+    return {s.module: (_checked(f.get_tensor(f"{s.module}.mean"), f"{s.module}.mean", path),
+                       _checked(f.get_tensor(f"{s.module}.second_moment"), f"{s.module}.second_moment", path))
+            for s in specs}
+
+
+def load_whitening(path: Path, ckpt: Checkpoint,
+                   specs: list[AttentionSpec]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module the lower Cholesky factors (L_q, L_k) of the shrunk query second moment and
+    key covariance (the softmax ignores per-query constants, so the key mean drops out)."""
+    from .decompose import whitening_factor
+
+    f, names, meta = _open_stats(path, ckpt, specs)
+    tokens = int(meta.get("tokens", "0") or 0)
+    d_model = max(s.d_model for s in specs)
+    if tokens < 10 * d_model:
+        warnings.warn(f"calibration statistics from only {tokens} tokens for width {d_model}: the moments are noisy; "
+                      "more text (e.g. >= 10 x width tokens) gives a better whitening", stacklevel=2)
+    out = {}
+    for s in specs:
+        m = s.module
+        second = _checked(f.get_tensor(f"{m}.second_moment"), f"{m}.second_moment", path)
+        if f"{m}.key_second_moment" in names:
+            key_second = _checked(f.get_tensor(f"{m}.key_second_moment"), f"{m}.key_second_moment", path)
+            key_mean = _checked(f.get_tensor(f"{m}.key_mean"), f"{m}.key_mean", path)
+        else:
+            key_second, key_mean = second, _checked(f.get_tensor(f"{m}.mean"), f"{m}.mean", path)
+        key_cov = key_second - torch.outer(key_mean, key_mean)
+        out[m] = (whitening_factor(second), whitening_factor(key_cov))
+    return out
+
+
+def load_sequences(path: Path, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Kept calibration inputs of one module: (N, T, D) float32 and lengths (N,), or None."""
+    f, names, _ = _open_stats(path, ckpt, [spec])
+    if f"{spec.module}.sequences" not in names:
+        return None
+    return f.get_tensor(f"{spec.module}.sequences"), f.get_tensor(f"{spec.module}.lengths")
