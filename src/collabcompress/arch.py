@@ -126,9 +126,15 @@ class QueryKey:
     b_key: torch.Tensor | None  # (H*d,)
 
 
+_CROSS = re.compile(r"encoder_attn|EncDecAttention|crossattention|cross_attn")
+
+
 def _natural(s: str) -> tuple:
+    """Model order: encoder before decoder, layers by number, self- before cross-attention."""
     side = 1 if re.search(r"(?:^|\.)decoder\.", s) else 0
-    return (side, tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)))
+    # Text tokens become (is_cross, text): a decoder layer's ``encoder_attn`` runs after its
+    # ``self_attn`` although it sorts before it alphabetically.
+    return (side, tuple(int(t) if t.isdigit() else (bool(_CROSS.search(t)), t) for t in re.split(r"(\d+)", s)))
 
 
 def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[str]:
@@ -192,7 +198,7 @@ def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tup
     if best is None:
         if arch is not None:
             raise BadInputError(f"no attention tensors of family {arch!r} found (expected names like "
-                                f"{candidates[0].example()}); check --arch or run `collabcompress archs`")
+                                f"{candidates[0].example}); check --arch or run `collabcompress archs`")
         raise UnsupportedArchitectureError(
             "unsupported architecture: no query/key tensors of a known family found; "
             "run `collabcompress archs` for the supported naming, or pass --arch")

@@ -7,14 +7,12 @@ block, the source directory's other files, ``collab_manifest.json``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, CPFactors, concatenated, c
 from .errors import BadInputError
 from .io import INDEX_SUFFIX, TORCH_DTYPES, Checkpoint, open_checkpoint
 from .manifest import FORMAT, MANIFEST_NAME
+from .parallel import default_workers, map_layers
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file,
                      write_safetensors)
 
@@ -243,54 +242,13 @@ def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
     }
 
 
-def default_workers() -> int:
-    """The CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
                 whitening: dict[str, Any], workers: int, progress: Progress | None) -> list[_Layer]:
-    """Decompose every layer, ``workers`` layers at a time.
-
-    Each layer runs single-threaded inside, so a layer's arithmetic is the same whether the
-    layers run one after another or side by side: serial and parallel outputs are
-    byte-identical, and small matrices do not pay for thread synchronisation.
-    """
     def one(spec: AttentionSpec) -> _Layer:
         return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module))
 
-    results: dict[str, _Layer] = {}
-    with _intra_op_threads(1):
-        if workers <= 1 or len(specs) == 1 or options.device != "cpu":
-            for done, spec in enumerate(specs, 1):
-                results[spec.module] = one(spec)
-                if progress:
-                    progress(spec.module, done, len(specs))
-        else:
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collab-layer")
-            try:
-                futures = {pool.submit(one, spec): spec for spec in specs}
-                for done, future in enumerate(as_completed(futures), 1):
-                    spec = futures[future]
-                    results[spec.module] = future.result()
-                    if progress:
-                        progress(spec.module, done, len(specs))
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-    return [results[spec.module] for spec in specs]
+    step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
+    return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
 
 
 def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,

@@ -15,6 +15,7 @@ from .analysis import LayerSpectrum, layer_spectrum
 from .arch import AttentionSpec, detect, load_query_key
 from .errors import BadInputError
 from .io import open_checkpoint
+from .parallel import map_layers
 
 __all__ = ["AnalysisResult", "LayerAnalysis", "analyze", "DEFAULT_ENERGIES", "check_energy"]
 
@@ -29,7 +30,9 @@ def check_energy(tau: float, option: str = "--energy") -> float:
 
 
 def _key(tau: float) -> str:
-    return f"{tau:g}"
+    """JSON key of a threshold: "0.95", and no two different thresholds share one."""
+    short = f"{tau:g}"
+    return short if float(short) == tau else repr(float(tau))
 
 
 @dataclass(frozen=True)
@@ -83,18 +86,21 @@ class AnalysisResult:
 
 
 def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | None = None,
-            energies: Sequence[float] = DEFAULT_ENERGIES, progress: Progress | None = None) -> AnalysisResult:
+            energies: Sequence[float] = DEFAULT_ENERGIES, workers: int | None = None,
+            progress: Progress | None = None) -> AnalysisResult:
     """Spectral redundancy of every attention layer of a checkpoint (SPEC sections 2 and 3).
 
-    Reads only the query/key tensors, one layer at a time.
+    Reads only the query/key tensors of the layers being analysed; ``workers`` layers run
+    side by side (default: the usable CPU cores).
     """
     energies = tuple(check_energy(t) for t in energies)
     ckpt = open_checkpoint(checkpoint)
     specs = detect(ckpt, heads=heads, arch=arch)
-    layers = []
-    for done, spec in enumerate(specs, 1):
+
+    def one(spec: AttentionSpec) -> LayerAnalysis:
         qk = load_query_key(ckpt, spec)
-        layers.append(LayerAnalysis(spec, layer_spectrum(qk.w_query, qk.w_key, spec.n_head)))
-        if progress:
-            progress(spec.module, done, len(specs))
+        return LayerAnalysis(spec, layer_spectrum(qk.w_query, qk.w_key, spec.n_head))
+
+    step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
+    layers = map_layers(one, specs, workers=workers, progress=step)
     return AnalysisResult(str(checkpoint), specs[0].family, tuple(layers), energies)
