@@ -58,8 +58,10 @@ run without any download.
 - **Kept:** for each layer i = 0..5, the tensors
   `encoder.layer.{{i}}.attention.self.{{query,key,value}}.{{weight,bias}}` and
   `encoder.layer.{{i}}.attention.output.dense.{{weight,bias}}` ({n_tensors} tensors),
-  with their names unchanged, and `config.json` unchanged.
-- **Dropped:** everything else: the embeddings, the attention and output LayerNorms, the
+  the LayerNorms whose outputs feed the attention layers (`embeddings.LayerNorm`,
+  `encoder.layer.{{0..4}}.output.LayerNorm`, so that `verify` probes with inputs of the
+  real scale), with their names unchanged, and `config.json` unchanged.
+- **Dropped:** everything else: the embeddings, the attention-output LayerNorms, the
   feed-forward (`intermediate`, `output.dense`) weights, the pooler, the tokenizer and
   the sentence-transformers pooling configuration. The sample is therefore not a working
   model; it serves the commands that read only the attention weights (`analyze`,
@@ -90,9 +92,15 @@ def source_dir() -> Path:
     return Path(_load_fetch_data().fetch_minilm())
 
 
+# The LayerNorms whose outputs feed each attention layer (a few KB): with them `verify`
+# probes every layer with inputs of the real scale instead of unit-variance tokens.
+FEEDING_NORMS = ["embeddings.LayerNorm"] + [f"encoder.layer.{i}.output.LayerNorm" for i in range(N_LAYERS - 1)]
+
+
 def kept_names() -> list[str]:
     return sorted(
-        f"encoder.layer.{i}.{suffix}" for i in range(N_LAYERS) for suffix in KEPT_SUFFIXES
+        [f"encoder.layer.{i}.{suffix}" for i in range(N_LAYERS) for suffix in KEPT_SUFFIXES]
+        + [f"{norm}.{param}" for norm in FEEDING_NORMS for param in ("weight", "bias")]
     )
 
 

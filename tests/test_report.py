@@ -170,7 +170,8 @@ def test_moved_source_falls_back_to_the_manifest(sample_dir, tmp_path, cli):
     assert moved["notes"][0] == moved["source"]["note"]
     for key in ("layers", "qk_total", "model"):
         assert moved[key] == with_source[key], key
-    assert moved["model"]["params_before"] == 6 * (4 * 384 * 384 + 4 * 384)  # the sample: q, k, v, o per layer
+    # the sample: q, k, v, o per layer plus the six feeding LayerNorms (weight and bias)
+    assert moved["model"]["params_before"] == 6 * (4 * 384 * 384 + 4 * 384) + 6 * 2 * 384
     result = cli("report", out)
     assert result.exit_code == 0
     assert "is not there any more" in " ".join(result.stdout.split())
