@@ -1,0 +1,354 @@
+"""Compare a compressed model with its original on real text (``collabcompress evaluate``).
+
+Both models run on the same tokenised texts (the bundled sample, or one text per line of
+a UTF-8 file). Reported: the cosine similarity of each text's mean-pooled last hidden
+state (attention-mask weighted) between the two models, mean and minimum; how often each
+text's nearest neighbour among the others (cosine on pooled embeddings) is the same for
+both models; the largest absolute difference of the last hidden states over real tokens;
+and, when the Lee et al. (2005) corpus is in the cache, the Spearman correlation of each
+model's 50 x 50 document similarities with the human ratings (upper triangle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BadInputError, UnsupportedArchitectureError
+
+__all__ = ["evaluate", "read_texts", "sample_texts", "lee_corpus", "pooled_embeddings", "evaluation_table",
+           "TEXT_FAMILIES"]
+
+Progress = Callable[[str, int, int], None]
+TEXT_FAMILIES = ("bert", "mpnet", "distilbert", "albert", "gpt2", "t5", "bart")
+SAMPLE_TEXTS = "sample_texts.txt"
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """One text per non-empty line of a UTF-8 file (a BOM is allowed).
+
+    Raises:
+        BadInputError: missing or unreadable file, not UTF-8, or no text in it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"cannot read --texts {path}: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"--texts {path} is not UTF-8 text (invalid byte at offset {e.start}); "
+                            "save it as UTF-8, one text per line") from e
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise BadInputError(f"--texts {path} holds no text; put one text per line")
+    return texts
+
+
+def sample_texts() -> list[str]:
+    """The bundled sample of English texts (see ``collabcompress/data/README.md``)."""
+    data = resources.files("collabcompress").joinpath("data", SAMPLE_TEXTS).read_text(encoding="utf-8")
+    return [line.strip() for line in data.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("COLLABCOMPRESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
+
+
+@dataclass(frozen=True)
+class LeeCorpus:
+    """The 50 documents of ``lee.cor`` and the human similarity ratings (pairs i < j)."""
+
+    documents: list[str]
+    ratings: torch.Tensor  # (50, 50), upper triangle filled
+
+    def __post_init__(self) -> None:
+        n = len(self.documents)
+        if self.ratings.shape != (n, n):
+            raise BadInputError(f"Lee corpus: {n} documents but a {tuple(self.ratings.shape)} rating matrix")
+
+
+def lee_corpus(directory: str | os.PathLike | None = None) -> LeeCorpus | None:
+    """Read ``lee.cor`` (latin-1, one document per line) and ``similarities0-1.txt``.
+
+    ``directory`` defaults to ``$COLLABCOMPRESS_CACHE/lee`` or ``~/.cache/collabcompress/lee``
+    (``scripts/fetch_data.py`` puts it there). Returns ``None`` when the files are not there.
+    """
+    directory = Path(directory) if directory is not None else _cache_dir() / "lee"
+    docs, sims = directory / "lee.cor", directory / "similarities0-1.txt"
+    if not (docs.is_file() and sims.is_file()):
+        return None
+    try:
+        documents = [line.strip() for line in docs.read_text(encoding="latin-1").splitlines() if line.strip()]
+        rows = [[float(v) for v in line.split()] for line in sims.read_text(encoding="latin-1").splitlines()
+                if line.strip()]
+        ratings = torch.tensor(rows, dtype=torch.float64)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read the Lee corpus in {directory}: {e}") from e
+    return LeeCorpus(documents, ratings)
+
+
+# --------------------------------------------------------------------------- running the models
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def _tokenizer(directories: Sequence[Path]):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for d in directories:
+        if not any((d / name).is_file() for name in _TOKENIZER_FILES):
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            errors.append(f"{d}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if len(tok) <= len(tok.all_special_tokens) + 1:  # transformers 5 builds an empty one from nothing
+            errors.append(f"{d}: the tokenizer has no vocabulary")
+            continue
+        if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, masked out anyway
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+    raise BadInputError("no tokenizer found (tokenizer.json or vocabulary files) in "
+                        + " or ".join(str(d) for d in directories) + "".join(f"; {e}" for e in errors))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars or info logs on the user's terminal while models load."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_original(directory: Path, model_class: type):
+    """The uncompressed model, refusing silently re-initialised weights."""
+    from . import hf
+
+    if hf.is_compressed(directory):
+        return hf.from_pretrained(directory, model_class=model_class)
+    try:
+        model, info = model_class.from_pretrained(str(directory), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise BadInputError(f"cannot load the original model {directory}: {str(e).splitlines()[0]}") from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would have initialised them randomly
+        raise BadInputError(f"the original model {directory} lacks weights of {model_class.__name__}: "
+                            f"{', '.join(missing[:5])}")
+    return model.eval()
+
+
+def _position_limit(config, tokenizer) -> int:
+    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)."""
+    limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None))
+              if isinstance(n, int) and n > 0]
+    if limits and config.model_type in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
+        limits = [n - config.pad_token_id - 1 for n in limits]
+    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return min(limits) if limits else 1 << 30
+
+
+def _encoder(model):
+    """The part that maps tokens to hidden states: the encoder of an encoder-decoder model."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    return model.base_model if hasattr(model, "base_model") else model
+
+
+@torch.inference_mode()
+def _hidden_states(model, batches: list[dict[str, torch.Tensor]], step: Callable[[], None]) -> list[torch.Tensor]:
+    encoder = _encoder(model)
+    out = []
+    for batch in batches:
+        out.append(encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                   .last_hidden_state.float())  # (B, N, D)
+        step()
+    return out
+
+
+def pooled_embeddings(hidden: list[torch.Tensor], batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Attention-mask-weighted mean of the last hidden states: -> (n_texts, D), float64."""
+    pooled = []
+    for h, batch in zip(hidden, batches):
+        mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)  # (B, N, 1)
+        pooled.append((h.double() * mask).sum(1) / mask.sum(1).clamp(min=1.0))  # (B, D)
+    return torch.cat(pooled)
+
+
+def _cosine_matrix(e: torch.Tensor) -> torch.Tensor:
+    e = torch.nn.functional.normalize(e, dim=-1)
+    return e @ e.T  # (n, n)
+
+
+def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def _upper(m: torch.Tensor) -> torch.Tensor:
+    i, j = torch.triu_indices(m.shape[0], m.shape[1], offset=1)
+    return m[i, j]
+
+
+def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: Sequence[str] | None = None, *,
+             max_length: int = 256, batch_size: int = 16, lee: str | os.PathLike | bool = True,
+             texts_name: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the original and the compressed model on the same texts and compare their embeddings.
+
+    Args:
+        original: the uncompressed model directory (config.json, weights, tokenizer).
+        compressed: its ``compress`` output directory.
+        texts: the texts (default: the bundled sample, :func:`sample_texts`).
+        texts_name: where the texts came from, for the record (e.g. the file name).
+        max_length: tokens per text at most (longer texts are truncated; capped at the model's
+            position limit).
+        batch_size: texts per forward pass.
+        lee: the Lee corpus directory, ``True`` = the cache if present, ``False`` = skip.
+        progress: called as ``(stage, done, total)`` after every batch.
+
+    Returns:
+        A JSON-ready dict: ``cosine_mean``, ``cosine_min``, ``nn_agreement`` (``None`` for a
+        single text), ``max_abs_diff``, ``lee`` (``None`` or ``{"documents", "pairs",
+        "spearman_original", "spearman_compressed"}``) and what was run.
+
+    Raises:
+        BadInputError: not a compressed directory, no tokenizer, unreadable models, bad options.
+        UnsupportedArchitectureError: a family that cannot be loaded or is not a text model.
+        MissingExtraError: transformers is not installed.
+    """
+    from . import hf
+    from .manifest import load_manifest
+
+    start = time.perf_counter()
+    original, compressed = Path(original), Path(compressed)
+    if max_length < 2 or batch_size < 1:
+        raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
+    manifest = load_manifest(compressed)
+    family = manifest["source"]["architecture"]
+    if family not in hf.SUPPORTED_FAMILIES:
+        raise UnsupportedArchitectureError(f"{compressed}: family {family!r} cannot be loaded as a transformers model "
+                                           f"(supported: {', '.join(hf.SUPPORTED_FAMILIES)})")
+    if family not in TEXT_FAMILIES:
+        raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
+                                           "not a text model")
+    if not original.is_dir():
+        raise BadInputError(f"original model directory not found: {original}")
+    if not (original / "config.json").is_file():
+        raise BadInputError(f"{original} has no config.json; pass the uncompressed model directory")
+    source = "bundled sample" if texts is None else (texts_name or "given")
+    texts = sample_texts() if texts is None else [t for t in texts if t.strip()]
+    if not texts:
+        raise BadInputError("no texts to evaluate on")
+    corpus = None if lee is False else lee_corpus(None if lee is True else lee)
+    if lee not in (True, False) and corpus is None:
+        raise BadInputError(f"no Lee corpus (lee.cor, similarities0-1.txt) in {lee}")
+
+    with _quiet_transformers():
+        model = hf.from_pretrained(compressed)
+        reference = _load_original(original, type(model))
+    if reference.config.model_type != model.config.model_type:
+        raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
+                            f"from a {model.config.model_type!r} model")
+    tokenizer = _tokenizer([original, compressed])
+    max_length = min(max_length, _position_limit(reference.config, tokenizer))
+    batches = _batches(tokenizer, texts, max_length, batch_size)
+    lee_batches = _batches(tokenizer, corpus.documents, max_length, batch_size) if corpus else []
+    total = 2 * (len(batches) + len(lee_batches))
+    done = [0]
+
+    def step(stage: str) -> Callable[[], None]:
+        def tick() -> None:
+            done[0] += 1
+            if progress:
+                progress(stage, done[0], total)
+        return tick
+
+    h_orig = _hidden_states(reference, batches, step("original"))
+    h_comp = _hidden_states(model, batches, step("compressed"))
+    e_orig, e_comp = pooled_embeddings(h_orig, batches), pooled_embeddings(h_comp, batches)
+    cosine = torch.nn.functional.cosine_similarity(e_orig, e_comp, dim=-1)  # (n,)
+    max_diff = max(float(((a - b).abs() * batch["attention_mask"].unsqueeze(-1)).max())
+                   for a, b, batch in zip(h_orig, h_comp, batches))
+    nn_agreement = None
+    if len(texts) > 1:
+        sim_o, sim_c = _cosine_matrix(e_orig), _cosine_matrix(e_comp)
+        sim_o.fill_diagonal_(-2.0)
+        sim_c.fill_diagonal_(-2.0)
+        nn_agreement = float((sim_o.argmax(-1) == sim_c.argmax(-1)).double().mean())
+    lee_result = None
+    if corpus is not None:
+        from scipy.stats import spearmanr
+
+        human = _upper(corpus.ratings).numpy()
+        figures = {}
+        for name, m in (("original", reference), ("compressed", model)):
+            hidden = _hidden_states(m, lee_batches, step(f"Lee {name}"))
+            sims = _upper(_cosine_matrix(pooled_embeddings(hidden, lee_batches))).numpy()
+            figures[f"spearman_{name}"] = float(spearmanr(sims, human).statistic)
+        lee_result = {"documents": len(corpus.documents), "pairs": int(human.size), **figures}
+    return {
+        "original": str(original),
+        "compressed": str(compressed),
+        "family": family,
+        "model_class": type(reference).__name__,
+        "shared_dims": sorted({layer["shared_dim"] for layer in manifest["layers"]}),
+        "texts": {"source": source, "count": len(texts), "max_length": max_length},
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "nn_agreement": nn_agreement,
+        "max_abs_diff": max_diff,
+        "lee": lee_result,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def evaluation_table(result: dict[str, Any]):
+    """A rich table of :func:`evaluate`'s figures."""
+    from rich.table import Table
+
+    t = result["texts"]
+    table = Table(title=f"{result['compressed']} vs {result['original']} ({t['count']} texts, {t['source']}, "
+                        f"<= {t['max_length']} tokens)", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("meaning", overflow="fold")
+    table.add_row("cosine, mean", f"{result['cosine_mean']:.5f}", "pooled embedding, compressed vs original")
+    table.add_row("cosine, min", f"{result['cosine_min']:.5f}", "worst text")
+    nn = result["nn_agreement"]
+    table.add_row("nearest neighbour agreement", "-" if nn is None else f"{nn:.1%}",
+                  "same most similar other text in both models")
+    table.add_row("max |hidden difference|", f"{result['max_abs_diff']:.3g}", "last hidden states, real tokens")
+    lee = result["lee"]
+    if lee is None:
+        table.add_row("Lee Spearman", "-", "Lee corpus not in the cache (scripts/fetch_data.py)")
+    else:
+        table.add_row("Lee Spearman, original", f"{lee['spearman_original']:.4f}",
+                      f"{lee['documents']} documents, {lee['pairs']} human-rated pairs")
+        table.add_row("Lee Spearman, compressed", f"{lee['spearman_compressed']:.4f}", "")
+    return table

@@ -1,0 +1,618 @@
+"""Load a compressed output directory as a working transformers model (the ``hf`` extra).
+
+:func:`from_pretrained` builds the source family's transformers model from the output
+directory's ``config.json``, swaps every compressed attention module for a collaborative
+one (:class:`~collabcompress.nn.CollaborativeAttention` plus the module's own value and
+output projections), and loads the weights with strict key checking. The swapped module
+is a subclass of the original attention class, keeps its forward signature and return
+convention (transformers 5), and computes its scores from the collaborative tensors; the
+model's own attention kernel (``eager`` or ``sdpa``) does the rest, so masks, causality,
+caches and position biases behave as in the original model.
+
+:func:`write_remote_code` makes a directory loadable with
+``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .manifest import MANIFEST_NAME, load_manifest
+from .nn import CollaborativeAttention
+
+__all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "SUPPORTED_FAMILIES",
+           "REMOTE_CODE_NAME"]
+
+SUPPORTED_FAMILIES = ("bert", "mpnet", "distilbert", "albert", "vit", "gpt2", "t5", "bart")
+REMOTE_CODE_NAME = "modeling_collabcompress.py"
+_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingExtraError("loading a compressed model needs transformers: "
+                                "pip install 'collabcompress[hf]'") from e
+    return transformers
+
+
+# --------------------------------------------------------------------------- collaborative attention modules
+
+class _Adapter:
+    """Forward of one family's attention class with the query/key side made collaborative.
+
+    A wrapper class is ``(adapter, CollaborativeAttention, original class)``: it keeps every
+    attribute and submodule of the original except ``_removed``, adds the ``collab_*``
+    parameters, and ``forward`` mirrors the original's signature and return value.
+    """
+
+    _removed: tuple[str, ...] = ()
+    _heads_attr = "num_attention_heads"
+    _head_dim_attr = "attention_head_size"
+    _eager: Any = None  # the family's eager attention function, set per wrapper class
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, N, H*d) -> (B, H, N, d)."""
+        return states.view(*states.shape[:-1], -1, getattr(self, self._head_dim_attr)).transpose(1, 2)
+
+    def _attend(self, query, key, value, mask, dropout: float, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, type(self)._eager)
+        return interface(self, query, key, value, mask, dropout=dropout if self.training else 0.0,
+                         scaling=self.scale, **kwargs)
+
+
+def _cache_parts(cache, layer_idx, cross: bool):
+    """(cache to update, whether cross-attention keys are already in it), transformers 5 conventions."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    if cache is None:
+        return None, False
+    if isinstance(cache, EncoderDecoderCache):
+        updated = bool(cache.is_updated.get(layer_idx))
+        return (cache.cross_attention_cache if cross else cache.self_attention_cache), updated
+    return cache, False
+
+
+class _BertSelf(_Adapter):
+    """BertSelfAttention and its copies (RoBERTa, ELECTRA, XLM-R, ...): (context, weights)."""
+
+    _removed = ("query", "key")
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        input_shape = hidden_states.shape[:-1]
+        query = self.query_states(hidden_states)  # (B, H, N, R+1)
+        key = self.key_states(hidden_states)  # (B, H, N, R+1)
+        value = self._split_heads(self.value(hidden_states))  # (B, H, N, d)
+        current, _ = _cache_parts(cache, self.layer_idx, cross=False)
+        if current is not None:
+            key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+        out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, **kwargs)
+        return out.reshape(*input_shape, -1).contiguous(), weights  # (B, N, H*d)
+
+
+class _DistilBert(_Adapter):
+    _removed = ("q_lin", "k_lin")
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        value = self._split_heads(self.v_lin(hidden_states))  # (B, H, N, d)
+        out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, **kwargs)
+        return self.out_lin(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class _Albert(_Adapter):
+    _removed = ("query", "key")
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        value = self._split_heads(self.value(hidden_states))  # (B, H, N, d)
+        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout.p, **kwargs)
+        out = self.output_dropout(self.dense(out.reshape(*input_shape, -1).contiguous()))
+        return self.LayerNorm(hidden_states + out), weights
+
+
+class _ViT(_Adapter):
+    _removed = ("q_proj", "k_proj")
+    _head_dim_attr = "head_dim"
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        value = self._split_heads(self.v_proj(hidden_states))  # (B, H, N, d)
+        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class _MPNet(_Adapter):
+    """MPNetSelfAttention computes its attention itself (relative position bias added before the mask)."""
+
+    _removed = ("q", "k")
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        value = self._split_heads(self.v(hidden_states))  # (B, H, N, d)
+        scores = self.scale * (query @ key.transpose(-1, -2))  # (B, H, N, N)
+        if position_bias is not None:
+            scores = scores + position_bias
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        c = (probs @ value).permute(0, 2, 1, 3).contiguous()  # (B, N, H, d)
+        o = self.o(c.view(*c.shape[:-2], -1))  # (B, N, D)
+        return (o, probs) if output_attentions else (o,)
+
+
+class _GPT2(_Adapter):
+    """GPT2Attention (self-attention; the fused c_attn is replaced by collab_value, Conv1D layout)."""
+
+    _removed = ("c_attn",)
+    _heads_attr = "num_heads"
+    _head_dim_attr = "head_dim"
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, output_attentions=False, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("collaborative GPT-2 cross-attention is not supported")
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        value = self._split_heads(self.collab_value(hidden_states))  # (B, H, N, d)
+        current, _ = _cache_parts(cache, self.layer_idx, cross=False)
+        if current is not None:
+            key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+        if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
+            out, weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
+        else:
+            out, weights = self._attend(query, key, value, attention_mask, self.attn_dropout.p, **kwargs)
+        out = self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
+        return self.resid_dropout(out), weights
+
+
+class _T5(_Adapter):
+    """T5Attention: self- or cross-attention, relative position bias, scale 1; returns (out, bias, weights)."""
+
+    _removed = ("q", "k")
+    _heads_attr = "n_heads"
+    _head_dim_attr = "key_value_proj_dim"
+
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        input_shape = hidden_states.shape[:-1]
+        past_seen = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
+        cross = key_value_states is not None
+        query = self.query_states(hidden_states)  # (B, H, N, R+1)
+        current, updated = _cache_parts(cache, self.layer_idx, cross)
+        if cross and current is not None and updated:
+            key, value = current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
+        else:
+            states = key_value_states if cross else hidden_states
+            key = self.key_states(states)  # (B, H, M, R+1)
+            value = self._split_heads(self.v(states))  # (B, H, M, d)
+            if current is not None:
+                key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+                if cross and hasattr(cache, "is_updated"):
+                    cache.is_updated[self.layer_idx] = True
+        if position_bias is None:
+            key_length = key.shape[-2]
+            if not self.has_relative_attention_bias:
+                position_bias = torch.zeros((1, self.n_heads, input_shape[1], key_length), device=query.device,
+                                            dtype=query.dtype)
+                if self.gradient_checkpointing and self.training:
+                    position_bias.requires_grad = True
+            else:
+                position_bias = self.compute_bias(input_shape[1], key_length, device=query.device,
+                                                  past_seen_tokens=past_seen)
+        out, weights = self._attend(query, key, value, mask, self.dropout, position_bias=position_bias, **kwargs)
+        out = self.o(out.reshape(*input_shape, -1).contiguous())
+        return out, position_bias, weights
+
+
+class _Bart(_Adapter):
+    """BartAttention and its copies: self- or cross-attention with caches; returns (out, weights)."""
+
+    _removed = ("q_proj", "k_proj")
+    _heads_attr = "num_heads"
+    _head_dim_attr = "head_dim"
+
+    def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        input_shape = hidden_states.shape[:-1]
+        cross = key_value_states is not None
+        query = self.query_states(hidden_states)  # (B, H, N, R+1)
+        current, updated = _cache_parts(cache, self.layer_idx, cross)
+        if cross and current is not None and updated:
+            key, value = current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
+        else:
+            states = key_value_states if cross else hidden_states
+            key = self.key_states(states)  # (B, H, M, R+1)
+            value = self._split_heads(self.v_proj(states))  # (B, H, M, d)
+            if current is not None:
+                key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+                if cross and hasattr(cache, "is_updated"):
+                    cache.is_updated[self.layer_idx] = True
+        out, weights = self._attend(query, key, value, attention_mask, self.dropout, **kwargs)
+        return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+# Original attention class name -> adapter. Classes "copied from" these in transformers share the layout.
+_ADAPTERS: dict[str, type[_Adapter]] = {
+    **dict.fromkeys(("BertSelfAttention", "RobertaSelfAttention", "ElectraSelfAttention", "XLMRobertaSelfAttention",
+                     "CamembertSelfAttention"), _BertSelf),
+    "DistilBertSelfAttention": _DistilBert,
+    "AlbertAttention": _Albert,
+    **dict.fromkeys(("ViTAttention", "DeiTAttention"), _ViT),
+    "MPNetSelfAttention": _MPNet,
+    "GPT2Attention": _GPT2,
+    **dict.fromkeys(("T5Attention", "MT5Attention"), _T5),
+    **dict.fromkeys(("BartAttention", "MBartAttention", "MarianAttention", "PegasusAttention"), _Bart),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class(original: type[nn.Module]) -> type[nn.Module]:
+    adapter = next((_ADAPTERS[c.__name__] for c in original.__mro__ if c.__name__ in _ADAPTERS), None)
+    if adapter is None:
+        raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
+                                           f"{original.__name__} (known: {', '.join(sorted(_ADAPTERS))})")
+    eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
+    return type(f"Collaborative{original.__name__}", (adapter, CollaborativeAttention, original),
+                {"__module__": __name__, "_eager": staticmethod(eager) if eager else None,
+                 "__doc__": f"{original.__name__} with collaborative query/key projections (collabcompress)."})
+
+
+def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: str) -> nn.Module:
+    """A copy of ``old`` (same attributes and submodules, shared tensors) with collab_* instead of query/key."""
+    cls = _wrapper_class(type(old))
+    heads, head_dim, d_model, shared = layer["heads"], layer["head_dim"], layer["d_model"], layer["shared_dim"]
+    if getattr(old, cls._heads_attr, heads) != heads or getattr(old, cls._head_dim_attr, head_dim) != head_dim:
+        raise BadInputError(f"{module_name}: the manifest says {heads} heads of width {head_dim}, the config builds "
+                            f"{getattr(old, cls._heads_attr)} of width {getattr(old, cls._head_dim_attr)}")
+    new = cls.__new__(cls)
+    new.__dict__.update(old.__dict__)
+    for slot in ("_parameters", "_buffers", "_modules"):
+        setattr(new, slot, dict(getattr(old, slot)))
+    for name in cls._removed:
+        new._modules.pop(name, None)
+    ref = next(iter(old.parameters()))
+    new._add_collab_parameters(d_model, heads, shared, device=ref.device, dtype=ref.dtype)
+    if cls._removed == ("c_attn",):  # GPT-2: the value slice of the fused tensor, same Conv1D layout
+        from transformers.pytorch_utils import Conv1D
+
+        new.collab_value = Conv1D(heads * head_dim, d_model).to(device=ref.device, dtype=ref.dtype)
+    new.scale = float(getattr(old, "scaling", None) or layer["scale"])
+    return new
+
+
+def collaborative_modules(model: nn.Module) -> dict[str, CollaborativeAttention]:
+    """The collaborative attention modules of a loaded model, by in-memory module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CollaborativeAttention)}
+
+
+# --------------------------------------------------------------------------- loading
+
+def is_compressed(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is an output directory of ``compress`` (it holds the manifest)."""
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise BadInputError(f"{directory} has no config.json: a transformers model cannot be built from it "
+                            "(compress a directory that holds config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("collaborative_attention"), dict):
+        raise BadInputError(f"{path} has no 'collaborative_attention' block; is {directory} an output of "
+                            "`collabcompress compress`?")
+    return config
+
+
+def _model_class(transformers, config, model_class):
+    if model_class is not None:
+        if isinstance(model_class, str):
+            found = getattr(transformers, model_class, None)
+            if found is None:
+                raise BadInputError(f"transformers has no model class {model_class!r}")
+            return found
+        return model_class
+    for name in getattr(config, "architectures", None) or []:
+        found = getattr(transformers, name, None)
+        if isinstance(found, type):
+            return found
+    try:
+        return transformers.AutoModel._model_mapping[type(config)]
+    except KeyError as e:
+        raise UnsupportedArchitectureError(f"transformers has no model class for model_type "
+                                           f"{config.model_type!r}") from e
+
+
+def _renamer(model: nn.Module):
+    """file tensor name -> in-memory name, with transformers' own load-time renames (e.g. ViT in 5.x)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # older transformers: names in memory are the file names
+        return lambda key, known: key
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(key: str, known: dict[str, Any]) -> str:
+        new, converter = rename_source_key(key, renamings, converters, prefix, known)
+        if converter is not None:
+            raise UnsupportedArchitectureError(f"tensor {key!r} needs transformers' weight conversion "
+                                               f"({converter}); collabcompress.hf cannot load this model")
+        return new
+
+    return rename
+
+
+def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadInputError(f"cannot read the shard index {index}: {e}") from e
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise BadInputError(f"{directory} holds no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            tensors.update(load_file(str(directory / name)))
+        except (OSError, SafetensorError) as e:
+            raise BadInputError(f"cannot read {directory / name}: {e}") from e
+    return tensors
+
+
+def _ignored_patterns(model: nn.Module) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+    """transformers' own exceptions to strict loading: (unexpected, missing) regexes of the model class."""
+    unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(b.endswith("position_ids") for b in buffers):  # persistent in old checkpoints, not any more
+        unexpected.add(r"(^|\.)position_ids$")
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        unexpected.add(r"rotary_emb\.inv_freq")
+
+    def compile_(patterns: set[str]) -> re.Pattern[str] | None:
+        return re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
+
+    return compile_(unexpected), compile_(missing)
+
+
+def _tied_names(model: nn.Module) -> dict[str, set[str]]:
+    """name -> every name of the same parameter object (tied weights)."""
+    groups: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    return {name: group for group in groups.values() for name in group}
+
+
+def _short(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | None = None,
+                    dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """Load a ``compress`` output directory as a transformers model with collaborative attention.
+
+    Builds the model class named in ``config.json`` (``architectures``; else the ``AutoModel``
+    class of its ``model_type``), replaces every attention module listed in the manifest with
+    a collaborative one (an instance of the original attention class and of
+    :class:`~collabcompress.nn.CollaborativeAttention`), and loads every tensor of the
+    directory; a tensor the model does not take, or a model weight the directory lacks
+    (other than weights tied to a loaded one), is an error.
+
+    Args:
+        directory: output directory of ``collabcompress compress``.
+        model_class: a transformers model class (or its name) to build instead, e.g.
+            ``"BertModel"`` for the bare encoder of a ``BertForMaskedLM`` checkpoint.
+        dtype: dtype of the model (default: the source checkpoint's, from the manifest).
+        attn_implementation: ``"sdpa"`` (default where transformers picks it) or ``"eager"``
+            (needed for ``output_attentions=True``).
+        device: where the model is built.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        MissingExtraError: transformers is not installed (``pip install 'collabcompress[hf]'``).
+        BadInputError: not a compressed directory (no manifest or no ``collaborative_attention``
+            block), unreadable files, or weights that do not fit the model.
+        UnsupportedArchitectureError: a family this loader does not run (e.g. ``timm-vit``).
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    family = manifest["source"]["architecture"]
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedArchitectureError(f"{directory}: family {family!r} cannot be loaded as a transformers model "
+                                           f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    _read_config(directory)
+    if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
+        raise BadInputError(f"attn_implementation {attn_implementation!r} is not supported with collaborative "
+                            f"attention (query/key width differs from the value width); use "
+                            f"{' or '.join(_ATTN_IMPLEMENTATIONS)}")
+    transformers = _transformers()
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
+    cls = _model_class(transformers, config, model_class)
+    tensors = _load_tensors(directory)
+    layers = manifest["layers"]
+    if dtype is None:
+        dtype = manifest["source"].get("dtype")
+        dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise BadInputError(f"unknown dtype {dtype!r}; choose {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    try:
+        with torch.device(device):
+            model = cls(config)
+    except (ValueError, ImportError) as e:  # e.g. an attn_implementation the model class does not offer
+        raise BadInputError(f"transformers cannot build {cls.__name__} from {directory / 'config.json'}: "
+                            f"{str(e).splitlines()[0]}") from e
+    if dtype is not None:
+        model = model.to(dtype)
+    if model.config._attn_implementation not in _ATTN_IMPLEMENTATIONS:  # e.g. flash kernels from config.json
+        model.config._attn_implementation = "eager"
+    rename = _renamer(model)
+    plain_names = dict.fromkeys(model.state_dict(), True)
+    memory_module: dict[str, str] = {}
+    for layer in layers:
+        file_module = layer["module"]
+        query_name = layer["removed"][0] if layer["removed"] else f"{file_module}.query.weight"
+        in_memory = rename(query_name, plain_names)
+        if in_memory not in plain_names:
+            raise BadInputError(f"{directory}: compressed module {file_module} has no counterpart in "
+                                f"{cls.__name__} built from config.json (expected {in_memory})")
+        mem = in_memory.rsplit(".", 2)[0]
+        memory_module[file_module] = mem
+        parent, _, child = mem.rpartition(".")
+        old = model.get_submodule(mem)
+        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem))
+    _load_state(model, tensors, memory_module, rename, directory)
+    model.eval()
+    return model
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], memory_module: dict[str, str], rename,
+                directory: Path) -> None:
+    expected = model.state_dict()
+    known = dict.fromkeys(expected, True)
+    by_file_module = sorted(memory_module, key=len, reverse=True)
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module = next((m for m in by_file_module if key.startswith(f"{m}.collab_")), None)
+        new = memory_module[module] + key[len(module):] if module is not None else rename(key, known)
+        mapped[new] = tensor
+    ignore_unexpected, ignore_missing = _ignored_patterns(model)
+    for key in [k for k in mapped if k not in expected and ignore_unexpected and ignore_unexpected.search(k)]:
+        del mapped[key]  # legacy tensors transformers also drops (e.g. old persistent position_ids)
+    unexpected = sorted(set(mapped) - set(expected))
+    if unexpected:
+        raise BadInputError(f"{directory}: tensors the model does not take: {_short(unexpected)}")
+    tied = _tied_names(model)
+    missing = [k for k in expected if k not in mapped and not (tied.get(k, set()) & set(mapped))
+               and not (ignore_missing and ignore_missing.search(k))]
+    if missing:
+        raise BadInputError(f"{directory}: model weights missing from the directory: {_short(missing)}")
+    wrong = [f"{k} {tuple(t.shape)} (model {tuple(expected[k].shape)})" for k, t in mapped.items()
+             if t.shape != expected[k].shape]
+    if wrong:
+        raise BadInputError(f"{directory}: tensors with shapes that do not fit the model: {_short(wrong)}")
+    model.load_state_dict(mapped, strict=False)
+
+
+# --------------------------------------------------------------------------- trust_remote_code
+
+_REMOTE_CODE = '''"""Load this collabcompress output directory with transformers' AutoModel (trust_remote_code=True).
+
+Written by collabcompress {version}. The collaborative attention modules and the weight
+loading live in the collabcompress package, which must be installed:
+pip install 'collabcompress[hf]'.
+"""
+
+from transformers import {base}
+
+
+class Collaborative{base}({base}):
+    """{base} whose attention modules are collaborative (arXiv 2006.16362); see collabcompress.hf."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        from collabcompress.hf import from_pretrained, is_compressed
+
+        if not is_compressed(pretrained_model_name_or_path):
+            return {base}.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        return from_pretrained(pretrained_model_name_or_path, model_class={base},
+                               dtype=None if dtype == "auto" else dtype,
+                               attn_implementation=kwargs.get("attn_implementation"))
+'''
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_remote_code(directory: str | os.PathLike) -> Path:
+    """Make ``directory`` load with ``AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
+
+    Writes ``modeling_collabcompress.py`` (a subclass of the source model class whose
+    ``from_pretrained`` calls :func:`from_pretrained`; it needs collabcompress installed
+    where it is loaded) and adds ``"auto_map": {"AutoModel": ...}`` to ``config.json``.
+    The manifest's ``outputs`` records are updated. Without ``trust_remote_code`` transformers
+    loads its own class instead and initialises the missing query/key weights randomly (it
+    warns about them), so load with ``trust_remote_code=True`` or with :func:`from_pretrained`.
+
+    Returns:
+        The path of the modeling file.
+
+    Raises:
+        BadInputError: not a compressed directory; UnsupportedArchitectureError: family not loadable.
+    """
+    from . import __version__
+
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if manifest["source"]["architecture"] not in SUPPORTED_FAMILIES:
+        raise UnsupportedArchitectureError(f"{directory}: family {manifest['source']['architecture']!r} cannot be "
+                                           "loaded as a transformers model")
+    config = _read_config(directory)
+    transformers = _transformers()
+    names = [n for n in config.get("architectures") or [] if isinstance(getattr(transformers, n, None), type)]
+    if not names:
+        cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        names = [_model_class(transformers, cfg, None).__name__]
+    base = names[0]
+    code = directory / REMOTE_CODE_NAME
+    module = REMOTE_CODE_NAME.removesuffix(".py")
+    try:
+        code.write_text(_REMOTE_CODE.format(base=base, version=__version__), encoding="utf-8")
+        config["auto_map"] = {**(config.get("auto_map") or {}), "AutoModel": f"{module}.Collaborative{base}"}
+        tmp = directory / ".config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, directory / "config.json")
+        outputs = [o for o in manifest["outputs"] if o.get("name") not in ("config.json", REMOTE_CODE_NAME)]
+        for path in (directory / "config.json", code):
+            outputs.append({"name": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size})
+        manifest["outputs"] = outputs
+        tmp = directory / f".{MANIFEST_NAME}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, directory / MANIFEST_NAME)
+    except OSError as e:
+        raise BadInputError(f"cannot write the remote code into {directory}: {e}") from e
+    return code
