@@ -273,3 +273,19 @@ def test_sigint_stops_cleanly(minilm_dir, tmp_path):
     assert proc.returncode == 130, stderr
     assert b"Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_remote_code_output_loads_with_automodel(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    src = make_checkpoint("bert", tmp_path / "src")
+    manifest = compress(src, tmp_path / "out", CompressOptions(rank=32), remote_code=True)
+    names = {o["name"] for o in manifest["outputs"]}
+    assert "modeling_collabcompress.py" in names
+    for rec in manifest["outputs"]:
+        assert _sha(tmp_path / "out" / rec["name"]) == rec["sha256"]
+    original = transformers.AutoModel.from_pretrained(str(src)).eval()
+    loaded = transformers.AutoModel.from_pretrained(str(tmp_path / "out"), trust_remote_code=True).eval()
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.no_grad():
+        a, b = original(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-4)

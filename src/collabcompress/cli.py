@@ -179,6 +179,9 @@ def compress(
     arch: ArchOpt = None,
     workers: Annotated[Optional[int], typer.Option(
         "--workers", help="Layers decomposed in parallel (default: the usable CPU cores).")] = None,
+    remote_code: Annotated[bool, typer.Option(
+        "--remote-code", help="Also make DIR load with AutoModel.from_pretrained(DIR, trust_remote_code=True) "
+                              "(hf extra).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     json_path: JsonOpt = None,
 ) -> None:
@@ -195,7 +198,7 @@ def compress(
     progress, step = _progress("compressing", json_path != "-")
     with progress:
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
-                                progress=step)
+                                remote_code=remote_code, progress=step)
     if json_path:
         _write_json(manifest, json_path)
     if json_path != "-":

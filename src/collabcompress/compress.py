@@ -253,7 +253,7 @@ def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressO
 
 def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,
              arch: str | None = None, force: bool = False, workers: int | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
+             remote_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Compress ``checkpoint`` into the output directory ``out``; returns the manifest.
 
     Args:
@@ -263,6 +263,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         heads, arch: overrides for the head count and the family.
         workers: layers decomposed in parallel (default: the usable CPU cores); the output
             does not depend on it.
+        remote_code: also write the modeling file that makes the output load with
+            ``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)`` (hf extra).
 
     Raises:
         BadInputError, UnsupportedArchitectureError: see SPEC section 3.
@@ -303,6 +305,11 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp)
         manifest["settings"].update(heads=heads, arch=arch)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if remote_code:
+            from .hf import write_remote_code
+
+            write_remote_code(tmp)
+            manifest = json.loads((tmp / MANIFEST_NAME).read_text(encoding="utf-8"))
         _publishable(tmp)
     ckpt.close()
     return manifest
