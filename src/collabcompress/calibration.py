@@ -303,9 +303,22 @@ def load_whitening(path: Path, ckpt: Checkpoint,
     return out
 
 
-def load_sequences(path: Path, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Kept calibration inputs of one module: (N, T, D) float32 and lengths (N,), or None."""
-    f, names, _ = _open_stats(path, ckpt, [spec])
-    if f"{spec.module}.sequences" not in names:
-        return None
-    return f.get_tensor(f"{spec.module}.sequences"), f.get_tensor(f"{spec.module}.lengths")
+def load_sequences(path: Path, ckpt: Checkpoint,
+                   specs: list[AttentionSpec]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Kept calibration inputs per module: (N, T, D) float32 and lengths (N,).
+
+    Raises:
+        BadInputError: the file holds no kept sequences (``calibrate --keep-sequences N``).
+    """
+    f, names, _ = _open_stats(path, ckpt, specs)
+    out = {}
+    for spec in specs:
+        if f"{spec.module}.sequences" not in names or f"{spec.module}.lengths" not in names:
+            raise BadInputError(f"calibration statistics {path} keep no input sequences for {spec.module}; "
+                                "run `calibrate --keep-sequences N` for --refine-steps")
+        seqs, lengths = f.get_tensor(f"{spec.module}.sequences"), f.get_tensor(f"{spec.module}.lengths")
+        if seqs.dim() != 3 or seqs.shape[2] != spec.d_model or lengths.shape != (seqs.shape[0],) \
+                or bool((lengths < 1).any()) or bool((lengths > seqs.shape[1]).any()):
+            raise BadInputError(f"calibration statistics {path}: the kept sequences of {spec.module} are malformed")
+        out[spec.module] = (_checked(seqs, f"{spec.module}.sequences", path).float(), lengths.long())
+    return out

@@ -175,6 +175,9 @@ def compress(
     layers: Annotated[Optional[str], typer.Option("--layers", help="Compress only these layer indices, e.g. 0,2,4-5.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         "--calibration", help="Activation statistics from `calibrate` for the whitened decomposition.")] = None,
+    refine_steps: Annotated[int, typer.Option(
+        "--refine-steps", help="Adam steps per layer minimising the attention KL on the kept calibration "
+                               "sequences (needs `calibrate --keep-sequences N`).")] = 0,
     heads: HeadsOpt = None,
     arch: ArchOpt = None,
     workers: Annotated[Optional[int], typer.Option(
@@ -194,7 +197,8 @@ def compress(
                               multiple_of=multiple_of, method=method.value,
                               max_iter=DEFAULT_MAX_ITER if max_iter is None else max_iter,
                               tol=DEFAULT_TOL if tol is None else tol, seed=seed, device=device, dtype=dtype.value,
-                              layers=layers, calibration=str(calibration) if calibration else None)
+                              layers=layers, calibration=str(calibration) if calibration else None,
+                              refine_steps=refine_steps)
     progress, step = _progress("compressing", json_path != "-")
     with progress:
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,

@@ -27,6 +27,7 @@ from .errors import BadInputError
 from .io import INDEX_SUFFIX, TORCH_DTYPES, Checkpoint, open_checkpoint
 from .manifest import FORMAT, MANIFEST_NAME
 from .parallel import default_workers, map_layers
+from .refine import RefineResult, refine_factors
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file,
                      write_safetensors)
 
@@ -54,6 +55,7 @@ class CompressOptions:
     dtype: str = "auto"
     layers: str | None = None
     calibration: str | None = None
+    refine_steps: int = 0
 
     def check(self) -> None:
         if (self.rank is None) == (self.energy is None):
@@ -70,6 +72,10 @@ class CompressOptions:
             raise BadInputError(f"--max-rank {self.max_rank} is below --min-rank {self.min_rank}")
         if not (self.tol >= 0.0):
             raise BadInputError(f"--tol must be >= 0, got {self.tol}")
+        if self.refine_steps < 0:
+            raise BadInputError(f"--refine-steps must be >= 0, got {self.refine_steps}")
+        if self.refine_steps and not self.calibration:
+            raise BadInputError("--refine-steps needs --calibration statistics made with `calibrate --keep-sequences N`")
         if self.method != "cp-als":
             raise BadInputError(f"unknown --method {self.method!r}; available: cp-als")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -113,6 +119,7 @@ class _Layer:
     seconds: float
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+    refined: RefineResult | None = None
 
 
 def _content_bias(w_key: torch.Tensor, b_query: torch.Tensor | None, n_head: int) -> torch.Tensor:
@@ -134,7 +141,8 @@ def _value_slices(ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, 
 
 
 def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
-                    whiten: tuple[torch.Tensor, torch.Tensor] | None) -> _Layer:
+                    whiten: tuple[torch.Tensor, torch.Tensor] | None,
+                    sequences: tuple[torch.Tensor, torch.Tensor] | None) -> _Layer:
     start = time.perf_counter()
     qk = load_query_key(ckpt, spec)
     spectrum = layer_spectrum(qk.w_query, qk.w_key, spec.n_head)
@@ -154,11 +162,17 @@ def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions
                          seed=opts.seed, device=opts.device, whiten_query=wq, whiten_key=wk)
     energy = min(float(spectrum.energy_query[shared_dim - 1]), float(spectrum.energy_key[shared_dim - 1]))
     names = collab_names(spec.module)
+    content = _content_bias(qk.w_key, qk.b_query, spec.n_head)  # (H, D)
+    query, key, mixing, refined = factors.query, factors.key, factors.mixing, None
+    if opts.refine_steps and sequences is not None:
+        refined = refine_factors(query, key, mixing, content, qk.w_query, qk.w_key, qk.b_query, qk.b_key,
+                                 spec.n_head, spec.scale, *sequences, steps=opts.refine_steps, seed=opts.seed)
+        query, key, mixing = refined.query, refined.key, refined.mixing
     tensors = {
-        names["query"]: factors.query,  # (R, D)
-        names["key"]: factors.key,  # (R, D)
-        names["mixing"]: factors.mixing,  # (H, R)
-        names["content_bias"]: _content_bias(qk.w_key, qk.b_query, spec.n_head),  # (H, D)
+        names["query"]: query,  # (R, D)
+        names["key"]: key,  # (R, D)
+        names["mixing"]: mixing,  # (H, R)
+        names["content_bias"]: content,  # (H, D)
     }
     tensors = {k: v.to(out_dtype).contiguous() for k, v in tensors.items()}
     if spec.fused:
@@ -169,13 +183,9 @@ def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions
         removed = [spec.query] + ([spec.query_bias] if spec.query_bias else [])
     else:
         removed = [n for n in (spec.query, spec.query_bias, spec.key, spec.key_bias) if n]
-    return _Layer(spec, shared_dim, factors, energy, time.perf_counter() - start, tensors, removed)
+    return _Layer(spec, shared_dim, factors, energy, time.perf_counter() - start, tensors, removed, refined)
 
 
-def _load_whitening(path: str, ckpt: Checkpoint, specs: list[AttentionSpec]):
-    from .calibration import load_whitening  # optional feature, imported when used
-
-    return load_whitening(Path(path), ckpt, specs)
 
 
 def _layer_record(layer: _Layer) -> dict[str, Any]:
@@ -190,6 +200,9 @@ def _layer_record(layer: _Layer) -> dict[str, Any]:
                     "value": names["value"] if spec.fused else None},
         "removed": layer.removed, "family": spec.family, "fused": spec.fused,
         "query_bias": spec.query_bias is not None, "key_bias": spec.key_bias is not None,
+        "refine": None if layer.refined is None else {
+            "steps": layer.refined.steps, "kl_before": round(layer.refined.kl_before, 8),
+            "kl_after": round(layer.refined.kl_after, 8)},
     }
 
 
@@ -243,9 +256,10 @@ def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
 
 
 def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
-                whitening: dict[str, Any], workers: int, progress: Progress | None) -> list[_Layer]:
+                whitening: dict[str, Any], sequences: dict[str, Any], workers: int,
+                progress: Progress | None) -> list[_Layer]:
     def one(spec: AttentionSpec) -> _Layer:
-        return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module))
+        return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module), sequences.get(spec.module))
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
@@ -285,10 +299,16 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             if options.rank > s.width:
                 raise BadInputError(f"--rank {options.rank} is above H*d = {s.width} of {s.module}; "
                                     "a rank above H*d compresses nothing")
-    whitening = _load_whitening(options.calibration, ckpt, specs) if options.calibration else {}
+    whitening, sequences = {}, {}
+    if options.calibration:
+        from .calibration import load_sequences, load_whitening
+
+        whitening = load_whitening(Path(options.calibration), ckpt, specs)
+        if options.refine_steps:
+            sequences = load_sequences(Path(options.calibration), ckpt, specs)
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else TORCH_DTYPES[source_dtype]
-    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, workers, progress)
+    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress)
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
     if ckpt.config is not None:
