@@ -56,8 +56,12 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
+            # Temporary outputs are already removed (atomic_directory cleans up on the way out).
+            # Exit now rather than wait for worker threads still finishing a layer.
             err.print("interrupted", highlight=False)
-            raise typer.Exit(130) from None
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
     return wrapper
 

@@ -60,6 +60,9 @@ def map_layers(fn: Callable[[T], R], items: Sequence[T], *, workers: int | None 
                     results[i] = future.result()
                     if progress:
                         progress(items[i], done, len(items))
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            except BaseException:
+                # An error or Ctrl-C: do not wait for the layers still running (the CLI exits at once).
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
     return results  # type: ignore[return-value]
