@@ -170,3 +170,29 @@ def choose_rank(needed: int, width: int, *, min_rank: int = 1, max_rank: int | N
     if max_rank is not None:
         r = min(r, max_rank)
     return max(1, min(r, width))
+
+
+def head_output_energy(w_value: torch.Tensor, w_output: torch.Tensor, n_head: int,
+                       lower: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected output energy of each head, normalised to mean 1.
+
+    e_h = ||W_O^h W_V^h L||_F^2 with W_O^h the head's column block of the output projection
+    and L a factor of the input second moment (identity when None): a logit error in a
+    head whose values barely reach the output matters little, so the calibrated
+    decomposition weights head h's slice by e_h.
+
+    Args:
+        w_value: (H*d_v, D); w_output: (D_out, H*d_v); lower: (D, D) or None.
+
+    Returns:
+        (H,) float64, mean 1 (all ones when every head is silent).
+    """
+    w_value, w_output = w_value.double(), w_output.double()
+    v = _heads(w_value, n_head)  # (H, d_v, D)
+    o = w_output.T.reshape(n_head, -1, w_output.shape[0])  # (H, d_v, D_out)
+    if lower is not None:
+        v = v @ lower.double()  # (H, d_v, D)
+    # ||O_h^T V_h L||^2 = tr((O_h O_h^T)(V_h L L^T V_h^T))
+    energy = ((o @ o.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))  # (H,)
+    mean = energy.mean()
+    return energy / mean if mean > 0 else torch.ones_like(energy)

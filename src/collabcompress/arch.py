@@ -7,6 +7,7 @@ written as one shared bilinear form per head are refused with the reason.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 from .errors import BadInputError, UnsupportedArchitectureError
 from .io import FLOAT_DTYPES, Checkpoint
 
-__all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "detect", "load_query_key", "COLLAB_SUFFIXES"]
+__all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "detect", "load_query_key", "load_value_output",
+           "COLLAB_SUFFIXES"]
 
 COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight")
 
@@ -148,7 +150,8 @@ def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[st
     if (isinstance(kv, int) and isinstance(heads, int) and kv < heads) or cfg.get("multi_query") is True:
         reasons.append(f"grouped-query or multi-query attention ({kv} key/value heads for {heads} query heads): "
                        "key rows differ from query rows")
-    rotary = (cfg.get("model_type") in _ROTARY_MODEL_TYPES
+    model_type = cfg.get("model_type")
+    rotary = ((isinstance(model_type, str) and model_type in _ROTARY_MODEL_TYPES)
               or any(k in cfg for k in _ROTARY_KEYS)
               or cfg.get("position_embedding_type") == "rotary"
               or any("rotary_emb" in n for n in names))
@@ -170,14 +173,25 @@ def _config_heads(config: dict[str, Any] | None, family: Family, module: str) ->
     if family.name == "bart":
         decoder = re.search(r"(?:^|\.)decoder\.", module) is not None
         side = "decoder_attention_heads" if decoder else "encoder_attention_heads"
-        if isinstance(cfg.get(side), int):
-            return cfg[side]
+        if (n := _head_count(cfg, side)) is not None:
+            return n
     if family.name == "timm-vit" and isinstance(cfg.get("model_args"), dict):
         cfg = {**cfg, **cfg["model_args"]}
     for key in ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads"):
-        if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
-            return cfg[key]
+        if (n := _head_count(cfg, key)) is not None:
+            return n
     return None
+
+
+def _head_count(cfg: dict[str, Any], key: str) -> int | None:
+    """``cfg[key]`` as a head count; ``None`` when absent; a value that is not a positive integer is refused."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInputError(f"config.json gives {key} = {json.dumps(value)[:40]}, not a positive integer head count; "
+                            "fix config.json or pass --heads N")
+    return value
 
 
 def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tuple[str, str]]]:
@@ -246,8 +260,8 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
     for n in {qname, kname}:
         if ckpt.dtype(n) not in FLOAT_DTYPES:
             raise BadInputError(f"tensor {n!r} has dtype {ckpt.dtype(n)}; expected float32, float16 or bfloat16")
-        if len(ckpt.shape(n)) != 2:
-            raise BadInputError(f"tensor {n!r} has shape {list(ckpt.shape(n))}; expected a 2-D weight")
+        if len(ckpt.shape(n)) != 2 or 0 in ckpt.shape(n):
+            raise BadInputError(f"tensor {n!r} has shape {list(ckpt.shape(n))}; expected a non-empty 2-D weight")
     qshape = ckpt.shape(qname)
     if family.fused == "conv1d":
         d_model, three = qshape
@@ -268,8 +282,9 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
         raise BadInputError(f"fused tensor {qname!r} of shape {list(qshape)} is not three equal blocks")
     n_head = heads if heads is not None else _config_heads(ckpt.config, family, module)
     if n_head is None:
-        raise BadInputError(f"no head count for {module}: no config.json with it beside the weights; "
-                            "pass --heads N")
+        where = ("config.json beside the weights gives none (num_attention_heads, n_head, n_heads or num_heads)"
+                 if ckpt.config is not None else "no config.json beside the weights")
+        raise BadInputError(f"no head count for {module}: {where}; pass --heads N")
     if width % n_head:
         raise BadInputError(f"head count {n_head} does not divide the query width {width} of {module}; "
                             "check --heads or config.json")
@@ -306,3 +321,45 @@ def load_query_key(ckpt: Checkpoint, spec: AttentionSpec, dtype: torch.dtype = t
         b_q = ckpt.load(spec.query_bias, dtype, finite=True) if spec.query_bias else None
         b_k = ckpt.load(spec.key_bias, dtype, finite=True) if spec.key_bias else None
     return QueryKey(w_q, w_k, b_q, b_k)
+
+
+# Value and output projections of each family, relative to the module prefix M
+# ("{parent}" = M without its last component). Fused families take the value slice of
+# the fused tensor; output layouts: "linear" (out, in) or "conv1d" (in, out).
+_VALUE_OUTPUT: dict[str, tuple[str | None, str, str]] = {
+    "bert": ("{m}.value.weight", "{parent}.output.dense.weight", "linear"),
+    "vit": ("{m}.value.weight", "{parent}.output.dense.weight", "linear"),
+    "mpnet": ("{m}.v.weight", "{m}.o.weight", "linear"),
+    "distilbert": ("{m}.v_lin.weight", "{m}.out_lin.weight", "linear"),
+    "albert": ("{m}.value.weight", "{m}.dense.weight", "linear"),
+    "gpt2": (None, "{m}.c_proj.weight", "conv1d"),
+    "timm-vit": (None, "{m}.proj.weight", "linear"),
+    "t5": ("{m}.v.weight", "{m}.o.weight", "linear"),
+    "bart": ("{m}.v_proj.weight", "{m}.out_proj.weight", "linear"),
+}
+
+
+def load_value_output(ckpt: Checkpoint, spec: AttentionSpec,
+                      dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The value projection (H*d, D) and the output projection (D_out, H*d) of a module,
+    in nn.Linear layout, or ``None`` when the checkpoint does not hold them (e.g. a sample
+    with the attention tensors only, or value heads of another width)."""
+    value_t, out_t, layout = _VALUE_OUTPUT[spec.family]
+    fields = {"m": spec.module, "parent": spec.module.rsplit(".", 1)[0]}
+    out_name = out_t.format(**fields)
+    if out_name not in ckpt:
+        return None
+    if value_t is None:
+        fused = ckpt.load(spec.query, dtype)
+        fused = fused.T if spec.fused == "conv1d" else fused  # (3*H*d, D)
+        value = fused[2 * spec.width:]
+    else:
+        value_name = value_t.format(**fields)
+        if value_name not in ckpt:
+            return None
+        value = ckpt.load(value_name, dtype)
+    output = ckpt.load(out_name, dtype)
+    output = output.T if layout == "conv1d" else output  # (D_out, H*d)
+    if value.shape != (spec.width, spec.d_model) or output.dim() != 2 or output.shape[1] != spec.width:
+        return None
+    return value, output

@@ -7,10 +7,12 @@ and keeps its traceback. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows traceba
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -93,6 +95,18 @@ def _progress(description: str, enabled: bool):
         progress.update(task, completed=done, total=total, description=f"{description} {name}")
 
     return progress, step
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Show the library's warnings as plain ``warning: ...`` lines (no file and line number)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -204,7 +218,7 @@ def compress(
                               layers=layers, calibration=str(calibration) if calibration else None,
                               refine_steps=refine_steps)
     progress, step = _progress("compressing", json_path != "-")
-    with progress:
+    with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
                                 remote_code=remote_code, progress=step)
     if json_path:

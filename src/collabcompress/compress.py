@@ -7,6 +7,7 @@ block, the source directory's other files, ``collab_manifest.json``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .analysis import choose_rank, layer_spectrum
-from .arch import AttentionSpec, detect, load_query_key
+from .analysis import choose_rank, head_output_energy, layer_spectrum
+from .arch import AttentionSpec, detect, load_query_key, load_value_output
 from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, CPFactors, concatenated, cp_als
 from .errors import BadInputError
 from .io import INDEX_SUFFIX, TORCH_DTYPES, Checkpoint, open_checkpoint
@@ -132,6 +133,26 @@ def _content_bias(w_key: torch.Tensor, b_query: torch.Tensor | None, n_head: int
     return (k * b).sum(1)  # (H, D)
 
 
+def _calibrated_cp_als(ckpt: Checkpoint, spec: AttentionSpec, w_query: torch.Tensor, w_key: torch.Tensor,
+                       shared_dim: int, whiten: tuple[torch.Tensor, torch.Tensor], opts: CompressOptions) -> CPFactors:
+    """Whitened CP-ALS with each head's slice weighted by its expected output energy.
+
+    Minimises sum_h e_h ||L_q^T (P_h - P_hat_h) L_k||^2: scaling W_Q^h by sqrt(e_h) before
+    the decomposition and dividing the mixing row h by it afterwards. Measured on MiniLM at
+    R = 96 (calibrated on lee_background.cor, bundled texts): embedding cosine 0.948 -> 0.957.
+    """
+    weights = None
+    value_output = load_value_output(ckpt, spec)
+    if value_output is not None:
+        weights = head_output_energy(*value_output, spec.n_head, whiten[0]).sqrt()  # (H,)
+        w_query = w_query * weights.repeat_interleave(spec.head_dim)[:, None]
+    factors = cp_als(w_query, w_key, spec.n_head, shared_dim, max_iter=opts.max_iter, tol=opts.tol, seed=opts.seed,
+                     device=opts.device, whiten_query=whiten[0], whiten_key=whiten[1])
+    if weights is not None:
+        factors = dataclasses.replace(factors, mixing=factors.mixing / weights[:, None].to(factors.mixing.dtype))
+    return factors
+
+
 def _value_slices(ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = spec.width
     fused = ckpt.load(spec.query)
@@ -156,10 +177,11 @@ def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions
                                  max_rank=opts.max_rank, multiple_of=opts.multiple_of)
     if shared_dim == spec.width and whiten is None:
         factors = concatenated(qk.w_query, qk.w_key, spec.n_head)
-    else:
-        wq, wk = whiten if whiten is not None else (None, None)
+    elif whiten is None:
         factors = cp_als(qk.w_query, qk.w_key, spec.n_head, shared_dim, max_iter=opts.max_iter, tol=opts.tol,
-                         seed=opts.seed, device=opts.device, whiten_query=wq, whiten_key=wk)
+                         seed=opts.seed, device=opts.device)
+    else:
+        factors = _calibrated_cp_als(ckpt, spec, qk.w_query, qk.w_key, shared_dim, whiten, opts)
     energy = min(float(spectrum.energy_query[shared_dim - 1]), float(spectrum.energy_key[shared_dim - 1]))
     names = collab_names(spec.module)
     content = _content_bias(qk.w_key, qk.b_query, spec.n_head)  # (H, D)

@@ -1,0 +1,130 @@
+"""calibrate, the whitened decomposition, refinement, and their bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from collabcompress.calibration import STATS_FORMAT
+from collabcompress.compress import CompressOptions, compress
+from collabcompress.output import write_safetensors
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def texts(lee_dir, tmp_path_factory) -> Path:
+    lines = (lee_dir / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()[:24]
+    path = tmp_path_factory.mktemp("texts") / "calib.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stats(minilm_dir, texts, tmp_path_factory) -> Path:
+    from typer.testing import CliRunner
+
+    from collabcompress.cli import app
+
+    out = tmp_path_factory.mktemp("stats") / "stats.safetensors"
+    result = CliRunner().invoke(app, ["calibrate", str(minilm_dir), "--texts", str(texts), "--out", str(out),
+                                      "--max-length", "128", "--keep-sequences", "4",
+                                      "--json", "-"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["texts"] == 24 and summary["tokens"] > 2000 and summary["kept_sequences"] == 4
+    return out
+
+
+def test_statistics_file_contents(stats, minilm_dir, texts):
+    with safe_open(str(stats), "pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == STATS_FORMAT
+        assert meta["texts_sha256"] == hashlib.sha256(texts.read_bytes()).hexdigest()
+        for i in range(6):
+            m = f"encoder.layer.{i}.attention.self"
+            second, mean = f.get_tensor(f"{m}.second_moment"), f.get_tensor(f"{m}.mean")
+            assert second.shape == (384, 384) and mean.shape == (384,)
+            assert torch.allclose(second, second.T)
+            assert torch.linalg.eigvalsh(second - torch.outer(mean, mean)).min() > -1e-8
+            assert f.get_tensor(f"{m}.sequences").shape[0] == 4
+    # LayerNorm outputs: per-token mean over features ~ beta's mean, so the moments are of real scale
+    assert 0.01 < float(second.diagonal().mean()) < 100
+
+
+def test_calibrated_compress_lowers_the_data_metric(stats, minilm_dir, tmp_path, cli):
+    plain = compress(minilm_dir, tmp_path / "plain", CompressOptions(rank=96, max_iter=10))
+    calibrated = compress(minilm_dir, tmp_path / "cal", CompressOptions(rank=96, max_iter=10, calibration=str(stats)))
+    assert calibrated["settings"]["calibration"]["sha256"] == hashlib.sha256(stats.read_bytes()).hexdigest()
+    kl = {}
+    for name in ("plain", "cal"):
+        result = cli("verify", tmp_path / name, "--calibration", stats, "--json", "-")
+        assert result.exit_code == 0, result.stderr
+        kl[name] = json.loads(result.stdout)["overall"]["kl_mean"]
+    assert kl["cal"] < kl["plain"]
+    assert plain["settings"]["calibration"] is None
+
+
+def test_refinement_never_worsens_and_is_deterministic(stats, minilm_dir, tmp_path):
+    opts = CompressOptions(rank=64, max_iter=5, calibration=str(stats), refine_steps=5, layers="0")
+    a = compress(minilm_dir, tmp_path / "a", opts)
+    compress(minilm_dir, tmp_path / "b", opts)
+    refine = a["layers"][0]["refine"]
+    assert refine["steps"] == 5 and refine["kl_after"] <= refine["kl_before"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_statistics_from_another_model_refused(stats, sample_dir, tmp_path, cli):
+    result = cli("compress", sample_dir, "--out", tmp_path / "out", "--rank", "96", "--calibration", stats)
+    assert result.exit_code == 3
+    assert "another model" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_statistics_with_wrong_shapes_refused(stats, minilm_dir, tmp_path, cli):
+    with safe_open(str(stats), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["encoder.layer.2.attention.self.second_moment"] = torch.zeros(128, 128, dtype=torch.float64)
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors(bad, [(k, tuple(t.shape), t.dtype, lambda t=t: t) for k, t in tensors.items()], meta)
+    result = cli("compress", minilm_dir, "--out", tmp_path / "out", "--rank", "96", "--calibration", bad)
+    assert result.exit_code == 3
+    assert "encoder.layer.2.attention.self.second_moment" in result.stderr and "[128, 128]" in result.stderr
+
+
+def test_refine_needs_kept_sequences(minilm_dir, texts, tmp_path, cli):
+    result = cli("compress", minilm_dir, "--out", tmp_path / "out", "--rank", "96", "--refine-steps", "3")
+    assert result.exit_code == 3 and "--calibration" in result.stderr
+    no_seq = tmp_path / "noseq.safetensors"
+    assert cli("calibrate", minilm_dir, "--texts", texts, "--out", no_seq, "--max-tokens", "500").exit_code == 0
+    result = cli("compress", minilm_dir, "--out", tmp_path / "out", "--rank", "96", "--refine-steps", "3",
+                 "--calibration", no_seq)
+    assert result.exit_code == 3 and "--keep-sequences" in result.stderr
+    # few tokens: a warning, not an error
+    result = cli("compress", minilm_dir, "--out", tmp_path / "out2", "--rank", "96", "--max-iter", "2",
+                 "--calibration", no_seq)
+    assert result.exit_code == 0
+    assert "warning:" in result.stderr and "tokens" in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [(b"", "holds no text"), (b"\n  \n", "holds no text"),
+                                             (b"caf\xe9 au lait\n", "not UTF-8")])
+def test_bad_texts_file(minilm_dir, tmp_path, cli, content, message):
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(content)
+    result = cli("calibrate", minilm_dir, "--texts", texts, "--out", tmp_path / "s.safetensors")
+    assert result.exit_code == 3
+    assert message in result.stderr
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_not_a_statistics_file(minilm_dir, sample_dir, tmp_path, cli):
+    result = cli("compress", minilm_dir, "--out", tmp_path / "out", "--rank", "96", "--calibration",
+                 sample_dir / "model.safetensors")
+    assert result.exit_code == 3 and "not a calibration statistics file" in result.stderr
