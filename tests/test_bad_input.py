@@ -7,7 +7,6 @@ input files are never modified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from families import make_checkpoint  # noqa: E402
+from helpers import assert_clean_failure as _assert_clean_failure, digest as _digest
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 KEY = "encoder.layer.1.attention.self.key.weight"
@@ -44,22 +44,6 @@ def ckpt(source, tmp_path) -> Path:
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def _assert_clean_failure(result, code: int, *needles: str) -> str:
-    """Exit ``code``, one or two plain lines on stderr holding every needle, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, result.stderr
-    for needle in needles:
-        assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
-    return result.stderr
 
 
 def _analysis(cli, path: Path, *args: str) -> dict:

@@ -57,6 +57,7 @@ def test_statistics_file_contents(stats, minilm_dir, texts):
     assert 0.01 < float(second.diagonal().mean()) < 100
 
 
+@pytest.mark.filterwarnings("ignore:calibration statistics from only")
 def test_calibrated_compress_lowers_the_data_metric(stats, minilm_dir, tmp_path, cli):
     plain = compress(minilm_dir, tmp_path / "plain", CompressOptions(rank=96, max_iter=10))
     calibrated = compress(minilm_dir, tmp_path / "cal", CompressOptions(rank=96, max_iter=10, calibration=str(stats)))
@@ -70,6 +71,7 @@ def test_calibrated_compress_lowers_the_data_metric(stats, minilm_dir, tmp_path,
     assert plain["settings"]["calibration"] is None
 
 
+@pytest.mark.filterwarnings("ignore:calibration statistics from only")
 def test_refinement_never_worsens_and_is_deterministic(stats, minilm_dir, tmp_path):
     opts = CompressOptions(rank=64, max_iter=5, calibration=str(stats), refine_steps=5, layers="0")
     a = compress(minilm_dir, tmp_path / "a", opts)

@@ -5,17 +5,16 @@ The real model is analysed once per module (one in-process call) and its JSON re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from helpers import assert_clean_failure as _assert_clean_failure, digest as _digest
 
 # Shared rank needed at tau = 0.95 per layer of all-MiniLM-L6-v2 (float32).
 MINILM_RANK_095 = [130, 178, 182, 184, 165, 196]
@@ -30,22 +29,6 @@ SAMPLE_RANK_AT = [
 ]
 LAYER_KEYS = {"module", "index", "heads", "head_dim", "d_model", "energy_query", "energy_key", "rank_at",
               "redundancy", "head_effective_rank"}
-
-
-def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def _assert_clean_failure(result, code: int, *needles: str) -> str:
-    """Exit ``code``, one or two plain lines on stderr holding every needle, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, result.stderr
-    for needle in needles:
-        assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
-    return result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from families import FAMILIES, REFUSED, make_checkpoint  # noqa: E402
+from helpers import assert_clean_failure as _assert_clean_failure
 
 ARCHS = sorted({f["arch"] for f in FAMILIES.values()})
 
@@ -50,18 +51,6 @@ def analysed(built, tmp_path_factory):
         return cache[name]
 
     return get
-
-
-def _assert_clean_failure(result, code: int, *needles: str) -> str:
-    """Exit ``code``, one or two plain lines on stderr holding every needle, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, result.stderr
-    for needle in needles:
-        assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
-    return result.stderr
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -30,33 +30,13 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .arch import AttentionSpec, detect
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
-from .io import Checkpoint, open_checkpoint
+from .io import Checkpoint, open_checkpoint, read_texts
 from .output import sha256_file, write_safetensors
 
 __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "read_texts", "STATS_FORMAT"]
 
 STATS_FORMAT = "collabcompress-stats/1"
 Progress = Callable[[str, int, int], None]
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """One text per non-empty line of a UTF-8 file; refuses an empty or non-UTF-8 file."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as e:
-        raise BadInputError(f"texts file not found: {path}") from e
-    except OSError as e:
-        raise BadInputError(f"cannot read texts file {path}: {e}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"texts file {path} is not UTF-8 (byte {e.start}); convert it, "
-                            f"e.g. iconv -f latin1 -t utf-8") from e
-    texts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not texts:
-        raise BadInputError(f"texts file {path} holds no text (one text per line expected)")
-    return texts
 
 
 def source_sha256(ckpt: Checkpoint) -> str:

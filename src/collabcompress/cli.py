@@ -83,6 +83,13 @@ def _write_json(data: dict[str, Any], path: str) -> None:
         raise BadInputError(f"cannot write JSON to {target}: {e}") from e
 
 
+def _save_plot(draw: Callable[[Any, Path], None], result: Any, path: Path) -> None:
+    try:
+        draw(result, path)
+    except OSError as e:
+        raise BadInputError(f"cannot write plot {path}: {e}") from e
+
+
 def _progress(description: str, enabled: bool):
     """A transient progress bar on stderr (terminals only) and its ``(name, done, total)`` callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -149,10 +156,7 @@ def analyze(
     with progress:
         result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step)
     if plot is not None:
-        try:
-            plot_energy(result, plot)
-        except OSError as e:
-            raise BadInputError(f"cannot write plot {plot}: {e}") from e
+        _save_plot(plot_energy, result, plot)
     if json_path:
         _write_json(result.to_dict(), json_path)
     if json_path != "-":
@@ -311,10 +315,7 @@ def report(
         require_matplotlib()
     result = build_report(directory, seq_len or [DEFAULT_SEQ_LEN])
     if plot is not None:
-        try:
-            plot_flops(result, plot)
-        except OSError as e:
-            raise BadInputError(f"cannot write plot {plot}: {e}") from e
+        _save_plot(plot_flops, result, plot)
     if json_path:
         _write_json(result.to_dict(), json_path)
     if json_path != "-":

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import BadInputError, UnsupportedArchitectureError
+from .io import read_texts
 
 __all__ = ["evaluate", "read_texts", "sample_texts", "lee_corpus", "pooled_embeddings", "evaluation_table",
            "TEXT_FAMILIES"]
@@ -30,28 +31,6 @@ __all__ = ["evaluate", "read_texts", "sample_texts", "lee_corpus", "pooled_embed
 Progress = Callable[[str, int, int], None]
 TEXT_FAMILIES = ("bert", "mpnet", "distilbert", "albert", "gpt2", "t5", "bart")
 SAMPLE_TEXTS = "sample_texts.txt"
-
-
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """One text per non-empty line of a UTF-8 file (a BOM is allowed).
-
-    Raises:
-        BadInputError: missing or unreadable file, not UTF-8, or no text in it.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BadInputError(f"cannot read --texts {path}: {e.strerror or e}") from e
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"--texts {path} is not UTF-8 text (invalid byte at offset {e.start}); "
-                            "save it as UTF-8, one text per line") from e
-    texts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not texts:
-        raise BadInputError(f"--texts {path} holds no text; put one text per line")
-    return texts
 
 
 def sample_texts() -> list[str]:

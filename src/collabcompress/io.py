@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import BadInputError
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_json", "FLOAT_DTYPES"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "FLOAT_DTYPES"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -37,12 +38,35 @@ def read_json(path: Path, what: str) -> Any:
         raise BadInputError(f"cannot read {what} {path}: {e}") from e
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, an integer of > 4300 digits
         raise BadInputError(f"{what} {path} is not valid JSON: {e}") from e
 
 
-def _check_header(path: Path) -> None:
-    """Cheap sanity check of the 8-byte length and JSON header before safetensors sees it."""
+def read_texts(path: str | Path) -> list[str]:
+    """One text per non-empty line of a UTF-8 file (a BOM is allowed).
+
+    Raises:
+        BadInputError: missing or unreadable file, not UTF-8, or no text in it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"cannot read --texts {path}: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"--texts {path} is not UTF-8 text (invalid byte at offset {e.start}); "
+                            "save it as UTF-8, one text per line") from e
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise BadInputError(f"--texts {path} holds no text; put one text per line")
+    return texts
+
+
+def _check_header(path: Path) -> int:
+    """Cheap sanity check of the 8-byte length and JSON header before safetensors sees it;
+    returns the header length."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -60,6 +84,35 @@ def _check_header(path: Path) -> None:
         raise BadInputError(f"cannot read {path}: {e}") from e
     if first != b"{":
         raise BadInputError(f"{path} is not a safetensors file (no JSON header)")
+    return n
+
+
+def _check_data_size(path: Path, header_len: int) -> None:
+    """A plain message for a file cut short (safetensors says "incomplete metadata")."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(header_len))
+        end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        return  # not a readable header: safetensors reports it
+    if 8 + header_len + end > size:
+        raise BadInputError(f"{path} is truncated: its header describes {end:,} bytes of tensor data, "
+                            f"the file holds {size - 8 - header_len:,}")
+
+
+def _data_offsets(path: Path, header_len: int) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (start, end) byte positions in the file, from a header safetensors accepted."""
+    try:
+        with path.open("rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        return {name: (base + int(entry["data_offsets"][0]), base + int(entry["data_offsets"][1]))
+                for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+        raise BadInputError(f"{path} has an unreadable safetensors header: {e}") from e
 
 
 @dataclass
@@ -83,6 +136,7 @@ class Checkpoint:
     config: dict[str, Any] | None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _meta: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict, repr=False)
+    _offsets: dict[Path, dict[str, tuple[int, int]]] = field(default_factory=dict, repr=False)
 
     @property
     def sharded(self) -> bool:
@@ -116,15 +170,44 @@ class Checkpoint:
         """Read one tensor (and only it) from disk, optionally cast and checked for NaN/Inf."""
         if name not in self.weight_map:
             raise BadInputError(f"tensor {name!r} not found in {self.path}")
+        file = self.weight_map[name]
         try:
-            t = self._handle(self.weight_map[name]).get_tensor(name)
+            t = self._read(file, name)
+            if t is None:
+                t = self._handle(file).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise BadInputError(f"cannot read tensor {name!r} from {self.weight_map[name]}: {e}") from e
+            raise BadInputError(f"cannot read tensor {name!r} from {file}: {e}") from e
         if dtype is not None:
             t = t.to(dtype)
         if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise BadInputError(f"tensor {name!r} contains NaN or Inf values")
         return t
+
+    def _read(self, file: Path, name: str) -> torch.Tensor | None:
+        """The tensor read with plain file reads into fresh memory, or ``None`` where that is not possible.
+
+        safetensors' own reader maps the whole file, and every page it touches stays resident
+        while the file is open: reading a whole checkpoint (``compress`` copies every tensor)
+        would hold all of it in the process's resident memory. Plain reads hold one tensor.
+        """
+        span = self._offsets.get(file, {}).get(name)
+        shape, st_dtype = self._meta[name]
+        dtype = TORCH_DTYPES.get(st_dtype)
+        if span is None or dtype is None or sys.byteorder != "little":
+            return None
+        start, end = span
+        nbytes = end - start
+        if nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+            raise ValueError(f"its {nbytes} bytes do not hold a {st_dtype} tensor of shape {list(shape)}")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        with file.open("rb", buffering=0) as f:
+            f.seek(start)
+            while got < nbytes and (n := f.readinto(view[got:])):  # a read stops at 2 GiB on Linux
+                got += n
+        if got != nbytes:
+            raise ValueError(f"the file ends after {got} of its {nbytes} bytes (truncated?)")
+        return buf.view(dtype).reshape(shape)
 
     def metadata(self, file: Path) -> dict[str, str]:
         return dict(self._handle(file).metadata() or {})
@@ -145,10 +228,16 @@ def _index_files(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
         if not isinstance(name, str) or not isinstance(shard, str) or not shard:
             raise BadInputError(f"sharded index {index_file}: entry {name!r} is not a tensor name -> file name")
         if shard not in files:
-            file = (root / shard).resolve()
-            if file.parent != root and root not in file.parents:
+            try:
+                file = (root / shard).resolve()
+                inside = file.parent == root or root in file.parents
+                present = inside and file.is_file()
+            except (OSError, ValueError) as e:  # a name too long, a NUL byte
+                raise BadInputError(f"sharded index {index_file} names an unusable shard file {shard[:80]!r}: "
+                                    f"{getattr(e, 'strerror', None) or e}") from e
+            if not inside:
                 raise BadInputError(f"sharded index {index_file} points outside its directory: {shard!r}")
-            if not file.is_file():
+            if not present:
                 raise BadInputError(f"sharded index {index_file} names a missing shard: {shard}")
             files[shard] = file
         mapping[name] = files[shard]
@@ -157,6 +246,13 @@ def _index_files(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
 
 def _resolve(path: Path) -> tuple[Path, list[Path], Path | None]:
     """-> (directory, files, index_file) for a file, an index or a directory."""
+    try:
+        return _resolve_path(path)
+    except OSError as e:  # e.g. a name too long for the file system
+        raise BadInputError(f"cannot open checkpoint {str(path)[:200]}: {e.strerror or e}") from e
+
+
+def _resolve_path(path: Path) -> tuple[Path, list[Path], Path | None]:
     if not path.exists():
         raise BadInputError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -201,13 +297,17 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     ckpt = Checkpoint(path=path, directory=directory, files=files, index_file=index_file,
                       weight_map=weight_map, config=None)
     for file in files:
-        _check_header(file)
+        header_len = _check_header(file)
+        _check_data_size(file, header_len)
         handle = ckpt._handle(file)
         for name in handle.keys():
+            if index_file is not None and weight_map.get(name) != file:
+                continue  # a tensor the index places in another shard (or nowhere)
             sl = handle.get_slice(name)
             ckpt._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
             if index_file is None:
                 weight_map[name] = file
+        ckpt._offsets[file] = _data_offsets(file, header_len)
     for name, file in weight_map.items():
         if name not in ckpt._meta:
             raise BadInputError(f"sharded index {index_file} names tensor {name!r}, which {file.name} does not hold")
