@@ -18,7 +18,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from collabcompress.compress import CompressOptions, collab_names, compress
-from collabcompress.errors import BadInputError
 from collabcompress.pipeline import analyze
 
 from families import FAMILIES, make_checkpoint
