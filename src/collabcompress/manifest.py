@@ -7,7 +7,7 @@ one-line :class:`BadInputError`.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BadInputError
@@ -34,6 +34,14 @@ def _check(obj: dict[str, Any], keys: dict[str, Any], where: str, path: Path) ->
             raise BadInputError(f"manifest {path}: {where}.{key} has the wrong type ({type(value).__name__})")
 
 
+def _optional(obj: dict[str, Any], key: str, kind: tuple[type, ...], where: str, path: Path) -> Any:
+    """``obj[key]``, which may be absent or null, else must be of ``kind``."""
+    value = obj.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise BadInputError(f"manifest {path}: {where}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Load and validate the manifest of a compressed output directory.
 
@@ -42,12 +50,16 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             another format, or a missing or mistyped key.
     """
     directory = Path(directory)
-    if not directory.exists():
-        raise BadInputError(f"not found: {directory}")
-    if not directory.is_dir():
-        raise BadInputError(f"{directory} is not a directory; pass the output directory of `compress`")
     path = directory / MANIFEST_NAME
-    if not path.is_file():
+    try:
+        exists, is_dir, is_file = directory.exists(), directory.is_dir(), path.is_file()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise BadInputError(f"cannot open {str(directory)[:200]}: {e.strerror or e}") from e
+    if not exists:
+        raise BadInputError(f"not found: {directory}")
+    if not is_dir:
+        raise BadInputError(f"{directory} is not a directory; pass the output directory of `compress`")
+    if not is_file:
         raise BadInputError(f"{directory} is not a model compressed by collabcompress (no {MANIFEST_NAME})")
     data = read_json(path, "manifest")
     if not isinstance(data, dict):
@@ -60,6 +72,15 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
         if not isinstance(f, dict):
             raise BadInputError(f"manifest {path}: source.files[{i}] is not an object")
         _check(f, {"name": str, "sha256": str, "bytes": int}, f"source.files[{i}]", path)
+        name = PurePosixPath(f["name"])
+        if not f["name"] or name.is_absolute() or ".." in name.parts:
+            raise BadInputError(f"manifest {path}: source.files[{i}].name {f['name']!r} is not a file name "
+                                "inside the source directory")
+    _optional(data["source"], "dtype", (str,), "source", path)
+    _optional(data["settings"], "arch", (str,), "settings", path)
+    heads = _optional(data["settings"], "heads", (int,), "settings", path)
+    if heads is not None and heads < 1:
+        raise BadInputError(f"manifest {path}: settings.heads must be positive, got {heads}")
     if not data["layers"]:
         raise BadInputError(f"manifest {path} lists no compressed layers")
     for i, layer in enumerate(data["layers"]):
@@ -71,6 +92,9 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
                 raise BadInputError(f"manifest {path}: layers[{i}].{key} must be positive")
         _check(layer["tensors"], {"query": str, "key": str, "mixing": str, "content_bias": str},
                f"layers[{i}].tensors", path)
+        _optional(layer["tensors"], "value", (str,), f"layers[{i}].tensors", path)
+        if not all(isinstance(n, str) for n in layer["removed"]):
+            raise BadInputError(f"manifest {path}: layers[{i}].removed must be a list of tensor names")
     for key in TOTAL_KEYS:
         if not isinstance(data["totals"].get(key), int) or isinstance(data["totals"].get(key), bool):
             raise BadInputError(f"manifest {path}: totals.{key} is missing or not an integer")

@@ -62,6 +62,13 @@ def _clean_stale(out: Path) -> None:
 
 def check_output_path(out: Path, source_files: list[Path], source_dir: Path | None, *, force: bool) -> None:
     """Refuse an output that would overwrite or contain the input, or exists without ``force``."""
+    try:
+        _check_output_path(out, source_files, source_dir, force=force)
+    except OSError as e:  # e.g. a name too long for the file system
+        raise BadInputError(f"cannot create {str(out)[:200]}: {e.strerror or e}") from e
+
+
+def _check_output_path(out: Path, source_files: list[Path], source_dir: Path | None, *, force: bool) -> None:
     target = out.resolve()
     sources = [f.resolve() for f in source_files]
     if source_dir is not None and target == source_dir.resolve():
@@ -87,7 +94,8 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; rename it to ``out`` on success.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
-    ``out`` is left as it was.
+    ``out`` is left as it was. An ``OSError`` while the directory is filled or renamed (a
+    full disk, a vanished parent) becomes a :class:`BadInputError` naming ``out``.
     """
     out = out.resolve()
     _clean_stale(out)
@@ -104,10 +112,18 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
                 raise BadInputError(f"output {out} already exists; pass --force to replace it")
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash, out)  # put the old output back
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInputError(f"cannot write the output {out}: {e.strerror or e}"
+                            + (f" ({e.filename})" if e.filename else "")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,7 +192,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
                 t = load()
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                     raise RuntimeError(f"tensor {name!r} changed shape or dtype while writing")
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no extra copy
     except OSError as e:
         raise BadInputError(f"cannot write {path}: {e}") from e
     return offset

@@ -25,6 +25,8 @@ from .output import sha256_file
 
 __all__ = ["verify", "collaborative_scores", "original_scores", "attention_kl"]
 
+_SEED_LIMIT = 2 ** 62
+
 # Where the LayerNorm that feeds each family's attention lives ({i} = layer, {p} = prefix).
 _FEEDING_NORMS: dict[str, list[str]] = {
     "bert": ["{p}encoder.layer.{prev}.output.LayerNorm", "{p}embeddings.LayerNorm"],
@@ -164,6 +166,8 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
     manifest = load_manifest(directory)
     if max_kl is not None and not (max_kl >= 0):
         raise BadInputError(f"--max-kl must be >= 0, got {max_kl}")
+    if not (-_SEED_LIMIT <= seed < _SEED_LIMIT):  # torch seeds are 64-bit; each layer adds to it
+        raise BadInputError(f"--seed must be between -2**62 and 2**62, got {seed}")
     source, original_path = _original(manifest, directory, original)
     out = open_checkpoint(directory)
     moments_by_module = {}
@@ -177,6 +181,10 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         spec = source.specs.get(layer["module"])
         if spec is None:
             raise BadInputError(f"module {layer['module']} of the manifest is not in the original checkpoint")
+        if (layer["heads"], layer["head_dim"], layer["d_model"]) != (spec.n_head, spec.head_dim, spec.d_model):
+            raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer['heads']} heads of width "
+                                f"{layer['head_dim']} over d_model {layer['d_model']}, the original checkpoint "
+                                f"{spec.n_head} of width {spec.head_dim} over {spec.d_model}")
         qk = load_query_key(source.ckpt, spec)
         t = layer["tensors"]
         for name in (t["query"], t["key"], t["mixing"], t["content_bias"]):

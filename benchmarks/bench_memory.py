@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Peak memory of `collabcompress compress` on a synthetic multi-gigabyte sharded checkpoint.
+
+Generates (never commits) a BERT-style checkpoint with real BERT naming and shapes, by
+default BERT-large widths (D = 1024, 16 heads, intermediate 4096, vocabulary 30522) with
+48 layers instead of 24, float32: about 2.5 GB, split into shards of about 500 MB with a
+transformers-style ``model.safetensors.index.json`` and a ``config.json``. Then runs
+
+    collabcompress compress DIR --out OUT --rank R --max-iter N
+
+as a fresh process and reports its wall time and peak resident memory (the kernel's
+high-water mark: ``ru_maxrss`` of that one child from ``wait4``, and ``VmHWM`` polled from
+``/proc/PID/status``, split into anonymous and file-backed pages at their peaks), beside
+the largest shard. The memory is *bounded* when the peak is below the largest shard plus
+1 GiB: the tool then holds about one tensor or one shard at a time, not the model.
+
+    python benchmarks/bench_memory.py                         # generate in a temp dir, run, remove
+    python benchmarks/bench_memory.py --dir /big/disk --keep  # keep the checkpoint for reruns
+    python benchmarks/bench_memory.py --layers 8              # a quick, smaller run
+
+Exit code 0 when bounded, 1 when not, 2 when the compress command failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def _collabcompress() -> list[str]:
+    script = Path(sys.executable).with_name("collabcompress")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("collabcompress")
+    return [found] if found else [sys.executable, "-m", "collabcompress.cli"]
+
+
+def _layer_tensors(i: int, d: int, inter: int) -> dict[str, tuple[int, ...]]:
+    p = f"bert.encoder.layer.{i}"
+    shapes = {}
+    for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+        shapes[f"{p}.{m}.weight"] = (d, d)
+        shapes[f"{p}.{m}.bias"] = (d,)
+    shapes[f"{p}.attention.output.LayerNorm.weight"] = (d,)
+    shapes[f"{p}.attention.output.LayerNorm.bias"] = (d,)
+    shapes[f"{p}.intermediate.dense.weight"] = (inter, d)
+    shapes[f"{p}.intermediate.dense.bias"] = (inter,)
+    shapes[f"{p}.output.dense.weight"] = (d, inter)
+    shapes[f"{p}.output.dense.bias"] = (d,)
+    shapes[f"{p}.output.LayerNorm.weight"] = (d,)
+    shapes[f"{p}.output.LayerNorm.bias"] = (d,)
+    return shapes
+
+
+def _tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if "LayerNorm.weight" in name:
+        return torch.ones(shape)
+    scale = 0.02 if len(shape) == 2 else 0.01
+    return torch.randn(shape, generator=gen) * scale
+
+
+def generate(directory: Path, *, layers: int, d_model: int, heads: int, intermediate: int, vocab: int,
+             shard_bytes: int, seed: int = 0) -> dict[str, int]:
+    """Write the sharded checkpoint; returns {"total": bytes, "largest_shard": bytes, "shards": n}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shapes: dict[str, tuple[int, ...]] = {
+        "bert.embeddings.word_embeddings.weight": (vocab, d_model),
+        "bert.embeddings.position_embeddings.weight": (512, d_model),
+        "bert.embeddings.token_type_embeddings.weight": (2, d_model),
+        "bert.embeddings.LayerNorm.weight": (d_model,),
+        "bert.embeddings.LayerNorm.bias": (d_model,),
+    }
+    for i in range(layers):
+        shapes.update(_layer_tensors(i, d_model, intermediate))
+    shapes["bert.pooler.dense.weight"] = (d_model, d_model)
+    shapes["bert.pooler.dense.bias"] = (d_model,)
+
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():  # model order, like transformers' shard splitting
+        nbytes = 4 * int(torch.tensor(shape).prod()) if shape else 4
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = largest = 0
+    for k, names in enumerate(groups, 1):
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: _tensor(n, shapes[n], gen) for n in names}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        del tensors
+        nbytes = (directory / file).stat().st_size
+        total += nbytes
+        largest = max(largest, nbytes)
+        weight_map.update({n: file for n in names})
+        print(f"  wrote {file} ({nbytes / MIB:,.0f} MiB)", flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": d_model,
+              "num_attention_heads": heads, "num_hidden_layers": layers, "intermediate_size": intermediate,
+              "vocab_size": vocab, "max_position_embeddings": 512, "type_vocab_size": 2}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"total": total, "largest_shard": largest, "shards": len(groups)}
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile of a live process in bytes (empty when it is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run ``cmd``; -> wall seconds, ru_maxrss of that child, polled peaks (bytes)."""
+    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for k, v in _status(proc.pid).items():
+                if k in peaks:
+                    peaks[k] = max(peaks[k], v)
+            done.wait(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    stderr = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "returncode": proc.returncode, "stderr": stderr.decode(errors="replace"),
+            "ru_maxrss": usage.ru_maxrss * 1024, **{f"peak_{k}": v for k, v in peaks.items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, help="where to generate the checkpoint (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the output")
+    ap.add_argument("--layers", type=int, default=48, help="encoder layers (48 BERT-large layers = 2.5 GB)")
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--shard-mb", type=int, default=500, help="shard size in MB")
+    ap.add_argument("--rank", type=int, default=256, help="compress --rank")
+    ap.add_argument("--max-iter", type=int, default=3, help="compress --max-iter (memory does not depend on it)")
+    ap.add_argument("--workers", type=int, default=None, help="compress --workers")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = ap.parse_args()
+
+    root = args.dir if args.dir is not None else Path(tempfile.mkdtemp(prefix="cc-bench-memory-"))
+    src, out = root / "synthetic-bert", root / "compressed"
+    try:
+        if (src / "model.safetensors.index.json").is_file() and (src / "config.json").is_file():
+            files = sorted(src.glob("*.safetensors"))
+            sizes = {"total": sum(f.stat().st_size for f in files),
+                     "largest_shard": max(f.stat().st_size for f in files), "shards": len(files)}
+            print(f"reusing {src}")
+        else:
+            print(f"generating {args.layers} layers, D={args.d_model} into {src} ...", flush=True)
+            t0 = time.perf_counter()
+            sizes = generate(src, layers=args.layers, d_model=args.d_model, heads=args.heads,
+                             intermediate=args.intermediate, vocab=args.vocab, shard_bytes=args.shard_mb * 10**6)
+            print(f"  {sizes['total'] / GIB:.2f} GiB in {sizes['shards']} shards ({time.perf_counter() - t0:.0f} s)")
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [*_collabcompress(), "compress", str(src), "--out", str(out), "--rank", str(args.rank),
+               "--max-iter", str(args.max_iter)]
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
+        print("running:", " ".join(cmd), flush=True)
+        m = run_measured(cmd, dict(os.environ))
+        if m["returncode"] != 0:
+            print(f"compress failed ({m['returncode']}):\n{m['stderr']}", file=sys.stderr)
+            return 2
+        out_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+        peak = max(m["ru_maxrss"], m["peak_VmHWM"])
+        limit = sizes["largest_shard"] + GIB
+        rows = [
+            ("checkpoint (all shards)", f"{sizes['total'] / MIB:,.0f} MiB", f"{sizes['shards']} shards"),
+            ("largest shard", f"{sizes['largest_shard'] / MIB:,.0f} MiB", ""),
+            ("output weights", f"{out_bytes / MIB:,.0f} MiB", f"--rank {args.rank}"),
+            ("wall time", f"{m['wall_s']:.1f} s", f"--max-iter {args.max_iter}"),
+            ("peak RSS (ru_maxrss)", f"{m['ru_maxrss'] / MIB:,.0f} MiB", "kernel high-water mark"),
+            ("peak RSS (VmHWM, polled)", f"{m['peak_VmHWM'] / MIB:,.0f} MiB", ""),
+            ("  peak anonymous (RssAnon)", f"{m['peak_RssAnon'] / MIB:,.0f} MiB", "heap: tensors, Python"),
+            ("  peak file-backed (RssFile)", f"{m['peak_RssFile'] / MIB:,.0f} MiB", "mapped pages of the shards"),
+            ("bound: largest shard + 1 GiB", f"{limit / MIB:,.0f} MiB", ""),
+        ]
+        width = max(len(r[0]) for r in rows)
+        print()
+        for name, value, note in rows:
+            print(f"{name:<{width}}  {value:>12}  {note}")
+        bounded = peak < limit
+        print(f"\npeak RSS {'<' if bounded else '>='} largest shard + 1 GiB: memory is "
+              f"{'BOUNDED' if bounded else 'NOT bounded'}")
+        if args.json:
+            args.json.write_text(json.dumps({**sizes, **{k: v for k, v in m.items() if k != 'stderr'},
+                                             "output_bytes": out_bytes, "bounded": bounded,
+                                             "rank": args.rank, "max_iter": args.max_iter}, indent=2) + "\n")
+        return 0 if bounded else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            if args.dir is None:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
