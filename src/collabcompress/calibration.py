@@ -16,6 +16,7 @@ refinement; ``{M}.key_sequences`` for cross-attention). Metadata: ``format``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,21 @@ __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "rea
 
 STATS_FORMAT = "collabcompress-stats/1"
 Progress = Callable[[str, int, int], None]
+
+
+def _check_stats_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
+    """Refuse an --out inside the model directory (or over its files), an existing one without
+    --force, and a location that cannot be written, before any model is run."""
+    target = out.resolve()
+    if target.parent == ckpt.directory.resolve() or ckpt.directory.resolve() in target.parents:
+        raise BadInputError(f"--out {out} is inside the model directory {ckpt.directory}; "
+                            "nothing is written into the input")
+    if out.exists() and not force:
+        raise BadInputError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_file():
+        raise BadInputError(f"{out} exists and is not a file")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write {out}: {target.parent} is not a writable directory")
 
 
 def source_sha256(ckpt: Checkpoint) -> str:
@@ -114,23 +130,22 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     if max_tokens < 1 or max_length < 2 or batch_size < 1 or keep_sequences < 0:
         raise BadInputError("--max-tokens, --max-length and --batch-size must be positive, --keep-sequences >= 0")
     out = Path(out)
-    if out.exists() and not force:
-        raise BadInputError(f"{out} already exists; pass --force to replace it")
     texts = read_texts(texts_file)
     ckpt = open_checkpoint(model_dir)
     if not Path(model_dir).is_dir():
         raise BadInputError(f"calibrate needs a model directory (config.json, weights, tokenizer), got {model_dir}")
+    _check_stats_output(out, ckpt, force)
     specs = detect(ckpt, heads=heads, arch=arch)
     if specs[0].family in ("vit", "timm-vit"):
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
     tf = _transformers()
+    from .evaluate import _tokenizer
+
+    tokenizer = _tokenizer([Path(model_dir)])
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir))
         model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
     except (OSError, ValueError, KeyError) as e:
-        raise BadInputError(f"cannot load the model or tokenizer from {model_dir}: {str(e).splitlines()[0]}") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
     acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
     state: dict[str, Any] = {"mask": None, "keep": None}
     kept: dict[str, list[torch.Tensor]] = {}
@@ -209,14 +224,21 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     try:
         write_safetensors(tmp, [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()], metadata)
         os.replace(tmp, out)
+    except OSError as e:
+        raise BadInputError(f"cannot write {out}: {e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return {"file": str(out), "tokens": tokens, "texts": used, "modules": [s.module for s in specs],
             "kept_sequences": len(keep_idx & set(range(used)))}
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:
+        raise BadInputError(f"cannot read calibration statistics {path}: {e.strerror or e}") from e
+    if not found:
         raise BadInputError(f"calibration statistics not found: {path}")
     try:
         f = safe_open(str(path), framework="pt")
@@ -264,7 +286,10 @@ def load_whitening(path: Path, ckpt: Checkpoint,
     from .decompose import whitening_factor
 
     f, names, meta = _open_stats(path, ckpt, specs)
-    tokens = int(meta.get("tokens", "0") or 0)
+    try:
+        tokens = int(meta.get("tokens", "0") or 0)
+    except ValueError as e:
+        raise BadInputError(f"calibration statistics {path}: metadata 'tokens' is not an integer") from e
     d_model = max(s.d_model for s in specs)
     if tokens < 10 * d_model:
         warnings.warn(f"calibration statistics from only {tokens} tokens for width {d_model}: the moments are noisy; "
@@ -279,7 +304,12 @@ def load_whitening(path: Path, ckpt: Checkpoint,
         else:
             key_second, key_mean = second, _checked(f.get_tensor(f"{m}.mean"), f"{m}.mean", path)
         key_cov = key_second - torch.outer(key_mean, key_mean)
-        out[m] = (whitening_factor(second), whitening_factor(key_cov))
+        try:
+            if not bool(torch.isfinite(key_cov).all()):
+                raise ValueError("the key covariance overflows")
+            out[m] = (whitening_factor(second), whitening_factor(key_cov))
+        except ValueError as e:
+            raise BadInputError(f"calibration statistics {path}: the moments of {m} are unusable ({e})") from e
     return out
 
 

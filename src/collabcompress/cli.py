@@ -57,6 +57,14 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            # Safety net: an operating-system error on a path the user gave (too long, not a
+            # directory, ...) that no check above turned into a message is still bad input.
+            if _state["debug"]:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            err.print(f"[bold red]error:[/] {escape((e.strerror or str(e)) + where)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
         except KeyboardInterrupt:
             # Temporary outputs are already removed (atomic_directory cleans up on the way out).
             # Exit now rather than wait for worker threads still finishing a layer.
@@ -75,12 +83,23 @@ def _write_json(data: dict[str, Any], path: str) -> None:
         sys.stdout.flush()
         return
     target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise BadInputError(f"cannot write JSON to {target}: {e}") from e
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse an unwritable --json location before any work (and before any output appears)."""
+    if path in (None, "-"):
+        return
+    parent = Path(path).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write JSON to {path}: {parent} is not a writable directory")
 
 
 def _save_plot(draw: Callable[[Any, Path], None], result: Any, path: Path) -> None:
@@ -146,6 +165,7 @@ def analyze(
     json_path: JsonOpt = None,
 ) -> None:
     """Measure how redundant the attention heads of every layer are (spectral analysis)."""
+    _check_json_path(json_path)
     from .pipeline import DEFAULT_ENERGIES, analyze as run_analyze, check_energy
     from .tables import analysis_summary, analysis_table, plot_energy, require_matplotlib
 
@@ -211,6 +231,7 @@ def compress(
     json_path: JsonOpt = None,
 ) -> None:
     """Re-parametrize every attention layer into collaborative attention and save the result."""
+    _check_json_path(json_path)
     from .compress import CompressOptions, compress as run_compress
     from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL
     from .tables import compress_table
@@ -249,6 +270,7 @@ def verify(
     json_path: JsonOpt = None,
 ) -> None:
     """Compare original and collaborative attention distributions on probe inputs."""
+    _check_json_path(json_path)
     from .tables import verify_table
     from .verify import check_gate, verify as run_verify
 
@@ -279,6 +301,7 @@ def calibrate(
     json_path: JsonOpt = None,
 ) -> None:
     """Record activation statistics of the original model on real text (needs the hf extra)."""
+    _check_json_path(json_path)
     import warnings
 
     from .calibration import calibrate as run_calibrate
@@ -308,6 +331,7 @@ def report(
     json_path: JsonOpt = None,
 ) -> None:
     """Show what was saved: key/query and model parameters, bytes, FLOPs per token, key cache."""
+    _check_json_path(json_path)
     from .report import DEFAULT_SEQ_LEN, build_report, plot_flops, report_tables
     from .tables import require_matplotlib
 
@@ -338,6 +362,7 @@ def demo(
     json_path: JsonOpt = None,
 ) -> None:
     """Analyze, compress, report and verify the bundled sample model (all-MiniLM-L6-v2 attention)."""
+    _check_json_path(json_path)
     from .demo import run_demo
 
     quiet = json_path == "-"
@@ -361,6 +386,7 @@ def evaluate(
     json_path: JsonOpt = None,
 ) -> None:
     """Compare the compressed model's embeddings with the original's on real text (needs the hf extra)."""
+    _check_json_path(json_path)
     from .evaluate import evaluate as run_evaluate, evaluation_table, read_texts
 
     lines = read_texts(texts) if texts is not None else None
@@ -378,6 +404,7 @@ def evaluate(
 @_errors
 def archs(json_path: JsonOpt = None) -> None:
     """List the supported architecture families and how their tensors are named."""
+    _check_json_path(json_path)
     from rich.table import Table
 
     from .arch import FAMILIES

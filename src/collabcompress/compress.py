@@ -71,8 +71,10 @@ class CompressOptions:
                 raise BadInputError(f"{name} must be at least 1, got {value}")
         if self.max_rank is not None and self.max_rank < max(1, self.min_rank):
             raise BadInputError(f"--max-rank {self.max_rank} is below --min-rank {self.min_rank}")
-        if not (self.tol >= 0.0):
-            raise BadInputError(f"--tol must be >= 0, got {self.tol}")
+        if not (0.0 <= self.tol < float("inf")):
+            raise BadInputError(f"--tol must be a finite number >= 0, got {self.tol}")
+        if not (0 <= self.seed < 2**63):
+            raise BadInputError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.refine_steps < 0:
             raise BadInputError(f"--refine-steps must be >= 0, got {self.refine_steps}")
         if self.refine_steps and not self.calibration:
