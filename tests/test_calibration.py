@@ -78,6 +78,7 @@ def test_refinement_never_worsens_and_is_deterministic(stats, minilm_dir, tmp_pa
     compress(minilm_dir, tmp_path / "b", opts)
     refine = a["layers"][0]["refine"]
     assert refine["steps"] == 5 and refine["kl_after"] <= refine["kl_before"]
+    assert 0 < a["layers"][0]["relative_error"] and 0 < a["layers"][0]["relative_error_plain"] < 1.5
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
@@ -130,3 +131,14 @@ def test_not_a_statistics_file(minilm_dir, sample_dir, tmp_path, cli):
     result = cli("compress", minilm_dir, "--out", tmp_path / "out", "--rank", "96", "--calibration",
                  sample_dir / "model.safetensors")
     assert result.exit_code == 3 and "not a calibration statistics file" in result.stderr
+
+
+def test_kept_sequences_come_from_the_texts_used(minilm_dir, texts, tmp_path, cli):
+    out = tmp_path / "s.safetensors"
+    result = cli("calibrate", minilm_dir, "--texts", texts, "--out", out, "--max-tokens", "300",
+                 "--batch-size", "4", "--keep-sequences", "3", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["texts"] < 24 and summary["kept_sequences"] == 3
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("encoder.layer.0.attention.self.sequences").shape[0] == 3

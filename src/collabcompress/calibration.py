@@ -17,6 +17,7 @@ refinement; ``{M}.key_sequences`` for cross-attention). Metadata: ``format``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -57,10 +58,18 @@ def _check_stats_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
 
 def source_sha256(ckpt: Checkpoint) -> str:
     """One digest over the weight files (and index) of a checkpoint."""
+    files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
+    return _digest_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    # keyed by path, size and mtime: compress reads the statistics twice (whitening and
+    # refinement sequences) and must not hash a multi-GB checkpoint twice
     h = hashlib.sha256()
-    for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else []):
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
+    for name, _, _ in files:
+        h.update(Path(name).name.encode())
+        h.update(sha256_file(Path(name)).encode())
     return h.hexdigest()
 
 
@@ -95,6 +104,18 @@ def _find_modules(model: torch.nn.Module, ckpt: Checkpoint, spec: AttentionSpec)
             raise UnsupportedArchitectureError(f"cannot find the module computing {name} in the transformers model")
         found.append(hit)
     return (found[0], found[-1])
+
+
+def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list[tuple[int, int]]:
+    """Seeded reservoir sampling over the texts actually used: which of the batch's texts
+    (``start`` .. ``start + size - 1``) to keep, and in which slot (< ``capacity``)."""
+    keep = []
+    for b in range(size):
+        i = start + b
+        slot = i if i < capacity else int(torch.randint(0, i + 1, (1,), generator=g))
+        if slot < capacity:
+            keep.append((b, slot))
+    return keep
 
 
 class _Accumulator:
@@ -148,8 +169,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
     acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
     state: dict[str, Any] = {"mask": None, "keep": None}
-    kept: dict[str, list[torch.Tensor]] = {}
-    kept_keys: dict[str, list[torch.Tensor]] = {}
+    kept: dict[str, dict[int, torch.Tensor]] = {}  # module -> reservoir slot -> (T, D)
+    kept_keys: dict[str, dict[int, torch.Tensor]] = {}
     handles = []
 
     def hook(spec: AttentionSpec, side: str):
@@ -160,9 +181,9 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 return
             q_acc, k_acc = acc[spec.module]
             (q_acc if side == "query" else k_acc).add(x[mask.bool()])
-            for b in state["keep"]:
-                (kept if side == "query" else kept_keys).setdefault(spec.module, []).append(
-                    x[b, : int(mask[b].sum())].detach().float().clone())
+            for b, slot in state["keep"]:
+                (kept if side == "query" else kept_keys).setdefault(spec.module, {})[slot] = \
+                    x[b, : int(mask[b].sum())].detach().float().clone()
         return fn
 
     for spec in specs:
@@ -173,7 +194,6 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         if cross:
             handles.append(k_mod.register_forward_pre_hook(hook(spec, "key"), with_kwargs=True))
     g = torch.Generator().manual_seed(seed)
-    keep_idx = set(torch.randperm(len(texts), generator=g)[:keep_sequences].tolist())
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     tokens = used = 0
     try:
@@ -182,7 +202,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 batch = texts[start:start + batch_size]
                 enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                 state["mask"] = enc["attention_mask"]
-                state["keep"] = [i for i in range(len(batch)) if start + i in keep_idx]
+                state["keep"] = _reservoir(start, len(batch), keep_sequences, g)
                 inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
                 if encoder_decoder:
                     inputs.update(decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
@@ -208,7 +228,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             tensors[f"{module}.key_mean"] = k_acc.total / max(k_acc.count, 1)
         for key, store in (("sequences", kept), ("key_sequences", kept_keys)):
             if store.get(module):
-                seqs = store[module]
+                seqs = [store[module][slot] for slot in sorted(store[module])]
                 lengths = torch.tensor([s.shape[0] for s in seqs])
                 padded = torch.zeros(len(seqs), int(lengths.max()), seqs[0].shape[1])  # (N, T, D)
                 for i, s in enumerate(seqs):
@@ -230,7 +250,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return {"file": str(out), "tokens": tokens, "texts": used, "modules": [s.module for s in specs],
-            "kept_sequences": len(keep_idx & set(range(used)))}
+            "kept_sequences": min(keep_sequences, used)}
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
