@@ -31,14 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from _common import default_model as _default_model
+
 H, D_HEAD = 12, 32  # all-MiniLM-L6-v2: 12 heads of width 32 over d_model = 384
 N_LAYERS = 6
-
-
-def _default_model() -> Path:
-    env = os.environ.get("COLLABCOMPRESS_CACHE")
-    cache = Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
-    return cache / "all-MiniLM-L6-v2"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -37,16 +37,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from _common import collabcompress_command as _collabcompress
+
 GIB = 1 << 30
 MIB = 1 << 20
-
-
-def _collabcompress() -> list[str]:
-    script = Path(sys.executable).with_name("collabcompress")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("collabcompress")
-    return [found] if found else [sys.executable, "-m", "collabcompress.cli"]
 
 
 def _layer_tensors(i: int, d: int, inter: int) -> dict[str, tuple[int, ...]]:

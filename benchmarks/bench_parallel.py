@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,19 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _default_model() -> Path:
-    env = os.environ.get("COLLABCOMPRESS_CACHE")
-    cache = Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
-    return cache / "all-MiniLM-L6-v2"
-
-
-def _collabcompress() -> list[str]:
-    script = Path(sys.executable).with_name("collabcompress")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("collabcompress")
-    return [found] if found else [sys.executable, "-m", "collabcompress.cli"]
+from _common import default_model as _default_model, collabcompress_command as _collabcompress
 
 
 def _synthetic(directory: Path, layers: int, d_model: int, heads: int) -> Path:

@@ -44,10 +44,7 @@ from pathlib import Path
 
 import torch
 
-
-def _cache() -> Path:
-    env = os.environ.get("COLLABCOMPRESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
+from _common import cache_dir as _cache
 
 
 def _log(msg: str) -> None:

@@ -68,6 +68,22 @@ class _Adapter:
         """(B, N, H*d) -> (B, H, N, d)."""
         return states.view(*states.shape[:-1], -1, getattr(self, self._head_dim_attr)).transpose(1, 2)
 
+    def _keys_values(self, hidden_states, key_value_states, cache, value_proj, kwargs):
+        """Collaborative keys (B, H, M, R+1) and values (B, H, M, d), through the model's cache
+        (a cross-attention cache already filled is reused as it is)."""
+        cross = key_value_states is not None
+        current, updated = _cache_parts(cache, self.layer_idx, cross)
+        if cross and current is not None and updated:
+            return current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
+        states = key_value_states if cross else hidden_states
+        key = self.key_states(states)  # (B, H, M, R+1)
+        value = self._split_heads(value_proj(states))  # (B, H, M, d)
+        if current is not None:
+            key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+            if cross and hasattr(cache, "is_updated"):
+                cache.is_updated[self.layer_idx] = True
+        return key, value
+
     def _attend(self, query, key, value, mask, dropout: float, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -197,19 +213,8 @@ class _T5(_Adapter):
         input_shape = hidden_states.shape[:-1]
         past_seen = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
-        cross = key_value_states is not None
         query = self.query_states(hidden_states)  # (B, H, N, R+1)
-        current, updated = _cache_parts(cache, self.layer_idx, cross)
-        if cross and current is not None and updated:
-            key, value = current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
-        else:
-            states = key_value_states if cross else hidden_states
-            key = self.key_states(states)  # (B, H, M, R+1)
-            value = self._split_heads(self.v(states))  # (B, H, M, d)
-            if current is not None:
-                key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
-                if cross and hasattr(cache, "is_updated"):
-                    cache.is_updated[self.layer_idx] = True
+        key, value = self._keys_values(hidden_states, key_value_states, cache, self.v, kwargs)
         if position_bias is None:
             key_length = key.shape[-2]
             if not self.has_relative_attention_bias:
@@ -235,19 +240,8 @@ class _Bart(_Adapter):
     def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
-        cross = key_value_states is not None
         query = self.query_states(hidden_states)  # (B, H, N, R+1)
-        current, updated = _cache_parts(cache, self.layer_idx, cross)
-        if cross and current is not None and updated:
-            key, value = current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
-        else:
-            states = key_value_states if cross else hidden_states
-            key = self.key_states(states)  # (B, H, M, R+1)
-            value = self._split_heads(self.v_proj(states))  # (B, H, M, d)
-            if current is not None:
-                key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
-                if cross and hasattr(cache, "is_updated"):
-                    cache.is_updated[self.layer_idx] = True
+        key, value = self._keys_values(hidden_states, key_value_states, cache, self.v_proj, kwargs)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout, **kwargs)
         return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
 

@@ -1,0 +1,28 @@
+"""What the benchmark scripts share: where the real data is and how to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$COLLABCOMPRESS_CACHE``, else ``~/.cache/collabcompress`` (see scripts/fetch_data.py)."""
+    env = os.environ.get("COLLABCOMPRESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
+
+
+def default_model() -> Path:
+    """The real all-MiniLM-L6-v2 fetched by scripts/fetch_data.py."""
+    return cache_dir() / "all-MiniLM-L6-v2"
+
+
+def collabcompress_command() -> list[str]:
+    """The console script beside this interpreter (as a user runs it), else ``python -m``."""
+    script = Path(sys.executable).with_name("collabcompress")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("collabcompress")
+    return [found] if found else [sys.executable, "-m", "collabcompress.cli"]
