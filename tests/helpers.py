@@ -21,3 +21,29 @@ def assert_clean_failure(result, code: int, *needles: str) -> str:
     for needle in needles:
         assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
     return result.stderr
+
+
+def write_stats(model_dir: Path, path: Path, n_tokens: int, /, **meta_changes: str) -> Path:
+    """A calibration statistics file for the checkpoint in ``model_dir``, from seeded random
+    activations (valid unless ``meta_changes`` break its metadata)."""
+    import json
+
+    import torch
+
+    from collabcompress.arch import detect
+    from collabcompress.calibration import STATS_FORMAT, source_sha256
+    from collabcompress.io import open_checkpoint
+    from collabcompress.output import write_safetensors
+
+    ckpt = open_checkpoint(model_dir)
+    specs = detect(ckpt)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for s in specs:
+        x = torch.randn(n_tokens, s.d_model, generator=g, dtype=torch.float64)
+        tensors[f"{s.module}.second_moment"] = x.T @ x / n_tokens
+        tensors[f"{s.module}.mean"] = x.mean(0)
+    meta = {"format": STATS_FORMAT, "source_sha256": source_sha256(ckpt), "tokens": str(n_tokens),
+            "modules": json.dumps([s.module for s in specs]), **meta_changes}
+    write_safetensors(path, [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()], meta)
+    return path

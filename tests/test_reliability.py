@@ -11,9 +11,6 @@ regular file, after damaging what the case damages, and asserts:
   every directory of the workspace (hidden temporary directories included) are the same
   before and after.
 
-Cases marked ``xfail(strict=True)`` are known bugs in files this suite does not own; each
-names the bug and turns into a failure as soon as it is fixed, so the mark gets removed.
-
 The interruption tests at the end send SIGINT to a real ``compress`` process, in the
 decomposition and in the writing phase, and measure how long it takes to stop.
 """
@@ -42,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from collabcompress.compress import CompressOptions, compress
+from helpers import write_stats
 
 D, HEADS, LAYERS, FFN, VOCAB = 16, 4, 2, 32, 50
 QUERY = "encoder.layer.0.attention.self.query.weight"
@@ -231,24 +229,7 @@ def _manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
 
 def _stats_file(ws: Path, **meta_changes) -> Path:
     """A calibration statistics file for ws/src (valid unless ``meta_changes`` break it)."""
-    from collabcompress.arch import detect
-    from collabcompress.calibration import STATS_FORMAT, source_sha256
-    from collabcompress.io import open_checkpoint
-    from collabcompress.output import write_safetensors
-
-    ckpt = open_checkpoint(ws / "src")
-    specs = detect(ckpt)
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for s in specs:
-        x = torch.randn(400, s.d_model, generator=g, dtype=torch.float64)
-        tensors[f"{s.module}.second_moment"] = x.T @ x / 400
-        tensors[f"{s.module}.mean"] = x.mean(0)
-    meta = {"format": STATS_FORMAT, "source_sha256": source_sha256(ckpt), "tokens": "400",
-            "modules": json.dumps([s.module for s in specs]), **meta_changes}
-    path = ws / "stats.safetensors"
-    write_safetensors(path, [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()], meta)
-    return path
+    return write_stats(ws / "src", ws / "stats.safetensors", 400, **meta_changes)
 
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
@@ -326,7 +307,6 @@ class Case:
     needles: tuple[str, ...]
     setup: Callable[[Path], None] | None = None
     full_disk: str | None = None  # "weights" (binary writes) or "text" (text writes) fail with ENOSPC
-    xfail: str | None = None  # a known bug in a file this suite does not own
 
 
 def C(id, argv, code, needles, setup=None, **kw) -> Case:
@@ -538,13 +518,7 @@ def _argv(case: Case, ws: Path) -> list[str]:
     return out
 
 
-def _params():
-    for case in CASES:
-        marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
-        yield pytest.param(case, id=case.id, marks=marks)
-
-
-@pytest.mark.parametrize("case", list(_params()))
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 def test_bad_input(case: Case, ws: Path, tmp_path: Path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a command that wrongly writes to the current directory is seen too
     try:

@@ -29,6 +29,7 @@ from .io import INDEX_SUFFIX, TORCH_DTYPES, Checkpoint, open_checkpoint
 from .manifest import FORMAT, MANIFEST_NAME
 from .parallel import default_workers, map_layers
 from .refine import RefineResult, refine_factors
+from .report import qk_params
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file,
                      write_safetensors)
 
@@ -400,8 +401,8 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
     params_before = sum(ckpt.numel(n) for n in ckpt.names())
     removed = sum(ckpt.numel(n) for layer in layers for n in layer.removed)
     added = sum(t.numel() for layer in layers for t in layer.tensors.values())
-    qk_after = sum(layer.shared_dim * (2 * layer.spec.d_model + layer.spec.n_head)
-                   + layer.spec.n_head * layer.spec.d_model for layer in layers)
+    qk_after = sum(qk_params(layer.spec.d_model, layer.spec.n_head, layer.spec.head_dim, layer.shared_dim)
+                   for layer in layers)
     weights_out = [p for p in outputs if p.name.endswith((".safetensors", INDEX_SUFFIX))]
     calibration = None
     if options.calibration:

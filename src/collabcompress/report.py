@@ -670,7 +670,7 @@ def report_tables(report: Report) -> list[Table]:
 def plot_flops(report: Report, path: str | Path) -> None:
     """FLOPs per token against sequence length, before and after, for the key/query side and
     the whole model, with the crossover N* marked and the requested lengths as dots."""
-    from .tables import require_matplotlib
+    from .tables import require_matplotlib, save_figure
 
     plt = require_matplotlib()
     marks = [x for x in (report.qk_crossover, report.model_crossover) if x is not None and x > 0]
@@ -693,7 +693,4 @@ def plot_flops(report: Report, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("FLOPs per token")
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"{report.directory} ({report.architecture})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, f"{report.directory} ({report.architecture})", path)

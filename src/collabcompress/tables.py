@@ -79,7 +79,12 @@ def plot_energy(result: AnalysisResult, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cumulative energy")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{result.checkpoint} ({result.architecture})", fontsize=10)
+    save_figure(plt, fig, f"{result.checkpoint} ({result.architecture})", path)
+
+
+def save_figure(plt, fig, title: str, path: Path) -> None:
+    """Title, lay out, write as PNG and release a figure."""
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
