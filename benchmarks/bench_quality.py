@@ -136,7 +136,7 @@ def sequential_compress(source: Path, out: Path, texts: list[str], rank: int, *,
 
     ``out`` must already hold a complete ``compress`` output at ``rank`` (every layer).
     For layer i the moments E[x x^T] and E[x] of layer i's attention input are collected
-    (over non-padding tokens, the same texts, truncation, batching and token budget as
+    (over non-padding tokens, the same texts, windows, batching and token budget as
     ``calibrate``) from the model in ``out`` whose layers 0..i-1 already carry the
     sequential factors (the forward pass stops at layer i, so layers >= i do not matter);
     layer i is then decomposed exactly as ``compress --calibration`` does (the whitened,
@@ -150,7 +150,8 @@ def sequential_compress(source: Path, out: Path, texts: list[str], rank: int, *,
 
     from collabcompress import hf
     from collabcompress.arch import detect, load_query_key
-    from collabcompress.compress import CompressOptions, _calibrated_cp_als
+    from collabcompress.calibration import windows
+    from collabcompress.compress import CompressOptions, _calibrated_cp_als, _head_weights
     from collabcompress.decompose import relative_error, whitening_factor
     from collabcompress.io import open_checkpoint
 
@@ -169,11 +170,9 @@ def sequential_compress(source: Path, out: Path, texts: list[str], rank: int, *,
         memory_name[layer["module"]] = hits[0]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
     batches, tokens = [], 0
-    for b in range(0, len(texts), batch_size):  # as calibrate: stop once max_tokens are reached
-        enc = tokenizer(texts[b:b + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        batches.append((enc["input_ids"], enc["attention_mask"]))
-        tokens += int(enc["attention_mask"].sum())
+    for _, ids, mask in windows(tokenizer, texts, max_length, batch_size):  # as calibrate
+        batches.append((ids, mask))
+        tokens += int(mask.sum())
         if tokens >= max_tokens:
             break
     opts = CompressOptions(rank=rank, seed=seed)
@@ -214,7 +213,7 @@ def sequential_compress(source: Path, out: Path, texts: list[str], rank: int, *,
             check = float((second - ref).norm() / ref.norm())
         whiten = (whitening_factor(second), whitening_factor(second - torch.outer(mean, mean)))
         qk = load_query_key(ckpt, spec)
-        factors = _calibrated_cp_als(ckpt, spec, qk.w_query, qk.w_key, rank, whiten, opts)
+        factors = _calibrated_cp_als(spec, qk.w_query, qk.w_key, rank, whiten, _head_weights(ckpt, spec, whiten[0]), opts)
         with torch.no_grad():
             module.collab_query.weight.copy_(factors.query)
             module.collab_key.weight.copy_(factors.key)
@@ -288,7 +287,7 @@ def main() -> int:
     parser.add_argument("--refine-ranks", type=int, nargs="*", default=[96, 192])
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--keep-sequences", type=int, default=64, help="calibrate --keep-sequences")
-    parser.add_argument("--calib-max-length", type=int, default=256, help="calibrate --max-length")
+    parser.add_argument("--calib-max-length", type=int, default=128, help="calibrate --max-length (window)")
     parser.add_argument("--calib-max-tokens", type=int, default=None, help="calibrate --max-tokens (default: its own)")
     parser.add_argument("--sequential", action="store_true",
                         help="also run the experiment: layers calibrated in order on the compressed earlier layers")
@@ -360,7 +359,8 @@ def main() -> int:
             summary = calibrate(source, texts_file, stats, max_length=args.calib_max_length,
                                 keep_sequences=args.keep_sequences, seed=args.seed, **kw)
             calib_info = {"seconds": round(time.perf_counter() - t0, 2), "tokens": summary["tokens"],
-                          "texts": summary["texts"], "kept_sequences": summary["kept_sequences"],
+                          "texts": summary["texts"], "windows": summary["windows"],
+                          "kept_sequences": summary["kept_sequences"],
                           "max_length": args.calib_max_length, "bytes": stats.stat().st_size}
             _log(f"calibrate: {calib_info}")
             for rank in args.calibrated_ranks:
@@ -422,7 +422,8 @@ def main() -> int:
     if calib_info:
         notes.append(f"calibrate (once, shared by every calibrated row): {calib_info['seconds']:.1f} s, "
                      f"{calib_info['tokens']} tokens from {calib_info['texts']} lee_background documents "
-                     f"(<= {calib_info['max_length']} tokens each), {calib_info['kept_sequences']} sequences kept, "
+                     f"in {calib_info['windows']} windows of <= {calib_info['max_length']} tokens, "
+                     f"{calib_info['kept_sequences']} windows kept, "
                      f"{calib_info['bytes'] / 1e6:.0f} MB.")
     notes.append("err rep: the manifest's per-layer error, mean over layers; for calibrated rows it is the "
                  "error of the whitened, head-weighted slices. err plain: ||P - P_hat||_F / ||P||_F from the "

@@ -142,3 +142,66 @@ def test_kept_sequences_come_from_the_texts_used(minilm_dir, texts, tmp_path, cl
     assert summary["texts"] < 24 and summary["kept_sequences"] == 3
     with safe_open(str(out), "pt") as f:
         assert f.get_tensor("encoder.layer.0.attention.self.sequences").shape[0] == 3
+
+
+def test_long_texts_are_split_into_windows_not_truncated(minilm_dir):
+    from collabcompress.calibration import windows
+    from collabcompress.evaluate import _tokenizer
+
+    tok = _tokenizer([minilm_dir])
+    long_text = " ".join(f"word{i} is here" for i in range(120))
+    texts = ["a short one", long_text, "another short text"]
+    body = tok(long_text, add_special_tokens=False)["input_ids"]
+    assert len(body) > 3 * 30  # several windows of 32 tokens
+    rows = [(int(o), [t for t, m in zip(ids.tolist(), mask.tolist()) if m])
+            for owners, ids, masks in windows(tok, texts, 32, 2) for o, ids, mask in zip(owners, ids, masks)]
+    assert all(len(r) <= 32 and r[0] == tok.cls_token_id and r[-1] == tok.sep_token_id for _, r in rows)
+    assert [o for o, _ in rows] == sorted(o for o, _ in rows) and {o for o, _ in rows} == {0, 1, 2}
+    # the long text's windows hold every one of its tokens, in order
+    assert [t for o, r in rows if o == 1 for t in r[1:-1]] == body
+    batches = list(windows(tok, texts, 32, 2))
+    assert all(ids.shape[0] <= 2 and ids.shape == masks.shape for _, ids, masks in batches)
+    assert all(bool(masks.any(0).all()) for _, _, masks in batches)  # no all-padding columns
+
+
+def test_calibrate_uses_every_token_of_long_texts(minilm_dir, texts, tmp_path, cli):
+    from collabcompress.evaluate import _tokenizer
+
+    tok = _tokenizer([minilm_dir])
+    lines = texts.read_text(encoding="utf-8").splitlines()
+    body = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in lines]
+    per_window = 64 - 2
+    expected_windows = sum(-(-n // per_window) for n in body)
+    out = tmp_path / "s.safetensors"
+    result = cli("calibrate", minilm_dir, "--texts", texts, "--out", out, "--max-length", "64", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert max(body) > per_window  # some texts need several windows
+    assert summary["windows"] == expected_windows and summary["texts"] == len(lines)
+    assert summary["tokens"] == sum(body) + 2 * expected_windows
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["windows"] == str(expected_windows) and f.metadata()["max_length"] == "64"
+
+
+def test_max_length_without_room_for_text_refused(minilm_dir, texts, tmp_path, cli):
+    out = tmp_path / "s.safetensors"
+    result = cli("calibrate", minilm_dir, "--texts", texts, "--out", out, "--max-length", "2")
+    assert result.exit_code == 3 and "special tokens" in result.stderr and not out.exists()
+
+
+def test_tokenizer_without_overflow_truncates_with_a_warning(minilm_dir):
+    from collabcompress.calibration import windows
+    from collabcompress.evaluate import _tokenizer
+
+    tok = _tokenizer([minilm_dir])
+
+    def no_overflow(texts, **kw):
+        if kw.get("return_overflowing_tokens"):
+            raise NotImplementedError("return_overflowing_tokens")
+        return tok(texts, **kw)
+
+    long_text = " ".join(["words"] * 100)
+    with pytest.warns(UserWarning, match="truncated"):
+        rows = list(windows(no_overflow, [long_text, "short"], 16, 4))
+    (owners, ids, mask), = rows
+    assert owners.tolist() == [0, 1] and ids.shape == (2, 16) and int(mask[0].sum()) == 16

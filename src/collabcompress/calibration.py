@@ -10,8 +10,11 @@ The statistics file is a safetensors file: per module ``{M}.second_moment`` (D, 
 ``{M}.mean`` (D,), and for cross-attention ``{M}.key_second_moment`` / ``{M}.key_mean``;
 optionally ``{M}.sequences`` (N, T, D) float32 with ``{M}.lengths`` (N,) (kept inputs for
 refinement; ``{M}.key_sequences`` for cross-attention). Metadata: ``format``,
-``source_sha256`` (of the weight files), ``texts_sha256``, ``tokens``, ``tool_version``,
-``modules`` (JSON list).
+``source_sha256`` (of the weight files), ``texts_sha256``, ``tokens``, ``texts``,
+``windows``, ``max_length``, ``tool_version``, ``modules`` (JSON list), ``architecture``.
+
+Texts longer than ``max_length`` tokens are split into windows (:func:`windows`), not
+truncated.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +109,40 @@ def _find_modules(model: torch.nn.Module, ckpt: Checkpoint, spec: AttentionSpec)
     return (found[0], found[-1])
 
 
+def windows(tokenizer, texts: list[str], max_length: int,
+            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of at most ``batch_size`` token windows covering every token of the texts.
+
+    A text longer than ``max_length`` tokens is split into consecutive windows of at most
+    ``max_length`` tokens, each with the tokenizer's own special tokens, instead of being
+    truncated. Yields ``(owners, input_ids, attention_mask)``: the index of the text each
+    row comes from ``(B,)``, and ``(B, T)`` tensors trimmed to the longest row. A tokenizer
+    that cannot return overflowing tokens truncates instead, with a warning.
+    """
+    split = True
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        try:
+            enc = tokenizer(batch, truncation=True, max_length=max_length, return_overflowing_tokens=split,
+                            padding=True, return_tensors="pt")
+        except (NotImplementedError, ValueError, TypeError, KeyError) as e:
+            if not split:
+                raise
+            warnings.warn(f"this tokenizer cannot split long texts into windows ({type(e).__name__}); "
+                          f"texts longer than {max_length} tokens are truncated", stacklevel=2)
+            split = False
+            enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        owners = enc["overflow_to_sample_mapping"] + start if "overflow_to_sample_mapping" in enc else \
+            torch.arange(start, start + enc["input_ids"].shape[0])
+        for s in range(0, owners.shape[0], batch_size):
+            mask = enc["attention_mask"][s:s + batch_size]
+            cols = mask.bool().any(0)  # drop columns that are padding in every row (either padding side)
+            yield owners[s:s + batch_size], enc["input_ids"][s:s + batch_size][:, cols], mask[:, cols]
+
+
 def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list[tuple[int, int]]:
-    """Seeded reservoir sampling over the texts actually used: which of the batch's texts
-    (``start`` .. ``start + size - 1``) to keep, and in which slot (< ``capacity``)."""
+    """Seeded reservoir sampling over the windows actually used: which of the batch's rows
+    (windows ``start`` .. ``start + size - 1``) to keep, and in which slot (< ``capacity``)."""
     keep = []
     for b in range(size):
         i = start + b
@@ -132,7 +166,7 @@ class _Accumulator:
 
 
 def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *, max_tokens: int = 100_000,
-              max_length: int = 256, batch_size: int = 16, keep_sequences: int = 0, seed: int = 0,
+              max_length: int = 128, batch_size: int = 16, keep_sequences: int = 0, seed: int = 0,
               heads: int | None = None, arch: str | None = None, force: bool = False,
               progress: Progress | None = None) -> dict[str, Any]:
     """Run the original model on texts and save activation statistics (see the module doc).
@@ -142,11 +176,15 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         texts_file: UTF-8, one text per line.
         out: the statistics file to write (``.safetensors``).
         max_tokens: stop after this many non-padding tokens.
-        max_length: truncate each text to this many tokens.
-        keep_sequences: also keep the inputs of this many (seeded) sequences per module.
+        max_length: split longer texts into windows of at most this many tokens (see
+            :func:`windows`); every token of a text is used, and the statistics weigh special
+            tokens and early positions as sentence-length inputs do.
+        batch_size: windows per forward pass.
+        keep_sequences: also keep the inputs of this many (seeded) windows per module.
 
     Returns:
-        A summary: ``tokens``, ``texts``, ``modules``, ``file``.
+        A summary: ``tokens``, ``texts`` (texts read), ``windows``, ``modules``, ``file``,
+        ``kept_sequences``.
     """
     if max_tokens < 1 or max_length < 2 or batch_size < 1 or keep_sequences < 0:
         raise BadInputError("--max-tokens, --max-length and --batch-size must be positive, --keep-sequences >= 0")
@@ -160,13 +198,18 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     if specs[0].family in ("vit", "timm-vit"):
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
     tf = _transformers()
-    from .evaluate import _tokenizer
+    from .evaluate import _position_limit, _tokenizer
 
     tokenizer = _tokenizer([Path(model_dir)])
     try:
         model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
+    max_length = min(max_length, _position_limit(model.config, tokenizer))
+    special = tokenizer.num_special_tokens_to_add()
+    if max_length <= special:
+        raise BadInputError(f"--max-length {max_length} leaves no room for text next to the tokenizer's "
+                            f"{special} special tokens")
     acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
     state: dict[str, Any] = {"mask": None, "keep": None}
     kept: dict[str, dict[int, torch.Tensor]] = {}  # module -> reservoir slot -> (T, D)
@@ -195,20 +238,19 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             handles.append(k_mod.register_forward_pre_hook(hook(spec, "key"), with_kwargs=True))
     g = torch.Generator().manual_seed(seed)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    tokens = used = 0
+    tokens = used = seen = 0
     try:
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                batch = texts[start:start + batch_size]
-                enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-                state["mask"] = enc["attention_mask"]
-                state["keep"] = _reservoir(start, len(batch), keep_sequences, g)
-                inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            for owners, ids, mask in windows(tokenizer, texts, max_length, batch_size):
+                state["mask"] = mask
+                state["keep"] = _reservoir(seen, ids.shape[0], keep_sequences, g)
+                inputs = {"input_ids": ids, "attention_mask": mask}
                 if encoder_decoder:
-                    inputs.update(decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
+                    inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
                 model(**inputs)
-                tokens += int(enc["attention_mask"].sum())
-                used += len(batch)
+                tokens += int(mask.sum())
+                seen += ids.shape[0]
+                used = int(owners[-1]) + 1
                 if progress:
                     progress("texts", min(tokens, max_tokens), max_tokens)
                 if tokens >= max_tokens:
@@ -238,6 +280,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     metadata = {
         "format": STATS_FORMAT, "tool_version": __version__, "source_sha256": source_sha256(ckpt),
         "texts_sha256": sha256_file(Path(texts_file)), "tokens": str(tokens), "texts": str(used),
+        "windows": str(seen), "max_length": str(max_length),
         "modules": json.dumps([s.module for s in specs]), "architecture": specs[0].family,
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -249,8 +292,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    return {"file": str(out), "tokens": tokens, "texts": used, "modules": [s.module for s in specs],
-            "kept_sequences": min(keep_sequences, used)}
+    return {"file": str(out), "tokens": tokens, "texts": used, "windows": seen,
+            "modules": [s.module for s in specs], "kept_sequences": min(keep_sequences, seen)}
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):

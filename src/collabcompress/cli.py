@@ -290,10 +290,11 @@ def calibrate(
     texts: Annotated[Path, typer.Option("--texts", help="UTF-8 text file, one text per line.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).", show_default=False)],
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Stop after this many non-padding tokens.")] = 100_000,
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate each text to this many tokens.")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 16,
+    max_length: Annotated[int, typer.Option(
+        "--max-length", help="Split longer texts into windows of at most this many tokens (every token is used).")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 16,
     keep_sequences: Annotated[int, typer.Option(
-        "--keep-sequences", help="Also keep the inputs of N seeded sequences (for --refine-steps).")] = 0,
+        "--keep-sequences", help="Also keep the inputs of N seeded windows (for --refine-steps).")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the kept sequences.")] = 0,
     heads: HeadsOpt = None,
     arch: ArchOpt = None,
