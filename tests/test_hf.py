@@ -208,6 +208,36 @@ def test_cached_generation_matches_original(built, name, cls):
         torch.testing.assert_close(sb, sa, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name,cls", [("gpt2", "GPT2LMHeadModel"), ("t5", "T5ForConditionalGeneration"),
+                                      ("bart", "BartForConditionalGeneration")])
+def test_key_cache_holds_r_plus_h_numbers_per_token(built, name, cls):
+    """The cache keeps [V^T y, C y] (R + H per token), and decoding from it equals the full forward."""
+    model = from_pretrained(built[name]["low"], model_class=cls)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 100, (2, 7), generator=g)
+    step = torch.randint(1, 100, (2, 1), generator=g)
+    encoder = {} if name == "gpt2" else {"input_ids": torch.randint(1, 100, (2, 5), generator=g)}
+    key = "input_ids" if name == "gpt2" else "decoder_input_ids"
+    with torch.no_grad():
+        first = model(**encoder, **{key: ids}, use_cache=True)
+        cached = model(**encoder, **{key: step}, cache=first.past_key_values, use_cache=True)
+        full = model(**encoder, **{key: torch.cat([ids, step], 1)}, use_cache=False)
+    torch.testing.assert_close(cached.logits[:, -1], full.logits[:, -1], rtol=0, atol=1e-4)
+    cache = cached.past_key_values
+    caches = [cache] if name == "gpt2" else [cache.self_attention_cache, cache.cross_attention_cache]
+    for part, length in zip(caches, (8, 5)):
+        for layer in part.layers:
+            heads = layer.values.shape[1]  # (B, H, M, d)
+            assert layer.keys.shape == (2, 1, length, LOW_RANK + heads) and heads > 1
+
+
+def test_static_cache_refused_clearly(built):
+    model = from_pretrained(built["gpt2"]["low"], model_class="GPT2LMHeadModel")
+    ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(NotImplementedError, match="needs a dynamic cache"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static", do_sample=False, pad_token_id=0)
+
+
 def test_remote_code_loads_with_automodel(built, tmp_path, monkeypatch):
     import transformers.dynamic_module_utils as dynamic
 

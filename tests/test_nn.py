@@ -59,8 +59,10 @@ def test_scores_equal_spec_formula(d_model, n_head, shared_dim, seed):
     torch.testing.assert_close(module.scores(x, y), expected, rtol=1e-10, atol=1e-10)
     q = collaborative_query_states(x, tensors[0], tensors[2])
     k = collaborative_key_states(y, tensors[1], tensors[3])
-    assert q.shape == (2, n_head, 5, shared_dim + 1) and k.shape == (2, n_head, 7, shared_dim + 1)
-    assert torch.equal(q[..., -1], torch.ones(2, n_head, 5))
+    width = shared_dim + n_head
+    assert q.shape == (2, n_head, 5, width) and k.shape == (2, 1, 7, width)  # one key for all heads
+    assert torch.equal(q[..., shared_dim:], torch.eye(n_head)[None, :, None].expand(2, n_head, 5, n_head))
+    torch.testing.assert_close(module.scale * q @ k.transpose(-1, -2), expected, rtol=1e-10, atol=1e-10)
 
 
 def _inputs(seed=0, n=6, m=None, d_model=16, n_head=4, d_v=5):

@@ -7,7 +7,9 @@ output projections), and loads the weights with strict key checking. The swapped
 is a subclass of the original attention class, keeps its forward signature and return
 convention (transformers 5), and computes its scores from the collaborative tensors; the
 model's own attention kernel (``eager`` or ``sdpa``) does the rest, so masks, causality,
-caches and position biases behave as in the original model.
+caches and position biases behave as in the original model. The key has one head axis
+shared by all heads (R + H numbers per token, also in the cache), which the kernels
+broadcast.
 
 :func:`write_remote_code` makes a directory loadable with
 ``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
@@ -69,15 +71,22 @@ class _Adapter:
         return states.view(*states.shape[:-1], -1, getattr(self, self._head_dim_attr)).transpose(1, 2)
 
     def _keys_values(self, hidden_states, key_value_states, cache, value_proj, kwargs):
-        """Collaborative keys (B, H, M, R+1) and values (B, H, M, d), through the model's cache
-        (a cross-attention cache already filled is reused as it is)."""
+        """Collaborative keys (B, 1, M, R+H), shared by the heads, and values (B, H, M, d),
+        through the model's cache (a cross-attention cache already filled is reused as it is).
+
+        The cache thus holds R + H key numbers per token instead of the original H*d.
+        """
         cross = key_value_states is not None
         current, updated = _cache_parts(cache, self.layer_idx, cross)
         if cross and current is not None and updated:
             return current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
         states = key_value_states if cross else hidden_states
-        key = self.key_states(states)  # (B, H, M, R+1)
+        key = self.key_states(states)  # (B, 1, M, R+H)
         value = self._split_heads(value_proj(states))  # (B, H, M, d)
+        if current is not None and "Static" in type(current.layers[self.layer_idx]).__name__:
+            raise NotImplementedError("a collaborative model needs a dynamic cache: its keys (R + H per token) do "
+                                      "not fit a static cache shaped for H heads of width d; drop "
+                                      "cache_implementation='static'")
         if current is not None:
             key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
             if cross and hasattr(cache, "is_updated"):
@@ -112,12 +121,8 @@ class _BertSelf(_Adapter):
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
-        query = self.query_states(hidden_states)  # (B, H, N, R+1)
-        key = self.key_states(hidden_states)  # (B, H, N, R+1)
-        value = self._split_heads(self.value(hidden_states))  # (B, H, N, d)
-        current, _ = _cache_parts(cache, self.layer_idx, cross=False)
-        if current is not None:
-            key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        key, value = self._keys_values(hidden_states, None, cache, self.value, kwargs)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, **kwargs)
         return out.reshape(*input_shape, -1).contiguous(), weights  # (B, N, H*d)
 
@@ -127,7 +132,7 @@ class _DistilBert(_Adapter):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
         value = self._split_heads(self.v_lin(hidden_states))  # (B, H, N, d)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, **kwargs)
         return self.out_lin(out.reshape(*input_shape, -1).contiguous()), weights
@@ -138,7 +143,7 @@ class _Albert(_Adapter):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
         value = self._split_heads(self.value(hidden_states))  # (B, H, N, d)
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout.p, **kwargs)
         out = self.output_dropout(self.dense(out.reshape(*input_shape, -1).contiguous()))
@@ -151,7 +156,7 @@ class _ViT(_Adapter):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
         value = self._split_heads(self.v_proj(hidden_states))  # (B, H, N, d)
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -163,7 +168,7 @@ class _MPNet(_Adapter):
     _removed = ("q", "k")
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
+        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
         value = self._split_heads(self.v(hidden_states))  # (B, H, N, d)
         scores = self.scale * (query @ key.transpose(-1, -2))  # (B, H, N, N)
         if position_bias is not None:
@@ -188,12 +193,10 @@ class _GPT2(_Adapter):
         cache = kwargs.pop("past_key_values", cache)
         if encoder_hidden_states is not None:
             raise NotImplementedError("collaborative GPT-2 cross-attention is not supported")
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B, H, N, R+1)
-        value = self._split_heads(self.collab_value(hidden_states))  # (B, H, N, d)
-        current, _ = _cache_parts(cache, self.layer_idx, cross=False)
-        if current is not None:
-            key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        key, value = self._keys_values(hidden_states, None, cache, self.collab_value, kwargs)
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
+            key = key.expand(-1, value.shape[1], -1, -1)  # this path reshapes the head axis into the batch
             out, weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
             out, weights = self._attend(query, key, value, attention_mask, self.attn_dropout.p, **kwargs)
@@ -213,7 +216,7 @@ class _T5(_Adapter):
         input_shape = hidden_states.shape[:-1]
         past_seen = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
-        query = self.query_states(hidden_states)  # (B, H, N, R+1)
+        query = self.query_states(hidden_states)  # (B, H, N, R+H)
         key, value = self._keys_values(hidden_states, key_value_states, cache, self.v, kwargs)
         if position_bias is None:
             key_length = key.shape[-2]
@@ -240,7 +243,7 @@ class _Bart(_Adapter):
     def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
-        query = self.query_states(hidden_states)  # (B, H, N, R+1)
+        query = self.query_states(hidden_states)  # (B, H, N, R+H)
         key, value = self._keys_values(hidden_states, key_value_states, cache, self.v_proj, kwargs)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout, **kwargs)
         return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights

@@ -6,13 +6,16 @@ All heads share one query projection U^T and one key projection V^T of width R
     score_h(x, y) = s * [ (U^T x) . (m_h * (V^T y))  +  c_h . y ]
 
 (Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of Concatenate",
-arXiv 2006.16362). The module folds the mixing vector into the query and appends the
-content bias as one extra dimension,
+arXiv 2006.16362). The module folds the mixing vector into the query and the content
+bias into one shared key,
 
-    q'_h = [m_h * U^T x, 1]        k'_h = [V^T y, c_h . y]
+    q'_h = [m_h * U^T x, e_h]        k' = [V^T y, C y]      (e_h: one-hot of head h)
 
-so that every head is an ordinary attention head of width R + 1 and the fused kernel
-``torch.nn.functional.scaled_dot_product_attention(q', k', v, mask, scale=s)`` computes
+so q'_h . k' = (U^T x) . (m_h * (V^T y)) + c_h . y. The key k' (R + H numbers per token)
+is the same for every head: it has a head axis of size 1 that broadcasts over the H query
+heads, which is also all that a key cache has to hold. Any attention kernel that
+broadcasts the head axis, e.g. the fused
+``torch.nn.functional.scaled_dot_product_attention(q', k', v, mask, scale=s)``, computes
 the attention; masks, causal attention, cross-attention and additive position biases
 work as for standard attention.
 """
@@ -31,24 +34,25 @@ MIXING_INITS = ("concatenate", "ones", "uniform")
 
 
 def collaborative_query_states(x: torch.Tensor, query_weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
-    """q'_h = [m_h * U^T x, 1] for every head: (B, N, D) -> (B, H, N, R+1).
+    """q'_h = [m_h * U^T x, e_h] for every head: (B, N, D) -> (B, H, N, R+H).
 
-    ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R).
+    ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R); e_h is the one-hot row of head
+    h, which picks head h's content-bias term out of the shared key.
     """
     qx = F.linear(x, query_weight)  # (B, N, R)
     mixed = qx.unsqueeze(-3) * mixing.to(qx.dtype).unsqueeze(-2)  # (B, H, N, R)
-    return torch.cat([mixed, mixed.new_ones(*mixed.shape[:-1], 1)], dim=-1)  # (B, H, N, R+1)
+    n_head = mixing.shape[0]
+    onehot = torch.eye(n_head, dtype=qx.dtype, device=qx.device).unsqueeze(-2)  # (H, 1, H)
+    return torch.cat([mixed, onehot.expand(*mixed.shape[:-1], n_head)], dim=-1)  # (B, H, N, R+H)
 
 
 def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_bias: torch.Tensor) -> torch.Tensor:
-    """k'_h = [V^T y, c_h . y] for every head: (B, M, D) -> (B, H, M, R+1).
+    """k' = [V^T y, C y], shared by every head: (B, M, D) -> (B, 1, M, R+H).
 
-    ``key_weight`` is V^T (R, D), ``content_bias`` holds the rows c_h (H, D).
+    ``key_weight`` is V^T (R, D), ``content_bias`` holds the rows c_h (H, D). These R + H
+    numbers per token are what a key cache holds (SPEC.md section 5).
     """
-    ky = F.linear(y, key_weight)  # (B, M, R)
-    content = F.linear(y, content_bias).transpose(-1, -2).unsqueeze(-1)  # (B, H, M, 1)
-    shared = ky.unsqueeze(-3).expand(*content.shape[:-1], ky.shape[-1])  # (B, H, M, R)
-    return torch.cat([shared, content], dim=-1)  # (B, H, M, R+1)
+    return torch.cat([F.linear(y, key_weight), F.linear(y, content_bias)], dim=-1).unsqueeze(-3)
 
 
 def _combined_mask(attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None, is_causal: bool,
@@ -184,11 +188,11 @@ class CollaborativeAttention(nn.Module):
                 self.collab_mixing[torch.arange(n_head), torch.arange(n_head) * shared_dim // n_head] = 1.0
 
     def query_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """q'_h = [m_h * U^T x, 1]: (B, N, D) -> (B, H, N, R+1)."""
+        """q'_h = [m_h * U^T x, e_h]: (B, N, D) -> (B, H, N, R+H)."""
         return collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing)
 
     def key_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """k'_h = [V^T y, c_h . y]: (B, M, D) -> (B, H, M, R+1)."""
+        """k' = [V^T y, C y], one for all heads: (B, M, D) -> (B, 1, M, R+H)."""
         return collaborative_key_states(hidden_states, self.collab_key.weight, self.collab_content_bias.weight)
 
     def scores(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,8 +222,8 @@ class CollaborativeAttention(nn.Module):
         Returns:
             ``(output, weights)``: output (B, H, N, d_v); weights (B, H, N, M) or ``None``.
         """
-        query = self.query_states(hidden_states)  # (B, H, N, R+1)
-        key = self.key_states(hidden_states if key_value_states is None else key_value_states)  # (B, H, M, R+1)
+        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        key = self.key_states(hidden_states if key_value_states is None else key_value_states)  # (B, 1, M, R+H)
         n_query, n_key = query.shape[-2], key.shape[-2]
         p = dropout if self.training else 0.0
         if not need_weights and position_bias is None and (attention_mask is None or not is_causal):
