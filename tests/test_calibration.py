@@ -177,7 +177,7 @@ def test_calibrate_uses_every_token_of_long_texts(minilm_dir, texts, tmp_path, c
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert max(body) > per_window  # some texts need several windows
-    assert summary["windows"] == expected_windows and summary["texts"] == len(lines)
+    assert summary["windows"] == expected_windows and summary["texts"] == len(lines) and summary["max_length"] == 64
     assert summary["tokens"] == sum(body) + 2 * expected_windows
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["windows"] == str(expected_windows) and f.metadata()["max_length"] == "64"
@@ -205,3 +205,11 @@ def test_tokenizer_without_overflow_truncates_with_a_warning(minilm_dir):
         rows = list(windows(no_overflow, [long_text, "short"], 16, 4))
     (owners, ids, mask), = rows
     assert owners.tolist() == [0, 1] and ids.shape == (2, 16) and int(mask[0].sum()) == 16
+
+
+def test_max_length_capped_at_the_position_table(minilm_dir, texts, tmp_path, cli):
+    out = tmp_path / "s.safetensors"
+    result = cli("calibrate", minilm_dir, "--texts", texts, "--out", out, "--max-length", "100000",
+                 "--max-tokens", "2000", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["max_length"] == 512  # MiniLM's 512 positions

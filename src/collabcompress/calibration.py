@@ -183,7 +183,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         keep_sequences: also keep the inputs of this many (seeded) windows per module.
 
     Returns:
-        A summary: ``tokens``, ``texts`` (texts read), ``windows``, ``modules``, ``file``,
+        A summary: ``tokens``, ``texts`` (texts read), ``windows``, ``max_length`` (capped at
+        the model's position table), ``modules``, ``file``,
         ``kept_sequences``.
     """
     if max_tokens < 1 or max_length < 2 or batch_size < 1 or keep_sequences < 0:
@@ -292,7 +293,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    return {"file": str(out), "tokens": tokens, "texts": used, "windows": seen,
+    return {"file": str(out), "tokens": tokens, "texts": used, "windows": seen, "max_length": max_length,
             "modules": [s.module for s in specs], "kept_sequences": min(keep_sequences, seen)}
 
 

@@ -316,8 +316,9 @@ def calibrate(
     if json_path:
         _write_json(summary, json_path)
     if json_path != "-":
-        out_console.print(f"{summary['tokens']:,} tokens from {summary['texts']} texts through "
-                          f"{len(summary['modules'])} attention modules; statistics written to {out}", highlight=False)
+        out_console.print(f"{summary['tokens']:,} tokens from {summary['texts']} texts ({summary['windows']} windows of "
+                          f"<= {summary['max_length']} tokens) through {len(summary['modules'])} attention modules; "
+                          f"statistics written to {out}", highlight=False)
 
 
 @app.command()
