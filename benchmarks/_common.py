@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """``$COLLABCOMPRESS_CACHE``, else ``~/.cache/collabcompress`` (see scripts/fetch_data.py)."""
-    env = os.environ.get("COLLABCOMPRESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
+    """The package's data cache (:func:`collabcompress.evaluate.cache_dir`), imported lazily
+    so that scripts which only time the CLI do not import torch themselves."""
+    from collabcompress.evaluate import cache_dir as package_cache_dir
+
+    return package_cache_dir()
 
 
 def default_model() -> Path:

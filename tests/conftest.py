@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,25 +13,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "all-MiniLM-L6-v2-attention"
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("COLLABCOMPRESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
+def _cached(name: str, marker: str) -> Path:
+    """A folder of the data cache (scripts/fetch_data.py), or skip when it is not fetched."""
+    from collabcompress.evaluate import cache_dir
+
+    path = cache_dir() / name
+    if not (path / marker).is_file():
+        pytest.skip(f"{name} not in the cache: run `python scripts/fetch_data.py`")
+    return path
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    path = cache_dir() / "all-MiniLM-L6-v2"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip("real MiniLM not in the cache: run `python scripts/fetch_data.py`")
-    return path
+    return _cached("all-MiniLM-L6-v2", "model.safetensors")
 
 
 @pytest.fixture(scope="session")
 def lee_dir() -> Path:
-    path = cache_dir() / "lee"
-    if not (path / "lee_background.cor").is_file():
-        pytest.skip("Lee corpus not in the cache: run `python scripts/fetch_data.py`")
-    return path
+    return _cached("lee", "lee_background.cor")
 
 
 @pytest.fixture(scope="session")

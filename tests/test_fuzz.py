@@ -363,15 +363,20 @@ def comp(root) -> tuple[Path, dict]:
     return root / "comp", json.loads((root / "comp" / MANIFEST_NAME).read_text())
 
 
-@FUZZ
-@given(data=st.data())
-def test_mutated_manifest(comp, data):
-    directory, base = comp
+def _write_mutated(directory: Path, base: dict, data) -> None:
+    """Write a mutated copy of the manifest ``base`` (examples that are not JSON are skipped)."""
     try:
         text = json.dumps(_mutated(base, data))
     except ValueError:
         assume(False)
     (directory / MANIFEST_NAME).write_text(text)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_manifest(comp, data):
+    directory, base = comp
+    _write_mutated(directory, base, data)
     only_collab_errors(_report_and_verify, directory)
     (directory / MANIFEST_NAME).write_text(json.dumps(base))
 
@@ -392,11 +397,7 @@ def test_mutated_manifest_through_the_cli(comp, data, command):
     from conftest import run_cli
 
     directory, base = comp
-    try:
-        text = json.dumps(_mutated(base, data))
-    except ValueError:
-        assume(False)
-    (directory / MANIFEST_NAME).write_text(text)
+    _write_mutated(directory, base, data)
     with no_hang():
         result = run_cli(command, directory)
     (directory / MANIFEST_NAME).write_text(json.dumps(base))

@@ -231,6 +231,21 @@ def test_key_cache_holds_r_plus_h_numbers_per_token(built, name, cls):
             assert layer.keys.shape == (2, 1, length, LOW_RANK + heads) and heads > 1
 
 
+def test_gpt2_reordered_upcast_attention_with_the_shared_key(tmp_path):
+    """GPT-2's eager ``reorder_and_upcast_attn`` path folds heads into the batch: the shared key is expanded for it."""
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                     reorder_and_upcast_attn=True)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "gpt2"))
+    compress(tmp_path / "gpt2", tmp_path / "collab", CompressOptions(rank=8, max_iter=2))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(6))
+    eager = from_pretrained(tmp_path / "collab", model_class="GPT2LMHeadModel", attn_implementation="eager")
+    sdpa = from_pretrained(tmp_path / "collab", model_class="GPT2LMHeadModel", attn_implementation="sdpa")
+    assert eager.transformer.h[0].attn.reorder_and_upcast_attn
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_static_cache_refused_clearly(built):
     model = from_pretrained(built["gpt2"]["low"], model_class="GPT2LMHeadModel")
     ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(5))

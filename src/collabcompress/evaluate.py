@@ -25,7 +25,7 @@ import torch
 from .errors import BadInputError, UnsupportedArchitectureError
 from .io import read_texts
 
-__all__ = ["evaluate", "read_texts", "sample_texts", "lee_corpus", "pooled_embeddings", "evaluation_table",
+__all__ = ["evaluate", "read_texts", "sample_texts", "cache_dir", "lee_corpus", "pooled_embeddings", "evaluation_table",
            "TEXT_FAMILIES"]
 
 Progress = Callable[[str, int, int], None]
@@ -39,7 +39,9 @@ def sample_texts() -> list[str]:
     return [line.strip() for line in data.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where scripts/fetch_data.py puts the real data: ``$COLLABCOMPRESS_CACHE``, else
+    ``~/.cache/collabcompress``."""
     env = os.environ.get("COLLABCOMPRESS_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
 
@@ -63,7 +65,7 @@ def lee_corpus(directory: str | os.PathLike | None = None) -> LeeCorpus | None:
     ``directory`` defaults to ``$COLLABCOMPRESS_CACHE/lee`` or ``~/.cache/collabcompress/lee``
     (``scripts/fetch_data.py`` puts it there). Returns ``None`` when the files are not there.
     """
-    directory = Path(directory) if directory is not None else _cache_dir() / "lee"
+    directory = Path(directory) if directory is not None else cache_dir() / "lee"
     docs, sims = directory / "lee.cor", directory / "similarities0-1.txt"
     if not (docs.is_file() and sims.is_file()):
         return None

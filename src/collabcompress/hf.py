@@ -83,7 +83,7 @@ class _Adapter:
         states = key_value_states if cross else hidden_states
         key = self.key_states(states)  # (B, 1, M, R+H)
         value = self._split_heads(value_proj(states))  # (B, H, M, d)
-        if current is not None and "Static" in type(current.layers[self.layer_idx]).__name__:
+        if current is not None and isinstance(current.layers[self.layer_idx], _static_layer()):
             raise NotImplementedError("a collaborative model needs a dynamic cache: its keys (R + H per token) do "
                                       "not fit a static cache shaped for H heads of width d; drop "
                                       "cache_implementation='static'")
@@ -99,6 +99,13 @@ class _Adapter:
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, type(self)._eager)
         return interface(self, query, key, value, mask, dropout=dropout if self.training else 0.0,
                          scaling=self.scale, **kwargs)
+
+
+def _static_layer() -> type:
+    """transformers' preallocated cache layer (shaped for H heads of width d)."""
+    from transformers.cache_utils import StaticLayer
+
+    return StaticLayer
 
 
 def _cache_parts(cache, layer_idx, cross: bool):
