@@ -36,27 +36,12 @@ from . import __version__
 from .arch import AttentionSpec, detect
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
 from .io import Checkpoint, open_checkpoint, read_texts
-from .output import sha256_file, write_safetensors
+from .output import check_output_file, sha256_file, write_safetensors
 
 __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "read_texts", "STATS_FORMAT"]
 
 STATS_FORMAT = "collabcompress-stats/1"
 Progress = Callable[[str, int, int], None]
-
-
-def _check_stats_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
-    """Refuse an --out inside the model directory (or over its files), an existing one without
-    --force, and a location that cannot be written, before any model is run."""
-    target = out.resolve()
-    if target.parent == ckpt.directory.resolve() or ckpt.directory.resolve() in target.parents:
-        raise BadInputError(f"--out {out} is inside the model directory {ckpt.directory}; "
-                            "nothing is written into the input")
-    if out.exists() and not force:
-        raise BadInputError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_file():
-        raise BadInputError(f"{out} exists and is not a file")
-    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"cannot write {out}: {target.parent} is not a writable directory")
 
 
 def source_sha256(ckpt: Checkpoint) -> str:
@@ -194,7 +179,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     ckpt = open_checkpoint(model_dir)
     if not Path(model_dir).is_dir():
         raise BadInputError(f"calibrate needs a model directory (config.json, weights, tokenizer), got {model_dir}")
-    _check_stats_output(out, ckpt, force)
+    # not into the model directory, onto the texts, over a special file, or over a file without --force
+    check_output_file(out, [ckpt.directory, Path(texts_file)], option="--out", force=force)
     specs = detect(ckpt, heads=heads, arch=arch)
     if specs[0].family in ("vit", "timm-vit"):
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")

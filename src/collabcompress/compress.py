@@ -30,7 +30,7 @@ from .manifest import FORMAT, MANIFEST_NAME
 from .parallel import default_workers, map_layers
 from .refine import RefineResult, refine_factors
 from .report import qk_params
-from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file,
+from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
                      write_safetensors)
 
 __all__ = ["CompressOptions", "compress", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
@@ -290,7 +290,7 @@ def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Pa
     if ckpt.sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         target = tmp / f"model{INDEX_SUFFIX}"
-        target.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_json(index, target)
         written.append(target)
     return written
 
@@ -369,13 +369,13 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         if ckpt.config is not None:
             config = dict(ckpt.config)
             config["collaborative_attention"] = _config_block(layers, specs[0].family)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            write_json(config, tmp / "config.json")
             outputs.append(tmp / "config.json")
         if Path(checkpoint).is_dir() or ckpt.sharded or ckpt.config is not None:
             outputs.extend(copy_other_files(ckpt.directory, tmp, set(source_files)))
         manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp)
         manifest["settings"].update(heads=heads, arch=arch)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_json(manifest, tmp / MANIFEST_NAME)
         if remote_code:
             from .hf import write_remote_code
 

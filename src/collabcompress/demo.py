@@ -58,16 +58,15 @@ def find_sample(sample: str | Path | None = None) -> Path:
 
 
 def _check_out(out: Path, sample: Path, force: bool) -> None:
-    from .output import check_output_path
+    from .output import check_output_dir
 
-    check_output_path(out, [sample / "model.safetensors"], sample, force=force)
-    if out.exists() and any(out.iterdir()) and not (out / _MARKER).is_file():
-        raise BadInputError(f"--force would replace {out}, which is not a directory written by `collabcompress demo` "
-                            f"(no {_MARKER} in it); choose another --out")
+    check_output_dir(out, [sample], force=force)
 
 
 def _dump(data: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    from .output import write_json
+
+    write_json(data, path)
 
 
 def _shown(path: Path) -> str:

@@ -589,6 +589,7 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
         BadInputError: not a compressed directory; UnsupportedArchitectureError: family not loadable.
     """
     from . import __version__
+    from .output import write_json
 
     directory = Path(directory)
     manifest = load_manifest(directory)
@@ -607,16 +608,12 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     try:
         code.write_text(_REMOTE_CODE.format(base=base, version=__version__), encoding="utf-8")
         config["auto_map"] = {**(config.get("auto_map") or {}), "AutoModel": f"{module}.Collaborative{base}"}
-        tmp = directory / ".config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, directory / "config.json")
+        write_json(config, directory / "config.json")
         outputs = [o for o in manifest["outputs"] if o.get("name") not in ("config.json", REMOTE_CODE_NAME)]
         for path in (directory / "config.json", code):
             outputs.append({"name": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size})
         manifest["outputs"] = outputs
-        tmp = directory / f".{MANIFEST_NAME}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, directory / MANIFEST_NAME)
+        write_json(manifest, directory / MANIFEST_NAME)
     except OSError as e:
         raise BadInputError(f"cannot write the remote code into {directory}: {e}") from e
     return code

@@ -1,30 +1,51 @@
-"""Write output directories atomically, hash files, copy a model directory's other files.
+"""Everything collabcompress writes or deletes, under one rule.
 
-An output directory is built in a hidden temporary directory beside it and renamed into
-place only when complete; an interrupted run leaves no output, and the next run removes
-the stale temporary directory of a process that no longer exists.
+* An output directory (``compress --out``, ``demo --out``) is built in a hidden, marked
+  temporary directory beside it and renamed into place only when complete. It is created
+  new, or replaced with ``--force`` only when it is itself a collabcompress output (its
+  ``collab_manifest.json`` says ``collabcompress/1``; a demo directory holds ``demo.json``
+  and a ``model/`` that is one). Never the working directory or a directory holding it,
+  ``/``, an empty path, an input, a parent of an input or anything inside an input.
+* A file target (``--json``, ``--plot``, ``calibrate --out``) is ``-`` (JSON only) or a new
+  or existing regular file outside every input, checked before any work.
+* JSON is written by :func:`write_json` only: a marked temporary file beside the target,
+  then a rename.
+* Only temporary entries that carry our marker (a random token in the name and the same
+  token inside) and belong to a process that no longer exists are ever cleaned up.
+* Copying a model directory's other files never follows a link out of it and never copies
+  a special file; what is skipped is said in a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
-from collections.abc import Callable, Iterator
+import stat
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import BadInputError
 
 __all__ = ["atomic_directory", "sha256_file", "file_record", "copy_other_files", "check_output_path",
-           "write_safetensors"]
+           "check_output_dir", "check_output_file", "input_paths", "is_collab_output", "write_json",
+           "write_safetensors", "TEMP_MARKER"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
 _SKIP_NAMES = {"collab_manifest.json", "config.json"}
+TEMP_MARKER = ".collabcompress-tmp"  # inside a temporary directory; holds the token of its name
+_TEMP_NAME = re.compile(r"\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<token>[0-9a-f]{16})")
+_MANIFEST_LIMIT = 64 << 20
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -40,77 +61,235 @@ def file_record(path: Path, root: Path) -> dict[str, object]:
     return {"name": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+# ---------------------------------------------------------------------------- where we may write
+
+def _shown(path: str | Path) -> str:
+    return str(path)[:300]
+
+
+def input_paths(*paths: str | Path | None) -> list[Path]:
+    """The paths a command reads, for the checks below: a directory as given; a file and
+    the directory it lives in when that directory is part of the input (a checkpoint file
+    with its config.json, an index with its shards)."""
+    out: list[Path] = []
+    for p in paths:
+        if p is None or str(p) in ("", "-"):
+            continue
+        p = Path(p)
+        out.append(p)
+        if p.name.endswith(".index.json") or p.name.endswith(".safetensors"):
+            out.append(p.parent)
+    return out
+
+
+def _resolved(paths: Iterable[Path]) -> list[Path]:
+    out = []
+    for p in paths:
+        with contextlib.suppress(OSError, RuntimeError):
+            out.append(Path(os.path.realpath(p)))
+    return out
+
+
+def _read_format(path: Path) -> object:
+    """The ``format`` field of a small regular JSON file, not following a final symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_LIMIT:
+            return None
+        try:
+            data = json.loads(f.read().decode("utf-8"))
+        except (ValueError, RecursionError):
+            return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def is_collab_output(directory: Path) -> bool:
+    """True when ``directory`` was written by ``compress`` (its manifest names our format) or
+    by ``demo`` (``demo.json`` beside a ``model/`` that was written by ``compress``)."""
+    from .manifest import FORMAT, MANIFEST_NAME
+
+    if _read_format(directory / MANIFEST_NAME) == FORMAT:
+        return True
+    demo = directory / "demo.json"
+    return demo.is_file() and not demo.is_symlink() and _read_format(directory / "model" / MANIFEST_NAME) == FORMAT
+
+
+def check_output_dir(out: str | Path, inputs: Iterable[Path], *, force: bool, option: str = "--out") -> None:
+    """Refuse an output directory this tool must not create or replace (see the module doc).
+
+    Raises:
+        BadInputError: with the reason and what to do.
+    """
+    try:
+        _check_output_dir(out, list(inputs), force=force, option=option)
+    except OSError as e:  # e.g. a name too long for the file system
+        raise BadInputError(f"cannot create {_shown(out)}: {e.strerror or e}") from e
+
+
+def _check_output_dir(out: str | Path, inputs: list[Path], *, force: bool, option: str) -> None:
+    if str(out).strip() == "":
+        raise BadInputError(f"{option} is empty (an unset shell variable?); give the output directory")
+    out = Path(out)
+    target = Path(os.path.realpath(out))
+    cwd = Path(os.path.realpath(Path.cwd()))
+    if target == Path(target.anchor):
+        raise BadInputError(f"{option} {_shown(out)} is the root directory; choose a new directory")
+    if target == cwd or target in cwd.parents:
+        raise BadInputError(f"{option} {_shown(out)} is the working directory or holds it; choose a new directory")
+    for src in _resolved(inputs):
+        if target == src:
+            raise BadInputError(f"{option} {_shown(out)} is the input {_shown(src)}; choose a new directory")
+        if src in target.parents:
+            raise BadInputError(f"{option} {_shown(out)} is inside the input {_shown(src)}; nothing is written "
+                                "into the input")
+        if target in src.parents:
+            raise BadInputError(f"{option} {_shown(out)} holds the input {_shown(src)}; choose a new directory")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise BadInputError(f"output {_shown(out)} already exists; pass --force to replace it")
+        if not target.is_dir():
+            raise BadInputError(f"output {_shown(out)} exists and is not a directory")
+        if any(target.iterdir()) and not is_collab_output(target):
+            raise BadInputError(f"{_shown(out)} is not a collabcompress output (no collab_manifest.json of format "
+                                "collabcompress/1) and will not be replaced; choose another directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise BadInputError(f"cannot create {_shown(out)}: {_shown(parent)} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot create {_shown(out)}: {_shown(parent)} is not writable")
+
+
+def check_output_path(out: Path, source_files: list[Path], source_dir: Path | None, *, force: bool) -> None:
+    """:func:`check_output_dir` for an output built from these source files (and directory)."""
+    check_output_dir(out, [*source_files, *(p.parent for p in source_files), *([source_dir] if source_dir else [])],
+                     force=force)
+
+
+def check_output_file(path: str | Path, inputs: Iterable[Path], *, option: str, stdout: bool = False,
+                      force: bool = True) -> None:
+    """Refuse a file target that is not ``-`` (with ``stdout``) or a new or existing regular
+    file outside every input, or that exists without ``force``; checked before any work.
+
+    Raises:
+        BadInputError: with the reason.
+    """
+    if stdout and str(path) == "-":
+        return
+    try:
+        _check_output_file(str(path), list(inputs), option=option, force=force)
+    except OSError as e:
+        raise BadInputError(f"cannot write {option} {_shown(path)}: {e.strerror or e}") from e
+
+
+def _check_output_file(path: str, inputs: list[Path], *, option: str, force: bool) -> None:
+    if path.strip() == "":
+        raise BadInputError(f"{option} is empty (an unset shell variable?); give a file name")
+    target = Path(os.path.realpath(path))
+    if os.path.lexists(path):
+        if not force:
+            raise BadInputError(f"{_shown(path)} already exists; pass --force to replace it")
+        st = os.stat(target) if target.exists() else None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise BadInputError(f"{option} {_shown(path)} is not a regular file (a directory, device, FIFO or "
+                                "broken link); give a file name")
+    for src in _resolved(inputs):
+        if target == src or src in target.parents:
+            raise BadInputError(f"{option} {_shown(path)} would write into the input {_shown(src)}; "
+                                "choose a file outside it")
+    parent = target.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write {option} {_shown(path)}: {_shown(parent)} is not a writable directory")
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _marked_temp(target: Path, kind: str) -> tuple[Path, str]:
+    token = secrets.token_hex(8)
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{token}", token
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write ``data`` as indented JSON atomically (a temporary file beside ``path``, then a
+    rename); ``-`` writes to stdout. A symlink to a regular file is written through.
+
+    Raises:
+        BadInputError: the file cannot be written (the message names it).
+    """
+    import sys
+
+    text = json.dumps(data, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target = Path(os.path.realpath(path))
+    tmp, _ = _marked_temp(target, "tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise BadInputError(f"cannot write JSON to {_shown(path)}: {e.strerror or e}") from e
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
 def _clean_stale(out: Path) -> None:
+    """Remove the temporary directories of dead runs for ``out``: only those whose name has
+    our pattern and whose marker file holds the token of that name."""
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-        except ValueError:
+        m = _TEMP_NAME.fullmatch(stale.name)
+        if m is None or m["base"] != out.name or stale.is_symlink() or not stale.is_dir():
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        try:
+            token = (stale / TEMP_MARKER).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if token == m["token"] and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def check_output_path(out: Path, source_files: list[Path], source_dir: Path | None, *, force: bool) -> None:
-    """Refuse an output that would overwrite or contain the input, or exists without ``force``."""
-    try:
-        _check_output_path(out, source_files, source_dir, force=force)
-    except OSError as e:  # e.g. a name too long for the file system
-        raise BadInputError(f"cannot create {str(out)[:200]}: {e.strerror or e}") from e
-
-
-def _check_output_path(out: Path, source_files: list[Path], source_dir: Path | None, *, force: bool) -> None:
-    target = out.resolve()
-    sources = [f.resolve() for f in source_files]
-    if source_dir is not None and target == source_dir.resolve():
-        raise BadInputError(f"--out {out} is the source directory; choose a new directory")
-    for f in sources:
-        if target == f or target in f.parents:
-            raise BadInputError(f"--out {out} would overwrite the source file {f}; choose a new directory")
-    if source_dir is not None and source_dir.resolve() in target.parents:
-        raise BadInputError(f"--out {out} is inside the source directory {source_dir}; nothing is written into the input")
-    if out.exists() and not force:
-        raise BadInputError(f"output {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"output {out} exists and is not a directory")
-    parent = target.parent
-    if not parent.is_dir():
-        raise BadInputError(f"cannot create {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"cannot create {out}: {parent} is not writable")
 
 
 @contextlib.contextmanager
 def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; rename it to ``out`` on success.
+    """Yield a marked temporary directory beside ``out``; rename it to ``out`` on success.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
     ``out`` is left as it was. An ``OSError`` while the directory is filled or renamed (a
-    full disk, a vanished parent) becomes a :class:`BadInputError` naming ``out``.
+    full disk, a vanished parent) becomes a :class:`BadInputError` naming ``out``. The
+    marker file is removed just before the rename.
     """
-    out = out.resolve()
+    out = Path(os.path.realpath(out))
     _clean_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, token = _marked_temp(out, "tmp")
     try:
         tmp.mkdir(parents=False)
+        (tmp / TEMP_MARKER).write_text(token + "\n", encoding="ascii")
     except OSError as e:
-        raise BadInputError(f"cannot create a temporary directory beside {out}: {e}") from e
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInputError(f"cannot create a temporary directory beside {_shown(out)}: {e.strerror or e}") from e
     try:
         yield tmp
-        if out.exists():
+        (tmp / TEMP_MARKER).unlink()
+        if out.exists() or out.is_symlink():
             if not force:
-                raise BadInputError(f"output {out} already exists; pass --force to replace it")
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+                raise BadInputError(f"output {_shown(out)} already exists; pass --force to replace it")
+            if any(out.iterdir()) and not is_collab_output(out):
+                raise BadInputError(f"{_shown(out)} is not a collabcompress output and will not be replaced")
+            trash, _ = _marked_temp(out, "old")
             os.replace(out, trash)
             try:
                 os.replace(tmp, out)
@@ -122,37 +301,76 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
             os.replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BadInputError(f"cannot write the output {out}: {e.strerror or e}"
-                            + (f" ({e.filename})" if e.filename else "")) from e
+        raise BadInputError(f"cannot write the output {_shown(out)}: {e.strerror or e}"
+                            + (f" ({_shown(e.filename)})" if e.filename else "")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------- copying other files
+
+def _copy_regular(src: Path, dest: Path) -> None:
+    """Copy a regular file opened without following a final symlink (checked after opening)."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(src))
+        with open(dest, "xb") as g:
+            shutil.copyfileobj(f, g, 1 << 22)
+
+
+def _copy_entry(entry: Path, dest_dir: Path, root: Path, skipped: list[str], copied: list[Path]) -> None:
+    """Copy a regular file or a folder (recursively); a symlink is copied as its target's
+    content only when the target is a regular file inside ``root``."""
+    name = entry.relative_to(root).as_posix() if root in entry.parents else entry.name
+    real = Path(os.path.realpath(entry))
+    if entry.is_symlink() and root not in real.parents:
+        skipped.append(f"{name} (a link out of the model directory)")
+        return
+    try:
+        st = os.stat(real)
+    except OSError:
+        skipped.append(f"{name} (a broken link)")
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if entry.is_symlink():
+            skipped.append(f"{name} (a link to a folder)")
+            return
+        (dest_dir / entry.name).mkdir()
+        for child in sorted(entry.iterdir()):
+            if not child.name.startswith(".") and not child.name.endswith(_WEIGHT_SUFFIXES):
+                _copy_entry(child, dest_dir / entry.name, root, skipped, copied)
+    elif stat.S_ISREG(st.st_mode):
+        _copy_regular(real, dest_dir / entry.name)
+        copied.append(dest_dir / entry.name)
+    else:
+        skipped.append(f"{name} (not a regular file: a FIFO, device or socket)")
 
 
 def copy_other_files(source_dir: Path, target: Path, skip: set[Path]) -> list[Path]:
     """Copy every non-weight file (and folder) of a model directory, e.g. tokenizer and pooling.
 
     Skips weight files of any format, the index and config.json (rewritten), hidden entries
-    and the paths in ``skip``. Returns the copied files.
+    and the paths in ``skip``. Never follows a symlink out of the model directory and never
+    copies a FIFO, device or socket; a link to a file inside it is copied as that file's
+    content. Each skipped entry is named in one warning. Returns the copied files.
     """
     copied: list[Path] = []
+    skipped: list[str] = []
+    root = Path(os.path.realpath(source_dir))
     skip = {p.resolve() for p in skip}
     for entry in sorted(source_dir.iterdir()):
         if entry.name.startswith(".") or entry.resolve() in skip or entry.name in _SKIP_NAMES:
             continue
         if entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
             continue
-        dest = target / entry.name
         try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, dest, symlinks=False,
-                                ignore=shutil.ignore_patterns(".*", *(f"*{s}" for s in _WEIGHT_SUFFIXES)))
-                copied.extend(p for p in sorted(dest.rglob("*")) if p.is_file())
-            elif entry.is_file():
-                shutil.copyfile(entry, dest)
-                copied.append(dest)
+            _copy_entry(root / entry.name, target, root, skipped, copied)
         except OSError as e:
-            raise BadInputError(f"cannot copy {entry} to the output: {e}") from e
+            raise BadInputError(f"cannot copy {_shown(entry)} to the output: {e.strerror or e}") from e
+    if skipped:
+        warnings.warn(f"not copied from {_shown(source_dir)}: " + "; ".join(skipped), stacklevel=2)
     return copied
 
 
