@@ -202,7 +202,8 @@ def _check_output_file(path: str, inputs: list[Path], *, option: str, force: boo
                                 "choose a file outside it")
     parent = target.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"cannot write {option} {_shown(path)}: {_shown(parent)} is not a writable directory")
+        what = "JSON to" if option == "--json" else option
+        raise BadInputError(f"cannot write {what} {_shown(path)}: {_shown(parent)} is not a writable directory")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -229,7 +230,7 @@ def write_json(data: Any, path: str | Path) -> None:
     target = Path(os.path.realpath(path))
     tmp, _ = _marked_temp(target, "tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
+        with tmp.open("x", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, target)
     except OSError as e:
@@ -316,7 +317,7 @@ def _copy_regular(src: Path, dest: Path) -> None:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(src))
-        with open(dest, "xb") as g:
+        with dest.open("xb") as g:
             shutil.copyfileobj(f, g, 1 << 22)
 
 
