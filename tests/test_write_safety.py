@@ -68,7 +68,7 @@ def test_force_replaces_our_own_output(cli, src, tmp_path):
 def test_out_inside_the_input_given_as_a_file_or_index(cli, src, tmp_path):
     before = snapshot(tmp_path)
     assert_clean_failure(cli("compress", src / "model.safetensors", "--out", src / "out", *RANK), 3, "inside the input")
-    assert_clean_failure(cli("compress", src / "model.safetensors", "--out", tmp_path, *RANK, "--force"), 3, ())
+    assert_clean_failure(cli("compress", src / "model.safetensors", "--out", tmp_path, *RANK, "--force"), 3)
     assert snapshot(tmp_path) == before
 
 
@@ -176,8 +176,9 @@ def test_tables_are_not_cut_off_a_terminal(cli, src, tmp_path):
     comp = _compressed(cli, src, tmp_path / ("a-rather-long-directory-name-" * 4))
     result = cli("report", comp, "--seq-len", "123456789")
     assert result.exit_code == 0
-    assert "…" not in result.stdout and "123,456,789" in result.stdout.replace("123456789", "123,456,789")
+    assert "…" not in result.stdout and "123,456,789" in result.stdout
     assert str(comp) in result.stdout
+    assert "total after" in result.stdout and "change" in result.stdout  # the last columns are there
 
 
 @pytest.mark.parametrize("option", ["--rank", "--seed", "--max-iter", "--workers"])

@@ -40,8 +40,10 @@ def safe_renderable(obj: Any) -> Any:
     if isinstance(obj, Text):
         return Text(safe_text(obj.plain), style=obj.style)
     if isinstance(obj, Table):
-        obj.title = safe_renderable(obj.title) if obj.title is not None else None
-        obj.caption = safe_renderable(obj.caption) if obj.caption is not None else None
+        # a title or caption (a path, often) is never folded or cut to the table's width
+        for attr in ("title", "caption"):
+            if getattr(obj, attr) is not None:
+                setattr(obj, attr, Text(safe_text(getattr(obj, attr)), no_wrap=True, overflow="ignore"))
         for column in obj.columns:
             column.header = safe_renderable(column.header)
             column._cells = [safe_renderable(c) for c in column._cells]

@@ -110,7 +110,9 @@ def _tokenizer(directories: Sequence[Path]):
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No transformers progress bars or info logs on the user's terminal while models load."""
-    from transformers.utils import logging as hf_logging
+    from . import hf
+
+    hf_logging = hf._transformers().utils.logging  # the install hint when transformers is missing
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
