@@ -265,7 +265,8 @@ def test_sigint_stops_cleanly(minilm_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "collabcompress.cli", "compress", str(minilm_dir), "--out", str(out),
                              "--rank", "192", "--max-iter", "2000", "--tol", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not the shell's SIG_IGN
     time.sleep(3.0)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
