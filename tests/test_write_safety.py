@@ -259,3 +259,21 @@ def test_signal_while_writing_removes_the_temporary_directory(src, tmp_path, sig
     assert proc.returncode == code, stderr
     assert stderr.decode().strip() == word
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_compress_table_names_each_error_and_shows_the_refinement_kl():
+    from rich.console import Console
+
+    from collabcompress.tables import compress_table
+
+    layer = {"index": 0, "heads": 4, "head_dim": 4, "shared_dim": 8, "energy_spectral": 0.9, "relative_error": 0.125,
+             "relative_error_plain": 0.25, "iterations": 3, "seconds": 0.5,
+             "refine": {"steps": 10, "kl_before": 0.0123, "kl_after": 0.00456}}
+    manifest = {"source": {"path": "p", "architecture": "bert"}, "settings": {"calibration": {"file": "s"}},
+                "layers": [layer]}
+    console = Console(width=400, record=True)
+    console.print(compress_table(manifest))
+    text = console.export_text()
+    assert "rel. error (whitened)" in text and "KL before refine" in text and "KL after refine" in text
+    row = [line for line in text.splitlines() if line.strip().startswith("0 ")][0].split()
+    assert row[4:8] == ["0.2500", "0.1250", "0.0123", "0.00456"]

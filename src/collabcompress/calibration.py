@@ -245,6 +245,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     finally:
         for h in handles:
             h.remove()
+    if progress:  # the bar ends at 100 %: the total is the tokens there were, not --max-tokens
+        progress("texts", min(tokens, max_tokens), min(tokens, max_tokens))
     smallest = min(a.count for a, _ in acc.values())
     if smallest < 1:
         raise BadInputError("no tokens reached the attention modules; check the texts and the model")

@@ -91,15 +91,32 @@ def save_figure(plt, fig, title: str, path: Path) -> None:
 
 
 def compress_table(manifest: dict) -> Table:
-    """Per compressed layer: shared width, key/query parameters, relative error, sweeps, seconds."""
+    """Per compressed layer: shared width, key/query parameters, relative error, sweeps, seconds.
+
+    With calibration statistics the decomposition minimises the whitened error: "rel. error"
+    is then the plain error of the products P_h and "rel. error (whitened)" the one that was
+    minimised. With ``--refine-steps`` the attention KL before and after refinement is shown
+    (refinement lowers the KL and may raise either error).
+    """
+    layers = manifest["layers"]
+    whitened = bool(manifest["settings"].get("calibration"))
+    refined = any(la.get("refine") for la in layers)
     table = Table(title=f"Compressed {manifest['source']['path']} ({manifest['source']['architecture']})",
                   title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("layer", "H*d", "R", "energy@R", "rel. error", "sweeps", "seconds"):
+    columns = ["layer", "H*d", "R", "energy@R", "rel. error"]
+    columns += ["rel. error (whitened)"] * whitened + ["KL before refine", "KL after refine"] * refined
+    for col in (*columns, "sweeps", "seconds"):
         table.add_column(col, justify="right")
-    for layer in manifest["layers"]:
-        table.add_row(str(layer["index"]), str(layer["heads"] * layer["head_dim"]), str(layer["shared_dim"]),
-                      f"{layer['energy_spectral']:.3f}", f"{layer['relative_error']:.4f}",
-                      str(layer["iterations"]), f"{layer['seconds']:.2f}")
+    for layer in layers:
+        plain = layer.get("relative_error_plain", layer["relative_error"]) if whitened else layer["relative_error"]
+        row = [str(layer["index"]), str(layer["heads"] * layer["head_dim"]), str(layer["shared_dim"]),
+               f"{layer['energy_spectral']:.3f}", f"{plain:.4f}"]
+        if whitened:
+            row.append(f"{layer['relative_error']:.4f}")
+        if refined:
+            r = layer.get("refine") or {}
+            row += [f"{r['kl_before']:.3g}" if r else "", f"{r['kl_after']:.3g}" if r else ""]
+        table.add_row(*row, str(layer["iterations"]), f"{layer['seconds']:.2f}")
     return table
 
 
