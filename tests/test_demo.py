@@ -61,7 +61,7 @@ def test_force_refuses_a_directory_that_is_not_a_demo(tmp_path, cli):
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     result = cli("demo", "--out", other, "--force")
-    assert result.exit_code == 3 and "not a directory written by `collabcompress demo`" in result.stderr
+    assert result.exit_code == 3 and "not a collabcompress output" in result.stderr
     assert (other / "notes.txt").read_text() == "keep me"
 
 

@@ -405,11 +405,9 @@ def demo(
 ) -> None:
     """Analyze, compress, report and verify the bundled sample model (all-MiniLM-L6-v2 attention)."""
     from .demo import run_demo
-    from .output import check_output_dir, input_paths
 
-    check_output_dir(out, input_paths(sample), force=force)
     _check_targets([sample, out], json_path)
-    summary = run_demo(Path(out), force=force, sample=sample,
+    summary = run_demo(out, force=force, sample=sample,
                        echo=(lambda line: None) if json_path == "-" else _show)
     _emit(summary, json_path, list)
 

@@ -57,7 +57,7 @@ def find_sample(sample: str | Path | None = None) -> Path:
                         "demo from the repository root, or pass --sample DIR")
 
 
-def _check_out(out: Path, sample: Path, force: bool) -> None:
+def _check_out(out: str | Path, sample: Path, force: bool) -> None:
     from .output import check_output_dir
 
     check_output_dir(out, [sample], force=force)
@@ -105,9 +105,9 @@ def run_demo(out: str | Path = "collabcompress-demo", *, force: bool = False, sa
     from .report import build_report
     from .verify import verify
 
-    out = Path(out)
     source = find_sample(sample)
-    _check_out(out, source, force)
+    _check_out(out, source, force)  # the raw value: an empty --out is refused as such
+    out = Path(out)
     matplotlib_ok = plots and importlib.util.find_spec("matplotlib") is not None
     summary: dict[str, Any] = {"sample": str(source), "out": str(out), "steps": {}}
     start = time.perf_counter()
