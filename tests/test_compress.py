@@ -205,10 +205,17 @@ def test_existing_output_refused_without_force(sample_dir, tmp_path, cli):
     result = cli("compress", sample_dir, "--out", tmp_path / "out", "--rank", "8", "--max-iter", "2")
     assert result.exit_code == 3 and "--force" in result.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    # --force replaces only a collabcompress output, never a directory of the user's
     result = cli("compress", sample_dir, "--out", tmp_path / "out", "--rank", "8", "--max-iter", "2", "--force")
-    assert result.exit_code == 0, result.stderr
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert result.exit_code == 3 and "not a collabcompress output" in result.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    (tmp_path / "out").rmdir()
+    for _ in range(2):  # the second run replaces the first one's output
+        result = cli("compress", sample_dir, "--out", tmp_path / "out", "--rank", "8", "--max-iter", "2", "--force")
+        assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out" / "collab_manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_output_equal_to_source_or_containing_it_refused(tmp_path, cli):

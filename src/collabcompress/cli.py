@@ -145,11 +145,14 @@ PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
 def _check_targets(inputs: Iterable[Path | str | None], json_path: str | None = None,
-                   plot: Path | None = None) -> None:
-    """Refuse bad --json / --plot targets before any work (see collabcompress.output)."""
+                   plot: Path | None = None, files: Iterable[Path | str | None] = ()) -> None:
+    """Refuse bad --json / --plot targets before any work (see collabcompress.output).
+
+    ``inputs`` are checkpoints and directories (a checkpoint file brings its directory),
+    ``files`` plain files the command reads or writes (texts, statistics)."""
     from .output import check_output_file, input_paths
 
-    paths = input_paths(*inputs)
+    paths = input_paths(*inputs, files=files)
     if json_path is not None:
         check_output_file(json_path, paths, option="--json", stdout=True)
     if plot is not None:
@@ -296,8 +299,8 @@ def compress(
     """Re-parametrize every attention layer into collaborative attention and save the result."""
     from .output import check_output_dir, input_paths
 
-    check_output_dir(out, input_paths(checkpoint, calibration), force=force)
-    _check_targets([checkpoint, calibration, out], json_path)
+    check_output_dir(out, input_paths(checkpoint, files=[calibration]), force=force)
+    _check_targets([checkpoint, out], json_path, files=[calibration])
     from .compress import CompressOptions, compress as run_compress
     from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL
     from .tables import compress_table
@@ -332,7 +335,7 @@ def verify(
     json_path: JsonOpt = None,
 ) -> None:
     """Compare original and collaborative attention distributions on probe inputs."""
-    _check_targets([directory, original, calibration], json_path)
+    _check_targets([directory, original], json_path, files=[calibration])
     from .tables import verify_table
     from .verify import check_gate, verify as run_verify
 
@@ -358,7 +361,7 @@ def calibrate(
     json_path: JsonOpt = None,
 ) -> None:
     """Record activation statistics of the original model on real text (needs the hf extra)."""
-    _check_targets([model_dir, texts, out], json_path)
+    _check_targets([model_dir], json_path, files=[texts, out])
     from .calibration import calibrate as run_calibrate
 
     progress, step = _progress("calibrating", json_path != "-")
@@ -424,7 +427,7 @@ def evaluate(
     json_path: JsonOpt = None,
 ) -> None:
     """Compare the compressed model's embeddings with the original's on real text (needs the hf extra)."""
-    _check_targets([original, compressed, texts], json_path)
+    _check_targets([original, compressed], json_path, files=[texts])
     from .evaluate import evaluate as run_evaluate, evaluation_table, read_texts
 
     lines = read_texts(texts) if texts is not None else None

@@ -67,18 +67,19 @@ def _shown(path: str | Path) -> str:
     return str(path)[:300]
 
 
-def input_paths(*paths: str | Path | None) -> list[Path]:
-    """The paths a command reads, for the checks below: a directory as given; a file and
-    the directory it lives in when that directory is part of the input (a checkpoint file
-    with its config.json, an index with its shards)."""
+def input_paths(*checkpoints: str | Path | None, files: Iterable[str | Path | None] = ()) -> list[Path]:
+    """The paths a command reads, for the checks below: a checkpoint directory as given; a
+    checkpoint file and the directory it lives in (its config.json, an index with its
+    shards); ``files`` (texts, calibration statistics) as themselves only."""
     out: list[Path] = []
-    for p in paths:
+    for p in checkpoints:
         if p is None or str(p) in ("", "-"):
             continue
         p = Path(p)
         out.append(p)
         if p.name.endswith(".index.json") or p.name.endswith(".safetensors"):
             out.append(p.parent)
+    out.extend(Path(f) for f in files if f is not None and str(f) not in ("", "-"))
     return out
 
 
