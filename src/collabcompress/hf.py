@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .families import FAMILIES, Family, find_family
 from .manifest import MANIFEST_NAME, load_manifest
 from .nn import CollaborativeAttention
 
-__all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "SUPPORTED_FAMILIES",
+__all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
            "REMOTE_CODE_NAME"]
 
-SUPPORTED_FAMILIES = ("bert", "mpnet", "distilbert", "albert", "vit", "gpt2", "t5", "bart")
 REMOTE_CODE_NAME = "modeling_collabcompress.py"
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -256,35 +256,32 @@ class _Bart(_Adapter):
         return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-# Original attention class name -> adapter. Classes "copied from" these in transformers share the layout.
-_ADAPTERS: dict[str, type[_Adapter]] = {
-    **dict.fromkeys(("BertSelfAttention", "RobertaSelfAttention", "ElectraSelfAttention", "XLMRobertaSelfAttention",
-                     "CamembertSelfAttention"), _BertSelf),
-    "DistilBertSelfAttention": _DistilBert,
-    "AlbertAttention": _Albert,
-    **dict.fromkeys(("ViTAttention", "DeiTAttention"), _ViT),
-    "MPNetSelfAttention": _MPNet,
-    "GPT2Attention": _GPT2,
-    **dict.fromkeys(("T5Attention", "MT5Attention"), _T5),
-    **dict.fromkeys(("BartAttention", "MBartAttention", "MarianAttention", "PegasusAttention"), _Bart),
-}
+def loadable_family(name: str, directory: str | os.PathLike) -> Family:
+    """The registered family ``name`` of the compressed ``directory``, refused unless this module can run it."""
+    family = find_family(name)
+    if family is None or family.hf_adapter is None:
+        supported = ", ".join(f.name for f in FAMILIES if f.hf_adapter is not None)
+        raise UnsupportedArchitectureError(f"{directory}: family {name!r} cannot be loaded as a transformers model "
+                                           f"(supported: {supported})")
+    return family
 
 
 @functools.lru_cache(maxsize=None)
-def _wrapper_class(original: type[nn.Module]) -> type[nn.Module]:
-    adapter = next((_ADAPTERS[c.__name__] for c in original.__mro__ if c.__name__ in _ADAPTERS), None)
-    if adapter is None:
+def _wrapper_class(original: type[nn.Module], family: Family) -> type[nn.Module]:
+    if not any(c.__name__ in family.hf_classes for c in original.__mro__):
         raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
-                                           f"{original.__name__} (known: {', '.join(sorted(_ADAPTERS))})")
+                                           f"{original.__name__} as family {family.name!r} (known: "
+                                           f"{', '.join(sorted(family.hf_classes))})")
+    adapter = globals()[family.hf_adapter]
     eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
     return type(f"Collaborative{original.__name__}", (adapter, CollaborativeAttention, original),
                 {"__module__": __name__, "_eager": staticmethod(eager) if eager else None,
                  "__doc__": f"{original.__name__} with collaborative query/key projections (collabcompress)."})
 
 
-def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: str) -> nn.Module:
+def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: str, family: Family) -> nn.Module:
     """A copy of ``old`` (same attributes and submodules, shared tensors) with collab_* instead of query/key."""
-    cls = _wrapper_class(type(old))
+    cls = _wrapper_class(type(old), family)
     heads, head_dim, d_model, shared = layer["heads"], layer["head_dim"], layer["d_model"], layer["shared_dim"]
     if getattr(old, cls._heads_attr, heads) != heads or getattr(old, cls._head_dim_attr, head_dim) != head_dim:
         raise BadInputError(f"{module_name}: the manifest says {heads} heads of width {head_dim}, the config builds "
@@ -457,10 +454,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
-    family = manifest["source"]["architecture"]
-    if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedArchitectureError(f"{directory}: family {family!r} cannot be loaded as a transformers model "
-                                           f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    family = loadable_family(manifest["source"]["architecture"], directory)
     _read_config(directory)
     if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
         raise BadInputError(f"attn_implementation {attn_implementation!r} is not supported with collaborative "
@@ -506,7 +500,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         memory_module[file_module] = mem
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
-        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem))
+        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem, family))
     _load_state(model, tensors, memory_module, rename, directory)
     model.eval()
     return model
@@ -592,9 +586,7 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
 
     directory = Path(directory)
     manifest = load_manifest(directory)
-    if manifest["source"]["architecture"] not in SUPPORTED_FAMILIES:
-        raise UnsupportedArchitectureError(f"{directory}: family {manifest['source']['architecture']!r} cannot be "
-                                           "loaded as a transformers model")
+    loadable_family(manifest["source"]["architecture"], directory)
     config = _read_config(directory)
     transformers = _transformers()
     names = [n for n in config.get("architectures") or [] if isinstance(getattr(transformers, n, None), type)]
