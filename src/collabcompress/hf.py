@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
 from .families import FAMILIES, Family, find_family
+from .io import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
 from .nn import CollaborativeAttention
 
@@ -422,13 +423,46 @@ def _short(names) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _follow_weights(transformers, config, cls: type, names) -> type:
+    """``cls``, or its base model class when the weights hold no task head (as ``AutoModel`` does).
+
+    A config may name a task class (``BertForMaskedLM``) while its weights are the bare base
+    model (sentence-transformers exports). Decided from the tensor names before the model is
+    built: the head is the task class's parameters outside its base model prefix that are not
+    tied to a base model weight (a tied LM head is held by the embedding it shares).
+    """
+    prefix = getattr(cls, "base_model_prefix", "") or ""
+    base = transformers.AutoModel._model_mapping.get(type(config), None)
+    if not prefix or base is None or cls is base:
+        return cls
+    with torch.device("meta"):  # names and ties only: no memory, no initialisation cost
+        task = cls(config)
+    inside = f"{prefix}."
+    tied = _tied_names(task)
+    _, ignore_missing = _ignored_patterns(task)
+    head = {n for n, _ in task.named_parameters(remove_duplicate=False)
+            if not n.startswith(inside) and not any(t.startswith(inside) for t in tied.get(n, ()))
+            and not (ignore_missing and ignore_missing.search(n))}
+    return base if head and not head & set(names) else cls
+
+
+def _weight_names(directory: Path) -> list[str]:
+    ckpt = open_checkpoint(directory)
+    try:
+        return ckpt.names()
+    finally:
+        ckpt.close()
+
+
 def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | None = None,
                     dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
                     device: torch.device | str = "cpu") -> nn.Module:
     """Load a ``compress`` output directory as a transformers model with collaborative attention.
 
     Builds the model class named in ``config.json`` (``architectures``; else the ``AutoModel``
-    class of its ``model_type``), replaces every attention module listed in the manifest with
+    class of its ``model_type``), or its base model class when the weights hold no task head
+    (as ``AutoModel`` does: a sentence-transformers export names ``BertForMaskedLM`` but holds
+    the bare ``BertModel`` with its pooler), replaces every attention module listed in the manifest with
     a collaborative one (an instance of the original attention class and of
     :class:`~collabcompress.nn.CollaborativeAttention`), and loads every tensor of the
     directory; a tensor the model does not take, or a model weight the directory lacks
@@ -437,7 +471,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     Args:
         directory: output directory of ``collabcompress compress``.
         model_class: a transformers model class (or its name) to build instead, e.g.
-            ``"BertModel"`` for the bare encoder of a ``BertForMaskedLM`` checkpoint.
+            ``"BertModel"`` for the bare encoder of a ``BertForMaskedLM`` checkpoint; obeyed
+            as given.
         dtype: dtype of the model (default: the source checkpoint's, from the manifest).
         attn_implementation: ``"sdpa"`` (default where transformers picks it) or ``"eager"``
             (needed for ``output_attentions=True``).
@@ -468,6 +503,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
     cls = _model_class(transformers, config, model_class)
     tensors = _load_tensors(directory)
+    if model_class is None:
+        cls = _follow_weights(transformers, config, cls, tensors)
     layers = manifest["layers"]
     if dtype is None:
         dtype = manifest["source"].get("dtype")
@@ -589,11 +626,8 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     loadable_family(manifest["source"]["architecture"], directory)
     config = _read_config(directory)
     transformers = _transformers()
-    names = [n for n in config.get("architectures") or [] if isinstance(getattr(transformers, n, None), type)]
-    if not names:
-        cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        names = [_model_class(transformers, cfg, None).__name__]
-    base = names[0]
+    cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    base = _follow_weights(transformers, cfg, _model_class(transformers, cfg, None), _weight_names(directory)).__name__
     code = directory / REMOTE_CODE_NAME
     module = REMOTE_CODE_NAME.removesuffix(".py")
     try:
