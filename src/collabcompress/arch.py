@@ -24,8 +24,6 @@ __all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "find_family", "de
 
 COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight")
 
-
-
 _ROTARY_MODEL_TYPES = {
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
     "gemma3_text", "gptj", "gpt_neox", "phi", "phi3", "falcon", "roformer", "esm", "olmo", "olmo2", "cohere",

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from .errors import BadInputError, UnsupportedArchitectureError
-from .families import find_family
 from .io import read_texts
 
 __all__ = ["evaluate", "read_texts", "sample_texts", "cache_dir", "lee_corpus", "pooled_embeddings", "evaluation_table"]
@@ -231,8 +230,7 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
     manifest = load_manifest(compressed)
     family = manifest["source"]["architecture"]
-    hf.loadable_family(family, compressed)
-    if not find_family(family).text:
+    if not hf.loadable_family(family, compressed).text:
         raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
                                            "not a text model")
     if not original.is_dir():
