@@ -346,3 +346,75 @@ def test_cli_exit_codes(built, cli):
     result = cli("evaluate", built["timm-vit"]["source"], built["timm-vit"]["full"])
     assert result.exit_code == 4, result.stderr
     assert "timm-vit" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- the class follows the weights
+
+
+def _masked_lm_config(directory: Path) -> Path:
+    """Make config.json name BertForMaskedLM, whatever its weights hold (as sentence-transformers exports do)."""
+    config = json.loads((directory / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bare_with_task_config(tmp_path_factory) -> dict[str, Path]:
+    """A bare BertModel (with its pooler) whose config names BertForMaskedLM, compressed at R = H*d."""
+    root = tmp_path_factory.mktemp("bare")
+    source = _masked_lm_config(make_checkpoint("bert", root / "source"))
+    (source / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"]) + "\n")
+    full = root / "full"
+    compress(source, full, CompressOptions(rank=FAMILIES["bert"]["n_head"] * FAMILIES["bert"]["head_dim"]))
+    return {"source": source, "full": full}
+
+
+def test_bare_weights_load_the_base_model_whatever_the_config_names(bare_with_task_config):
+    from safetensors import safe_open
+
+    with safe_open(str(bare_with_task_config["source"] / "model.safetensors"), "pt") as f:
+        assert "pooler.dense.weight" in f.keys() and not any(k.startswith(("bert.", "cls.")) for k in f.keys())
+    model = from_pretrained(bare_with_task_config["full"])
+    assert type(model) is transformers.BertModel
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = transformers.BertModel.from_pretrained(bare_with_task_config["source"]).eval()(ids)
+        torch.testing.assert_close(model(ids).pooler_output, expected.pooler_output, rtol=0, atol=1e-4)
+    # an explicit class is still obeyed (and refused when the weights do not fit it)
+    with pytest.raises(BadInputError, match="tensors the model does not take: pooler.dense.bias"):
+        from_pretrained(bare_with_task_config["full"], model_class="BertForMaskedLM")
+
+
+def test_bare_weights_evaluate_and_remote_code(bare_with_task_config, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    from collabcompress.evaluate import evaluate
+
+    result = evaluate(bare_with_task_config["source"], bare_with_task_config["full"], ["a b c", "d e f g"],
+                      lee=False, max_length=16)
+    assert result["model_class"] == "BertModel"
+    assert result["cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    directory = tmp_path / "remote"
+    shutil.copytree(bare_with_task_config["full"], directory)
+    write_remote_code(directory)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModel": "modeling_collabcompress.CollaborativeBertModel"}
+    model = transformers.AutoModel.from_pretrained(str(directory), trust_remote_code=True)
+    assert isinstance(model, transformers.BertModel) and len(collaborative_modules(model)) == 2
+
+
+def test_task_head_weights_load_the_task_class(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertForMaskedLM(config).eval().save_pretrained(str(tmp_path / "source"))
+    compress(tmp_path / "source", tmp_path / "full", CompressOptions(rank=32))
+    model = from_pretrained(tmp_path / "full")
+    assert type(model) is transformers.BertForMaskedLM
+    assert set(collaborative_modules(model)) == {f"bert.encoder.layer.{i}.attention.self" for i in range(2)}
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = transformers.BertForMaskedLM.from_pretrained(tmp_path / "source").eval()(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-4)

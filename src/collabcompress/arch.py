@@ -1,14 +1,14 @@
 """Architecture families: where the query/key tensors of every attention layer live.
 
-Each family is recognised from tensor names (any prefix such as ``bert.`` is allowed) and
-``config.json``; SPEC.md section 6 is the table. Architectures whose attention cannot be
-written as one shared bilinear form per head are refused with the reason.
+Each family of the registry (:mod:`collabcompress.families`) is recognised from tensor
+names (any prefix such as ``bert.`` is allowed) and ``config.json``; SPEC.md section 6 is
+the table. Architectures whose attention cannot be written as one shared bilinear form per
+head are refused with the reason.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,62 +16,13 @@ from typing import Any
 import torch
 
 from .errors import BadInputError, UnsupportedArchitectureError
+from .families import FAMILIES, Family, find_family
 from .io import FLOAT_DTYPES, Checkpoint
 
-__all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "detect", "load_query_key", "load_value_output",
-           "COLLAB_SUFFIXES"]
+__all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "find_family", "detect", "load_query_key",
+           "load_value_output", "COLLAB_SUFFIXES"]
 
 COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight")
-
-
-@dataclass(frozen=True)
-class Family:
-    """One architecture family: a regex on the query (or fused) weight name and its layout.
-
-    ``pattern`` must have the groups ``m`` (the module prefix that owns the query tensor).
-    ``fused`` is ``"conv1d"`` for GPT-2's (in, 3*out) ``c_attn``, ``"linear"`` for timm's
-    (3*out, in) ``qkv``, or ``None`` for separate query and key tensors.
-    """
-
-    name: str
-    models: str
-    pattern: re.Pattern[str]
-    query: str
-    key: str | None
-    fused: str | None = None
-    example: str = ""
-    scale_one: bool = False
-    note: str = ""
-
-
-def _family(name: str, models: str, module: str, query: str, key: str | None, example: str, **kw: Any) -> Family:
-    pattern = re.compile(rf"^(?P<m>(?:.*?){module})\.{re.escape(query)}\.weight$")
-    return Family(name, models, pattern, query, key, example=example, **kw)
-
-
-FAMILIES: tuple[Family, ...] = (
-    _family("bert", "BERT, RoBERTa, ELECTRA, XLM-R, MiniLM", r"encoder\.layer\.\d+\.attention\.self",
-            "query", "key", "encoder.layer.{i}.attention.self.{query,key}"),
-    _family("mpnet", "MPNet", r"encoder\.layer\.\d+\.attention\.attn", "q", "k",
-            "encoder.layer.{i}.attention.attn.{q,k}", note="relative position bias is additive and untouched"),
-    _family("distilbert", "DistilBERT", r"transformer\.layer\.\d+\.attention", "q_lin", "k_lin",
-            "transformer.layer.{i}.attention.{q_lin,k_lin}"),
-    _family("albert", "ALBERT", r"encoder\.albert_layer_groups\.\d+\.albert_layers\.\d+\.attention", "query", "key",
-            "encoder.albert_layer_groups.{g}.albert_layers.{j}.attention.{query,key}",
-            note="one block shared by all layers"),
-    _family("vit", "HF ViT, DeiT", r"encoder\.layer\.\d+\.attention\.attention", "query", "key",
-            "encoder.layer.{i}.attention.attention.{query,key}"),
-    _family("gpt2", "GPT-2", r"h\.\d+\.attn", "c_attn", None, "h.{i}.attn.c_attn", fused="conv1d",
-            note="fused, Conv1D layout (in, 3*out)"),
-    _family("timm-vit", "timm ViT", r"blocks\.\d+\.attn", "qkv", None, "blocks.{i}.attn.qkv", fused="linear",
-            note="fused, Linear layout (3*out, in); heads from --heads or config"),
-    _family("t5", "T5", r"(?:encoder|decoder)\.block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)", "q", "k",
-            "{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,EncDecAttention}.{q,k}",
-            scale_one=True, note="no bias, scale 1"),
-    _family("bart", "BART, Marian, Whisper, CLIP", r"(?:self_attn|encoder_attn)", "q_proj", "k_proj",
-            "...{self_attn,encoder_attn}.{q_proj,k_proj}", note="per-side head counts from config"),
-)
-_BY_NAME = {f.name: f for f in FAMILIES}
 
 _ROTARY_MODEL_TYPES = {
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
@@ -128,15 +79,12 @@ class QueryKey:
     b_key: torch.Tensor | None  # (H*d,)
 
 
-_CROSS = re.compile(r"encoder_attn|EncDecAttention|crossattention|cross_attn")
-
-
-def _natural(s: str) -> tuple:
+def _natural(s: str, family: Family) -> tuple:
     """Model order: encoder before decoder, layers by number, self- before cross-attention."""
     side = 1 if re.search(r"(?:^|\.)decoder\.", s) else 0
     # Text tokens become (is_cross, text): a decoder layer's ``encoder_attn`` runs after its
     # ``self_attn`` although it sorts before it alphabetically.
-    return (side, tuple(int(t) if t.isdigit() else (bool(_CROSS.search(t)), t) for t in re.split(r"(\d+)", s)))
+    return (side, tuple(int(t) if t.isdigit() else (family.is_cross(t), t) for t in re.split(r"(\d+)", s)))
 
 
 def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[str]:
@@ -170,14 +118,14 @@ def _config_heads(config: dict[str, Any] | None, family: Family, module: str) ->
         if module.startswith(tower) or f".{tower}." in f".{module}":
             if isinstance(config.get(sub), dict):
                 cfg = config[sub]
-    if family.name == "bart":
+    if family.side_head_keys is not None:
         decoder = re.search(r"(?:^|\.)decoder\.", module) is not None
-        side = "decoder_attention_heads" if decoder else "encoder_attention_heads"
+        side = family.side_head_keys[1] if decoder else family.side_head_keys[0]
         if (n := _head_count(cfg, side)) is not None:
             return n
-    if family.name == "timm-vit" and isinstance(cfg.get("model_args"), dict):
-        cfg = {**cfg, **cfg["model_args"]}
-    for key in ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads"):
+    if family.config_section is not None and isinstance(cfg.get(family.config_section), dict):
+        cfg = {**cfg, **cfg[family.config_section]}
+    for key in family.head_keys:
         if (n := _head_count(cfg, key)) is not None:
             return n
     return None
@@ -197,9 +145,10 @@ def _head_count(cfg: dict[str, Any], key: str) -> int | None:
 def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tuple[str, str]]]:
     """-> (family, [(module prefix, query weight name)])."""
     if arch is not None:
-        if arch not in _BY_NAME:
-            raise BadInputError(f"unknown --arch {arch!r}; choose one of: {', '.join(_BY_NAME)}")
-        candidates = [_BY_NAME[arch]]
+        chosen = find_family(arch)
+        if chosen is None:
+            raise BadInputError(f"unknown --arch {arch!r}; choose one of: {', '.join(f.name for f in FAMILIES)}")
+        candidates = [chosen]
     else:
         candidates = list(FAMILIES)
     best: tuple[Family, list[tuple[str, str]]] | None = None
@@ -249,7 +198,7 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
     family, found = _detect_family(names, arch)
     name_set = set(names)
     specs = []
-    for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0]))):
+    for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0], family))):
         specs.append(_spec(ckpt, family, module, qname, index, heads, name_set))
     return specs
 
@@ -293,7 +242,7 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
     kb = f"{kname[:-len('weight')]}bias"
     return AttentionSpec(
         module=module, index=index, family=family.name, n_head=n_head, head_dim=head_dim, d_model=d_model,
-        scale=1.0 if family.scale_one else 1.0 / math.sqrt(head_dim),
+        scale=family.scale(head_dim),
         query=qname, key=kname,
         query_bias=qb if qb in names else None, key_bias=kb if kb in names else None,
         fused=family.fused,
@@ -323,28 +272,15 @@ def load_query_key(ckpt: Checkpoint, spec: AttentionSpec, dtype: torch.dtype = t
     return QueryKey(w_q, w_k, b_q, b_k)
 
 
-# Value and output projections of each family, relative to the module prefix M
-# ("{parent}" = M without its last component). Fused families take the value slice of
-# the fused tensor; output layouts: "linear" (out, in) or "conv1d" (in, out).
-_VALUE_OUTPUT: dict[str, tuple[str | None, str, str]] = {
-    "bert": ("{m}.value.weight", "{parent}.output.dense.weight", "linear"),
-    "vit": ("{m}.value.weight", "{parent}.output.dense.weight", "linear"),
-    "mpnet": ("{m}.v.weight", "{m}.o.weight", "linear"),
-    "distilbert": ("{m}.v_lin.weight", "{m}.out_lin.weight", "linear"),
-    "albert": ("{m}.value.weight", "{m}.dense.weight", "linear"),
-    "gpt2": (None, "{m}.c_proj.weight", "conv1d"),
-    "timm-vit": (None, "{m}.proj.weight", "linear"),
-    "t5": ("{m}.v.weight", "{m}.o.weight", "linear"),
-    "bart": ("{m}.v_proj.weight", "{m}.out_proj.weight", "linear"),
-}
-
-
 def load_value_output(ckpt: Checkpoint, spec: AttentionSpec,
                       dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The value projection (H*d, D) and the output projection (D_out, H*d) of a module,
     in nn.Linear layout, or ``None`` when the checkpoint does not hold them (e.g. a sample
     with the attention tensors only, or value heads of another width)."""
-    value_t, out_t, layout = _VALUE_OUTPUT[spec.family]
+    family = find_family(spec.family)
+    if family is None or family.output is None:
+        return None
+    value_t, out_t = family.value, family.output
     fields = {"m": spec.module, "parent": spec.module.rsplit(".", 1)[0]}
     out_name = out_t.format(**fields)
     if out_name not in ckpt:
@@ -359,7 +295,7 @@ def load_value_output(ckpt: Checkpoint, spec: AttentionSpec,
             return None
         value = ckpt.load(value_name, dtype)
     output = ckpt.load(out_name, dtype)
-    output = output.T if layout == "conv1d" else output  # (D_out, H*d)
+    output = output.T if family.fused == "conv1d" else output  # (D_out, H*d)
     if value.shape != (spec.width, spec.d_model) or output.dim() != 2 or output.shape[1] != spec.width:
         return None
     return value, output

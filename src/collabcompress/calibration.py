@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
-from .arch import AttentionSpec, detect
+from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
 from .io import Checkpoint, open_checkpoint, read_texts
 from .output import check_output_file, sha256_file, write_safetensors
@@ -182,7 +182,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     # not into the model directory, onto the texts, over a special file, or over a file without --force
     check_output_file(out, [ckpt.directory, Path(texts_file)], option="--out", force=force)
     specs = detect(ckpt, heads=heads, arch=arch)
-    if specs[0].family in ("vit", "timm-vit"):
+    family = find_family(specs[0].family)
+    if not family.text:
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
     tf = _transformers()
     from .evaluate import _position_limit, _tokenizer
@@ -218,7 +219,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
 
     for spec in specs:
         q_mod, k_mod = _find_modules(model, ckpt, spec)
-        cross = spec.family in ("t5", "bart") and ("EncDecAttention" in spec.module or "encoder_attn" in spec.module)
+        cross = family.is_cross(spec.module)
         acc[spec.module] = (_Accumulator(spec.d_model), _Accumulator(spec.d_model) if cross else None)
         handles.append(q_mod.register_forward_pre_hook(hook(spec, "query"), with_kwargs=True))
         if cross:

@@ -25,11 +25,9 @@ import torch
 from .errors import BadInputError, UnsupportedArchitectureError
 from .io import read_texts
 
-__all__ = ["evaluate", "read_texts", "sample_texts", "cache_dir", "lee_corpus", "pooled_embeddings", "evaluation_table",
-           "TEXT_FAMILIES"]
+__all__ = ["evaluate", "read_texts", "sample_texts", "cache_dir", "lee_corpus", "pooled_embeddings", "evaluation_table"]
 
 Progress = Callable[[str, int, int], None]
-TEXT_FAMILIES = ("bert", "mpnet", "distilbert", "albert", "gpt2", "t5", "bart")
 SAMPLE_TEXTS = "sample_texts.txt"
 
 
@@ -234,10 +232,7 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
     manifest = load_manifest(compressed)
     family = manifest["source"]["architecture"]
-    if family not in hf.SUPPORTED_FAMILIES:
-        raise UnsupportedArchitectureError(f"{compressed}: family {family!r} cannot be loaded as a transformers model "
-                                           f"(supported: {', '.join(hf.SUPPORTED_FAMILIES)})")
-    if family not in TEXT_FAMILIES:
+    if not hf.loadable_family(family, compressed).text:
         raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
                                            "not a text model")
     if not original.is_dir():

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .families import FAMILIES, Family, find_family
+from .io import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
 from .nn import CollaborativeAttention
 
-__all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "SUPPORTED_FAMILIES",
+__all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
            "REMOTE_CODE_NAME"]
 
-SUPPORTED_FAMILIES = ("bert", "mpnet", "distilbert", "albert", "vit", "gpt2", "t5", "bart")
 REMOTE_CODE_NAME = "modeling_collabcompress.py"
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -256,35 +257,32 @@ class _Bart(_Adapter):
         return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-# Original attention class name -> adapter. Classes "copied from" these in transformers share the layout.
-_ADAPTERS: dict[str, type[_Adapter]] = {
-    **dict.fromkeys(("BertSelfAttention", "RobertaSelfAttention", "ElectraSelfAttention", "XLMRobertaSelfAttention",
-                     "CamembertSelfAttention"), _BertSelf),
-    "DistilBertSelfAttention": _DistilBert,
-    "AlbertAttention": _Albert,
-    **dict.fromkeys(("ViTAttention", "DeiTAttention"), _ViT),
-    "MPNetSelfAttention": _MPNet,
-    "GPT2Attention": _GPT2,
-    **dict.fromkeys(("T5Attention", "MT5Attention"), _T5),
-    **dict.fromkeys(("BartAttention", "MBartAttention", "MarianAttention", "PegasusAttention"), _Bart),
-}
+def loadable_family(name: str, directory: str | os.PathLike) -> Family:
+    """The registered family ``name`` of the compressed ``directory``, refused unless this module can run it."""
+    family = find_family(name)
+    if family is None or family.hf_adapter is None:
+        supported = ", ".join(f.name for f in FAMILIES if f.hf_adapter is not None)
+        raise UnsupportedArchitectureError(f"{directory}: family {name!r} cannot be loaded as a transformers model "
+                                           f"(supported: {supported})")
+    return family
 
 
 @functools.lru_cache(maxsize=None)
-def _wrapper_class(original: type[nn.Module]) -> type[nn.Module]:
-    adapter = next((_ADAPTERS[c.__name__] for c in original.__mro__ if c.__name__ in _ADAPTERS), None)
-    if adapter is None:
+def _wrapper_class(original: type[nn.Module], family: Family) -> type[nn.Module]:
+    if not any(c.__name__ in family.hf_classes for c in original.__mro__):
         raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
-                                           f"{original.__name__} (known: {', '.join(sorted(_ADAPTERS))})")
+                                           f"{original.__name__} as family {family.name!r} (known: "
+                                           f"{', '.join(sorted(family.hf_classes))})")
+    adapter = globals()[family.hf_adapter]
     eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
     return type(f"Collaborative{original.__name__}", (adapter, CollaborativeAttention, original),
                 {"__module__": __name__, "_eager": staticmethod(eager) if eager else None,
                  "__doc__": f"{original.__name__} with collaborative query/key projections (collabcompress)."})
 
 
-def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: str) -> nn.Module:
+def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: str, family: Family) -> nn.Module:
     """A copy of ``old`` (same attributes and submodules, shared tensors) with collab_* instead of query/key."""
-    cls = _wrapper_class(type(old))
+    cls = _wrapper_class(type(old), family)
     heads, head_dim, d_model, shared = layer["heads"], layer["head_dim"], layer["d_model"], layer["shared_dim"]
     if getattr(old, cls._heads_attr, heads) != heads or getattr(old, cls._head_dim_attr, head_dim) != head_dim:
         raise BadInputError(f"{module_name}: the manifest says {heads} heads of width {head_dim}, the config builds "
@@ -425,13 +423,46 @@ def _short(names) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _follow_weights(transformers, config, cls: type, names) -> type:
+    """``cls``, or its base model class when the weights hold no task head (as ``AutoModel`` does).
+
+    A config may name a task class (``BertForMaskedLM``) while its weights are the bare base
+    model (sentence-transformers exports). Decided from the tensor names before the model is
+    built: the head is the task class's parameters outside its base model prefix that are not
+    tied to a base model weight (a tied LM head is held by the embedding it shares).
+    """
+    prefix = getattr(cls, "base_model_prefix", "") or ""
+    base = transformers.AutoModel._model_mapping.get(type(config), None)
+    if not prefix or base is None or cls is base:
+        return cls
+    with torch.device("meta"):  # names and ties only: no memory, no initialisation cost
+        task = cls(config)
+    inside = f"{prefix}."
+    tied = _tied_names(task)
+    _, ignore_missing = _ignored_patterns(task)
+    head = {n for n, _ in task.named_parameters(remove_duplicate=False)
+            if not n.startswith(inside) and not any(t.startswith(inside) for t in tied.get(n, ()))
+            and not (ignore_missing and ignore_missing.search(n))}
+    return base if head and not head & set(names) else cls
+
+
+def _weight_names(directory: Path) -> list[str]:
+    ckpt = open_checkpoint(directory)
+    try:
+        return ckpt.names()
+    finally:
+        ckpt.close()
+
+
 def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | None = None,
                     dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
                     device: torch.device | str = "cpu") -> nn.Module:
     """Load a ``compress`` output directory as a transformers model with collaborative attention.
 
     Builds the model class named in ``config.json`` (``architectures``; else the ``AutoModel``
-    class of its ``model_type``), replaces every attention module listed in the manifest with
+    class of its ``model_type``), or its base model class when the weights hold no task head
+    (as ``AutoModel`` does: a sentence-transformers export names ``BertForMaskedLM`` but holds
+    the bare ``BertModel`` with its pooler), replaces every attention module listed in the manifest with
     a collaborative one (an instance of the original attention class and of
     :class:`~collabcompress.nn.CollaborativeAttention`), and loads every tensor of the
     directory; a tensor the model does not take, or a model weight the directory lacks
@@ -440,7 +471,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     Args:
         directory: output directory of ``collabcompress compress``.
         model_class: a transformers model class (or its name) to build instead, e.g.
-            ``"BertModel"`` for the bare encoder of a ``BertForMaskedLM`` checkpoint.
+            ``"BertModel"`` for the bare encoder of a ``BertForMaskedLM`` checkpoint; obeyed
+            as given.
         dtype: dtype of the model (default: the source checkpoint's, from the manifest).
         attn_implementation: ``"sdpa"`` (default where transformers picks it) or ``"eager"``
             (needed for ``output_attentions=True``).
@@ -457,10 +489,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
-    family = manifest["source"]["architecture"]
-    if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedArchitectureError(f"{directory}: family {family!r} cannot be loaded as a transformers model "
-                                           f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    family = loadable_family(manifest["source"]["architecture"], directory)
     _read_config(directory)
     if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
         raise BadInputError(f"attn_implementation {attn_implementation!r} is not supported with collaborative "
@@ -474,6 +503,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
     cls = _model_class(transformers, config, model_class)
     tensors = _load_tensors(directory)
+    if model_class is None:
+        cls = _follow_weights(transformers, config, cls, tensors)
     layers = manifest["layers"]
     if dtype is None:
         dtype = manifest["source"].get("dtype")
@@ -506,7 +537,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         memory_module[file_module] = mem
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
-        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem))
+        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem, family))
     _load_state(model, tensors, memory_module, rename, directory)
     model.eval()
     return model
@@ -593,16 +624,11 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
 
     directory = Path(directory)
     manifest = load_manifest(directory)
-    if manifest["source"]["architecture"] not in SUPPORTED_FAMILIES:
-        raise UnsupportedArchitectureError(f"{directory}: family {manifest['source']['architecture']!r} cannot be "
-                                           "loaded as a transformers model")
+    loadable_family(manifest["source"]["architecture"], directory)
     config = _read_config(directory)
     transformers = _transformers()
-    names = [n for n in config.get("architectures") or [] if isinstance(getattr(transformers, n, None), type)]
-    if not names:
-        cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        names = [_model_class(transformers, cfg, None).__name__]
-    base = names[0]
+    cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    base = _follow_weights(transformers, cfg, _model_class(transformers, cfg, None), _weight_names(directory)).__name__
     code = directory / REMOTE_CODE_NAME
     module = REMOTE_CODE_NAME.removesuffix(".py")
     try:

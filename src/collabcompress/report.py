@@ -92,7 +92,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from .arch import FAMILIES, detect
+from .arch import detect, find_family
 from .errors import BadInputError
 from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
@@ -429,7 +429,7 @@ def _source(manifest: dict[str, Any]) -> tuple[Checkpoint | None, str | None]:
 
 def _uncompressed_layers(out: Checkpoint, manifest: dict[str, Any]) -> list[LayerCost]:
     """Attention layers still in their original form in the output (``compress --layers``)."""
-    family = {f.name: f for f in FAMILIES}.get(manifest["source"]["architecture"])
+    family = find_family(manifest["source"]["architecture"])
     collab = _collab_names(manifest)
     names = {n: f for n, f in out.weight_map.items() if n not in collab}
     if family is None or not any(family.pattern.match(n) for n in names):
@@ -556,7 +556,8 @@ def _build(directory: Path, manifest: dict[str, Any], out: Checkpoint, src: Chec
     if dtype_before not in _ITEMSIZE:
         dtype_before = dtype_after
     extra = []
-    if manifest["source"]["architecture"] == "albert":
+    family = find_family(manifest["source"]["architecture"])
+    if family is not None and family.shared_layers:
         extra.append("ALBERT applies one stored block at every layer; the FLOPs count each stored block once, so "
                      "multiply by the number of layers that share it for the real cost.")
     return Report(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .arch import AttentionSpec, detect, load_query_key
+from .arch import AttentionSpec, detect, find_family, load_query_key
 from .errors import BadInputError, VerifyThresholdError
 from .io import Checkpoint, open_checkpoint
 from .manifest import load_manifest
@@ -26,21 +26,6 @@ from .output import sha256_file
 __all__ = ["verify", "collaborative_scores", "original_scores", "attention_kl"]
 
 _SEED_LIMIT = 2 ** 62
-
-# Where the LayerNorm that feeds each family's attention lives ({i} = layer, {p} = prefix).
-_FEEDING_NORMS: dict[str, list[str]] = {
-    "bert": ["{p}encoder.layer.{prev}.output.LayerNorm", "{p}embeddings.LayerNorm"],
-    "mpnet": ["{p}encoder.layer.{prev}.output.LayerNorm", "{p}embeddings.LayerNorm"],
-    "distilbert": ["{p}transformer.layer.{prev}.output_layer_norm", "{p}embeddings.LayerNorm"],
-    "albert": ["{p}encoder.albert_layer_groups.{g}.albert_layers.{j}.full_layer_layer_norm"],
-    "vit": ["{p}encoder.layer.{i}.layernorm_before"],
-    "gpt2": ["{p}h.{i}.ln_1"],
-    "timm-vit": ["{p}blocks.{i}.norm1"],
-    "t5": ["{p}{side}.block.{i}.layer.{j}.layer_norm"],
-    "bart": ["{p}{side}.layers.{i}.self_attn_layer_norm", "{p}{side}.layers.{i}.layer_norm1",
-             "{p}{side}.layers.{prev}.final_layer_norm", "{p}{side}.layernorm_embedding"],
-}
-
 
 def _norm_fields(module: str) -> dict[str, str]:
     fields: dict[str, str] = {"p": "", "i": "0", "prev": "-1", "g": "0", "j": "0", "side": "encoder"}
@@ -60,7 +45,8 @@ def _norm_fields(module: str) -> dict[str, str]:
 def feeding_norm(ckpt: Checkpoint, spec: AttentionSpec) -> str | None:
     """Name (without ``.weight``) of the norm whose output feeds the attention, if found."""
     fields = _norm_fields(spec.module)
-    for template in _FEEDING_NORMS.get(spec.family, []):
+    family = find_family(spec.family)
+    for template in family.feeding_norms if family is not None else ():
         if "{prev}" in template and fields["prev"] == "-1":
             continue
         name = template.format(**fields)
