@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """The package's data cache (:func:`collabcompress.evaluate.cache_dir`), imported lazily
+    """The package's data cache (:func:`collabcompress.texts.cache_dir`), imported lazily
     so that scripts which only time the CLI do not import torch themselves."""
-    from collabcompress.evaluate import cache_dir as package_cache_dir
+    from collabcompress.texts import cache_dir as package_cache_dir
 
     return package_cache_dir()
 

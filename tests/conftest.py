@@ -15,7 +15,7 @@ SAMPLE = ROOT / "sample_models" / "all-MiniLM-L6-v2-attention"
 
 def _cached(name: str, marker: str) -> Path:
     """A folder of the data cache (scripts/fetch_data.py), or skip when it is not fetched."""
-    from collabcompress.evaluate import cache_dir
+    from collabcompress.texts import cache_dir
 
     path = cache_dir() / name
     if not (path / marker).is_file():

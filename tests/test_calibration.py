@@ -146,9 +146,9 @@ def test_kept_sequences_come_from_the_texts_used(minilm_dir, texts, tmp_path, cl
 
 def test_long_texts_are_split_into_windows_not_truncated(minilm_dir):
     from collabcompress.calibration import windows
-    from collabcompress.evaluate import _tokenizer
+    from collabcompress.texts import load_tokenizer
 
-    tok = _tokenizer([minilm_dir])
+    tok = load_tokenizer([minilm_dir])
     long_text = " ".join(f"word{i} is here" for i in range(120))
     texts = ["a short one", long_text, "another short text"]
     body = tok(long_text, add_special_tokens=False)["input_ids"]
@@ -165,9 +165,9 @@ def test_long_texts_are_split_into_windows_not_truncated(minilm_dir):
 
 
 def test_calibrate_uses_every_token_of_long_texts(minilm_dir, texts, tmp_path, cli):
-    from collabcompress.evaluate import _tokenizer
+    from collabcompress.texts import load_tokenizer
 
-    tok = _tokenizer([minilm_dir])
+    tok = load_tokenizer([minilm_dir])
     lines = texts.read_text(encoding="utf-8").splitlines()
     body = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in lines]
     per_window = 64 - 2
@@ -191,9 +191,9 @@ def test_max_length_without_room_for_text_refused(minilm_dir, texts, tmp_path, c
 
 def test_tokenizer_without_overflow_truncates_with_a_warning(minilm_dir):
     from collabcompress.calibration import windows
-    from collabcompress.evaluate import _tokenizer
+    from collabcompress.texts import load_tokenizer
 
-    tok = _tokenizer([minilm_dir])
+    tok = load_tokenizer([minilm_dir])
 
     def no_overflow(texts, **kw):
         if kw.get("return_overflowing_tokens"):

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from .dtypes import FLOATS
 from .errors import BadInputError, UnsupportedArchitectureError
 from .families import FAMILIES, Family, find_family
-from .io import FLOAT_DTYPES, Checkpoint
+from .io import Checkpoint
 
 __all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "find_family", "detect", "load_query_key",
            "load_value_output", "COLLAB_SUFFIXES"]
@@ -207,7 +208,7 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
           heads: int | None, names: set[str]) -> AttentionSpec:
     kname = qname if family.fused else f"{module}.{family.key}.weight"
     for n in {qname, kname}:
-        if ckpt.dtype(n) not in FLOAT_DTYPES:
+        if ckpt.dtype(n) not in FLOATS:
             raise BadInputError(f"tensor {n!r} has dtype {ckpt.dtype(n)}; expected float32, float16 or bfloat16")
         if len(ckpt.shape(n)) != 2 or 0 in ckpt.shape(n):
             raise BadInputError(f"tensor {n!r} has shape {list(ckpt.shape(n))}; expected a non-empty 2-D weight")

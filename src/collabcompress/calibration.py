@@ -34,9 +34,11 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .arch import AttentionSpec, detect, find_family
-from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .errors import BadInputError, UnsupportedArchitectureError
+from .extras import require_transformers
 from .io import Checkpoint, open_checkpoint, read_texts
 from .output import check_output_file, sha256_file, write_safetensors
+from .texts import load_tokenizer, position_limit
 
 __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "read_texts", "STATS_FORMAT"]
 
@@ -64,10 +66,7 @@ def _digest_files(files: tuple[tuple[str, int, int], ...]) -> str:
 def _transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise MissingExtraError("this needs transformers: pip install 'collabcompress[hf]'") from e
+    transformers = require_transformers()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
@@ -186,14 +185,13 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     if not family.text:
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
     tf = _transformers()
-    from .evaluate import _position_limit, _tokenizer
 
-    tokenizer = _tokenizer([Path(model_dir)])
+    tokenizer = load_tokenizer([Path(model_dir)])
     try:
         model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
-    max_length = min(max_length, _position_limit(model.config, tokenizer))
+    max_length = min(max_length, position_limit(model.config, tokenizer))
     special = tokenizer.num_special_tokens_to_add()
     if max_length <= special:
         raise BadInputError(f"--max-length {max_length} leaves no room for text next to the tokenizer's "

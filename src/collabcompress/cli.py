@@ -28,6 +28,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from . import __version__
+from .defaults import DEFAULT_ENERGIES, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN, DEFAULT_TOL
 from .display import safe_renderable, safe_text
 from .errors import BadInputError, CollabError
 
@@ -232,15 +233,17 @@ def analyze(
     heads: HeadsOpt = None,
     arch: ArchOpt = None,
     energy: Annotated[Optional[list[float]], typer.Option(
-        "--energy", help="Energy threshold tau in (0, 1]; repeatable. Default: 0.9, 0.95, 0.99.")] = None,
+        "--energy", help="Energy threshold tau in (0, 1]; repeatable. Default: "
+                         f"{', '.join(map(str, DEFAULT_ENERGIES))}.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the cumulative energy curves to this PNG.",
                                                  metavar="PNG")] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Measure how redundant the attention heads of every layer are (spectral analysis)."""
     _check_targets([checkpoint], json_path, plot)
-    from .pipeline import DEFAULT_ENERGIES, analyze as run_analyze, check_energy
-    from .tables import analysis_summary, analysis_table, plot_energy, require_matplotlib
+    from .pipeline import analyze as run_analyze, check_energy
+    from .extras import require_matplotlib
+    from .tables import analysis_summary, analysis_table, plot_energy
 
     energies = sorted(set(check_energy(t) for t in energy)) if energy else list(DEFAULT_ENERGIES)
     if plot is not None:
@@ -277,8 +280,8 @@ def compress(
     max_rank: Annotated[Optional[int], typer.Option("--max-rank", parser=_int("--max-rank"), help="With --energy: at most this width.")] = None,
     multiple_of: Annotated[int, typer.Option("--multiple-of", parser=_int("--multiple-of"), help="With --energy: round R up to a multiple.")] = 8,
     method: Annotated[Method, typer.Option("--method", help="Decomposition method.")] = Method.cp_als,
-    max_iter: Annotated[Optional[int], typer.Option("--max-iter", parser=_int("--max-iter"), help="Most ALS sweeps per layer.")] = None,
-    tol: Annotated[Optional[float], typer.Option("--tol", help="Stop when the fit changes less than this.")] = None,
+    max_iter: Annotated[int, typer.Option("--max-iter", parser=_int("--max-iter"), help="Most ALS sweeps per layer.")] = DEFAULT_MAX_ITER,
+    tol: Annotated[float, typer.Option("--tol", help="Stop when the fit changes less than this.")] = DEFAULT_TOL,
     seed: Annotated[int, typer.Option("--seed", parser=_int("--seed"), help="Random seed (used only where randomness is needed).")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     dtype: Annotated[DType, typer.Option("--dtype", help="dtype of the new tensors (auto = the source's).")] = DType.auto,
@@ -302,13 +305,11 @@ def compress(
     check_output_dir(out, input_paths(checkpoint, files=[calibration]), force=force)
     _check_targets([checkpoint, out], json_path, files=[calibration])
     from .compress import CompressOptions, compress as run_compress
-    from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL
     from .tables import compress_table
 
     options = CompressOptions(rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
                               multiple_of=multiple_of, method=method.value,
-                              max_iter=DEFAULT_MAX_ITER if max_iter is None else max_iter,
-                              tol=DEFAULT_TOL if tol is None else tol, seed=seed, device=device, dtype=dtype.value,
+                              max_iter=max_iter, tol=tol, seed=seed, device=device, dtype=dtype.value,
                               layers=layers, calibration=str(calibration) if calibration else None,
                               refine_steps=refine_steps)
     progress, step = _progress("compressing", json_path != "-")
@@ -378,7 +379,7 @@ def calibrate(
 @app.command()
 def report(
     directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
-    seq_len: Annotated[Optional[list[int]], typer.Option("--seq-len", parser=_int("--seq-len"), help="Sequence length N for the FLOPs per token; repeatable. Default: 128.")] = None,
+    seq_len: Annotated[Optional[list[int]], typer.Option("--seq-len", parser=_int("--seq-len"), help=f"Sequence length N for the FLOPs per token; repeatable. Default: {DEFAULT_SEQ_LEN}.")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Draw FLOPs per token against sequence length, before and after, to this PNG.",
         metavar="PNG")] = None,
@@ -386,8 +387,9 @@ def report(
 ) -> None:
     """Show what was saved: key/query and model parameters, bytes, FLOPs per token, key cache."""
     _check_targets([directory], json_path, plot)
-    from .report import DEFAULT_SEQ_LEN, build_report, plot_flops, report_tables
-    from .tables import require_matplotlib
+    from .extras import require_matplotlib
+    from .report import build_report
+    from .tables import plot_flops, report_tables
 
     if plot is not None:
         require_matplotlib()
@@ -428,7 +430,8 @@ def evaluate(
 ) -> None:
     """Compare the compressed model's embeddings with the original's on real text (needs the hf extra)."""
     _check_targets([original, compressed], json_path, files=[texts])
-    from .evaluate import evaluate as run_evaluate, evaluation_table, read_texts
+    from .evaluate import evaluate as run_evaluate, read_texts
+    from .tables import evaluation_table
 
     lines = read_texts(texts) if texts is not None else None
     progress, step = _progress("evaluating", json_path != "-")
@@ -442,20 +445,14 @@ def evaluate(
 def archs(json_path: JsonOpt = None) -> None:
     """List the supported architecture families and how their tensors are named."""
     _check_targets([], json_path)
-    from rich.table import Table
-
-    from .arch import FAMILIES
+    from .families import FAMILIES
+    from .tables import archs_table
 
     rows = [{"family": f.name, "models": f.models, "query_key_tensors": f.example, "notes": f.note}
             for f in FAMILIES]
     result = {"families": rows, "refused": ["rotary position embeddings", "grouped-query or multi-query attention",
                                             "per-head query/key normalisation"]}
-    table = Table(title="Supported architecture families", title_justify="left")
-    for col in ("family", "models", "query / key tensors", "notes"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["family"], r["models"], r["query_key_tensors"], r["notes"])
-    _emit(result, json_path, lambda: [table, "Refused (exit 4): rotary position embeddings, grouped-query or "
+    _emit(result, json_path, lambda: [archs_table(rows), "Refused (exit 4): rotary position embeddings, grouped-query or "
                                              "multi-query attention, per-head query/key normalisation (q_norm, k_norm)."])
 
 

@@ -23,20 +23,20 @@ import torch
 from . import __version__
 from .analysis import choose_rank, head_output_energy, layer_spectrum
 from .arch import AttentionSpec, detect, load_query_key, load_value_output
-from .decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, CPFactors, concatenated, cp_als, relative_error
+from .costs import qk_params, stored_qk_params
+from .decompose import CPFactors, concatenated, cp_als, relative_error
+from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
+from .dtypes import OUTPUT_NAMES, dtype_name, to_torch
 from .errors import BadInputError
-from .io import INDEX_SUFFIX, TORCH_DTYPES, Checkpoint, open_checkpoint
+from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from .manifest import FORMAT, MANIFEST_NAME
 from .parallel import default_workers, map_layers
 from .refine import RefineResult, refine_factors
-from .report import qk_params
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
                      write_safetensors)
 
 __all__ = ["CompressOptions", "compress", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 Progress = Callable[[str, int, int], None]
 
 
@@ -82,7 +82,7 @@ class CompressOptions:
             raise BadInputError("--refine-steps needs --calibration statistics made with `calibrate --keep-sequences N`")
         if self.method != "cp-als":
             raise BadInputError(f"unknown --method {self.method!r}; available: cp-als")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if self.dtype != "auto" and self.dtype not in OUTPUT_NAMES:
             raise BadInputError(f"unknown --dtype {self.dtype!r}; choose auto, float32, float16 or bfloat16")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise BadInputError(f"unknown --device {self.device!r}; choose cpu or cuda")
@@ -257,13 +257,6 @@ def _layer_record(layer: _Layer) -> dict[str, Any]:
     }
 
 
-def _qk_params_before(ckpt: Checkpoint, spec: AttentionSpec) -> int:
-    if spec.fused:
-        n = 2 * spec.width * spec.d_model
-        return n + (2 * spec.width if spec.query_bias else 0)
-    return sum(ckpt.numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
-
-
 def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Path]:
     """Every source tensor except the removed ones, plus the new ones; same shard layout as the source.
 
@@ -277,7 +270,7 @@ def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Pa
     weight_map: dict[str, str] = {}
     total = 0
     for file in ckpt.files:
-        entries = [(n, ckpt.shape(n), TORCH_DTYPES.get(ckpt.dtype(n)) or ckpt.load(n).dtype,
+        entries = [(n, ckpt.shape(n), to_torch(ckpt.dtype(n)) or ckpt.load(n).dtype,
                     lambda n=n: ckpt.load(n))
                    for n, f in ckpt.weight_map.items() if f == file and n not in removed]
         entries += [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in new_by_file[file].items()]
@@ -358,7 +351,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         if options.refine_steps:
             sequences = load_sequences(Path(options.calibration), ckpt, specs)
     source_dtype = ckpt.dtype(specs[0].query)
-    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else TORCH_DTYPES[source_dtype]
+    out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
     layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress)
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
@@ -417,14 +410,14 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
             "path": str(Path(checkpoint).resolve()),
             "files": [file_record(f, ckpt.directory) for f in source_files],
             "architecture": specs[0].family,
-            "dtype": _ST_DTYPE.get(ckpt.dtype(specs[0].query), ckpt.dtype(specs[0].query)),
+            "dtype": dtype_name(ckpt.dtype(specs[0].query)),
         },
         "settings": settings,
         "layers": [_layer_record(layer) for layer in layers],
         "totals": {
             "params_before": params_before,
             "params_after": params_before - removed + added,
-            "qk_params_before": sum(_qk_params_before(ckpt, layer.spec) for layer in layers),
+            "qk_params_before": sum(stored_qk_params(layer.spec, ckpt.numel) for layer in layers),
             "qk_params_after": qk_after,
             "bytes_before": sum(f.stat().st_size for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])),
             "bytes_after": sum(p.stat().st_size for p in weights_out),

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
+
 __all__ = [
     "DEFAULT_MAX_ITER",
     "DEFAULT_RIDGE",
@@ -40,8 +42,6 @@ __all__ = [
     "whitening_factor",
 ]
 
-DEFAULT_MAX_ITER = 30
-DEFAULT_TOL = 1e-6
 DEFAULT_RIDGE = 1e-10
 DEFAULT_SHRINKAGE = 1e-2
 

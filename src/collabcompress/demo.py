@@ -187,8 +187,7 @@ def run_demo(out: str | Path = "collabcompress-demo", *, force: bool = False, sa
         echo(f"   ({time.perf_counter() - t0:.1f} s) -> verify.json")
 
         if matplotlib_ok:
-            from .report import plot_flops
-            from .tables import plot_energy
+            from .tables import plot_energy, plot_flops
 
             plot_energy(analysis, tmp / "energy.png")
             plot_flops(report, tmp / "flops.png")

@@ -15,102 +15,27 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import BadInputError, UnsupportedArchitectureError
+from .extras import require_transformers
 from .io import read_texts
+from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
 
-__all__ = ["evaluate", "read_texts", "sample_texts", "cache_dir", "lee_corpus", "pooled_embeddings", "evaluation_table"]
+__all__ = ["evaluate", "read_texts", "pooled_embeddings"]
 
 Progress = Callable[[str, int, int], None]
-SAMPLE_TEXTS = "sample_texts.txt"
-
-
-def sample_texts() -> list[str]:
-    """The bundled sample of English texts (see ``collabcompress/data/README.md``)."""
-    data = resources.files("collabcompress").joinpath("data", SAMPLE_TEXTS).read_text(encoding="utf-8")
-    return [line.strip() for line in data.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def cache_dir() -> Path:
-    """Where scripts/fetch_data.py puts the real data: ``$COLLABCOMPRESS_CACHE``, else
-    ``~/.cache/collabcompress``."""
-    env = os.environ.get("COLLABCOMPRESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
-
-
-@dataclass(frozen=True)
-class LeeCorpus:
-    """The 50 documents of ``lee.cor`` and the human similarity ratings (pairs i < j)."""
-
-    documents: list[str]
-    ratings: torch.Tensor  # (50, 50), upper triangle filled
-
-    def __post_init__(self) -> None:
-        n = len(self.documents)
-        if self.ratings.shape != (n, n):
-            raise BadInputError(f"Lee corpus: {n} documents but a {tuple(self.ratings.shape)} rating matrix")
-
-
-def lee_corpus(directory: str | os.PathLike | None = None) -> LeeCorpus | None:
-    """Read ``lee.cor`` (latin-1, one document per line) and ``similarities0-1.txt``.
-
-    ``directory`` defaults to ``$COLLABCOMPRESS_CACHE/lee`` or ``~/.cache/collabcompress/lee``
-    (``scripts/fetch_data.py`` puts it there). Returns ``None`` when the files are not there.
-    """
-    directory = Path(directory) if directory is not None else cache_dir() / "lee"
-    docs, sims = directory / "lee.cor", directory / "similarities0-1.txt"
-    if not (docs.is_file() and sims.is_file()):
-        return None
-    try:
-        documents = [line.strip() for line in docs.read_text(encoding="latin-1").splitlines() if line.strip()]
-        rows = [[float(v) for v in line.split()] for line in sims.read_text(encoding="latin-1").splitlines()
-                if line.strip()]
-        ratings = torch.tensor(rows, dtype=torch.float64)
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read the Lee corpus in {directory}: {e}") from e
-    return LeeCorpus(documents, ratings)
 
 
 # --------------------------------------------------------------------------- running the models
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                    "sentencepiece.bpe.model", "tokenizer.model")
-
-
-def _tokenizer(directories: Sequence[Path]):
-    from transformers import AutoTokenizer
-
-    errors = []
-    for d in directories:
-        if not any((d / name).is_file() for name in _TOKENIZER_FILES):
-            continue
-        try:
-            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            errors.append(f"{d}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            continue
-        if len(tok) <= len(tok.all_special_tokens) + 1:  # transformers 5 builds an empty one from nothing
-            errors.append(f"{d}: the tokenizer has no vocabulary")
-            continue
-        if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, masked out anyway
-            tok.pad_token = tok.eos_token or tok.unk_token
-        return tok
-    raise BadInputError("no tokenizer found (tokenizer.json or vocabulary files) in "
-                        + " or ".join(str(d) for d in directories) + "".join(f"; {e}" for e in errors))
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No transformers progress bars or info logs on the user's terminal while models load."""
-    from . import hf
-
-    hf_logging = hf._transformers().utils.logging  # the install hint when transformers is missing
+    hf_logging = require_transformers("loading a compressed model").utils.logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -138,17 +63,6 @@ def _load_original(directory: Path, model_class: type):
         raise BadInputError(f"the original model {directory} lacks weights of {model_class.__name__}: "
                             f"{', '.join(missing[:5])}")
     return model.eval()
-
-
-def _position_limit(config, tokenizer) -> int:
-    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)."""
-    limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None))
-              if isinstance(n, int) and n > 0]
-    if limits and config.model_type in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
-        limits = [n - config.pad_token_id - 1 for n in limits]
-    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
-        limits.append(tokenizer.model_max_length)
-    return min(limits) if limits else 1 << 30
 
 
 def _encoder(model):
@@ -253,8 +167,8 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
     if reference.config.model_type != model.config.model_type:
         raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
                             f"from a {model.config.model_type!r} model")
-    tokenizer = _tokenizer([original, compressed])
-    max_length = min(max_length, _position_limit(reference.config, tokenizer))
+    tokenizer = load_tokenizer([original, compressed])
+    max_length = min(max_length, position_limit(reference.config, tokenizer))
     batches = _batches(tokenizer, texts, max_length, batch_size)
     lee_batches = _batches(tokenizer, corpus.documents, max_length, batch_size) if corpus else []
     total = 2 * (len(batches) + len(lee_batches))
@@ -304,29 +218,3 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         "lee": lee_result,
         "seconds": round(time.perf_counter() - start, 3),
     }
-
-
-def evaluation_table(result: dict[str, Any]):
-    """A rich table of :func:`evaluate`'s figures."""
-    from rich.table import Table
-
-    t = result["texts"]
-    table = Table(title=f"{result['compressed']} vs {result['original']} ({t['count']} texts, {t['source']}, "
-                        f"<= {t['max_length']} tokens)", title_justify="left")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("meaning", overflow="fold")
-    table.add_row("cosine, mean", f"{result['cosine_mean']:.5f}", "pooled embedding, compressed vs original")
-    table.add_row("cosine, min", f"{result['cosine_min']:.5f}", "worst text")
-    nn = result["nn_agreement"]
-    table.add_row("nearest neighbour agreement", "-" if nn is None else f"{nn:.1%}",
-                  "same most similar other text in both models")
-    table.add_row("max |hidden difference|", f"{result['max_abs_diff']:.3g}", "last hidden states, real tokens")
-    lee = result["lee"]
-    if lee is None:
-        table.add_row("Lee Spearman", "-", "Lee corpus not in the cache (scripts/fetch_data.py)")
-    else:
-        table.add_row("Lee Spearman, original", f"{lee['spearman_original']:.4f}",
-                      f"{lee['documents']} documents, {lee['pairs']} human-rated pairs")
-        table.add_row("Lee Spearman, compressed", f"{lee['spearman_compressed']:.4f}", "")
-    return table

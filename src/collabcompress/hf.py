@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .dtypes import to_torch
+from .errors import BadInputError, UnsupportedArchitectureError
+from .extras import require_transformers
 from .families import FAMILIES, Family, find_family
 from .io import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
@@ -40,16 +42,11 @@ __all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborati
 
 REMOTE_CODE_NAME = "modeling_collabcompress.py"
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {name: to_torch(name) for name in ("float32", "float16", "bfloat16", "float64")}
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise MissingExtraError("loading a compressed model needs transformers: "
-                                "pip install 'collabcompress[hf]'") from e
-    return transformers
+    return require_transformers("loading a compressed model")
 
 
 # --------------------------------------------------------------------------- collaborative attention modules

@@ -31,11 +31,13 @@ import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .dtypes import ELEMENT_SIZE, st_name
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["atomic_directory", "sha256_file", "file_record", "copy_other_files", "check_output_path",
            "check_output_dir", "check_output_file", "input_paths", "is_collab_output", "write_json",
@@ -376,14 +378,6 @@ def copy_other_files(source_dir: Path, target: Path, skip: set[Path]) -> list[Pa
     return copied
 
 
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
-for _name in ("float8_e4m3fn", "float8_e5m2"):
-    if hasattr(torch, _name):
-        _ST_NAMES[getattr(torch, _name)] = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}[_name]
-
-
 def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
                       metadata: dict[str, str]) -> int:
     """Write a safetensors file tensor by tensor, with a canonical (sorted) header.
@@ -397,11 +391,14 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name, shape, dtype, _ in entries:
-        if dtype not in _ST_NAMES:
+        st_dtype = st_name(dtype)
+        if st_dtype is None:
             raise BadInputError(f"cannot write tensor {name!r} of dtype {dtype}")
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = math.prod(shape) * ELEMENT_SIZE[st_dtype]
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
+    import torch  # only here: the CLI imports this module to check its outputs before any work
+
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     try:

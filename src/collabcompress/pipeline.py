@@ -13,13 +13,13 @@ from typing import Any
 
 from .analysis import LayerSpectrum, layer_spectrum
 from .arch import AttentionSpec, detect, load_query_key
+from .defaults import DEFAULT_ENERGIES
 from .errors import BadInputError
 from .io import open_checkpoint
 from .parallel import map_layers
 
 __all__ = ["AnalysisResult", "LayerAnalysis", "analyze", "DEFAULT_ENERGIES", "check_energy"]
 
-DEFAULT_ENERGIES = (0.9, 0.95, 0.99)
 Progress = Callable[[str, int, int], None]  # (module, done, total)
 
 

@@ -1,21 +1,33 @@
-"""Rich tables and matplotlib plots for the commands' results (presentation only)."""
+"""Rich tables and matplotlib plots for the commands' results (presentation only).
+
+Imports neither torch nor the library's computing modules, so that commands which only
+print (``archs``) stay fast; the results arrive as records.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich import box
 from rich.table import Table
 
-from .errors import MissingExtraError
-from .pipeline import AnalysisResult
+from .extras import require_matplotlib
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline import AnalysisResult
+    from .report import Report
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: torch.Tensor, width: int = 16) -> str:
     """Compact picture of a descending spectrum, ``width`` characters, relative to its maximum."""
+    import torch
+
     if values.numel() == 0 or float(values.max()) <= 0:
         return _BLOCKS[0] * width
     idx = torch.linspace(0, values.numel() - 1, min(width, values.numel())).round().long()
@@ -51,17 +63,6 @@ def analysis_summary(result: AnalysisResult) -> str:
     parts = [f"{s['total_rank_at'][k]}/{s['total_width']} at {k} ({s['redundancy'][k]:.0%} redundant)"
              for k in s["total_rank_at"]]
     return f"{s['layers']} attention layers; shared width needed: " + ", ".join(parts)
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise MissingExtraError("plotting needs matplotlib: pip install 'collabcompress[plot]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_energy(result: AnalysisResult, path: Path) -> None:
@@ -137,4 +138,158 @@ def verify_table(result: dict) -> Table:
         table.caption = f"probe: {probes.pop()}"
     elif probes:
         table.caption = "probe: tokens through each layer's feeding norm (names in --json)"
+    return table
+
+
+# ---- report ------------------------------------------------------------------------------
+
+def _change(before: int, after: int) -> str:
+    if before == 0:
+        return ""
+    c = (after - before) / before
+    return f"{c:+.1%}".replace("-", "−")
+
+
+def _nstar(x: float | None) -> str:
+    if x is None:
+        return "none"
+    return "always" if x <= 0 else f"{x:,.1f}"
+
+
+def _table(title: str, headers: Sequence[str], sections: Sequence[Sequence[Sequence[str]]], caption: str) -> Table:
+    """A right-aligned table whose columns are never narrower than their widest cell (headers wrap)."""
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
+    rows = [r for section in sections for r in section]
+    for i, header in enumerate(headers):
+        widest = max((len(r[i]) for r in rows), default=1)
+        table.add_column(header, justify="left" if i == 0 else "right", min_width=widest)
+    for k, section in enumerate(sections):
+        if k:
+            table.add_section()
+        for r in section:
+            table.add_row(*r)
+    return table
+
+
+def report_tables(report: Report) -> list[Table]:
+    """The rich tables of ``collabcompress report``: the key/query side per layer, its FLOPs per
+    token per layer, and the whole model."""
+    from .manifest import MANIFEST_NAME  # imports io (torch): only where a report exists already
+
+    d = report.to_dict()
+    q, m = d["qk_total"], d["model"]
+
+    def params_row(label: str, shape: tuple[str, str, str], rec: dict[str, Any]) -> list[str]:
+        return [label, *shape, f"{rec['qk_params_before']:,}", f"{rec['qk_params_after']:,}",
+                f"{rec['qk_params_saved_fraction']:.1%}", f"{rec['key_cache_elements_per_token_before']:,}",
+                f"{rec['key_cache_elements_per_token_after']:,}"]
+
+    t1 = _table(
+        f"Key/query side per layer: {report.directory}",
+        ("layer", "H×d", "R", "rel. error", "params before", "params after", "saved", "K-cache before",
+         "K-cache after"),
+        [[params_row(str(la["index"]), (str(la["heads"] * la["head_dim"]), str(la["shared_dim"]),
+                                        f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
+         [params_row("all", ("", "", ""), q)]],
+        f"K-cache: key-cache elements per token (H*d before, R + H after); "
+        f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
+        f"over these layers ({report.dtype_before} → {report.dtype_after}).")
+
+    def flops_rows(label: str, rec: dict[str, Any]) -> list[list[str]]:
+        rows = []
+        for k, n in enumerate(report.seq_lens):
+            a = rec["at_seq_len"][str(n)]
+            b, f = a["qk_flops_per_token_before"], a["qk_flops_per_token_after"]
+            head = ([label, f"{rec['qk_proj_flops_per_token_before']:,}", f"{rec['qk_proj_flops_per_token_after']:,}",
+                     _nstar(rec["crossover_seq_len"])] if k == 0 else ["", "", "", ""])
+            rows.append(head + [f"{n:,}", f"{b:,}", f"{f:,}", _change(b, f)])
+        return rows
+
+    t2 = _table("Key/query FLOPs per token (projections + scores at sequence length N)",
+                ("layer", "proj before", "proj after", "N*", "N", "total before", "total after", "change"),
+                [[r for la in d["layers"] for r in flops_rows(str(la["index"]), la)], flops_rows("all", q)],
+                "N*: above it the compressed layer costs more FLOPs per token; none: never.")
+
+    def row(label: str, before: int, after: int) -> list[str]:
+        return [label, f"{before:,}", f"{after:,}", _change(before, after)]
+
+    rows = [row("parameters", m["params_before"], m["params_after"]),
+            row(f"bytes, weights ({len(report.weights_before)} → {len(report.weights_after)} files)",
+                m["weights_bytes_before"], m["weights_bytes_after"]),
+            row(f"bytes, all files ({len(report.files_before)} → {len(report.files_after)})",
+                m["files_bytes_before"], m["files_bytes_after"])]
+    for n in report.seq_lens:
+        a = m["at_seq_len"][str(n)]
+        rows.append(row(f"FLOPs per token, N={n:,}", a["flops_per_token_before"], a["flops_per_token_after"]))
+    rows.append(["costs more FLOPs above N*", "", _nstar(m["crossover_seq_len"]), ""])
+    rows.append(row("key cache per token, elements", m["key_cache_elements_per_token_before"],
+                    m["key_cache_elements_per_token_after"]))
+    rows.append(row("key cache per token, bytes", m["key_cache_bytes_per_token_before"],
+                    m["key_cache_bytes_per_token_after"]))
+    where = "on disk" if report.source_used else "as recorded in the manifest"
+    t3 = _table(f"Whole model ({m['compressed_layers']} of {m['attention_layers']} attention layers compressed)",
+                ("", "before", "after", "change"), [rows],
+                f"bytes before: the source files compress read or copied ({where}); after: every file "
+                f"of the output, {MANIFEST_NAME} included.")
+    return [t1, t2, t3]
+
+
+def plot_flops(report: Report, path: str | Path) -> None:
+    """FLOPs per token against sequence length, before and after, for the key/query side and
+    the whole model, with the crossover N* marked and the requested lengths as dots."""
+    plt = require_matplotlib()
+    marks = [x for x in (report.qk_crossover, report.model_crossover) if x is not None and x > 0]
+    top = max([*report.seq_lens, *(2 * x for x in marks), 64])
+    grid = sorted({int(round(top * 1.15 * i / 200)) for i in range(201)})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((axes[0], "key/query side (projections + scores)", report.qk_flops, report.qk_crossover),
+              (axes[1], "whole model", report.model_flops, report.model_crossover))
+    for ax, title, fn, n_star in panels:
+        for after, label, style in ((False, "original", "-"), (True, "collaborative", "--")):
+            ax.plot(grid, [fn(n, after) for n in grid], style, lw=1.6, label=label)
+            ax.plot(report.seq_lens, [fn(n, after) for n in report.seq_lens], "o", ms=4,
+                    color=ax.lines[-1].get_color())
+        if n_star is not None and n_star > 0:
+            ax.axvline(n_star, color="grey", lw=0.8, ls=":")
+            ax.annotate(f"N* = {n_star:.1f}", (n_star, ax.get_ylim()[0]), xytext=(4, 8),
+                        textcoords="offset points", fontsize=8, color="dimgrey")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sequence length N (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("FLOPs per token")
+    axes[0].legend(fontsize=8, loc="upper left")
+    save_figure(plt, fig, f"{report.directory} ({report.architecture})", path)
+
+
+def evaluation_table(result: dict[str, Any]) -> Table:
+    """A rich table of :func:`collabcompress.evaluate.evaluate`'s figures."""
+    t = result["texts"]
+    table = Table(title=f"{result['compressed']} vs {result['original']} ({t['count']} texts, {t['source']}, "
+                        f"<= {t['max_length']} tokens)", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("meaning", overflow="fold")
+    table.add_row("cosine, mean", f"{result['cosine_mean']:.5f}", "pooled embedding, compressed vs original")
+    table.add_row("cosine, min", f"{result['cosine_min']:.5f}", "worst text")
+    nn = result["nn_agreement"]
+    table.add_row("nearest neighbour agreement", "-" if nn is None else f"{nn:.1%}",
+                  "same most similar other text in both models")
+    table.add_row("max |hidden difference|", f"{result['max_abs_diff']:.3g}", "last hidden states, real tokens")
+    lee = result["lee"]
+    if lee is None:
+        table.add_row("Lee Spearman", "-", "Lee corpus not in the cache (scripts/fetch_data.py)")
+    else:
+        table.add_row("Lee Spearman, original", f"{lee['spearman_original']:.4f}",
+                      f"{lee['documents']} documents, {lee['pairs']} human-rated pairs")
+        table.add_row("Lee Spearman, compressed", f"{lee['spearman_compressed']:.4f}", "")
+    return table
+
+
+def archs_table(families: Sequence[dict[str, str]]) -> Table:
+    """The supported families of ``collabcompress archs``, one row each."""
+    table = Table(title="Supported architecture families", title_justify="left")
+    for col in ("family", "models", "query / key tensors", "notes"):
+        table.add_column(col, overflow="fold")
+    for r in families:
+        table.add_row(r["family"], r["models"], r["query_key_tensors"], r["notes"])
     return table

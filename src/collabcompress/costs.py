@@ -1,0 +1,179 @@
+"""The cost model of SPEC.md section 5: pure functions of layer shapes, no I/O.
+
+Counting rules (SPEC.md section 5; per token, sequence length N, multiply-add = 2 FLOPs):
+
+* key/query side, per compressed layer (D = d_model, H = heads, d = head_dim, R = shared_dim):
+  ``qk_params_before = 2*D*H*d`` (+ the query/key bias elements that exist),
+  ``qk_params_after = 2*D*R + H*R + H*D``;
+  ``proj_flops_before = 4*D*H*d``, ``proj_flops_after = 4*D*R + 2*D*H + H*R``;
+  ``score_flops_before = 2*N*H*d``, ``score_flops_after = 2*N*H*R``. The content bias
+  c_h . y is computed once per key token (the ``2*D*H`` term of the projection); adding
+  it to the scores is an addition of a bias and, like every bias, not counted.
+* crossover ``N* = (proj_before - proj_after) / (2*H*(R - d))`` for R > d: above N*
+  the compressed layer costs more; for R <= d there is none (``null``).
+* whole model: every 2-D weight used as a Linear / Conv1D does ``2*in*out`` FLOPs per
+  token, counted from the tensor shapes; embedding and position tables (names holding
+  ``embed``, ``position`` or ``relative_attention_bias``, or the modules ``wte``, ``wpe``,
+  ``shared``), norms, biases and tensors of other ranks (e.g. convolutions) are not
+  counted. Every attention layer (compressed or not) adds scores ``2*N*H*d`` (or
+  ``2*N*H*R`` when compressed) and value mixing ``2*N*H*d``. A full, bidirectional
+  attention over N tokens is assumed (a causal decoder averages about N/2). A block whose
+  weights are shared across layers (ALBERT) is counted once.
+* key cache per token and layer: ``H*d`` elements before, ``R + H`` after (V^T y and the
+  H content-bias terms c_h . y).
+
+:mod:`collabcompress.report` applies these to a compressed directory; the CLI renders the
+result (:mod:`collabcompress.tables`). Imports neither torch nor rich.
+
+Reference: Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of
+Concatenate", arXiv 2006.16362.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .arch import AttentionSpec
+
+__all__ = [
+    "qk_params", "stored_qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
+    "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
+]
+
+# Tables looked up by index (gathers), not multiplied: no matmul FLOPs.
+_TABLE = re.compile(r"embed|position|relative_attention_bias|(?:^|\.)(?:wte|wpe|shared)(?:\.|$)")
+
+
+# ---- SPEC section 5, one attention layer; shared_dim None = the original layer -------------
+
+def qk_params(d_model: int, n_head: int, head_dim: int, shared_dim: int | None = None, *,
+              bias_elements: int = 0) -> int:
+    """Key/query parameters: ``2*D*H*d`` (+ biases) before, ``2*D*R + H*R + H*D`` after."""
+    if shared_dim is None:
+        return 2 * d_model * n_head * head_dim + bias_elements
+    return 2 * d_model * shared_dim + n_head * shared_dim + n_head * d_model
+
+
+def stored_qk_params(spec: AttentionSpec, numel: Callable[[str], int]) -> int:
+    """Key/query parameters of one stored attention layer, its query/key biases included.
+
+    Args:
+        spec: the layer (:class:`collabcompress.arch.AttentionSpec`).
+        numel: element count of a tensor by name (``Checkpoint.numel``); for a fused layer
+            the query/key two thirds of its bias are counted from the shapes instead.
+    """
+    if spec.fused:
+        bias = 2 * spec.width if spec.query_bias else 0
+    else:
+        bias = sum(numel(n) for n in (spec.query_bias, spec.key_bias) if n)
+    return qk_params(spec.d_model, spec.n_head, spec.head_dim, bias_elements=bias)
+
+
+def projection_flops(d_model: int, n_head: int, head_dim: int, shared_dim: int | None = None) -> int:
+    """Key/query projection FLOPs per token: ``4*D*H*d`` before, ``4*D*R + 2*D*H + H*R`` after."""
+    if shared_dim is None:
+        return 4 * d_model * n_head * head_dim
+    return 4 * d_model * shared_dim + 2 * d_model * n_head + n_head * shared_dim
+
+
+def score_flops(seq_len: int, n_head: int, head_dim: int, shared_dim: int | None = None) -> int:
+    """Attention-score FLOPs per query token against ``seq_len`` keys: ``2*N*H*d`` or ``2*N*H*R``."""
+    return 2 * seq_len * n_head * (head_dim if shared_dim is None else shared_dim)
+
+
+def value_flops(seq_len: int, n_head: int, head_dim: int) -> int:
+    """Value-mixing FLOPs per token, ``2*N*H*d`` (unchanged by the compression)."""
+    return 2 * seq_len * n_head * head_dim
+
+
+def key_cache_elements(n_head: int, head_dim: int, shared_dim: int | None = None) -> int:
+    """Key-cache elements per token: ``H*d`` before, ``R + H`` after (V^T y and c_h . y)."""
+    return n_head * head_dim if shared_dim is None else shared_dim + n_head
+
+
+def crossover_seq_len(d_model: int, n_head: int, head_dim: int, shared_dim: int) -> float | None:
+    """``N* = (proj_before - proj_after) / (2*H*(R - d))`` for R > d, else ``None``.
+
+    Above N* the compressed layer costs more FLOPs per token than the original; a value
+    <= 0 means it costs more at every length.
+    """
+    if shared_dim <= head_dim:
+        return None
+    saved = projection_flops(d_model, n_head, head_dim) - projection_flops(d_model, n_head, head_dim, shared_dim)
+    return saved / (2 * n_head * (shared_dim - head_dim))
+
+
+def matmul_flops(name: str, shape: Sequence[int]) -> int:
+    """FLOPs per token of a tensor used as a Linear / Conv1D weight: ``2*in*out`` for a 2-D
+    weight; 0 for embedding and position tables, norms, biases and other ranks."""
+    if len(shape) != 2 or _TABLE.search(name):
+        return 0
+    return 2 * shape[0] * shape[1]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One attention layer and its SPEC section 5 figures.
+
+    ``shared_dim`` is ``None`` for a layer that was not compressed (its figures are the
+    same before and after); ``qk_params_before`` counts the bias elements that exist.
+    """
+
+    module: str
+    index: int | None
+    n_head: int
+    head_dim: int
+    d_model: int
+    shared_dim: int | None
+    relative_error: float | None
+    qk_params_before: int
+
+    def __post_init__(self) -> None:
+        for name in ("n_head", "head_dim", "d_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.shared_dim is not None and self.shared_dim < 1:
+            raise ValueError("shared_dim must be positive")
+
+    def _r(self, after: bool) -> int | None:
+        return self.shared_dim if after else None
+
+    def qk_params(self, after: bool) -> int:
+        if not after or self.shared_dim is None:
+            return self.qk_params_before
+        return qk_params(self.d_model, self.n_head, self.head_dim, self.shared_dim)
+
+    def proj_flops(self, after: bool) -> int:
+        return projection_flops(self.d_model, self.n_head, self.head_dim, self._r(after))
+
+    def score_flops(self, seq_len: int, after: bool) -> int:
+        return score_flops(seq_len, self.n_head, self.head_dim, self._r(after))
+
+    def value_flops(self, seq_len: int) -> int:
+        return value_flops(seq_len, self.n_head, self.head_dim)
+
+    def key_cache(self, after: bool) -> int:
+        return key_cache_elements(self.n_head, self.head_dim, self._r(after))
+
+    @property
+    def crossover(self) -> float | None:
+        if self.shared_dim is None:
+            return None
+        return crossover_seq_len(self.d_model, self.n_head, self.head_dim, self.shared_dim)
+
+
+def linear_crossover(fixed_before: int, fixed_after: int, slope_before: int, slope_after: int) -> float | None:
+    """Where ``fixed + slope*N`` of the original and the compressed model meet, if the compressed one
+    grows faster; else ``None``."""
+    if slope_after <= slope_before:
+        return None
+    return (fixed_before - fixed_after) / (slope_after - slope_before)
+
+
+def saved_fraction(before: int, after: int) -> float:
+    """``(before - after) / before``, 0 when there was nothing before."""
+    return (before - after) / before if before else 0.0

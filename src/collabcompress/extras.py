@@ -1,0 +1,34 @@
+"""The one guard for optional dependencies (extras): import them, or say how to install them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import MissingExtraError
+
+__all__ = ["require_transformers", "require_matplotlib"]
+
+
+def require_transformers(purpose: str = "this") -> Any:
+    """The ``transformers`` module; :class:`MissingExtraError` with the install hint when absent.
+
+    ``purpose`` starts the message: "<purpose> needs transformers: pip install ...".
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingExtraError(f"{purpose} needs transformers: pip install 'collabcompress[hf]'") from e
+    return transformers
+
+
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend; :class:`MissingExtraError` with the
+    install hint when matplotlib is absent."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise MissingExtraError("plotting needs matplotlib: pip install 'collabcompress[plot]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

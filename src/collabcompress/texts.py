@@ -1,0 +1,112 @@
+"""Texts and where real data lives: the bundled sample, the data cache, the Lee corpus, a model's tokenizer.
+
+Shared by ``evaluate`` and ``calibrate``; no model is run here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["sample_texts", "cache_dir", "LeeCorpus", "lee_corpus", "load_tokenizer", "position_limit"]
+
+SAMPLE_TEXTS = "sample_texts.txt"
+
+
+def sample_texts() -> list[str]:
+    """The bundled sample of English texts (see ``collabcompress/data/README.md``)."""
+    data = resources.files("collabcompress").joinpath("data", SAMPLE_TEXTS).read_text(encoding="utf-8")
+    return [line.strip() for line in data.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def cache_dir() -> Path:
+    """Where scripts/fetch_data.py puts the real data: ``$COLLABCOMPRESS_CACHE``, else
+    ``~/.cache/collabcompress``."""
+    env = os.environ.get("COLLABCOMPRESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "collabcompress"
+
+
+@dataclass(frozen=True)
+class LeeCorpus:
+    """The 50 documents of ``lee.cor`` and the human similarity ratings (pairs i < j)."""
+
+    documents: list[str]
+    ratings: torch.Tensor  # (50, 50), upper triangle filled
+
+    def __post_init__(self) -> None:
+        n = len(self.documents)
+        if self.ratings.shape != (n, n):
+            raise BadInputError(f"Lee corpus: {n} documents but a {tuple(self.ratings.shape)} rating matrix")
+
+
+def lee_corpus(directory: str | os.PathLike | None = None) -> LeeCorpus | None:
+    """Read ``lee.cor`` (latin-1, one document per line) and ``similarities0-1.txt``.
+
+    ``directory`` defaults to ``$COLLABCOMPRESS_CACHE/lee`` or ``~/.cache/collabcompress/lee``
+    (``scripts/fetch_data.py`` puts it there). Returns ``None`` when the files are not there.
+    """
+    directory = Path(directory) if directory is not None else cache_dir() / "lee"
+    docs, sims = directory / "lee.cor", directory / "similarities0-1.txt"
+    if not (docs.is_file() and sims.is_file()):
+        return None
+    try:
+        documents = [line.strip() for line in docs.read_text(encoding="latin-1").splitlines() if line.strip()]
+        rows = [[float(v) for v in line.split()] for line in sims.read_text(encoding="latin-1").splitlines()
+                if line.strip()]
+        import torch
+
+        ratings = torch.tensor(rows, dtype=torch.float64)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read the Lee corpus in {directory}: {e}") from e
+    return LeeCorpus(documents, ratings)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def load_tokenizer(directories: Sequence[Path]):
+    """The first tokenizer that loads from ``directories`` (GPT-2 style ones get a pad token).
+
+    Raises:
+        BadInputError: none of them holds a usable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    errors = []
+    for d in directories:
+        if not any((d / name).is_file() for name in _TOKENIZER_FILES):
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            errors.append(f"{d}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if len(tok) <= len(tok.all_special_tokens) + 1:  # transformers 5 builds an empty one from nothing
+            errors.append(f"{d}: the tokenizer has no vocabulary")
+            continue
+        if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, masked out anyway
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+    raise BadInputError("no tokenizer found (tokenizer.json or vocabulary files) in "
+                        + " or ".join(str(d) for d in directories) + "".join(f"; {e}" for e in errors))
+
+
+def position_limit(config, tokenizer) -> int:
+    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)."""
+    limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None))
+              if isinstance(n, int) and n > 0]
+    if limits and config.model_type in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
+        limits = [n - config.pad_token_id - 1 for n in limits]
+    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return min(limits) if limits else 1 << 30
