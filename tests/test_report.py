@@ -13,9 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from collabcompress.compress import CompressOptions, compress
-from collabcompress.report import (
-    build_report, crossover_seq_len, key_cache_elements, matmul_flops, projection_flops, qk_params, score_flops,
+from collabcompress.costs import (
+    crossover_seq_len, key_cache_elements, matmul_flops, projection_flops, qk_params, score_flops,
 )
+from collabcompress.report import build_report
 
 from families import make_checkpoint
 

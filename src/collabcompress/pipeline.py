@@ -1,7 +1,9 @@
-"""Whole-checkpoint operations that join reading, architecture and the maths.
+"""The ``analyze`` pipeline: read a checkpoint, find its attention layers, measure their spectra.
 
-The CLI and Python users call these; they return plain records (``to_dict`` gives the
-SPEC JSON) and never print.
+Each command's pipeline lives in the module named for it (``compress.py``, ``verify.py``,
+``calibration.py``, ``evaluate.py``, ``report.py``); this one is ``analyze``'s, kept under
+the name ``pipeline`` that Python users and tests import. It returns a plain record
+(``to_dict`` gives the SPEC JSON) and never prints.
 """
 
 from __future__ import annotations

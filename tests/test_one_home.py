@@ -1,0 +1,116 @@
+"""One home for each fact: the cost model, the dtype map, the extras guard, the defaults
+shown in --help, and commands that only print staying free of torch."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from collabcompress import dtypes
+from collabcompress.arch import AttentionSpec
+from collabcompress.costs import qk_params, stored_qk_params
+from collabcompress.decompose import cp_als
+from collabcompress.defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
+from collabcompress.errors import MissingExtraError
+from collabcompress.extras import require_matplotlib, require_transformers
+
+
+def _spec(fused: str | None, bias: bool) -> AttentionSpec:
+    name = "h.0.attn.c_attn.weight" if fused else "l.0.q.weight"
+    return AttentionSpec(module="m", index=0, family="f", n_head=4, head_dim=8, d_model=40, scale=1.0,
+                         query=name, key=name if fused else "l.0.k.weight",
+                         query_bias=name.replace("weight", "bias") if bias else None,
+                         key_bias=None if fused or not bias else "l.0.k.bias", fused=fused)
+
+
+@pytest.mark.parametrize("fused", [None, "conv1d", "linear"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_stored_qk_params_counts_the_query_key_weights_and_biases(fused, bias):
+    sizes = {"l.0.q.bias": 32, "l.0.k.bias": 32}  # separate layers: biases by their size
+    spec = _spec(fused, bias)
+    # 2 * (H*d) * D weights; the fused bias holds query, key and value: two thirds count
+    assert stored_qk_params(spec, sizes.__getitem__) == 2 * 32 * 40 + (64 if bias else 0)
+    assert stored_qk_params(spec, sizes.__getitem__) == qk_params(40, 4, 8, bias_elements=64 if bias else 0)
+
+
+def test_the_collaborative_count_is_spec_section_5():
+    d_model, n_head, head_dim, r = 384, 12, 32, 128
+    assert qk_params(d_model, n_head, head_dim, r) == 2 * d_model * r + n_head * r + n_head * d_model
+
+
+@pytest.mark.parametrize("st", ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"])
+def test_dtype_map_round_trips_and_sizes(st):
+    t = dtypes.to_torch(st)
+    assert isinstance(t, torch.dtype)
+    assert dtypes.st_name(t) == st
+    assert dtypes.to_torch(dtypes.dtype_name(st)) is t
+    assert dtypes.ELEMENT_SIZE[st] == dtypes.ELEMENT_SIZE[dtypes.dtype_name(st)] == torch.empty((), dtype=t).element_size()
+
+
+def test_dtype_map_unknowns():
+    assert dtypes.dtype_name("U64") == "U64"  # passed through, as the manifest and report always did
+    assert dtypes.st_name(torch.complex64) is None
+    assert dtypes.to_torch("complex64") is None and dtypes.to_torch("nonsense") is None
+    assert dtypes.FLOATS == {"F32", "F16", "BF16", "F64"}
+    assert all(dtypes.to_torch(n).is_floating_point for n in dtypes.OUTPUT_NAMES)
+
+
+def test_missing_extras_give_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingExtraError, match=r"^plotting needs matplotlib: pip install 'collabcompress\[plot\]'$"):
+        require_matplotlib()
+    with pytest.raises(MissingExtraError, match=r"^calibrate needs transformers: pip install 'collabcompress\[hf\]'$"):
+        require_transformers("calibrate")
+    from collabcompress import calibration, hf
+
+    for guard in (hf._transformers, calibration._transformers):
+        with pytest.raises(MissingExtraError, match=r"pip install 'collabcompress\[hf\]'"):
+            guard()
+
+
+def test_cp_als_defaults_are_the_shared_ones():
+    params = inspect.signature(cp_als).parameters
+    assert params["max_iter"].default == DEFAULT_MAX_ITER and params["tol"].default == DEFAULT_TOL
+
+
+def test_compress_help_shows_the_real_defaults(cli):
+    out = " ".join(cli("compress", "--help").stdout.replace("│", " ").split())  # the help box, unwrapped
+    assert f"Most ALS sweeps per layer. [default: {DEFAULT_MAX_ITER}]" in out
+    assert f"Stop when the fit changes less than this. [default: {DEFAULT_TOL:g}]" in out
+
+
+_NO_TORCH = """
+import sys
+from collabcompress.cli import main
+sys.argv = ["collabcompress", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["archs"], ["archs", "--json", "-"], ["--help"], ["compress", "--help"]])
+def test_commands_that_only_print_do_not_import_torch(args):
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None")
+    assert "Usage" in done.stdout or "bert" in done.stdout
+
+
+def test_report_tables_keep_their_old_import_name():
+    from collabcompress import report, tables
+
+    assert report.report_tables is tables.report_tables and report.plot_flops is tables.plot_flops
+    with pytest.raises(AttributeError):
+        report.no_such_name  # noqa: B018
