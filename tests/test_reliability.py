@@ -588,12 +588,17 @@ main()
 STOP_WITHIN_S = 2.0  # from the signal to the exit of the process
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT raises KeyboardInterrupt even when pytest runs from a shell that ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(ws: Path, phase: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     marker = ws / "started"
     env = {**os.environ, "CC_TEST_MARKER": str(marker), "CC_TEST_PHASE": phase, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", _HARNESS, "compress", str(ws / "src"), "--out", str(ws / "out"),
                              "--rank", "4", "--max-iter", "2", *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 60
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
