@@ -35,9 +35,8 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def minilm_exact(minilm_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exact") / "out"
-    return out, compress(minilm_dir, out, CompressOptions(rank=384))
+def minilm_exact(minilm_r384):
+    return minilm_r384  # shared with the other modules (conftest.py)
 
 
 def test_exact_rank_reproduces_attention_probabilities(minilm_dir, minilm_exact):
@@ -104,10 +103,10 @@ def test_output_directory_and_manifest(minilm_dir, minilm_exact):
     assert total == on_disk["totals"]["params_after"]
 
 
-def test_rank_192_quality_and_determinism(minilm_dir, tmp_path):
-    a = compress(minilm_dir, tmp_path / "a", CompressOptions(rank=192))
+def test_rank_192_quality_and_determinism(minilm_dir, minilm_r192, tmp_path):
+    out, a = minilm_r192
     compress(minilm_dir, tmp_path / "b", CompressOptions(rank=192))
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     errors = [layer["relative_error"] for layer in a["layers"]]
     assert errors[0] <= 0.27
     assert all(e < 0.55 for e in errors)
