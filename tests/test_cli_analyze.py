@@ -139,7 +139,8 @@ def test_sample_ranks_match_full_model(sample):
 
 def test_sample_ranks_equal_an_explicit_svd(sample_dir):
     """SAMPLE_RANK_AT from the SPEC definition by another road: form P_Q = [P_1 ... P_H] and
-    P_K = [P_1^T ... P_H^T] (D x H*D, which the code never forms) and take their singular values."""
+    P_K = [P_1^T ... P_H^T] (D x H*D, which the code never forms); their squared singular values
+    are the eigenvalues of P P^T (test_analysis checks the code's Gram route against svdvals)."""
     with safe_open(str(sample_dir / "model.safetensors"), framework="pt") as f:
         weights = {k: f.get_tensor(k).double() for k in f.keys()}
     expected = []
@@ -150,7 +151,7 @@ def test_sample_ranks_equal_an_explicit_svd(sample_dir):
         p = w_q.transpose(1, 2) @ w_k  # (H, D, D): P_h = W_Q^h^T W_K^h
         energies = []
         for concat in (torch.cat(list(p), dim=1), torch.cat(list(p.transpose(1, 2)), dim=1)):  # (D, H*D)
-            s2 = torch.linalg.svdvals(concat) ** 2
+            s2 = torch.linalg.eigvalsh(concat @ concat.T).flip(0).clamp_min(0)  # sigma^2, descending
             energies.append(torch.cumsum(s2, 0) / s2.sum())
         expected.append({tau: max(int((e < float(tau)).sum()) + 1 for e in energies) for tau in ("0.9", "0.95", "0.99")})
     assert expected == SAMPLE_RANK_AT

@@ -72,10 +72,13 @@ def test_missing_sample_is_a_clear_exit_3(tmp_path, cli, monkeypatch):
     assert result.exit_code == 3 and "no model.safetensors" in result.stderr
 
 
-def test_force_replaces_an_earlier_demo(demo_run, cli):
+def test_force_replaces_an_earlier_demo(demo_run, cli, tmp_path):
+    from families import make_checkpoint
+
     out, _ = demo_run
     (out / "stale.txt").write_text("from before")
-    result = cli("demo", "--out", out, "--force", "--json", "-")
+    tiny = make_checkpoint("bert", tmp_path / "tiny")  # the replacing run need not redo the sample's work
+    result = cli("demo", "--out", out, "--force", "--json", "-", "--sample", tiny)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["out"] == str(out)
