@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,56 @@ def lee_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for the whole suite, as each layer of the code gets (parallel.py):
+    the tensors here are small, and on a busy 2-core machine idle OpenMP threads spin (one
+    calibration test took 13.8 s of CPU at one thread against 20.4 s at two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# The expensive real-model outputs, made once per session and shared; tests only read them.
+
+def _compressed_minilm(minilm_dir: Path, tmp_path_factory, rank: int) -> tuple[Path, dict]:
+    from collabcompress.compress import CompressOptions, compress
+
+    out = tmp_path_factory.mktemp(f"minilm-r{rank}") / "out"
+    return out, compress(minilm_dir, out, CompressOptions(rank=rank))
+
+
+@pytest.fixture(scope="session")
+def minilm_r192(minilm_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """(directory, manifest): all-MiniLM-L6-v2 compressed at R = 192 with the default settings."""
+    return _compressed_minilm(minilm_dir, tmp_path_factory, 192)
+
+
+@pytest.fixture(scope="session")
+def minilm_r384(minilm_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """(directory, manifest): all-MiniLM-L6-v2 compressed at R = H*d = 384, the exact solution."""
+    return _compressed_minilm(minilm_dir, tmp_path_factory, 384)
+
+
+@pytest.fixture(scope="session")
+def minilm_calibration(minilm_dir, lee_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(texts, statistics, summary): `calibrate` of MiniLM on the first 24 Lee documents,
+    128-token windows, 4 kept sequences."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("calibration")
+    lines = (lee_dir / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()[:24]
+    texts = root / "calib.txt"
+    texts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = root / "stats.safetensors"
+    result = run_cli("calibrate", minilm_dir, "--texts", texts, "--out", out, "--max-length", "128",
+                     "--keep-sequences", "4", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    return texts, out, json.loads(result.stdout)
 
 
 def run_cli(*args: str):

@@ -18,7 +18,8 @@ from helpers import assert_clean_failure as _assert_clean_failure, digest as _di
 
 # Shared rank needed at tau = 0.95 per layer of all-MiniLM-L6-v2 (float32).
 MINILM_RANK_095 = [130, 178, 182, 184, 165, 196]
-# What the bundled float16 sample gives (measured): the same ranks as float32, at every tau.
+# The bundled float16 sample's ranks: the same as float32's at tau = 0.95. Not a record of the
+# code's own output: test_sample_ranks_equal_an_explicit_svd derives them from the weights.
 SAMPLE_RANK_AT = [
     {"0.9": 91, "0.95": 130, "0.99": 210},
     {"0.9": 140, "0.95": 178, "0.99": 246},
@@ -134,6 +135,26 @@ def test_sample_ranks_match_full_model(sample):
     assert ranks == SAMPLE_RANK_AT
     for got, expected in zip((r["0.95"] for r in ranks), MINILM_RANK_095, strict=True):
         assert abs(got - expected) <= 1
+
+
+def test_sample_ranks_equal_an_explicit_svd(sample_dir):
+    """SAMPLE_RANK_AT from the SPEC definition by another road: form P_Q = [P_1 ... P_H] and
+    P_K = [P_1^T ... P_H^T] (D x H*D, which the code never forms); their squared singular values
+    are the eigenvalues of P P^T (test_analysis checks the code's Gram route against svdvals)."""
+    with safe_open(str(sample_dir / "model.safetensors"), framework="pt") as f:
+        weights = {k: f.get_tensor(k).double() for k in f.keys()}
+    expected = []
+    for i in range(6):
+        m = f"encoder.layer.{i}.attention.self"
+        w_q = weights[f"{m}.query.weight"].unflatten(0, (12, 32))  # (H, d, D)
+        w_k = weights[f"{m}.key.weight"].unflatten(0, (12, 32))
+        p = w_q.transpose(1, 2) @ w_k  # (H, D, D): P_h = W_Q^h^T W_K^h
+        energies = []
+        for concat in (torch.cat(list(p), dim=1), torch.cat(list(p.transpose(1, 2)), dim=1)):  # (D, H*D)
+            s2 = torch.linalg.eigvalsh(concat @ concat.T).flip(0).clamp_min(0)  # sigma^2, descending
+            energies.append(torch.cumsum(s2, 0) / s2.sum())
+        expected.append({tau: max(int((e < float(tau)).sum()) + 1 for e in energies) for tau in ("0.9", "0.95", "0.99")})
+    assert expected == SAMPLE_RANK_AT
 
 
 def test_sample_close_to_minilm(sample, minilm):

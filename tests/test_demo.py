@@ -1,9 +1,8 @@
-"""demo: analyze, compress, report and verify the bundled sample, end to end, in seconds."""
+"""demo: analyze, compress, report and verify the bundled sample, end to end (its speed is a benchmark, not a test)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,12 @@ def demo_run(tmp_path_factory):
     from conftest import run_cli
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    start = time.perf_counter()
-    result = run_cli("demo", "--out", out)
-    return out, result, time.perf_counter() - start
+    return out, run_cli("demo", "--out", out)
 
 
 def test_demo_end_to_end(demo_run, sample_dir):
-    out, result, seconds = demo_run
+    out, result = demo_run
     assert result.exit_code == 0, result.stderr
-    assert seconds < 15, f"demo took {seconds:.1f} s"
     for step in STEPS:
         assert step in result.stdout, step
     for name in ("analysis.json", "report.json", "verify.json", "demo.json", "model/collab_manifest.json",
@@ -48,7 +44,7 @@ def test_demo_end_to_end(demo_run, sample_dir):
 
 
 def test_demo_refuses_an_existing_directory(demo_run, cli):
-    out, _, _ = demo_run
+    out, _ = demo_run
     before = sorted(p.name for p in out.iterdir())
     result = cli("demo", "--out", out)
     assert result.exit_code == 3
@@ -76,10 +72,13 @@ def test_missing_sample_is_a_clear_exit_3(tmp_path, cli, monkeypatch):
     assert result.exit_code == 3 and "no model.safetensors" in result.stderr
 
 
-def test_force_replaces_an_earlier_demo(demo_run, cli):
-    out, _, _ = demo_run
+def test_force_replaces_an_earlier_demo(demo_run, cli, tmp_path):
+    from families import make_checkpoint
+
+    out, _ = demo_run
     (out / "stale.txt").write_text("from before")
-    result = cli("demo", "--out", out, "--force", "--json", "-")
+    tiny = make_checkpoint("bert", tmp_path / "tiny")  # the replacing run need not redo the sample's work
+    result = cli("demo", "--out", out, "--force", "--json", "-", "--sample", tiny)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["out"] == str(out)

@@ -6,8 +6,9 @@ sharded indexes, ``config.json`` (head counts, refusal keys) through ``arch.dete
 and calibration statistics (``calibration.load_whitening`` / ``load_moments``).
 
 Property: the only exceptions are :class:`collabcompress.errors.CollabError` subclasses
-(exit codes 3/4 at the CLI), never another exception (exit 1), and nothing hangs (each
-example runs under an alarm). Bounded: fixed example counts, no deadline, no example
+(exit codes 3/4 at the CLI), never another exception (exit 1), nothing hangs (each
+example runs under an alarm), and an input that an independent check finds plainly valid
+is accepted (so a reader that refused every file would fail). Bounded: fixed example counts, no deadline, no example
 database, the whole file in well under 90 s.
 """
 
@@ -17,6 +18,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 import signal
 import struct
 import warnings
@@ -27,7 +29,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from collabcompress.arch import detect, load_query_key
 from collabcompress.compress import CompressOptions, compress
@@ -62,14 +64,52 @@ def no_hang(seconds: float = 20.0) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def only_collab_errors(fn, *args, **kwargs):
-    """Run ``fn``; a CollabError is a fine answer, anything else fails the property."""
+def only_collab_errors(fn, *args, valid: bool, **kwargs):
+    """Run ``fn``; a CollabError is a fine answer for an input that is not ``valid``; for a
+    ``valid`` one it fails the property, and so does any other exception."""
     with no_hang(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return fn(*args, **kwargs)
-        except CollabError:
+        except CollabError as e:
+            if valid:
+                pytest.fail(f"a valid input was refused: {e}")
             return None
+
+
+_ATTENTION = re.compile(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)")
+
+
+def plainly_valid(path: Path, heads: int) -> bool:
+    """An independent judge of a BERT-named safetensors file for ``_exercise``: safetensors
+    itself reads it, every float tensor is finite, every attention tensor is a float
+    query/key/value weight (w, w) or bias (w,) of one width w that ``heads`` divides, and each
+    layer has both a query and a key weight. Files it does not pass may be valid too."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # safetensors itself refuses it
+        return False
+    layers: dict[str, set[str]] = {}
+    widths = set()
+    for name, t in tensors.items():
+        if not name or (t.is_floating_point() and not bool(torch.isfinite(t).all())):
+            return False
+        if ".attention." not in name:
+            continue
+        match = _ATTENTION.fullmatch(name)
+        if match is None or not t.is_floating_point() or t.dtype not in (torch.float32, torch.float64,
+                                                                            torch.float16, torch.bfloat16):
+            return False
+        layer, side, kind = match.groups()
+        if kind == "weight" and (t.ndim != 2 or t.shape[0] != t.shape[1]) or kind == "bias" and t.ndim != 1:
+            return False
+        widths.add(t.shape[0])
+        layers.setdefault(layer, set()).add(f"{side}.{kind}")
+    return (len(widths) == 1 and min(widths) > 0 and min(widths) % heads == 0 and bool(layers)
+            and all({"query.weight", "key.weight"} <= names
+                    and all(n.replace(".bias", ".weight") in names for n in names) for names in layers.values()))
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -132,14 +172,14 @@ def test_flipped_bytes_of_a_valid_file(root, data):
     raw, n = _base_bytes(root)
     buf = bytearray(raw)
     flips = data.draw(st.lists(st.tuples(st.one_of(st.integers(0, 8 + n - 1), st.integers(0, len(raw) - 1)),
-                                         st.integers(0, 255)), min_size=1, max_size=8))
+                                         st.integers(0, 255)), min_size=0, max_size=8))
     for pos, value in flips:
         buf[pos] = value
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
     blob = bytes(buf[:cut] if cut is not None else buf)
     path = _write(root / "flip", "model.safetensors", blob)
     (root / "flip" / "config.json").write_text(json.dumps({"num_attention_heads": HEADS}))
-    only_collab_errors(_exercise, path.parent)
+    only_collab_errors(_exercise, path.parent, valid=plainly_valid(path, HEADS))
 
 
 _DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U64",
@@ -181,6 +221,8 @@ def _consistent_header(draw) -> tuple[dict, int]:
 
 @FUZZ
 @given(built=_consistent_header(), fill=st.sampled_from([0.0, 1.0, math.nan, math.inf, 1e38]))
+@example(built=({Q0: {"dtype": "F32", "shape": [D, D], "data_offsets": [0, 256]},
+                 K0: {"dtype": "F32", "shape": [D, D], "data_offsets": [256, 512]}}, 512), fill=0.0)
 def test_consistent_headers_with_odd_tensors(root, built, fill):
     header, size = built
     blob = json.dumps(header).encode()
@@ -189,8 +231,8 @@ def test_consistent_headers_with_odd_tensors(root, built, fill):
     if fill != 1.0 and size >= 8:
         data = struct.pack("<d", fill) + data[8:]
     path = _write(root / "odd", "model.safetensors", struct.pack("<Q", len(blob)) + blob + data)
-    only_collab_errors(_exercise, path, heads=HEADS)
-    only_collab_errors(_exercise, path, heads=None)
+    only_collab_errors(_exercise, path, heads=HEADS, valid=plainly_valid(path, HEADS))
+    only_collab_errors(_exercise, path, heads=None, valid=False)  # no config.json: no head count
 
 
 @FUZZ
@@ -210,14 +252,19 @@ def test_random_headers(root, header, data_len, pad, length_delta):
     length = (len(blob) + length_delta) % 2 ** 64
     data = torch.randn(data_len // 4 + 1, generator=torch.Generator().manual_seed(data_len)).numpy().tobytes()
     path = _write(root / "hdr", "model.safetensors", struct.pack("<Q", length) + blob + data[:data_len])
-    only_collab_errors(_exercise, path, heads=HEADS)
+    only_collab_errors(_exercise, path, heads=HEADS, valid=plainly_valid(path, HEADS))
+
+
+_SMALL_FILE = save({Q0: torch.randn(4, 4, generator=torch.Generator().manual_seed(0)),
+                    K0: torch.randn(4, 4, generator=torch.Generator().manual_seed(1))})  # a valid file
 
 
 @FUZZ
 @given(blob=st.binary(max_size=300), length=st.one_of(st.integers(0, 2 ** 64 - 1), st.integers(0, 400)))
+@example(blob=_SMALL_FILE[8:], length=struct.unpack("<Q", _SMALL_FILE[:8])[0])
 def test_random_lengths_and_bytes(root, blob, length):
     path = _write(root / "rnd", "model.safetensors", struct.pack("<Q", length) + blob)
-    only_collab_errors(_exercise, path, heads=HEADS)
+    only_collab_errors(_exercise, path, heads=HEADS, valid=plainly_valid(path, HEADS))
 
 
 # ---------------------------------------------------------------------------- sharded index
@@ -238,9 +285,12 @@ def sharded(root) -> Path:
     return d
 
 
+_WEIGHT_MAP = {k: ("a.safetensors" if ".query." in k else "sub/b.safetensors") for k in _bert_tensors()}
+
+
 @st.composite
 def _mostly_valid_index(draw) -> dict:
-    weight_map = {k: ("a.safetensors" if ".query." in k else "sub/b.safetensors") for k in _bert_tensors()}
+    weight_map = dict(_WEIGHT_MAP)
     for _ in range(draw(st.integers(0, 2))):
         key = draw(st.sampled_from([*weight_map, "ghost"]))
         weight_map[key] = draw(st.one_of(st.sampled_from(_SHARDS), _json_atoms))
@@ -259,6 +309,7 @@ def _mostly_valid_index(draw) -> dict:
                                                          st.one_of(st.sampled_from(_SHARDS), _json_atoms),
                                                          max_size=20)})),
     raw_tail=st.sampled_from([b"", b"", b"\xff", b"1" * 5000, b"[" * 5000]))
+@example(index={"metadata": {"total_size": None}, "weight_map": _WEIGHT_MAP}, raw_tail=b"")
 def test_random_index(sharded, index, raw_tail):
     try:
         text = json.dumps(index).encode()
@@ -267,7 +318,8 @@ def test_random_index(sharded, index, raw_tail):
     if raw_tail:
         text = raw_tail if raw_tail != b"\xff" else text + raw_tail
     (sharded / "model.safetensors.index.json").write_bytes(text)
-    only_collab_errors(_exercise, sharded)
+    valid = not raw_tail and isinstance(index, dict) and index.get("weight_map") == _WEIGHT_MAP
+    only_collab_errors(_exercise, sharded, valid=valid)
 
 
 # ---------------------------------------------------------------------------- config.json
@@ -304,13 +356,18 @@ def families(root) -> dict[str, Path]:
 @given(family=st.sampled_from(["bert", "bart", "timm-vit"]),
        config=st.one_of(st.dictionaries(st.sampled_from(_HEAD_KEYS), _head_values, max_size=5), _json),
        heads=st.one_of(st.none(), st.integers(-2, 5)))
+@example(family="bert", config={}, heads=2)
+@example(family="bart", config={"note": 1}, heads=4)
+@example(family="timm-vit", config={}, heads=1)
 def test_random_config(families, family, config, heads):
     d = families[family]
     try:
         (d / "config.json").write_text(json.dumps(config))
     except ValueError:
         assume(False)
-    only_collab_errors(_exercise, d, heads=heads)
+    # valid: a head count that divides D = 8 given, and a config saying nothing about heads or family
+    valid = heads in (1, 2, 4, 8) and isinstance(config, dict) and not set(config) & set(_HEAD_KEYS)
+    only_collab_errors(_exercise, d, heads=heads, valid=valid)
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -376,18 +433,21 @@ def _write_mutated(directory: Path, base: dict, data) -> None:
 @given(data=st.data())
 def test_mutated_manifest(comp, data):
     directory, base = comp
-    _write_mutated(directory, base, data)
-    only_collab_errors(_report_and_verify, directory)
+    valid = data.draw(st.booleans(), label="unchanged")
+    if not valid:
+        _write_mutated(directory, base, data)
+    only_collab_errors(_report_and_verify, directory, valid=valid)
     (directory / MANIFEST_NAME).write_text(json.dumps(base))
 
 
 @FUZZ
 @given(content=st.one_of(_json.map(lambda v: json.dumps(v).encode()), st.binary(max_size=200),
                          st.sampled_from([b"", b"1" * 5000, b"[" * 100_000, b"{\"format\": \"collabcompress/1\"}"])))
+@example(content=None)  # None: the valid manifest itself
 def test_random_manifest_bytes(comp, content):
     directory, base = comp
-    (directory / MANIFEST_NAME).write_bytes(content)
-    only_collab_errors(load_manifest, directory)
+    (directory / MANIFEST_NAME).write_bytes(json.dumps(base).encode() if content is None else content)
+    only_collab_errors(load_manifest, directory, valid=content is None)
     (directory / MANIFEST_NAME).write_text(json.dumps(base))
 
 
@@ -397,11 +457,13 @@ def test_mutated_manifest_through_the_cli(comp, data, command):
     from conftest import run_cli
 
     directory, base = comp
-    _write_mutated(directory, base, data)
+    valid = data.draw(st.booleans(), label="unchanged")
+    if not valid:
+        _write_mutated(directory, base, data)
     with no_hang():
         result = run_cli(command, directory)
     (directory / MANIFEST_NAME).write_text(json.dumps(base))
-    assert result.exit_code in (0, 3, 4), (result.exit_code, repr(result.exception), result.stderr)
+    assert result.exit_code in ((0,) if valid else (0, 3, 4)), (result.exit_code, repr(result.exception), result.stderr)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.stdout + result.stderr
     if result.exit_code:
@@ -416,13 +478,13 @@ def stats(root) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-def _load_stats(path: Path, src: Path) -> None:
+def _load_stats(path: Path, src: Path, *, valid: bool) -> None:
     from collabcompress.calibration import load_moments, load_whitening
 
     ckpt = open_checkpoint(src)
     specs = detect(ckpt)
     for fn in (load_whitening, load_moments):
-        only_collab_errors(fn, path, ckpt, specs)
+        only_collab_errors(fn, path, ckpt, specs, valid=valid)
 
 
 @FUZZ
@@ -432,18 +494,20 @@ def test_mutated_calibration_statistics(root, stats, data):
     (n,) = struct.unpack("<Q", raw[:8])
     buf = bytearray(raw)
     for pos, value in data.draw(st.lists(st.tuples(st.one_of(st.integers(0, 8 + n - 1), st.integers(0, len(raw) - 1)),
-                                                   st.integers(0, 255)), min_size=1, max_size=6)):
+                                                   st.integers(0, 255)), min_size=0, max_size=6)):
         buf[pos] = value
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
     target = root / "stats-fuzzed.safetensors"
     target.write_bytes(bytes(buf[:cut] if cut is not None else buf))
-    _load_stats(target, root / "src")
+    _load_stats(target, root / "src", valid=target.read_bytes() == raw)
 
 
 @FUZZ
 @given(tokens=st.one_of(st.text(max_size=8), st.integers(-10, 10 ** 30).map(str)),
        scale=st.sampled_from([1.0, -1.0, 0.0, 1e-300, 1e300, math.nan, math.inf]),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]))
+@example(tokens="200", scale=1.0, dtype=torch.float64)
+@example(tokens="1000000", scale=1.0, dtype=torch.float32)
 def test_calibration_statistics_with_odd_values(root, stats, tokens, scale, dtype):
     from safetensors import safe_open
 
@@ -456,7 +520,10 @@ def test_calibration_statistics_with_odd_values(root, stats, tokens, scale, dtyp
     tensors = {k: (v * scale).to(dtype) for k, v in tensors.items()}
     target = root / "stats-odd.safetensors"
     write_safetensors(target, [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in tensors.items()], meta)
-    _load_stats(target, root / "src")
+    # valid: a plain positive token count, the moments unchanged in a float type that holds them
+    valid = (tokens.isascii() and tokens.isdigit() and tokens == str(int(tokens)) and 1 <= int(tokens) <= 10 ** 12
+             and scale == 1.0 and dtype in (torch.float64, torch.float32))
+    _load_stats(target, root / "src", valid=valid)
 
 
 @pytest.mark.parametrize("tokens,scale", [("abc", 1.0), ("1e9", 1.0), ("200", 1e200)],

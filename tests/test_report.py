@@ -42,10 +42,8 @@ AT_MODEL_KEYS = {"attention_flops_per_token_before", "attention_flops_per_token_
 
 
 @pytest.fixture(scope="module")
-def minilm_192(minilm_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("r192") / "out"
-    compress(minilm_dir, out, CompressOptions(rank=192, max_iter=5))
-    return out
+def minilm_192(minilm_r192) -> Path:
+    return minilm_r192[0]  # shared with the other modules (conftest.py)
 
 
 def _report_json(cli, directory: Path, *args: str) -> dict:
