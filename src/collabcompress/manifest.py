@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .io import Checkpoint
 
 __all__ = ["Manifest", "SourceRecord", "FileRecord", "Settings", "LayerRecord", "LayerTensors", "Totals", "Tool",
-           "read", "write", "load_manifest", "check_outputs", "check_shapes", "check_source", "MANIFEST_NAME",
+           "read", "write", "load_manifest", "open_output", "check_outputs", "check_shapes", "check_source", "MANIFEST_NAME",
            "FORMAT"]
 
 MANIFEST_NAME = "collab_manifest.json"
@@ -338,18 +338,14 @@ def _matches(file: Path, record: FileRecord) -> bool:
     return file.stat().st_size == record.bytes and sha256_file(file) == record.sha256
 
 
-def check_outputs(directory: str | Path, manifest: Manifest, read_names: list[str] = ()) -> None:
+def check_outputs(directory: str | Path, manifest: Manifest) -> None:
     """Every output the manifest lists is in ``directory``, a regular file inside it, with its
-    recorded size and sha256; every file in ``read_names`` (relative names a reader opens) is listed.
+    recorded size and sha256.
 
     Raises:
-        BadInputError: naming the first file that is missing, changed or not listed.
+        BadInputError: naming the first file that is missing or changed.
     """
     directory = Path(directory)
-    for name in read_names:
-        if manifest.output(name) is None:
-            raise BadInputError(f"{directory}: {name} is not among the outputs its manifest records; "
-                                "compress the model again")
     for record in manifest.outputs:
         file = regular_file(directory / record.name, directory, f"output file {record.name!r}")
         if not _matches(file, record):
@@ -392,10 +388,44 @@ def check_source(manifest: Manifest, ckpt: Checkpoint) -> None:
         except ValueError:
             name = f.name
         if name not in records:
-            raise BadInputError(f"{ckpt.path} is not the checkpoint that was compressed: its file {name} is not "
-                                "among the source files the manifest records")
+            raise BadInputError(f"{ckpt.path} changed since it was compressed or is another checkpoint: its file "
+                                f"{name} is not among the source files the manifest records")
     for record in manifest.source.files:
         file = regular_file(root / record.name, root, f"source file {record.name!r}")
         if not _matches(file, record):
-            raise BadInputError(f"{ckpt.path} is not the checkpoint that was compressed ({record.name} differs from "
-                                "the sha256 the manifest records)")
+            raise BadInputError(f"{ckpt.path} changed since it was compressed or is another checkpoint "
+                                f"({record.name} differs from the sha256 the manifest records)")
+
+
+def open_output(directory: str | Path) -> tuple[Manifest, Checkpoint]:
+    """Read a compressed directory the way every reader must: the manifest validated, every
+    output file checked against its record (:func:`check_outputs`), the weights opened
+    with :func:`~collabcompress.io.open_checkpoint` and every file read recorded in the
+    manifest, the collaborative tensors' shapes equal to the recorded ones (:func:`check_shapes`).
+
+    Returns:
+        The manifest and the opened output checkpoint (the caller closes it).
+
+    Raises:
+        BadInputError: see :func:`read`, :func:`check_outputs` and :func:`check_shapes`.
+    """
+    from .io import open_checkpoint
+
+    directory = Path(directory)
+    manifest = read(directory)
+    check_outputs(directory, manifest)
+    out = open_checkpoint(directory)
+    try:
+        read_files = out.files + ([out.index_file] if out.index_file else [])
+        if out.config is not None:
+            read_files.append(directory / "config.json")
+        root = directory.resolve()
+        for name in (f.resolve().relative_to(root).as_posix() for f in read_files):
+            if manifest.output(name) is None:
+                raise BadInputError(f"{directory}: {name} is not among the outputs its manifest records; "
+                                    "compress the model again")
+        check_shapes(manifest, out)
+    except BaseException:
+        out.close()
+        raise
+    return manifest, out
