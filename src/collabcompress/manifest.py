@@ -363,9 +363,9 @@ def check_shapes(manifest: Manifest, out: Checkpoint) -> None:
             if name not in out:
                 raise BadInputError(f"{out.path} is missing tensor {name!r} named in its manifest")
             if tuple(out.shape(name)) != shape:
-                raise BadInputError(f"{out.path}: tensor {name} has shape {list(out.shape(name))}, the manifest "
-                                    f"records {la.module} with shared_dim {r}, {h} heads, d_model {d} "
-                                    f"(expected {list(shape)})")
+                raise BadInputError(f"{out.path}: the collab tensors of {la.module} do not match the manifest "
+                                    f"(shared_dim {r}, {h} heads, d_model {d}): {name} has shape "
+                                    f"{list(out.shape(name))}, expected {list(shape)}")
         if t.value is not None and t.value in out and out.shape(t.value)[-1] != la.heads * la.head_dim:
             raise BadInputError(f"{out.path}: tensor {t.value} does not fit {la.heads} heads of width {la.head_dim}")
 
