@@ -161,7 +161,7 @@ def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[st
     return reasons
 
 
-_LLAMA_SIBLINGS = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.(?:self_attn\.o_proj\.weight|mlp\.gate_proj\.weight|"
+_LLAMA_SIBLINGS = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?:self_attn\.o_proj\.weight|mlp\.gate_proj\.weight|"
                              r"input_layernorm\.weight|post_attention_layernorm\.weight)$")
 
 
