@@ -7,7 +7,10 @@ and calibration statistics (``calibration.load_whitening`` / ``load_moments``).
 
 Property: the only exceptions are :class:`collabcompress.errors.CollabError` subclasses
 (exit codes 3/4 at the CLI), never another exception (exit 1), and nothing hangs (each
-example runs under an alarm). Bounded: fixed example counts, no deadline, no example
+example runs under an alarm); where an example is known to be valid (an index or manifest
+left as written, harmless manifest fields) it must be accepted. Path fields (shard names,
+``outputs[].name``, ``source.files[].name``) are drawn from hostile names: ``..``, absolute
+paths, NUL, very long names, a link out of the directory, a FIFO. Bounded: fixed example counts, no deadline, no example
 database, the whole file in well under 90 s.
 """
 
@@ -17,6 +20,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import struct
 import warnings
@@ -62,10 +66,13 @@ def no_hang(seconds: float = 20.0) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def only_collab_errors(fn, *args, **kwargs):
-    """Run ``fn``; a CollabError is a fine answer, anything else fails the property."""
+def only_collab_errors(fn, *args, valid: bool = False, **kwargs):
+    """Run ``fn``; a CollabError is a fine answer for an invalid example, anything else fails
+    the property. A ``valid`` example must be accepted: a reader that refused everything fails."""
     with no_hang(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if valid:
+            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except CollabError:
@@ -223,7 +230,10 @@ def test_random_lengths_and_bytes(root, blob, length):
 # ---------------------------------------------------------------------------- sharded index
 
 _SHARDS = ["a.safetensors", "sub/b.safetensors", "../outside.safetensors", "/etc/passwd", "", ".", "sub",
-           "missing.safetensors", "sub/../a.safetensors", "a\x00b", "x" * 300, "a.safetensors/", "~/a.safetensors"]
+           "missing.safetensors", "sub/../a.safetensors", "a\x00b", "x" * 300, "a.safetensors/", "~/a.safetensors",
+           "link-out.safetensors", "fifo.safetensors", "./a.safetensors", "sub/../../sharded/a.safetensors",
+           "/dev/zero", "a" * 5000 + ".safetensors", "sub/" * 2000 + "b.safetensors"]
+_VALID_WEIGHT_MAP = {k: ("a.safetensors" if ".query." in k else "sub/b.safetensors") for k in _bert_tensors()}
 
 
 @pytest.fixture(scope="module")
@@ -234,13 +244,15 @@ def sharded(root) -> Path:
     save_file({k: v for k, v in t.items() if ".query." in k}, str(d / "a.safetensors"))
     save_file({k: v for k, v in t.items() if ".query." not in k}, str(d / "sub" / "b.safetensors"))
     save_file({"w": torch.zeros(2)}, str(root / "outside.safetensors"))
+    (d / "link-out.safetensors").symlink_to(root / "outside.safetensors")
+    os.mkfifo(d / "fifo.safetensors")  # read, it would block: the reader must refuse it unopened
     (d / "config.json").write_text(json.dumps({"num_attention_heads": HEADS}))
     return d
 
 
 @st.composite
 def _mostly_valid_index(draw) -> dict:
-    weight_map = {k: ("a.safetensors" if ".query." in k else "sub/b.safetensors") for k in _bert_tensors()}
+    weight_map = dict(_VALID_WEIGHT_MAP)
     for _ in range(draw(st.integers(0, 2))):
         key = draw(st.sampled_from([*weight_map, "ghost"]))
         weight_map[key] = draw(st.one_of(st.sampled_from(_SHARDS), _json_atoms))
@@ -267,7 +279,8 @@ def test_random_index(sharded, index, raw_tail):
     if raw_tail:
         text = raw_tail if raw_tail != b"\xff" else text + raw_tail
     (sharded / "model.safetensors.index.json").write_bytes(text)
-    only_collab_errors(_exercise, sharded)
+    valid = not raw_tail and isinstance(index, dict) and index.get("weight_map") == _VALID_WEIGHT_MAP
+    only_collab_errors(_exercise, sharded, valid=valid)
 
 
 # ---------------------------------------------------------------------------- config.json
@@ -363,22 +376,67 @@ def comp(root) -> tuple[Path, dict]:
     return root / "comp", json.loads((root / "comp" / MANIFEST_NAME).read_text())
 
 
-def _write_mutated(directory: Path, base: dict, data) -> None:
+def _write_mutated(directory: Path, base: dict, data) -> dict:
     """Write a mutated copy of the manifest ``base`` (examples that are not JSON are skipped)."""
     try:
         text = json.dumps(_mutated(base, data))
     except ValueError:
         assume(False)
     (directory / MANIFEST_NAME).write_text(text)
+    return json.loads(text)
 
 
 @FUZZ
 @given(data=st.data())
 def test_mutated_manifest(comp, data):
     directory, base = comp
-    _write_mutated(directory, base, data)
-    only_collab_errors(_report_and_verify, directory)
+    mutated = _write_mutated(directory, base, data)
+    only_collab_errors(_report_and_verify, directory, valid=_same(mutated, base))
     (directory / MANIFEST_NAME).write_text(json.dumps(base))
+
+
+_HOSTILE_NAMES = st.one_of(
+    st.sampled_from(["..", "../src/model.safetensors", "/etc/passwd", "/dev/zero", "a\x00b", "x" * 5000,
+                     "sub/" * 2000 + "x", "", ".", "./model.safetensors", "model.safetensors/", "\\..\\x",
+                     "link-out", "fifo", "config.json", "model.safetensors"]),
+    st.text(max_size=40))
+
+
+@FUZZ
+@given(data=st.data(), field=st.sampled_from(["outputs", "files"]), name=_HOSTILE_NAMES)
+def test_manifest_path_fields(comp, data, field, name):
+    """A file name of ``outputs`` or ``source.files`` is refused unless it names the very file recorded."""
+    directory, base = comp
+    m = copy.deepcopy(base)
+    records = m["outputs"] if field == "outputs" else m["source"]["files"]
+    i = data.draw(st.integers(0, len(records) - 1))
+    original = records[i]["name"]
+    records[i]["name"] = name
+    try:
+        (directory / MANIFEST_NAME).write_text(json.dumps(m))
+        only_collab_errors(_report_and_verify, directory, valid=name == original)
+        if name != original and field == "outputs":
+            with pytest.raises(CollabError):
+                with no_hang():
+                    build_report(directory)
+    finally:
+        (directory / MANIFEST_NAME).write_text(json.dumps(base))
+
+
+@FUZZ
+@given(created=st.text(max_size=30), version=st.text(max_size=30),
+       seconds=st.floats(0, 1e9, allow_nan=False), iterations=st.integers(0, 10 ** 6))
+def test_harmless_manifest_changes_are_accepted(comp, created, version, seconds, iterations):
+    """Fields no check depends on may hold anything of their type: the readers still answer."""
+    directory, base = comp
+    m = copy.deepcopy(base)
+    m["created_utc"], m["tool"]["version"] = created, version
+    m["layers"][0].update(seconds=seconds, iterations=iterations)
+    try:
+        (directory / MANIFEST_NAME).write_text(json.dumps(m))
+        only_collab_errors(_report_and_verify, directory, valid=True)
+    finally:
+        (directory / MANIFEST_NAME).write_text(json.dumps(base))
 
 
 @FUZZ
@@ -387,8 +445,20 @@ def test_mutated_manifest(comp, data):
 def test_random_manifest_bytes(comp, content):
     directory, base = comp
     (directory / MANIFEST_NAME).write_bytes(content)
-    only_collab_errors(load_manifest, directory)
+    only_collab_errors(load_manifest, directory, valid=_same(_loads(content), base))
     (directory / MANIFEST_NAME).write_text(json.dumps(base))
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON (``True`` is not ``1`` there)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _loads(content: bytes):
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None
 
 
 @settings(FUZZ, max_examples=12)
