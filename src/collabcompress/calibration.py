@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .arch import AttentionSpec, detect
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
-from .io import Checkpoint, open_checkpoint, read_texts
+from .io import Checkpoint, open_checkpoint, read_texts, regular_file
 from .output import sha256_file, write_safetensors
 
 __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "read_texts", "STATS_FORMAT"]
@@ -298,12 +298,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
-    try:
-        found = path.is_file()
-    except OSError as e:
-        raise BadInputError(f"cannot read calibration statistics {path}: {e.strerror or e}") from e
-    if not found:
-        raise BadInputError(f"calibration statistics not found: {path}")
+    regular_file(path, what="calibration statistics")
     try:
         f = safe_open(str(path), framework="pt")
         meta = f.metadata() or {}
