@@ -81,7 +81,12 @@ def read_texts(path: str | Path) -> list[str]:
         BadInputError: missing or unreadable file, not UTF-8, or no text in it.
     """
     path = Path(path)
-    file = regular_file(path, what="--texts")
+    try:
+        file = regular_file(path, what="--texts")
+    except BadInputError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise BadInputError(f"cannot read --texts {path}: {e.__cause__.strerror}") from e
+        raise
     try:
         data = file.read_bytes()
     except OSError as e:
