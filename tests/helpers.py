@@ -50,13 +50,15 @@ def write_stats(model_dir: Path, path: Path, n_tokens: int, /, **meta_changes: s
 
 
 def rerecord_outputs(directory: Path) -> None:
-    """Record the current sha256 and size of every output in the manifest: a directory edited
-    after compress then passes the hash check, so the checks behind it can be tested."""
+    """Record the current sha256 and size of every output in the manifest (a deleted one is
+    dropped): a directory edited after compress then passes the hash check, so the checks
+    behind it can be tested."""
     import dataclasses
 
     from collabcompress import manifest as mf
     from collabcompress.output import file_record
 
     m = mf.read(directory)
-    outputs = tuple(mf.FileRecord(**file_record(directory / o.name, directory)) for o in m.outputs)
+    outputs = tuple(mf.FileRecord(**file_record(directory / o.name, directory)) for o in m.outputs
+                    if (directory / o.name).is_file())
     mf.write(directory, dataclasses.replace(m, outputs=outputs))

@@ -423,7 +423,7 @@ def test_manifest_path_fields(comp, data, field, name):
         (directory / MANIFEST_NAME).write_text(json.dumps(base))
 
 
-@FUZZ
+@settings(FUZZ, max_examples=25)
 @given(created=st.text(max_size=30), version=st.text(max_size=30),
        seconds=st.floats(0, 1e9, allow_nan=False), iterations=st.integers(0, 10 ** 6))
 def test_harmless_manifest_changes_are_accepted(comp, created, version, seconds, iterations):
