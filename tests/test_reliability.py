@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -162,13 +163,17 @@ def ws(base, tmp_path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` (hidden ones included): sha256 for files, "dir" for directories."""
+    """Every path under ``root`` (hidden ones included): sha256 for files, "dir" for directories,
+    the target of a symbolic link, "special" for a FIFO or device (never opened: it would block)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
         for f in filenames:
             p = os.path.join(dirpath, f)
+            if os.path.islink(p) or not stat.S_ISREG(os.lstat(p).st_mode):
+                out[os.path.relpath(p, root)] = f"link {os.readlink(p)}" if os.path.islink(p) else "special"
+                continue
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
@@ -528,7 +533,58 @@ CASES = [
     C("compress-rank-29-digits", compress_("--rank", "9" * 29), 3, "--rank"),
     C("compress-max-iter-5000-digits", compress_("--rank", "4", "--max-iter", "9" * 5000), 3, "--max-iter"),
     C("report-seq-len-29-digits", lambda ws: ["report", ws / "comp", "--seq-len", "9" * 29], 3, "--seq-len"),
+    # -- issue 11: reading and manifests -------------------------------------------------------------
+    C("analyze-index-shard-dotdot", lambda ws: ["analyze", ws / "src"], 3, "outside",
+      setup=_sharded(lambda index, ws: index["weight_map"].update(
+          {k: "../comp/model.safetensors" for k in list(index["weight_map"])[:1]}))),
+    C("analyze-index-shard-absolute", lambda ws: ["analyze", ws / "src"], 3, "outside",
+      setup=_sharded(lambda index, ws: index["weight_map"].update(
+          {k: str(ws / "comp" / "model.safetensors") for k in list(index["weight_map"])[:1]}))),
+    C("analyze-index-shard-symlink-out", lambda ws: ["analyze", ws / "src"], 3, "outside",
+      setup=_sharded(lambda index, ws: (ws / "src" / "out.safetensors").symlink_to(ws / "comp" / "model.safetensors")
+                     or index["weight_map"].update({k: "out.safetensors" for k in list(index["weight_map"])[:1]}))),
+    C("analyze-index-shard-fifo", lambda ws: ["analyze", ws / "src"], 3, "not a regular file",
+      setup=_sharded(lambda index, ws: os.mkfifo(ws / "src" / "fifo.safetensors")
+                     or index["weight_map"].update({k: "fifo.safetensors" for k in list(index["weight_map"])[:1]}))),
+    C("compress-index-same-shard-twice", compress_(*RANK), 3, "same shard",
+      setup=_sharded(lambda index, ws: index["weight_map"].update(
+          {k: "./" + v for k, v in list(index["weight_map"].items())[:1]}))),
+    C("analyze-config-fifo", lambda ws: ["analyze", ws / "src"], 3, "not a regular file",
+      setup=lambda ws: (ws / "src" / "config.json").unlink() or os.mkfifo(ws / "src" / "config.json")),
+    C("analyze-only-pickle", lambda ws: ["analyze", ws / "src"], 3, ("pytorch_model.bin", "never loads"),
+      setup=lambda ws: (ws / "src" / "model.safetensors").rename(ws / "src" / "pytorch_model.bin")),
+    C("compress-a-pickle-file", lambda ws: ["compress", ws / "src" / "model.pt", "--out", ws / "out", *RANK], 3,
+      "never loads", setup=lambda ws: (ws / "src" / "model.pt").write_bytes(b"\x80\x04not loaded")),
+    C("analyze-llama-without-config", lambda ws: ["analyze", ws / "llama", "--heads", "4"], 4, "rotary",
+      setup=lambda ws: (ws / "llama" / "config.json").unlink()),
+    C("verify-output-changed", lambda ws: ["verify", ws / "comp"], 3, ("model.safetensors", "sha256"),
+      setup=lambda ws: _flip_last_byte(ws / "comp" / "model.safetensors")),
+    C("report-output-changed", lambda ws: ["report", ws / "comp"], 3, ("model.safetensors", "sha256"),
+      setup=lambda ws: _flip_last_byte(ws / "comp" / "model.safetensors")),
+    C("report-output-config-symlink-out", lambda ws: ["report", ws / "comp"], 3, "outside",
+      setup=lambda ws: (ws / "comp" / "config.json").unlink()
+      or (ws / "comp" / "config.json").symlink_to(ws / "src" / "config.json")),
+    C("verify-output-not-recorded", lambda ws: ["verify", ws / "comp"], 3, "not among the outputs",
+      setup=_manifest(lambda m: m.update(outputs=[o for o in m["outputs"] if o["name"] != "model.safetensors"]))),
+    C("report-manifest-output-name-escapes", lambda ws: ["report", ws / "comp"], 3, "outputs",
+      setup=_manifest(lambda m: m["outputs"].append({"name": "../src/config.json", "sha256": "0" * 64,
+                                                     "bytes": 1}))),
+    C("verify-source-files-empty", lambda ws: ["verify", ws / "comp", "--max-kl", "1"], 3, "no weight file",
+      setup=_manifest(lambda m: m["source"].update(files=[]))),
+    C("verify-original-another-model", lambda ws: ["verify", ws / "comp", "--original", ws / "src"], 3,
+      ("model.safetensors", "differs"), setup=lambda ws: _flip_last_byte(ws / "src" / "model.safetensors")),
+    C("verify-layer-listed-twice", lambda ws: ["verify", ws / "comp"], 3, "listed twice",
+      setup=_manifest(lambda m: m["layers"].append(m["layers"][0]))),
+    C("report-layer-index-twice", lambda ws: ["report", ws / "comp"], 3, "listed twice",
+      setup=_manifest(lambda m: m["layers"][1].update(index=m["layers"][0]["index"]))),
 ]
+
+
+def _flip_last_byte(path: Path) -> None:
+    """Change one byte of tensor data: the header stays valid, the sha256 does not."""
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
 
 
 def _argv(case: Case, ws: Path) -> list[str]:

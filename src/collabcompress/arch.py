@@ -103,11 +103,25 @@ def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[st
     rotary = ((isinstance(model_type, str) and model_type in _ROTARY_MODEL_TYPES)
               or any(k in cfg for k in _ROTARY_KEYS)
               or cfg.get("position_embedding_type") == "rotary"
-              or any("rotary_emb" in n for n in names))
+              or _looks_rotary(names))
     if rotary:
         reasons.append("rotary position embeddings: the rotation between query and key breaks the shared "
                        "bilinear form")
     return reasons
+
+
+_LLAMA_SIBLINGS = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?:self_attn\.o_proj\.weight|mlp\.gate_proj\.weight|"
+                             r"input_layernorm\.weight|post_attention_layernorm\.weight)$")
+
+
+def _looks_rotary(names: list[str]) -> bool:
+    """A LLaMA-style rotary decoder told by its tensor names alone (no config needed): a
+    ``rotary_emb`` buffer, or a layer whose ``self_attn.q_proj`` sits beside ``self_attn.o_proj``
+    (BART-style layers name it ``out_proj``), ``mlp.gate_proj`` or ``input_layernorm``."""
+    if any("rotary_emb" in n for n in names):
+        return True
+    with_query = {n[: -len(".self_attn.q_proj.weight")] for n in names if n.endswith(".self_attn.q_proj.weight")}
+    return any((m := _LLAMA_SIBLINGS.match(n)) and m.group("layer") in with_query for n in names)
 
 
 def _config_heads(config: dict[str, Any] | None, family: Family, module: str) -> int | None:

@@ -36,7 +36,7 @@ from . import __version__
 from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
-from .io import Checkpoint, open_checkpoint, read_texts
+from .io import Checkpoint, open_checkpoint, read_texts, regular_file
 from .output import check_output_file, sha256_file, write_safetensors
 from .texts import load_tokenizer, position_limit
 
@@ -285,12 +285,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
-    try:
-        found = path.is_file()
-    except OSError as e:
-        raise BadInputError(f"cannot read calibration statistics {path}: {e.strerror or e}") from e
-    if not found:
-        raise BadInputError(f"calibration statistics not found: {path}")
+    regular_file(path, what="calibration statistics")
     try:
         f = safe_open(str(path), framework="pt")
         meta = f.metadata() or {}

@@ -29,6 +29,7 @@ from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
 from .dtypes import OUTPUT_NAMES, dtype_name, to_torch
 from .errors import BadInputError
 from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
+from . import manifest as _mf
 from .manifest import FORMAT, MANIFEST_NAME
 from .parallel import default_workers, map_layers
 from .refine import RefineResult, refine_factors
@@ -238,23 +239,22 @@ def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions
 
 
 
-def _layer_record(layer: _Layer) -> dict[str, Any]:
+def _layer_record(layer: _Layer) -> _mf.LayerRecord:
     spec, names = layer.spec, collab_names(layer.spec.module)
-    return {
-        "module": spec.module, "index": spec.index, "heads": spec.n_head, "head_dim": spec.head_dim,
-        "d_model": spec.d_model, "shared_dim": layer.shared_dim, "scale": spec.scale,
-        "relative_error": round(layer.factors.relative_error, 8), "relative_error_plain": round(layer.plain_error, 8),
-        "energy_spectral": round(layer.energy_spectral, 8),
-        "iterations": layer.factors.iterations, "seconds": round(layer.seconds, 4),
-        "tensors": {"query": names["query"], "key": names["key"], "mixing": names["mixing"],
-                    "content_bias": names["content_bias"],
-                    "value": names["value"] if spec.fused else None},
-        "removed": layer.removed, "family": spec.family, "fused": spec.fused,
-        "query_bias": spec.query_bias is not None, "key_bias": spec.key_bias is not None,
-        "refine": None if layer.refined is None else {
+    return _mf.LayerRecord(
+        module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
+        d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
+        relative_error=round(layer.factors.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
+        energy_spectral=round(layer.energy_spectral, 8),
+        iterations=layer.factors.iterations, seconds=round(layer.seconds, 4),
+        tensors=_mf.LayerTensors(names["query"], names["key"], names["mixing"], names["content_bias"],
+                                 names["value"] if spec.fused else None),
+        removed=tuple(layer.removed), family=spec.family, fused=spec.fused,
+        query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
+        refine=None if layer.refined is None else {
             "steps": layer.refined.steps, "kl_before": round(layer.refined.kl_before, 8),
             "kl_after": round(layer.refined.kl_after, 8)},
-    }
+    )
 
 
 def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Path]:
@@ -366,17 +366,16 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             outputs.append(tmp / "config.json")
         if Path(checkpoint).is_dir() or ckpt.sharded or ckpt.config is not None:
             outputs.extend(copy_other_files(ckpt.directory, tmp, set(source_files)))
-        manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp)
-        manifest["settings"].update(heads=heads, arch=arch)
-        write_json(manifest, tmp / MANIFEST_NAME)
+        manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch)
+        _mf.write(tmp, manifest)
         if remote_code:
             from .hf import write_remote_code
 
             write_remote_code(tmp)
-            manifest = json.loads((tmp / MANIFEST_NAME).read_text(encoding="utf-8"))
+            manifest = _mf.read(tmp)
         _publishable(tmp)
     ckpt.close()
-    return manifest
+    return manifest.to_json()
 
 
 def _publishable(tmp: Path) -> None:
@@ -390,7 +389,8 @@ def _publishable(tmp: Path) -> None:
 
 
 def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpec], layers: list[_Layer],
-              options: CompressOptions, source_files: list[Path], outputs: list[Path], tmp: Path) -> dict[str, Any]:
+              options: CompressOptions, source_files: list[Path], outputs: list[Path], tmp: Path,
+              heads: int | None, arch: str | None) -> _mf.Manifest:
     params_before = sum(ckpt.numel(n) for n in ckpt.names())
     removed = sum(ckpt.numel(n) for layer in layers for n in layer.removed)
     added = sum(t.numel() for layer in layers for t in layer.tensors.values())
@@ -402,25 +402,24 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
         calibration = {"file": str(Path(options.calibration).resolve()), "sha256": sha256_file(Path(options.calibration))}
     settings = asdict(options)
     settings["calibration"] = calibration
-    return {
-        "format": FORMAT,
-        "tool": {"name": "collabcompress", "version": __version__},
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "source": {
-            "path": str(Path(checkpoint).resolve()),
-            "files": [file_record(f, ckpt.directory) for f in source_files],
-            "architecture": specs[0].family,
-            "dtype": dtype_name(ckpt.dtype(specs[0].query)),
-        },
-        "settings": settings,
-        "layers": [_layer_record(layer) for layer in layers],
-        "totals": {
-            "params_before": params_before,
-            "params_after": params_before - removed + added,
-            "qk_params_before": sum(stored_qk_params(layer.spec, ckpt.numel) for layer in layers),
-            "qk_params_after": qk_after,
-            "bytes_before": sum(f.stat().st_size for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])),
-            "bytes_after": sum(p.stat().st_size for p in weights_out),
-        },
-        "outputs": [file_record(p, tmp) for p in outputs],
-    }
+    return _mf.Manifest(
+        tool=_mf.Tool("collabcompress", __version__),
+        created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        source=_mf.SourceRecord(
+            path=str(Path(checkpoint).resolve()),
+            files=tuple(_mf.FileRecord(**file_record(f, ckpt.directory)) for f in source_files),
+            architecture=specs[0].family,
+            dtype=dtype_name(ckpt.dtype(specs[0].query)),
+        ),
+        settings=_mf.Settings(settings, heads=heads, arch=arch),
+        layers=tuple(_layer_record(layer) for layer in layers),
+        totals=_mf.Totals(
+            params_before=params_before,
+            params_after=params_before - removed + added,
+            qk_params_before=sum(stored_qk_params(layer.spec, ckpt.numel) for layer in layers),
+            qk_params_after=qk_after,
+            bytes_before=sum(f.stat().st_size for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])),
+            bytes_after=sum(p.stat().st_size for p in weights_out),
+        ),
+        outputs=tuple(_mf.FileRecord(**file_record(p, tmp)) for p in outputs),
+    )

@@ -22,7 +22,7 @@ import torch
 
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
-from .io import read_texts
+from .io import open_checkpoint, read_texts
 from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
 
 __all__ = ["evaluate", "read_texts", "pooled_embeddings"]
@@ -54,8 +54,10 @@ def _load_original(directory: Path, model_class: type):
 
     if hf.is_compressed(directory):
         return hf.from_pretrained(directory, model_class=model_class)
+    open_checkpoint(directory).close()  # the reading rules, before transformers opens anything
     try:
-        model, info = model_class.from_pretrained(str(directory), local_files_only=True, output_loading_info=True)
+        model, info = model_class.from_pretrained(str(directory), local_files_only=True, output_loading_info=True,
+                                                  use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise BadInputError(f"cannot load the original model {directory}: {str(e).splitlines()[0]}") from e
     missing = sorted(info.get("missing_keys") or [])
@@ -138,14 +140,14 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         MissingExtraError: transformers is not installed.
     """
     from . import hf
-    from .manifest import load_manifest
+    from .manifest import read
 
     start = time.perf_counter()
     original, compressed = Path(original), Path(compressed)
     if max_length < 2 or batch_size < 1:
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
-    manifest = load_manifest(compressed)
-    family = manifest["source"]["architecture"]
+    manifest = read(compressed)
+    family = manifest.source.architecture
     if not hf.loadable_family(family, compressed).text:
         raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
                                            "not a text model")
@@ -209,7 +211,7 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         "compressed": str(compressed),
         "family": family,
         "model_class": type(reference).__name__,
-        "shared_dims": sorted({layer["shared_dim"] for layer in manifest["layers"]}),
+        "shared_dims": sorted({layer.shared_dim for layer in manifest.layers}),
         "texts": {"source": source, "count": len(texts), "max_length": max_length},
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),

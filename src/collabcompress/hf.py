@@ -17,8 +17,8 @@ broadcast.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import manifest as _mf
 from .dtypes import to_torch
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
 from .families import FAMILIES, Family, find_family
-from .io import open_checkpoint
-from .manifest import MANIFEST_NAME, load_manifest
+from .io import Checkpoint, open_checkpoint, read_json
+from .manifest import MANIFEST_NAME, LayerRecord
 from .nn import CollaborativeAttention
 
 __all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
@@ -277,10 +278,10 @@ def _wrapper_class(original: type[nn.Module], family: Family) -> type[nn.Module]
                  "__doc__": f"{original.__name__} with collaborative query/key projections (collabcompress)."})
 
 
-def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: str, family: Family) -> nn.Module:
+def _collaborative_module(old: nn.Module, layer: LayerRecord, module_name: str, family: Family) -> nn.Module:
     """A copy of ``old`` (same attributes and submodules, shared tensors) with collab_* instead of query/key."""
     cls = _wrapper_class(type(old), family)
-    heads, head_dim, d_model, shared = layer["heads"], layer["head_dim"], layer["d_model"], layer["shared_dim"]
+    heads, head_dim, d_model, shared = layer.heads, layer.head_dim, layer.d_model, layer.shared_dim
     if getattr(old, cls._heads_attr, heads) != heads or getattr(old, cls._head_dim_attr, head_dim) != head_dim:
         raise BadInputError(f"{module_name}: the manifest says {heads} heads of width {head_dim}, the config builds "
                             f"{getattr(old, cls._heads_attr)} of width {getattr(old, cls._head_dim_attr)}")
@@ -296,7 +297,7 @@ def _collaborative_module(old: nn.Module, layer: dict[str, Any], module_name: st
         from transformers.pytorch_utils import Conv1D
 
         new.collab_value = Conv1D(heads * head_dim, d_model).to(device=ref.device, dtype=ref.dtype)
-    new.scale = float(getattr(old, "scaling", None) or layer["scale"])
+    new.scale = float(getattr(old, "scaling", None) or layer.scale)
     return new
 
 
@@ -317,27 +318,28 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInputError(f"{directory} has no config.json: a transformers model cannot be built from it "
                             "(compress a directory that holds config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"cannot read {path}: {e}") from e
+    config = read_json(path, "config", directory)
     if not isinstance(config, dict) or not isinstance(config.get("collaborative_attention"), dict):
         raise BadInputError(f"{path} has no 'collaborative_attention' block; is {directory} an output of "
                             "`collabcompress compress`?")
     return config
 
 
+def _named_model_class(transformers, name: Any) -> type | None:
+    """The transformers model class called ``name``, or ``None`` (``os.system``, ``AutoConfig``, not a string)."""
+    found = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    return found if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel) else None
+
+
 def _model_class(transformers, config, model_class):
     if model_class is not None:
-        if isinstance(model_class, str):
-            found = getattr(transformers, model_class, None)
-            if found is None:
-                raise BadInputError(f"transformers has no model class {model_class!r}")
-            return found
-        return model_class
-    for name in getattr(config, "architectures", None) or []:
-        found = getattr(transformers, name, None)
-        if isinstance(found, type):
+        found = _named_model_class(transformers, model_class) if isinstance(model_class, str) else model_class
+        if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
+            raise BadInputError(f"{str(model_class)[:80]!r} is not a transformers model class")
+        return found
+    architectures = getattr(config, "architectures", None)
+    for name in architectures if isinstance(architectures, list) else []:
+        if (found := _named_model_class(transformers, name)) is not None:
             return found
     try:
         return transformers.AutoModel._model_mapping[type(config)]
@@ -368,27 +370,9 @@ def _renamer(model: nn.Module):
     return rename
 
 
-def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BadInputError(f"cannot read the shard index {index}: {e}") from e
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise BadInputError(f"{directory} holds no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(str(directory / name)))
-        except (OSError, SafetensorError) as e:
-            raise BadInputError(f"cannot read {directory / name}: {e}") from e
-    return tensors
+def _load_tensors(out: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of the output, each read once through :mod:`collabcompress.io`."""
+    return {name: out.load(name) for name in out.names()}
 
 
 def _ignored_patterns(model: nn.Module) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
@@ -485,8 +469,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         UnsupportedArchitectureError: a family this loader does not run (e.g. ``timm-vit``).
     """
     directory = Path(directory)
-    manifest = load_manifest(directory)
-    family = loadable_family(manifest["source"]["architecture"], directory)
+    manifest = _mf.read(directory)
+    family = loadable_family(manifest.source.architecture, directory)
     _read_config(directory)
     if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
         raise BadInputError(f"attn_implementation {attn_implementation!r} is not supported with collaborative "
@@ -499,13 +483,16 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
     cls = _model_class(transformers, config, model_class)
-    tensors = _load_tensors(directory)
+    manifest, out = _mf.open_output(directory)
+    try:
+        tensors = _load_tensors(out)
+    finally:
+        out.close()
     if model_class is None:
         cls = _follow_weights(transformers, config, cls, tensors)
-    layers = manifest["layers"]
+    layers = manifest.layers
     if dtype is None:
-        dtype = manifest["source"].get("dtype")
-        dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+        dtype = _DTYPES.get(manifest.source.dtype) if manifest.source.dtype else None
     elif isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise BadInputError(f"unknown dtype {dtype!r}; choose {', '.join(_DTYPES)}")
@@ -524,8 +511,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     plain_names = dict.fromkeys(model.state_dict(), True)
     memory_module: dict[str, str] = {}
     for layer in layers:
-        file_module = layer["module"]
-        query_name = layer["removed"][0] if layer["removed"] else f"{file_module}.query.weight"
+        file_module = layer.module
+        query_name = layer.removed[0] if layer.removed else f"{file_module}.query.weight"
         in_memory = rename(query_name, plain_names)
         if in_memory not in plain_names:
             raise BadInputError(f"{directory}: compressed module {file_module} has no counterpart in "
@@ -596,10 +583,6 @@ class Collaborative{base}({base}):
 '''
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_remote_code(directory: str | os.PathLike) -> Path:
     """Make ``directory`` load with ``AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
 
@@ -619,9 +602,11 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     from . import __version__
     from .output import write_json
 
+    from .output import file_record
+
     directory = Path(directory)
-    manifest = load_manifest(directory)
-    loadable_family(manifest["source"]["architecture"], directory)
+    manifest = _mf.read(directory)
+    loadable_family(manifest.source.architecture, directory)
     config = _read_config(directory)
     transformers = _transformers()
     cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
@@ -632,11 +617,9 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
         code.write_text(_REMOTE_CODE.format(base=base, version=__version__), encoding="utf-8")
         config["auto_map"] = {**(config.get("auto_map") or {}), "AutoModel": f"{module}.Collaborative{base}"}
         write_json(config, directory / "config.json")
-        outputs = [o for o in manifest["outputs"] if o.get("name") not in ("config.json", REMOTE_CODE_NAME)]
-        for path in (directory / "config.json", code):
-            outputs.append({"name": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size})
-        manifest["outputs"] = outputs
-        write_json(manifest, directory / MANIFEST_NAME)
+        outputs = [o for o in manifest.outputs if o.name not in ("config.json", REMOTE_CODE_NAME)]
+        outputs += [_mf.FileRecord(**file_record(path, directory)) for path in (directory / "config.json", code)]
+        _mf.write(directory, dataclasses.replace(manifest, outputs=tuple(outputs)))
     except OSError as e:
         raise BadInputError(f"cannot write the remote code into {directory}: {e}") from e
     return code

@@ -8,32 +8,62 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .dtypes import to_torch
 from .errors import BadInputError
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "FLOAT_DTYPES"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "regular_file"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-TORCH_DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                "U8": torch.uint8, "BOOL": torch.bool}
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file, turning every failure into a one-line :class:`BadInputError`."""
+def regular_file(path: Path, root: Path | None = None, what: str = "file") -> Path:
+    """``path`` with its links resolved, checked before anything opens it.
+
+    The one reading rule of collabcompress: only a regular file is read (a FIFO, device or
+    directory is refused without opening it, so nothing blocks), and a file named inside
+    ``root`` must stay inside it once symbolic links are resolved.
+
+    Raises:
+        BadInputError: missing, not a regular file, outside ``root``, or an unusable name.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        resolved = path.resolve()
+        if root is not None:
+            base = root.resolve()
+            if base not in resolved.parents:
+                raise BadInputError(f"{what} {str(path)[:200]} points outside {root} (through '..', an absolute "
+                                    "path or a symbolic link); collabcompress reads only files inside it")
+        mode = os.stat(resolved).st_mode
     except FileNotFoundError as e:
-        raise BadInputError(f"{what} not found: {path}") from e
+        raise BadInputError(f"{what} not found: {str(path)[:200]}") from e
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte, a symlink loop
+        raise BadInputError(f"cannot open {what} {str(path)[:200]}: {getattr(e, 'strerror', None) or e}") from e
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+        raise BadInputError(f"{what} {str(path)[:200]} is {kind}, not a regular file; collabcompress reads only "
+                            "regular files")
+    return resolved
+
+
+def read_json(path: Path, what: str, root: Path | None = None) -> Any:
+    """Parse a JSON file read under :func:`regular_file`'s rule; every failure is a one-line
+    :class:`BadInputError`."""
+    file = regular_file(path, root, what)
+    try:
+        text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise BadInputError(f"cannot read {what} {path}: {e}") from e
     try:
@@ -50,7 +80,13 @@ def read_texts(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        file = regular_file(path, what="--texts")
+    except BadInputError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise BadInputError(f"cannot read --texts {path}: {e.__cause__.strerror}") from e
+        raise
+    try:
+        data = file.read_bytes()
     except OSError as e:
         raise BadInputError(f"cannot read --texts {path}: {e.strerror or e}") from e
     try:
@@ -192,7 +228,7 @@ class Checkpoint:
         """
         span = self._offsets.get(file, {}).get(name)
         shape, st_dtype = self._meta[name]
-        dtype = TORCH_DTYPES.get(st_dtype)
+        dtype = to_torch(st_dtype)
         if span is None or dtype is None or sys.byteorder != "little":
             return None
         start, end = span
@@ -221,26 +257,26 @@ def _index_files(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise BadInputError(f"sharded index {index_file} has no 'weight_map' object")
-    root = index_file.parent.resolve()
+    root = index_file.parent
     files: dict[str, Path] = {}
     mapping: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if not isinstance(name, str) or not isinstance(shard, str) or not shard:
             raise BadInputError(f"sharded index {index_file}: entry {name!r} is not a tensor name -> file name")
         if shard not in files:
+            what = f"shard {shard[:80]!r} of the sharded index {index_file}"
+            if PurePosixPath(shard).is_absolute() or ".." in PurePosixPath(shard).parts:
+                raise BadInputError(f"sharded index {index_file} points outside its directory: {shard[:80]!r}")
             try:
-                file = (root / shard).resolve()
-                inside = file.parent == root or root in file.parents
-                present = inside and file.is_file()
-            except (OSError, ValueError) as e:  # a name too long, a NUL byte
-                raise BadInputError(f"sharded index {index_file} names an unusable shard file {shard[:80]!r}: "
-                                    f"{getattr(e, 'strerror', None) or e}") from e
-            if not inside:
-                raise BadInputError(f"sharded index {index_file} points outside its directory: {shard!r}")
-            if not present:
-                raise BadInputError(f"sharded index {index_file} names a missing shard: {shard}")
-            files[shard] = file
+                files[shard] = regular_file(root / shard, root, what)
+            except BadInputError as e:
+                if isinstance(e.__cause__, FileNotFoundError):
+                    raise BadInputError(f"sharded index {index_file} names a missing shard: {shard[:200]}") from e
+                raise
         mapping[name] = files[shard]
+    if len(set(files.values())) < len(files):  # "a.safetensors" and "./a.safetensors", or a link to a shard
+        raise BadInputError(f"sharded index {index_file} names the same shard file under two names; "
+                            "name each shard once")
     return sorted(files.values()), mapping
 
 
@@ -253,11 +289,13 @@ def _resolve(path: Path) -> tuple[Path, list[Path], Path | None]:
 
 
 def _resolve_path(path: Path) -> tuple[Path, list[Path], Path | None]:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise BadInputError(f"checkpoint not found: {path}")
+    root = None
     if path.is_dir():
+        root = path
         candidates = [path / "model.safetensors", path / f"model{INDEX_SUFFIX}"]
-        found = [c for c in candidates if c.is_file()]
+        found = [c for c in candidates if c.exists() or c.is_symlink()]
         if not found:
             indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
             singles = sorted(path.glob("*.safetensors"))
@@ -268,12 +306,20 @@ def _resolve_path(path: Path) -> tuple[Path, list[Path], Path | None]:
                         f"{path} holds several safetensors files and no model.safetensors or "
                         f"model{INDEX_SUFFIX}; pass the file or index to use"
                     )
+                pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+                if pickles:
+                    raise BadInputError(f"{path} holds only {', '.join(pickles[:3])} (a pickle, which collabcompress "
+                                        "never loads); convert it to safetensors first (transformers: "
+                                        "model.save_pretrained(dir, safe_serialization=True))")
                 raise BadInputError(f"no safetensors weights in {path} (expected model.safetensors or model{INDEX_SUFFIX})")
         path = found[0]
+    elif path.name.endswith(PICKLE_SUFFIXES):
+        raise BadInputError(f"{path} is a pickle, which collabcompress never loads; convert it to safetensors first "
+                            "(transformers: model.save_pretrained(dir, safe_serialization=True))")
+    what = "sharded index" if path.name.endswith(INDEX_SUFFIX) else "checkpoint file"
+    regular_file(path, root, what)
     if path.name.endswith(INDEX_SUFFIX):
         return path.parent, [], path
-    if not path.is_file():
-        raise BadInputError(f"not a file: {path}")
     return path.parent, [path], None
 
 
@@ -314,8 +360,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not weight_map:
         raise BadInputError(f"{path} holds no tensors")
     config_path = directory / "config.json"
-    if config_path.is_file():
-        config = read_json(config_path, "config")
+    if config_path.exists() or config_path.is_symlink():
+        config = read_json(config_path, "config", directory)
         if not isinstance(config, dict):
             raise BadInputError(f"config {config_path} is not a JSON object")
         ckpt.config = config

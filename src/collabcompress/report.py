@@ -76,8 +76,7 @@ from .defaults import DEFAULT_SEQ_LEN
 from .dtypes import ELEMENT_SIZE, dtype_name
 from .errors import BadInputError
 from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
-from .manifest import MANIFEST_NAME, load_manifest
-from .output import sha256_file
+from .manifest import MANIFEST_NAME, Manifest, check_source, open_output
 
 __all__ = ["build_report", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
 
@@ -267,9 +266,9 @@ def _matmul_total(ckpt: Checkpoint, skip: set[str] = frozenset()) -> int:
     return sum(matmul_flops(n, ckpt.shape(n)) for n in ckpt.names() if n not in skip)
 
 
-def _source(manifest: dict[str, Any]) -> tuple[Checkpoint | None, str | None]:
+def _source(manifest: Manifest) -> tuple[Checkpoint | None, str | None]:
     """The source checkpoint if it is where the manifest says and unchanged, else (None, why)."""
-    path = Path(manifest["source"]["path"])
+    path = Path(manifest.source.path)
     fallback = "the before-figures come from the manifest and the output's unchanged tensors"
     if not path.exists():
         return None, f"The source checkpoint {path} is not there any more; {fallback}."
@@ -277,12 +276,11 @@ def _source(manifest: dict[str, Any]) -> tuple[Checkpoint | None, str | None]:
         ckpt = open_checkpoint(path)
     except BadInputError as e:
         return None, f"The source checkpoint {path} cannot be read ({e}); {fallback}."
-    for f in manifest["source"]["files"]:
-        file = ckpt.directory / f["name"]
-        if file.name.endswith((".safetensors", INDEX_SUFFIX)):
-            if not file.is_file() or file.stat().st_size != f["bytes"] or sha256_file(file) != f["sha256"]:
-                ckpt.close()
-                return None, f"The source checkpoint {path} changed since it was compressed ({f['name']}); {fallback}."
+    try:
+        check_source(manifest, ckpt)
+    except BadInputError as e:
+        ckpt.close()
+        return None, f"The source checkpoint {path} cannot be used ({e}); {fallback}."
     return ckpt, None
 
 
@@ -335,10 +333,10 @@ def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_L
         if n < 1:
             raise BadInputError(f"--seq-len must be at least 1, got {n}")
     directory = Path(directory)
-    manifest = load_manifest(directory)
-    out = open_checkpoint(directory)
-    src, note = _source(manifest)
+    checked, out = open_output(directory)
+    manifest, src = checked.to_json(), None
     try:
+        src, note = _source(checked)
         return _build(directory, manifest, out, src, note, seq_lens)
     finally:
         out.close()

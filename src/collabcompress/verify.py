@@ -20,8 +20,7 @@ import torch
 from .arch import AttentionSpec, detect, find_family, load_query_key
 from .errors import BadInputError, VerifyThresholdError
 from .io import Checkpoint, open_checkpoint
-from .manifest import load_manifest
-from .output import sha256_file
+from .manifest import Manifest, check_source, open_output
 
 __all__ = ["verify", "collaborative_scores", "original_scores", "attention_kl"]
 
@@ -116,20 +115,20 @@ class _Source:
     specs: dict[str, AttentionSpec]
 
 
-def _original(manifest: dict[str, Any], directory: Path, original: str | Path | None) -> tuple[_Source, str]:
-    path = Path(original) if original is not None else Path(manifest["source"]["path"])
-    if not path.exists():
+def _original(manifest: Manifest, original: str | Path | None) -> tuple[_Source, str]:
+    """The source checkpoint, found through ``--original`` or ``source.path``, checked to be the one
+    the manifest records (sha256 of every source file)."""
+    path = Path(original) if original is not None else Path(manifest.source.path)
+    if original is None and not path.exists():
         raise BadInputError(f"the original checkpoint {path} is not there any more; pass --original PATH")
     ckpt = open_checkpoint(path)
-    if original is None:
-        root = ckpt.directory
-        for f in manifest["source"]["files"]:
-            file = root / f["name"]
-            if file.name.endswith(".safetensors") and (not file.is_file() or sha256_file(file) != f["sha256"]):
-                raise BadInputError(f"the original checkpoint at {path} changed since it was compressed "
-                                    f"({f['name']} differs); pass --original PATH")
-    heads = manifest["settings"].get("heads") if isinstance(manifest["settings"].get("heads"), int) else None
-    specs = {s.module: s for s in detect(ckpt, heads=heads, arch=manifest["source"]["architecture"])}
+    try:
+        check_source(manifest, ckpt)
+    except BadInputError as e:
+        ckpt.close()
+        hint = "" if original is not None else "; pass --original PATH"
+        raise BadInputError(f"{e}{hint}") from e
+    specs = {s.module: s for s in detect(ckpt, heads=manifest.settings.heads, arch=manifest.source.architecture)}
     return _Source(ckpt, specs), str(path)
 
 
@@ -149,13 +148,16 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         The verify record (``layers``, ``overall``, ``passed``); see the README for keys.
     """
     directory = Path(directory)
-    manifest = load_manifest(directory)
     if max_kl is not None and not (max_kl >= 0):
         raise BadInputError(f"--max-kl must be >= 0, got {max_kl}")
     if not (-_SEED_LIMIT <= seed < _SEED_LIMIT):  # torch seeds are 64-bit; each layer adds to it
         raise BadInputError(f"--seed must be between -2**62 and 2**62, got {seed}")
-    source, original_path = _original(manifest, directory, original)
-    out = open_checkpoint(directory)
+    manifest, out = open_output(directory)
+    try:
+        source, original_path = _original(manifest, original)
+    except BaseException:
+        out.close()
+        raise
     moments_by_module = {}
     if calibration is not None:
         from .calibration import load_moments
@@ -163,34 +165,27 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         moments_by_module = load_moments(Path(calibration), source.ckpt, list(source.specs.values()))
     records = []
     kl_sum, rows, kl_max, err_num, err_den = 0.0, 0, 0.0, 0.0, 0.0
-    for layer in manifest["layers"]:
-        spec = source.specs.get(layer["module"])
+    for layer in manifest.layers:
+        spec = source.specs.get(layer.module)
         if spec is None:
-            raise BadInputError(f"module {layer['module']} of the manifest is not in the original checkpoint")
-        if (layer["heads"], layer["head_dim"], layer["d_model"]) != (spec.n_head, spec.head_dim, spec.d_model):
-            raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer['heads']} heads of width "
-                                f"{layer['head_dim']} over d_model {layer['d_model']}, the original checkpoint "
+            raise BadInputError(f"module {layer.module} of the manifest is not in the original checkpoint")
+        if (layer.heads, layer.head_dim, layer.d_model) != (spec.n_head, spec.head_dim, spec.d_model):
+            raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer.heads} heads of width "
+                                f"{layer.head_dim} over d_model {layer.d_model}, the original checkpoint "
                                 f"{spec.n_head} of width {spec.head_dim} over {spec.d_model}")
         qk = load_query_key(source.ckpt, spec)
-        t = layer["tensors"]
-        for name in (t["query"], t["key"], t["mixing"], t["content_bias"]):
-            if name not in out:
-                raise BadInputError(f"{directory} is missing tensor {name!r} named in its manifest")
-        query, key = out.load(t["query"], torch.float64, finite=True), out.load(t["key"], torch.float64, finite=True)
-        mixing = out.load(t["mixing"], torch.float64, finite=True)
-        content = out.load(t["content_bias"], torch.float64, finite=True)
-        r, d_model, n_head = layer["shared_dim"], spec.d_model, spec.n_head
-        if query.shape != (r, d_model) or key.shape != (r, d_model) or mixing.shape != (n_head, r) \
-                or content.shape != (n_head, d_model):
-            raise BadInputError(f"{directory}: the collab tensors of {spec.module} have shapes that do not match "
-                                "the manifest")
+        t = layer.tensors
+        query, key = out.load(t.query, torch.float64, finite=True), out.load(t.key, torch.float64, finite=True)
+        mixing = out.load(t.mixing, torch.float64, finite=True)
+        content = out.load(t.content_bias, torch.float64, finite=True)
+        r, d_model, n_head = layer.shared_dim, spec.d_model, spec.n_head
         x, probe = _probe(source.ckpt, spec, n_seq, n_tokens, seed, moments_by_module.get(spec.module))
         s_orig = original_scores(x, x, qk.w_query, qk.w_key, qk.b_query, qk.b_key, n_head, spec.scale)
         s_coll = collaborative_scores(x, x, query, key, mixing, content, spec.scale)
         kl = attention_kl(s_orig, s_coll)  # (B, H, N)
         num = float((_centred(s_orig) - _centred(s_coll)).pow(2).sum())
         den = float(_centred(s_orig).pow(2).sum())
-        records.append({"module": spec.module, "index": layer["index"], "shared_dim": r,
+        records.append({"module": spec.module, "index": layer.index, "shared_dim": r,
                         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
                         "relative_score_error": (num / den) ** 0.5 if den > 0 else 0.0, "probe": probe})
         kl_sum += float(kl.sum())
