@@ -515,6 +515,13 @@ def _inputs(x, name: str) -> torch.Tensor:
     return x.detach().to(_CPU, _F64)
 
 
+def _positions(p, name: str, tokens: int) -> torch.Tensor:
+    """Integer or float positions (tokens,) as float64."""
+    if isinstance(p, torch.Tensor) and not p.is_floating_point() and not p.is_complex():
+        p = p.to(_F64)
+    return _floats(p, name, (tokens,))
+
+
 def _project(x, w, b, n: int, head_dim: int) -> torch.Tensor:
     """Complex per-head projections (B, N, n, d/2) of inputs (B, N, D)."""
     rows = rotary_pairs(w, n, head_dim)  # (n, d/2, D)
@@ -597,8 +604,8 @@ def rotary_scores(
     x, y = _inputs(x, "x"), _inputs(y, "y")
     theta = _floats(theta, "theta", (half,))
     key_positions = positions if key_positions is None else key_positions
-    t = _floats(positions, "positions", (x.shape[1],))
-    s = _floats(key_positions, "key_positions", (y.shape[1],))
+    t = _positions(positions, "positions", x.shape[1])  # (T,)
+    s = _positions(key_positions, "key_positions", y.shape[1])  # (S,)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     q = _project(x, w_query, b_query, n_head, head_dim)  # (B, T, H, d/2)
     if factors is None:
