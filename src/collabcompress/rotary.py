@@ -542,9 +542,18 @@ def original_rotary_keys(
     return _project(_inputs(y, "y"), w_key, b_key, n_kv_head, head_dim)
 
 
+def _check_freq(factors: RotaryFactors, half: int) -> None:
+    top = int(factors.freq.max())
+    if top >= half:
+        raise ValueError(f"the factors use frequency index {top}, past head_dim/2={half}")
+
+
 def _components(factors: RotaryFactors, y: torch.Tensor) -> torch.Tensor:
     """c_r(y), complex (B, N, R/2)."""
-    c = _inputs(y, "y").to(_C128) @ factors.beta().mT  # (B, N, R/2)
+    y = _inputs(y, "y")
+    if y.shape[-1] != factors.d_model:
+        raise ValueError(f"y has width {y.shape[-1]}; the factors expect d_model={factors.d_model}")
+    c = y.to(_C128) @ factors.beta().mT  # (B, N, R/2)
     beta0 = factors.beta0()
     return c if beta0 is None else c + beta0
 
@@ -552,8 +561,7 @@ def _components(factors: RotaryFactors, y: torch.Tensor) -> torch.Tensor:
 def rotary_keys(factors: RotaryFactors, y: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The compressed layer's complex keys ``sum_{r: j(r)=j} U_{g,r} c_r(y)``, ``(B, N, G, d/2)``."""
     half = _head_dim(head_dim) // 2
-    if factors.rank and int(factors.freq.max()) >= half:
-        raise ValueError(f"the factors use frequencies up to {int(factors.freq.max())}, past d/2={half}")
+    _check_freq(factors, half)
     c = _components(factors, y)  # (B, N, R/2)
     parts = c[:, :, None, :] * factors.mixing_complex()  # (B, N, G, R/2)
     keys = parts.new_zeros(*parts.shape[:3], half)  # (B, N, G, d/2)
@@ -617,8 +625,7 @@ def rotary_scores(
         k_rot = k * _rotation(s, theta)[:, None]  # (B, S, H, d/2)
         return scale * torch.einsum("bthj,bshj->bhts", q_rot, k_rot.conj()).real  # (B, H, T, S)
     groups = torch.arange(n_head) // _group_size(n_head, factors.n_kv_head)  # (H,) g(h)
-    if int(factors.freq.max()) >= half:
-        raise ValueError(f"the factors use frequencies up to {int(factors.freq.max())}, past d/2={half}")
+    _check_freq(factors, half)
     angle = theta[factors.freq]  # (R/2,)
     q_mixed = q[..., factors.freq] * factors.mixing_complex()[groups].conj()  # (B, T, H, R/2) q'
     q_rot = q_mixed * _rotation(t, angle)[:, None]  # (B, T, H, R/2)
