@@ -400,6 +400,10 @@ def make_checkpoint(family: str, directory: Path, *, seed: int = 0, with_config:
 #     names as llama and no config flag: only model_type "cohere" tells; without
 #     config.json it is indistinguishable from llama by names (it has no
 #     post_attention_layernorm, a weak hint).
+#   * AutoTokenizer ignores tokenizer_config.json for model_type "qwen2" and builds its own
+#     byte-level Qwen2Tokenizer from tokenizer.json: on the qwen2 fixture it drops spaces and
+#     upper-case letters (ids stay < 64). PreTrainedTokenizerFast.from_pretrained reads the
+#     character tokenizer exactly.
 
 ROTARY_D, ROTARY_HEADS, ROTARY_KV_HEADS, ROTARY_HEAD_DIM, ROTARY_VOCAB, ROTARY_LAYERS = 32, 4, 2, 8, 64, 2
 ROTARY_INIT = 0.2
