@@ -101,3 +101,26 @@ def run_cli(*args: str):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as float32 safetensors + config + tokenizer (scripts/fetch_data.py)."""
+    return _cached("smollm2-135m-instruct", "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def rotary_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny rotary decoder of tests/families.py, built once per session: name -> directory.
+
+    Keys: the supported ROTARY names (llama, llama-mha, llama-rope-linear, llama-rope-llama3,
+    llama-rope-yarn, mistral, qwen2), the refused ROTARY_REFUSED names (qwen3, stablelm-partial,
+    cohere-interleaved), and "llama-noconfig": the llama checkpoint without config.json and
+    generation_config.json. Shared by every test: copy a directory before changing it.
+    """
+    from families import make_rotary_checkpoint, rotary_names
+
+    root = tmp_path_factory.mktemp("rotary")
+    built = {name: make_rotary_checkpoint(name, root / name) for name in rotary_names()}
+    built["llama-noconfig"] = make_rotary_checkpoint("llama", root / "llama-noconfig", with_config=False)
+    return built

@@ -101,7 +101,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_checkpoint", "FAMILIES", "REFUSED", "qk_tensors", "family_names"]
+__all__ = ["make_checkpoint", "FAMILIES", "REFUSED", "qk_tensors", "family_names", "make_rotary_checkpoint",
+           "ROTARY", "ROTARY_REFUSED", "rotary_names", "rotary_facts", "rotary_tensors", "make_char_tokenizer"]
 
 VOCAB = 100
 D = 32
@@ -282,12 +283,12 @@ def _transformers_model(name: str):
     raise KeyError(name)
 
 
-def _perturb_biases(model: torch.nn.Module, seed: int) -> None:
+def _perturb_biases(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in sorted(model.named_parameters()):
             if pname.endswith("bias") and p.is_floating_point():
-                p.add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _timm_vit(directory: Path, seed: int) -> None:
@@ -375,3 +376,185 @@ def make_checkpoint(family: str, directory: Path, *, seed: int = 0, with_config:
         (directory / "config.json").unlink(missing_ok=True)
     return directory
 
+
+
+# --------------------------------------------------------------------------- rotary decoders (issue 13)
+#
+# Tiny causal LMs (``*ForCausalLM``, so the names carry the real "model." prefix:
+# model.layers.{i}.self_attn.{q,k,v,o}_proj) of the rotary families, saved with
+# save_pretrained (model.safetensors, config.json, generation_config.json) plus a tiny
+# character-level tokenizer (tokenizer.json, tokenizer_config.json) so evaluate/perplexity
+# run on them. D = 32, H = 4 query heads, G = 2 key/value heads (g(h) = h // 2), d = 8
+# (4 frequencies), 2 layers, vocabulary 64, every file < 100 KB, each built in ~0.05 s.
+# initializer_range = 0.2 (transformers' 0.02 gives near-uniform attention, where a wrong
+# rotation would hardly change the output); biases get seeded noise of the same scale.
+#
+# Facts observed with transformers 5.24:
+#   * every config writes "rope_parameters": {"rope_theta", "rope_type", ...}; a
+#     partial_rotary_factor goes INTO rope_parameters too (StableLM), not top level.
+#   * yarn has attention_scaling 1 + 0.1 ln(factor) (1.0693 for factor 2): transformers
+#     multiplies cos and sin by it, so q.k scores carry its square.
+#   * tied embeddings (llama here, as SmolLM2): only model.embed_tokens.weight is saved.
+#   * Qwen2 has q/k/v biases and no o_proj bias; Mistral adds "sliding_window": 4096.
+#   * Cohere pairs dimensions (2i, 2i+1) (interleaved rotate_half) with the SAME tensor
+#     names as llama and no config flag: only model_type "cohere" tells; without
+#     config.json it is indistinguishable from llama by names (it has no
+#     post_attention_layernorm, a weak hint).
+#   * AutoTokenizer ignores tokenizer_config.json for model_type "qwen2" and builds its own
+#     byte-level Qwen2Tokenizer from tokenizer.json: on the qwen2 fixture it drops spaces and
+#     upper-case letters (ids stay < 64). PreTrainedTokenizerFast.from_pretrained reads the
+#     character tokenizer exactly.
+
+ROTARY_D, ROTARY_HEADS, ROTARY_KV_HEADS, ROTARY_HEAD_DIM, ROTARY_VOCAB, ROTARY_LAYERS = 32, 4, 2, 8, 64, 2
+ROTARY_INIT = 0.2
+
+
+def _rotary(model_class: str, model_type: str, *, kv_heads: int = ROTARY_KV_HEADS, bias: bool = False,
+            tied: bool = False, rope: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
+    return {
+        "model_class": model_class,             # transformers class (config "architectures")
+        "model_type": model_type,
+        "n_layers": ROTARY_LAYERS,
+        "n_head": ROTARY_HEADS,                 # H
+        "kv_heads": kv_heads,                   # G
+        "head_dim": ROTARY_HEAD_DIM,            # d
+        "d_model": ROTARY_D,                    # D
+        "bias": bias,                           # q/k/v_proj biases (Qwen2)
+        "tied": tied,                           # lm_head tied to the embedding
+        "rope_parameters": rope_parameters,
+        "config": config,                       # further config keys of the builder
+        "first_module": "model.layers.0.self_attn",
+    }
+
+
+# supported: name -> facts
+ROTARY: dict[str, dict[str, Any]] = {
+    "llama": _rotary("LlamaForCausalLM", "llama", tied=True),
+    "llama-mha": _rotary("LlamaForCausalLM", "llama", kv_heads=ROTARY_HEADS),
+    "llama-rope-linear": _rotary("LlamaForCausalLM", "llama", rope={"rope_type": "linear", "factor": 2.0}),
+    "llama-rope-llama3": _rotary("LlamaForCausalLM", "llama", rope={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "llama-rope-yarn": _rotary("LlamaForCausalLM", "llama", rope={
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
+    "mistral": _rotary("MistralForCausalLM", "mistral"),
+    "qwen2": _rotary("Qwen2ForCausalLM", "qwen2", bias=True),
+}
+
+# refused with exit code 4: name -> a word the refusal message must contain
+ROTARY_REFUSED: dict[str, str] = {
+    "qwen3": "norm",                 # q_norm / k_norm per head (Qwen3ForCausalLM)
+    "stablelm-partial": "partial",   # partial_rotary_factor 0.5 (StableLmForCausalLM)
+    "cohere-interleaved": "interleaved",  # pairs (2i, 2i+1) (CohereForCausalLM)
+}
+ROTARY_REFUSED_FACTS: dict[str, dict[str, Any]] = {
+    "qwen3": _rotary("Qwen3ForCausalLM", "qwen3"),
+    "stablelm-partial": _rotary("StableLmForCausalLM", "stablelm", rope={"partial_rotary_factor": 0.5}),
+    "cohere-interleaved": _rotary("CohereForCausalLM", "cohere", bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+def rotary_names() -> list[str]:
+    """Every checkpoint name make_rotary_checkpoint accepts (supported first, then refused)."""
+    return [*ROTARY, *ROTARY_REFUSED]
+
+
+def rotary_facts(name: str) -> dict[str, Any]:
+    """The facts of rotary checkpoint ``name`` (ROTARY or ROTARY_REFUSED_FACTS)."""
+    return ROTARY[name] if name in ROTARY else ROTARY_REFUSED_FACTS[name]
+
+
+def rotary_tensors(name: str) -> dict[str, tuple[int, ...]]:
+    """Expected attention tensor names -> shapes of rotary checkpoint ``name``, every layer."""
+    f = rotary_facts(name)
+    q, kv = f["n_head"] * f["head_dim"], f["kv_heads"] * f["head_dim"]
+    out: dict[str, tuple[int, ...]] = {}
+    for i in range(f["n_layers"]):
+        m = f"model.layers.{i}.self_attn"
+        out.update({f"{m}.q_proj.weight": (q, f["d_model"]), f"{m}.k_proj.weight": (kv, f["d_model"]),
+                    f"{m}.v_proj.weight": (kv, f["d_model"]), f"{m}.o_proj.weight": (f["d_model"], q)})
+        if f["bias"]:
+            out.update({f"{m}.q_proj.bias": (q,), f"{m}.k_proj.bias": (kv,), f"{m}.v_proj.bias": (kv,)})
+        if f["model_type"] == "qwen3":
+            out.update({f"{m}.q_norm.weight": (f["head_dim"],), f"{m}.k_norm.weight": (f["head_dim"],)})
+    return out
+
+
+# the tiny tokenizer: one token per character (lower-cased), unknown characters -> <unk>
+TOKENIZER_SPECIALS = ("<unk>", "<s>", "</s>")
+TOKENIZER_CHARS = " \nabcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()$%&/+*=#@[]_"
+
+
+def make_char_tokenizer(directory: Path) -> Path:
+    """Save a 64-token character-level ``PreTrainedTokenizerFast`` in ``directory``.
+
+    Ids: <unk> 0, <s> 1, </s> 2, then TOKENIZER_CHARS in order (text is lower-cased first;
+    other characters map to <unk>). No special tokens are added when encoding; decoding
+    concatenates the characters. Loadable with ``AutoTokenizer.from_pretrained(directory)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*TOKENIZER_SPECIALS, *TOKENIZER_CHARS])}
+    if len(vocab) != ROTARY_VOCAB:
+        raise AssertionError(f"the character tokenizer has {len(vocab)} tokens, not {ROTARY_VOCAB}")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def _rotary_model(name: str):
+    import transformers as T
+
+    f = rotary_facts(name)
+    common = dict(vocab_size=ROTARY_VOCAB, hidden_size=f["d_model"], num_hidden_layers=f["n_layers"],
+                  num_attention_heads=f["n_head"], num_key_value_heads=f["kv_heads"], head_dim=f["head_dim"],
+                  intermediate_size=2 * f["d_model"], max_position_embeddings=POSITIONS,
+                  initializer_range=ROTARY_INIT, tie_word_embeddings=f["tied"],
+                  rope_parameters=dict(f["rope_parameters"]), **f["config"])
+    model_class = getattr(T, f["model_class"])
+    config_class = getattr(T, f["model_class"].replace("ForCausalLM", "Config"))
+    return model_class(config_class(**common))
+
+
+def make_rotary_checkpoint(name: str, directory: Path, *, seed: int = 0, with_config: bool = True,
+                           tokenizer: bool = True) -> Path:
+    """Build the tiny rotary decoder ``name`` (a key of ROTARY or ROTARY_REFUSED) in ``directory``.
+
+    Writes what ``save_pretrained`` writes for a ``*ForCausalLM`` (model.safetensors,
+    config.json, generation_config.json) and, with ``tokenizer``, the 64-token character
+    tokenizer (``make_char_tokenizer``). ``with_config=False`` removes config.json and
+    generation_config.json (a bare checkpoint: heads must come from ``--heads``/``--kv-heads``).
+    Same name and seed give the same bytes. Returns ``directory``.
+    """
+    directory = Path(directory)
+    if name not in ROTARY and name not in ROTARY_REFUSED:
+        raise KeyError(f"unknown rotary fixture {name!r}; known: {', '.join(rotary_names())}")
+    directory.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        torch.manual_seed(seed)
+        model = _rotary_model(name)
+        _perturb_biases(model, seed, scale=ROTARY_INIT)
+        model.eval()
+        model.save_pretrained(str(directory), safe_serialization=True)
+        if tokenizer:
+            make_char_tokenizer(directory)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if progress:
+            transformers.utils.logging.enable_progress_bar()
+    if not with_config:
+        (directory / "config.json").unlink(missing_ok=True)
+        (directory / "generation_config.json").unlink(missing_ok=True)
+    return directory

@@ -1,0 +1,96 @@
+"""collabcompress.lm: token windows and perplexity, on a tiny random llama and on SmolLM2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from collabcompress.lm import join_documents, perplexity, token_ids, token_windows, window_nll
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = ("The national executive met last night. It appointed an interim leader, "
+        "a move likely to provoke further conflict.\n") * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(rotary_checkpoints):
+    d = rotary_checkpoints["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(str(d))
+
+
+def test_token_windows():
+    ids = torch.arange(10)
+    assert [w.tolist() for w in token_windows(ids, max_tokens=9, window=4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [w.numel() for w in token_windows(ids, max_tokens=10, window=4)] == [4, 4, 2]
+    assert [w.numel() for w in token_windows(ids, max_tokens=100, window=3)] == [3, 3, 3]  # a lone last token
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        token_windows(torch.arange(1))
+    with pytest.raises(ValueError, match="at least 2"):
+        token_windows(ids, window=1)
+
+
+def test_join_documents():
+    assert join_documents(["a b", "c"]) == "a b\nc"
+    assert join_documents("a b\nc") == "a b\nc"
+
+
+def test_token_ids_add_no_special_tokens(tiny):
+    _, tok = tiny
+    ids = token_ids(tok, "ab c", max_tokens=3)
+    assert ids.dtype == torch.long and ids.tolist() == tok("ab", add_special_tokens=False)["input_ids"] + [
+        tok(" ", add_special_tokens=False)["input_ids"][0]]
+
+
+def test_perplexity_is_mean_nll_of_fresh_windows(tiny):
+    model, tok = tiny
+    ids = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"][:200])
+    expected = []
+    for start in range(0, 200, 64):  # each window from an empty context
+        chunk = ids[start:start + 64]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=chunk[None]).logits[0].double(), -1)
+        expected.append(-logp[:-1].gather(1, chunk[1:, None]).squeeze(1))
+    expected = torch.cat(expected)
+    got = perplexity(model, tok, TEXT, max_tokens=200, window=64)
+    assert got["windows"] == 4 and got["tokens"] == 200 - 4 == expected.numel()
+    assert got["nll"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(float(expected.mean())), rel=1e-5)
+    # a window does not see the one before it: the long-context figure differs
+    assert perplexity(model, tok, TEXT, max_tokens=200, window=200)["nll"] != pytest.approx(got["nll"], rel=1e-4)
+
+
+def test_uniform_model_has_vocabulary_perplexity(rotary_checkpoints):
+    d = rotary_checkpoints["mistral"]  # untied head: zeroing it leaves the embedding alone
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(d))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    got = perplexity(model, tok, TEXT, max_tokens=100, window=32)
+    assert got["ppl"] == pytest.approx(model.config.vocab_size, rel=1e-5)
+    assert window_nll(model, torch.tensor([3, 4, 5])).shape == (2,)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_is_the_real_model(smollm2_dir, lee_dir):
+    """The fetched SmolLM2: SPEC's shape, SPEC's perplexity on lee.cor (32.04), and sensible text."""
+    import json
+
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["head_dim"], config["hidden_size"]) == (30, 9, 3, 64, 576)
+    assert config["rope_parameters"]["rope_theta"] == 100000.0 and config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config and "_model_name_or_path" not in config
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+    documents = (lee_dir / "lee.cor").read_text(encoding="latin-1").splitlines()
+    got = perplexity(model, tok, documents)
+    assert got["tokens"] == 2044 and got["windows"] == 4
+    assert got["ppl"] == pytest.approx(32.04, abs=0.01)
+    prompt = tok("The capital of France is", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:])
