@@ -100,9 +100,13 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def _check_header(path: Path) -> int:
-    """Cheap sanity check of the 8-byte length and JSON header before safetensors sees it;
-    returns the header length."""
+def _read_header(path: Path) -> tuple[int, Any]:
+    """Read a safetensors header once: -> (its length, the parsed JSON or ``None`` when it does
+    not parse, which safetensors then reports in its own words).
+
+    Checks, with plain messages, what safetensors words poorly: a file too short for the
+    8-byte length, a length beyond the file (or absurd), no JSON object, data cut short.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -115,39 +119,29 @@ def _check_header(path: Path) -> int:
                     f"{path} is not a safetensors file or is truncated "
                     f"(header claims {n} bytes, file has {size})"
                 )
-            first = f.read(1)
+            raw = f.read(n)
     except OSError as e:
         raise BadInputError(f"cannot read {path}: {e}") from e
-    if first != b"{":
+    if raw[:1] != b"{":
         raise BadInputError(f"{path} is not a safetensors file (no JSON header)")
-    return n
-
-
-def _check_data_size(path: Path, header_len: int) -> None:
-    """A plain message for a file cut short (safetensors says "incomplete metadata")."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_len))
+        header = json.loads(raw)
         end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
-        return  # not a readable header: safetensors reports it
-    if 8 + header_len + end > size:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        return n, None
+    if 8 + n + end > size:
         raise BadInputError(f"{path} is truncated: its header describes {end:,} bytes of tensor data, "
-                            f"the file holds {size - 8 - header_len:,}")
+                            f"the file holds {size - 8 - n:,}")
+    return n, header
 
 
-def _data_offsets(path: Path, header_len: int) -> dict[str, tuple[int, int]]:
+def _data_offsets(path: Path, header_len: int, header: Any) -> dict[str, tuple[int, int]]:
     """Tensor name -> (start, end) byte positions in the file, from a header safetensors accepted."""
     try:
-        with path.open("rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_len))
         base = 8 + header_len
         return {name: (base + int(entry["data_offsets"][0]), base + int(entry["data_offsets"][1]))
                 for name, entry in header.items() if name != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise BadInputError(f"{path} has an unreadable safetensors header: {e}") from e
 
 
@@ -343,8 +337,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     ckpt = Checkpoint(path=path, directory=directory, files=files, index_file=index_file,
                       weight_map=weight_map, config=None)
     for file in files:
-        header_len = _check_header(file)
-        _check_data_size(file, header_len)
+        header_len, header = _read_header(file)
         handle = ckpt._handle(file)
         for name in handle.keys():
             if index_file is not None and weight_map.get(name) != file:
@@ -353,7 +346,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             ckpt._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
             if index_file is None:
                 weight_map[name] = file
-        ckpt._offsets[file] = _data_offsets(file, header_len)
+        ckpt._offsets[file] = _data_offsets(file, header_len, header)
     for name, file in weight_map.items():
         if name not in ckpt._meta:
             raise BadInputError(f"sharded index {index_file} names tensor {name!r}, which {file.name} does not hold")
