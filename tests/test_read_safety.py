@@ -9,9 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,6 @@ from collabcompress.io import open_checkpoint, read_json, regular_file  # noqa: 
 from collabcompress.report import build_report  # noqa: E402
 from collabcompress.verify import verify  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,35 +86,54 @@ def test_fifo_is_refused_before_it_is_opened(tmp_path):
 @pytest.mark.parametrize("where", ["shard", "config", "output-weights"])
 def test_a_fifo_never_blocks_a_reader(built, tmp_path, where):
     """Run in a subprocess with a timeout: a reader that opened the FIFO would hang there."""
+    from collabcompress.hf import from_pretrained
+
     if where == "shard":
         target = _sharded(built["src"], tmp_path)
-        os.mkfifo(target / "fifo.safetensors")
+        fifo = target / "fifo.safetensors"
+        os.mkfifo(fifo)
         _point_first(target, "fifo.safetensors")
-        call = f"open_checkpoint({str(target)!r})"
+        call = lambda: open_checkpoint(target)  # noqa: E731
     elif where == "config":
         target = tmp_path / "src"
         shutil.copytree(built["src"], target)
-        (target / "config.json").unlink()
-        os.mkfifo(target / "config.json")
-        call = f"open_checkpoint({str(target)!r})"
+        fifo = target / "config.json"
+        fifo.unlink()
+        os.mkfifo(fifo)
+        call = lambda: open_checkpoint(target)  # noqa: E731
     else:
         target = tmp_path / "comp"
         shutil.copytree(built["comp"], target)
-        (target / "model.safetensors").unlink()
-        os.mkfifo(target / "model.safetensors")
-        call = f"from_pretrained({str(target)!r})"
-    code = textwrap.dedent(f"""
-        from collabcompress.errors import BadInputError
-        from collabcompress.hf import from_pretrained
-        from collabcompress.io import open_checkpoint
+        fifo = target / "model.safetensors"
+        fifo.unlink()
+        os.mkfifo(fifo)
+        call = lambda: from_pretrained(target)  # noqa: E731
+    outcome = _without_blocking(call, fifo)
+    assert isinstance(outcome, BadInputError) and "not a regular file" in str(outcome), repr(outcome)
+
+
+def _without_blocking(call, fifo: Path, timeout: float = 60.0):
+    """``call()``'s exception (or result) from a watchdog thread. A reader that opened the FIFO
+    would block there: then a writer end is opened (which wakes the reader with an empty
+    read) and the test fails, instead of hanging the suite."""
+    import threading
+
+    box: list = []
+
+    def run() -> None:
         try:
-            {call}
-        except BadInputError as e:
-            print("refused:", e)
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert "refused:" in proc.stdout and "not a regular file" in proc.stdout, proc.stdout + proc.stderr
+            box.append(call())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"the reader opened the FIFO {fifo.name} and blocked")
+    return box[0]
 
 
 @pytest.mark.parametrize("shard, message", [
