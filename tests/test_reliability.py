@@ -633,16 +633,12 @@ marker = pathlib.Path(os.environ["CC_TEST_MARKER"])
 import collabcompress.compress as c
 
 if os.environ["CC_TEST_PHASE"] == "decompose":
-    real_cp_als = c.cp_als
-
-    def cp_als(*args, **kwargs):  # a layer whose decomposition takes two minutes of arithmetic
+    def cp_als(*args, **kwargs):  # a layer whose decomposition never ends: only abandoning it stops the run
         import torch
         marker.touch()
         x = torch.randn(256, 256)
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
+        while True:
             x = torch.tanh(x @ x.T / 256)
-        return real_cp_als(*args, **kwargs)
 
     c.cp_als = cp_als
 else:
@@ -664,7 +660,7 @@ from collabcompress.cli import main
 sys.argv = ["collabcompress", *sys.argv[1:]]
 main()
 """
-STOP_WITHIN_S = 2.0  # from the signal to the exit of the process
+GUARD_S = 60  # only a guard against a hang: a run that waits for its layer never exits
 
 
 def _default_signals() -> None:
@@ -690,18 +686,17 @@ def _start(ws: Path, phase: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     return proc, marker
 
 
-def _interrupt(proc: subprocess.Popen) -> tuple[float, int, str]:
-    """SIGINT; -> (seconds until the process exited, or inf; exit code; stderr)."""
-    start = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+def _interrupt(proc: subprocess.Popen, sig: int = signal.SIGINT) -> tuple[int, str]:
+    """Send ``sig``; -> (exit code, stderr). A process still running after the guard is killed
+    and fails the test."""
+    proc.send_signal(sig)
     try:
-        proc.wait(timeout=STOP_WITHIN_S + 1.0)
-        elapsed = time.monotonic() - start
+        proc.wait(timeout=GUARD_S)
     except subprocess.TimeoutExpired:
-        elapsed = math.inf
         proc.kill()
         proc.wait()
-    return elapsed, proc.returncode, proc.stderr.read().decode(errors="replace")
+        pytest.fail(f"still running {GUARD_S} s after the signal: it waited for work it should abandon")
+    return proc.returncode, proc.stderr.read().decode(errors="replace")
 
 
 def _temp_dirs(ws: Path) -> list[Path]:
@@ -709,22 +704,22 @@ def _temp_dirs(ws: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigint_during_decomposition_stops_within_2s(ws, workers):
+def test_sigint_abandons_a_layer_in_decomposition(ws, workers):
+    """The layer being decomposed never finishes: the run must stop without waiting for it."""
     proc, _ = _start(ws, "decompose", "--workers", workers)
-    elapsed, code, stderr = _interrupt(proc)
-    assert elapsed <= STOP_WITHIN_S, f"still running {STOP_WITHIN_S + 1:.0f} s after SIGINT"
+    code, stderr = _interrupt(proc)
     assert code == 130, stderr
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr
     assert not (ws / "out").exists() and not _temp_dirs(ws)
 
 
-def test_sigint_while_writing_removes_the_temporary_directory(ws):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_while_writing_removes_the_temporary_directory(ws, sig, code, word):
     proc, _ = _start(ws, "write")
     assert len(list(ws.glob(".out.tmp-*"))) == 1, "the signal should land while the output is being written"
-    elapsed, code, stderr = _interrupt(proc)
-    assert elapsed <= STOP_WITHIN_S, f"still running {STOP_WITHIN_S + 1:.0f} s after SIGINT"
-    assert code == 130, stderr
-    assert stderr.strip() == "interrupted" and "Traceback" not in stderr
+    got, stderr = _interrupt(proc, sig)
+    assert got == code, stderr
+    assert stderr.strip() == word and "Traceback" not in stderr
     assert not (ws / "out").exists() and not _temp_dirs(ws)
     assert sorted(p.name for p in ws.iterdir()) == ["afile", "comp", "llama", "src", "started", "texts.txt"]
 

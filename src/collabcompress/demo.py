@@ -16,7 +16,6 @@ final place and renamed into it when complete::
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
