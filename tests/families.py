@@ -93,6 +93,8 @@ Surprises / facts worth knowing (transformers 5.24):
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from pathlib import Path
@@ -342,6 +344,23 @@ def _timm_vit(directory: Path, seed: int) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level and no progress bars, restored afterwards."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if progress:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def make_checkpoint(family: str, directory: Path, *, seed: int = 0, with_config: bool = True) -> Path:
     """Build the tiny checkpoint ``family`` (a key of FAMILIES or REFUSED) in ``directory``.
 
@@ -356,22 +375,12 @@ def make_checkpoint(family: str, directory: Path, *, seed: int = 0, with_config:
     if family == "timm-vit":
         _timm_vit(directory, seed)
     else:
-        import transformers
-
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        progress = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()
-        try:
+        with _quiet_transformers():
             torch.manual_seed(seed)
             model = _transformers_model(family)
             _perturb_biases(model, seed)
             model.eval()
             model.save_pretrained(str(directory), safe_serialization=True)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-            if progress:
-                transformers.utils.logging.enable_progress_bar()
     if not with_config:
         (directory / "config.json").unlink(missing_ok=True)
     return directory
@@ -536,13 +545,7 @@ def make_rotary_checkpoint(name: str, directory: Path, *, seed: int = 0, with_co
     if name not in ROTARY and name not in ROTARY_REFUSED:
         raise KeyError(f"unknown rotary fixture {name!r}; known: {', '.join(rotary_names())}")
     directory.mkdir(parents=True, exist_ok=True)
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    progress = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
+    with _quiet_transformers():
         torch.manual_seed(seed)
         model = _rotary_model(name)
         _perturb_biases(model, seed, scale=ROTARY_INIT)
@@ -550,10 +553,6 @@ def make_rotary_checkpoint(name: str, directory: Path, *, seed: int = 0, with_co
         model.save_pretrained(str(directory), safe_serialization=True)
         if tokenizer:
             make_char_tokenizer(directory)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if progress:
-            transformers.utils.logging.enable_progress_bar()
     if not with_config:
         (directory / "config.json").unlink(missing_ok=True)
         (directory / "generation_config.json").unlink(missing_ok=True)

@@ -62,3 +62,19 @@ def rerecord_outputs(directory: Path) -> None:
     outputs = tuple(mf.FileRecord(**file_record(directory / o.name, directory)) for o in m.outputs
                     if (directory / o.name).is_file())
     mf.write(directory, dataclasses.replace(m, outputs=outputs))
+
+
+def stored_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape in ``directory/model.safetensors`` (headers only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def stored_tensor(directory: Path, name: str):
+    """One tensor of ``directory/model.safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(name)

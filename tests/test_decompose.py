@@ -18,16 +18,6 @@ from collabcompress.decompose import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: one thread is fastest, and on a busy 2-core machine idle
-    OpenMP threads that spin (OMP_WAIT_POLICY unset) cost milliseconds per operation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- helpers
 
 

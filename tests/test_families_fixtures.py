@@ -25,14 +25,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {name: make_checkpoint(name, root / name) for name in ALL}
 
 
-def _shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def _tensor(directory: Path, name: str) -> torch.Tensor:
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-        return f.get_tensor(name)
+from helpers import stored_shapes as _shapes, stored_tensor as _tensor  # noqa: E402
 
 
 def test_keys_partition():

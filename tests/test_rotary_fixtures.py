@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -20,14 +19,7 @@ from families import (  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 
-def _shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def _tensor(directory: Path, name: str) -> torch.Tensor:
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-        return f.get_tensor(name)
+from helpers import stored_shapes as _shapes, stored_tensor as _tensor  # noqa: E402
 
 
 def _load(directory: Path):
