@@ -16,6 +16,7 @@ directly in the layout of SPEC section 4:
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.hf import collaborative_modules, rotary_module  # noqa: E402
+from collabcompress.families import FAMILIES, Family, register  # noqa: E402
+from collabcompress.hf import collaborative_modules, from_pretrained, rotary_module  # noqa: E402
 from collabcompress.nn import CollaborativeRotaryAttention  # noqa: E402
 
 D, HEADS, HEAD_DIM, LAYERS, VOCAB = 32, 4, 8, 2, 64
@@ -272,3 +274,62 @@ def test_rotary_module_refuses_records_that_do_not_fit():
                                                           intermediate_size=32, vocab_size=10))
     with pytest.raises(UnsupportedArchitectureError, match="BertSelfAttention"):
         rotary_module(bert.encoder.layer[0].attention.self, _record(attn, 8))
+
+
+# --------------------------------------------------------------------------- from_pretrained
+
+@pytest.fixture()
+def rotary_family():
+    """A test-only registered family whose layers from_pretrained runs with the rotary adapter."""
+    family = register(Family("test-rotary", "test-only LLaMA", r"model\.layers\.\d+\.self_attn", "q_proj", "k_proj",
+                             "model.layers.{i}.self_attn.{q_proj,k_proj}",
+                             hf_classes=("LlamaAttention", "MistralAttention", "Qwen2Attention"),
+                             hf_adapter="_LlamaRotary"))
+    yield family
+    FAMILIES.remove(family)
+
+
+def _write_directory(model, original, directory) -> None:
+    """What compress writes for a rotary model: weights, config with its block, a manifest with rotary layers."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    original.config.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["architectures"] = [type(original).__name__]
+    config["collaborative_attention"] = {"format": "collabcompress/1"}
+    (directory / "config.json").write_text(json.dumps(config))
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        m, attn = f"model.layers.{i}.self_attn", layer.self_attn
+        record = {**_record(attn, attn.collab_key.weight.shape[0]), "module": m, "index": i,
+                  "scale": attn.scaling, "relative_error": 0.0, "energy_spectral": 1.0, "iterations": 0,
+                  "seconds": 0.0, "removed": [f"{m}.k_proj.weight", *([f"{m}.k_proj.bias"] * (attn.collab_key.bias is not None))],
+                  "tensors": {"query": f"{m}.q_proj.weight", "key": f"{m}.collab_key.weight",
+                              "key_freq": f"{m}.collab_key_freq", "mixing": f"{m}.collab_mixing",
+                              "content_bias": ""}}
+        layers.append(record)
+    manifest = {"format": "collabcompress/1", "tool": {"name": "collabcompress", "version": "test"},
+                "created_utc": "2025-01-01T00:00:00Z",
+                "source": {"path": "tiny", "files": [], "architecture": "test-rotary", "dtype": "float32"},
+                "settings": {}, "layers": layers, "totals": dict.fromkeys(
+                    ("params_before", "params_after", "qk_params_before", "qk_params_after", "bytes_before",
+                     "bytes_after"), 0), "outputs": []}
+    (directory / "collab_manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_from_pretrained_runs_rotary_layers(name, rotary_family, tmp_path):
+    original = _tiny(name, "sdpa")
+    model = _compressed(original, shared=LOW_RANK, seed=9)
+    _write_directory(model, original, tmp_path / "collab")
+    ids = _ids(seed=8)
+    with torch.no_grad():
+        want = model(ids).logits
+        for attn in ("eager", "sdpa"):
+            loaded = from_pretrained(tmp_path / "collab", attn_implementation=attn)
+            assert type(loaded).__name__ == VARIANTS[name][0]
+            assert len(collaborative_modules(loaded)) == LAYERS
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=1e-5)

@@ -9,7 +9,10 @@ convention (transformers 5), and computes its scores from the collaborative tens
 model's own attention kernel (``eager`` or ``sdpa``) does the rest, so masks, causality,
 caches and position biases behave as in the original model. The key has one head axis
 shared by all heads (R + H numbers per token, also in the cache), which the kernels
-broadcast.
+broadcast. Rotary decoders (LLaMA, Mistral, Qwen2; layers marked ``rotary`` in the manifest)
+get :func:`rotary_module`: the module's own queries mixed per component, queries and the
+shared key rotated at the components' frequencies, one key head of R numbers per token in
+the cache, the original values.
 
 :func:`write_remote_code` makes a directory loadable with
 ``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
@@ -628,7 +631,8 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         memory_module[file_module] = mem
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
-        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem, family))
+        new = rotary_module(old, layer) if layer.get("rotary") else _collaborative_module(old, layer, mem, family)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
     _load_state(model, tensors, memory_module, rename, directory)
     model.eval()
     return model
