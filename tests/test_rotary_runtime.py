@@ -333,3 +333,16 @@ def test_from_pretrained_runs_rotary_layers(name, rotary_family, tmp_path):
             assert type(loaded).__name__ == VARIANTS[name][0]
             assert len(collaborative_modules(loaded)) == LAYERS
             torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_refuses_frequencies_outside_the_head(rotary_family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    original = _tiny("llama")
+    _write_directory(_compressed(original, shared=LOW_RANK), original, tmp_path / "collab")
+    weights = load_file(str(tmp_path / "collab" / "model.safetensors"))
+    weights["model.layers.1.self_attn.collab_key_freq"] = torch.tensor([0, 2, 4])
+    save_file(weights, str(tmp_path / "collab" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BadInputError, match=r"model.layers.1.self_attn.collab_key_freq holds 0..4, outside the "
+                                            r"head's frequencies 0..3"):
+        from_pretrained(tmp_path / "collab")

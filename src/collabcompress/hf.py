@@ -402,6 +402,16 @@ def rotary_module(old: nn.Module, layer: dict[str, Any]) -> nn.Module:
     return new
 
 
+def _check_rotary_frequencies(model: nn.Module, directory: Path) -> None:
+    """Every loaded collab_key_freq names a frequency of its head (0 .. d/2-1)."""
+    for name, m in model.named_modules():
+        if isinstance(m, CollaborativeRotaryAttention) and m.collab_key_freq.numel():
+            freq, half = m.collab_key_freq, m.head_dim // 2
+            if int(freq.min()) < 0 or int(freq.max()) >= half:
+                raise BadInputError(f"{directory}: {name}.collab_key_freq holds {int(freq.min())}..{int(freq.max())}, "
+                                    f"outside the head's frequencies 0..{half - 1}")
+
+
 # --------------------------------------------------------------------------- loading
 
 def is_compressed(directory: str | os.PathLike) -> bool:
@@ -634,6 +644,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         new = rotary_module(old, layer) if layer.get("rotary") else _collaborative_module(old, layer, mem, family)
         setattr(model.get_submodule(parent) if parent else model, child, new)
     _load_state(model, tensors, memory_module, rename, directory)
+    _check_rotary_frequencies(model, directory)
     model.eval()
     return model
 
