@@ -312,7 +312,10 @@ def collaborative_modules(model: nn.Module) -> dict[str, CollaborativeAttention 
 
 # --------------------------------------------------------------------------- rotary decoders (RoPE, GQA)
 
-_ROTARY_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+def _rotary_classes() -> tuple[str, ...]:
+    """The transformers attention classes of the registered rotary families."""
+    return tuple(c for f in FAMILIES if f.hf_adapter == "_LlamaRotary" for c in f.hf_classes)
+
 
 
 class _LlamaRotary(_Adapter):
@@ -349,17 +352,17 @@ class _LlamaRotary(_Adapter):
 
 @functools.lru_cache(maxsize=None)
 def _rotary_wrapper_class(original: type[nn.Module]) -> type[nn.Module]:
-    if not any(c.__name__ in _ROTARY_CLASSES for c in original.__mro__):
+    if not any(c.__name__ in _rotary_classes() for c in original.__mro__):
         raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
                                            f"{original.__name__} with shared rotary keys (known: "
-                                           f"{', '.join(_ROTARY_CLASSES)})")
+                                           f"{', '.join(dict.fromkeys(_rotary_classes()))})")
     eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
     return type(f"Collaborative{original.__name__}", (_LlamaRotary, CollaborativeRotaryAttention, original),
                 {"__module__": __name__, "_eager": staticmethod(eager) if eager else None,
                  "__doc__": f"{original.__name__} with shared rotary keys (collabcompress)."})
 
 
-def rotary_module(old: nn.Module, layer: dict[str, Any]) -> nn.Module:
+def rotary_module(old: nn.Module, layer: LayerRecord) -> nn.Module:
     """A copy of the rotary attention module ``old`` with shared keys instead of ``k_proj``.
 
     The copy keeps every attribute and submodule of ``old`` (tensors shared) except
@@ -368,17 +371,18 @@ def rotary_module(old: nn.Module, layer: dict[str, Any]) -> nn.Module:
 
     Args:
         old: a transformers ``LlamaAttention``, ``MistralAttention`` or ``Qwen2Attention``.
-        layer: the manifest's layer record: ``module``, ``heads`` (H), ``kv_heads`` (G),
-            ``head_dim``, ``d_model`` and ``shared_dim`` (R) are read.
+        layer: the manifest's layer record (:class:`~collabcompress.manifest.LayerRecord`):
+            ``module``, ``heads`` (H), ``kv_heads`` (G), ``head_dim``, ``d_model`` and
+            ``shared_dim`` (R) are read.
 
     Raises:
         UnsupportedArchitectureError: another attention class; BadInputError: a record
         that does not fit ``old`` (head counts, widths, R odd or above G*d).
     """
     cls = _rotary_wrapper_class(type(old))
-    name = layer.get("module", type(old).__name__)
-    heads, kv_heads, head_dim = layer["heads"], layer["kv_heads"], layer["head_dim"]
-    d_model, shared = layer["d_model"], layer["shared_dim"]
+    name = layer.module
+    heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
+    d_model, shared = layer.d_model, layer.shared_dim
     built = (old.config.num_attention_heads, old.config.num_key_value_heads, old.head_dim, old.q_proj.in_features)
     if built != (heads, kv_heads, head_dim, d_model):
         raise BadInputError(f"{name}: the manifest says {heads} heads, {kv_heads} key/value heads of width {head_dim}, "
@@ -625,7 +629,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         memory_module[file_module] = mem
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
-        new = rotary_module(old, layer) if layer.get("rotary") else _collaborative_module(old, layer, mem, family)
+        new = rotary_module(old, layer) if layer.rotary else _collaborative_module(old, layer, mem, family)
         setattr(model.get_submodule(parent) if parent else model, child, new)
     _load_state(model, tensors, memory_module, rename, directory)
     _check_rotary_frequencies(model, directory)
@@ -694,7 +698,8 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
 
     Writes ``modeling_collabcompress.py`` (a subclass of the source model class whose
     ``from_pretrained`` calls :func:`from_pretrained`; it needs collabcompress installed
-    where it is loaded) and adds ``"auto_map": {"AutoModel": ...}`` to ``config.json``.
+    where it is loaded) and adds ``"auto_map": {"AutoModel": ...}`` to ``config.json`` (and
+    ``AutoModelForCausalLM`` for a causal LM).
     The manifest's ``outputs`` records are updated. Without ``trust_remote_code`` transformers
     loads its own class instead and initialises the missing query/key weights randomly (it
     warns about them), so load with ``trust_remote_code=True`` or with :func:`from_pretrained`.
@@ -721,7 +726,10 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     module = REMOTE_CODE_NAME.removesuffix(".py")
     try:
         code.write_text(_REMOTE_CODE.format(base=base, version=__version__), encoding="utf-8")
-        config["auto_map"] = {**(config.get("auto_map") or {}), "AutoModel": f"{module}.Collaborative{base}"}
+        auto = {"AutoModel": f"{module}.Collaborative{base}"}
+        if base.endswith("ForCausalLM"):
+            auto["AutoModelForCausalLM"] = auto["AutoModel"]
+        config["auto_map"] = {**(config.get("auto_map") or {}), **auto}
         write_json(config, directory / "config.json")
         outputs = [o for o in manifest.outputs if o.name not in ("config.json", REMOTE_CODE_NAME)]
         outputs += [_mf.FileRecord(**file_record(path, directory)) for path in (directory / "config.json", code)]
