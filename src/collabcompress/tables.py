@@ -223,16 +223,28 @@ def report_tables(report: Report) -> list[Table]:
                 f"{rec['qk_params_saved_fraction']:.1%}", f"{rec['key_cache_elements_per_token_before']:,}",
                 f"{rec['key_cache_elements_per_token_after']:,}"]
 
+    rotary = any(la.get("rotary") for la in d["layers"])
+    per_n = ", ".join(f"{n:,} tokens: {n * q['key_cache_bytes_per_token_before']:,} → "
+                      f"{n * q['key_cache_bytes_per_token_after']:,} bytes" for n in report.seq_lens)
+    rotary_caption = (
+        "\nRotary layers: G×d = the original key cache G*d (reals per token and layer); R = the shared rotary key "
+        "cache; params = q_proj + k_proj before, q_proj (unchanged) + shared keys, mixing and frequency indices "
+        "after; the scores cost H*R instead of H*d multiply-adds per query and cached token. Key cache at "
+        f"{per_n} over these layers." if rotary else "")
+
+    def width(la: dict[str, Any]) -> str:
+        return str((la["kv_heads"] if la.get("rotary") else la["heads"]) * la["head_dim"])
+
     t1 = _table(
         f"Key/query side per layer: {report.directory}",
-        ("layer", "H×d", "R", "rel. error", "params before", "params after", "saved", "K-cache before",
+        ("layer", "G×d" if rotary and all(la.get("rotary") for la in d["layers"]) else "H×d", "R", "rel. error", "params before", "params after", "saved", "K-cache before",
          "K-cache after"),
-        [[params_row(str(la["index"]), (str(la["heads"] * la["head_dim"]), str(la["shared_dim"]),
+        [[params_row(str(la["index"]), (width(la), str(la["shared_dim"]),
                                         f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
          [params_row("all", ("", "", ""), q)]],
         f"K-cache: key-cache elements per token (H*d before, R + H after); "
         f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
-        f"over these layers ({report.dtype_before} → {report.dtype_after}).")
+        f"over these layers ({report.dtype_before} → {report.dtype_after})." + rotary_caption)
 
     def flops_rows(label: str, rec: dict[str, Any]) -> list[list[str]]:
         rows = []
