@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "qk_params", "stored_qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
     "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
+    "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost",
 ]
 
 # Tables looked up by index (gathers), not multiplied: no matmul FLOPs.
@@ -66,6 +67,8 @@ def stored_qk_params(spec: AttentionSpec, numel: Callable[[str], int]) -> int:
         numel: element count of a tensor by name (``Checkpoint.numel``); for a fused layer
             the query/key two thirds of its bias are counted from the shapes instead.
     """
+    if spec.rotary:  # G key heads: the stored tensors, not H*d rows on both sides
+        return sum(numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
     if spec.fused:
         bias = 2 * spec.width if spec.query_bias else 0
     else:
@@ -105,6 +108,29 @@ def crossover_seq_len(d_model: int, n_head: int, head_dim: int, shared_dim: int)
         return None
     saved = projection_flops(d_model, n_head, head_dim) - projection_flops(d_model, n_head, head_dim, shared_dim)
     return saved / (2 * n_head * (shared_dim - head_dim))
+
+
+# ---- rotary layers (SPEC section 2 "Rotary decoders"); shared_dim None = the original layer -----
+
+def rotary_key_params(d_model: int, n_kv_head: int, head_dim: int, shared_dim: int | None = None, *,
+                      key_bias: bool = False) -> int:
+    """Key-side parameters of a rotary layer: k_proj ``G*d*D`` (+ ``G*d`` bias) before;
+    ``R*D`` (+ ``R`` bias) shared keys, ``G*R`` mixing (G x R/2 complex) and ``R/2`` frequency
+    indices after. The query projection is unchanged and counted by the caller."""
+    if shared_dim is None:
+        return n_kv_head * head_dim * (d_model + key_bias)
+    return shared_dim * (d_model + key_bias) + n_kv_head * shared_dim + shared_dim // 2
+
+
+def rotary_proj_flops(d_model: int, n_head: int, n_kv_head: int, head_dim: int, shared_dim: int | None = None) -> int:
+    """Query/key projection FLOPs per token of a rotary layer: ``2*D*H*d + 2*D*G*d`` before;
+    ``2*D*H*d + 2*D*R + 4*H*R`` after (the query mixing q'_{h,r} = q_{h,j(r)} conj(U_{g,r}):
+    one complex product, 4 multiply-adds, per head and component). The rotations cost the
+    same kind of work before and after and are not counted."""
+    query = 2 * d_model * n_head * head_dim
+    if shared_dim is None:
+        return query + 2 * d_model * n_kv_head * head_dim
+    return query + 2 * d_model * shared_dim + 4 * n_head * shared_dim
 
 
 def matmul_flops(name: str, shape: Sequence[int]) -> int:
@@ -177,3 +203,37 @@ def linear_crossover(fixed_before: int, fixed_after: int, slope_before: int, slo
 def saved_fraction(before: int, after: int) -> float:
     """``(before - after) / before``, 0 when there was nothing before."""
     return (before - after) / before if before else 0.0
+
+
+@dataclass(frozen=True)
+class RotaryLayerCost(LayerCost):
+    """A rotary layer (SPEC section 2, "Rotary decoders"): G key/value heads, the query
+    projection unchanged, the key side replaced by R shared rotary key reals.
+
+    ``qk_params_before`` counts q_proj and k_proj with their biases; after, q_proj and its bias
+    plus :func:`rotary_key_params`. Key cache per token: ``G*d`` before, ``R`` after (one
+    shared key head, values unchanged). Scores: ``2*N*H*d`` before, ``2*N*H*R`` after.
+    """
+
+    n_kv_head: int = 1
+    key_bias: bool = False
+    query_params: int = 0  # q_proj weight and bias elements, unchanged
+
+    def qk_params(self, after: bool) -> int:
+        if not after or self.shared_dim is None:
+            return self.qk_params_before
+        return self.query_params + rotary_key_params(self.d_model, self.n_kv_head, self.head_dim, self.shared_dim,
+                                                     key_bias=self.key_bias)
+
+    def proj_flops(self, after: bool) -> int:
+        return rotary_proj_flops(self.d_model, self.n_head, self.n_kv_head, self.head_dim, self._r(after))
+
+    def key_cache(self, after: bool) -> int:
+        return self.shared_dim if after and self.shared_dim is not None else self.n_kv_head * self.head_dim
+
+    @property
+    def crossover(self) -> float | None:
+        if self.shared_dim is None:
+            return None
+        return linear_crossover(self.proj_flops(False), self.proj_flops(True), 2 * self.n_head * self.head_dim,
+                                2 * self.n_head * self.shared_dim)
