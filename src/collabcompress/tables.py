@@ -224,6 +224,7 @@ def report_tables(report: Report) -> list[Table]:
                 f"{rec['key_cache_elements_per_token_after']:,}"]
 
     rotary = any(la.get("rotary") for la in d["layers"])
+    all_rotary = rotary and all(la.get("rotary") for la in d["layers"])
     per_n = ", ".join(f"{n:,} tokens: {n * q['key_cache_bytes_per_token_before']:,} → "
                       f"{n * q['key_cache_bytes_per_token_after']:,} bytes" for n in report.seq_lens)
     rotary_caption = (
@@ -237,12 +238,13 @@ def report_tables(report: Report) -> list[Table]:
 
     t1 = _table(
         f"Key/query side per layer: {report.directory}",
-        ("layer", "G×d" if rotary and all(la.get("rotary") for la in d["layers"]) else "H×d", "R", "rel. error", "params before", "params after", "saved", "K-cache before",
+        ("layer", "G×d" if all_rotary else "H×d", "R", "rel. error", "params before", "params after", "saved",
+         "K-cache before",
          "K-cache after"),
         [[params_row(str(la["index"]), (width(la), str(la["shared_dim"]),
                                         f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
          [params_row("all", ("", "", ""), q)]],
-        f"K-cache: key-cache elements per token (H*d before, R + H after); "
+        f"K-cache: key-cache elements per token ({'G*d before, R after' if all_rotary else 'H*d before, R + H after'}); "
         f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
         f"over these layers ({report.dtype_before} → {report.dtype_after})." + rotary_caption)
 
