@@ -266,3 +266,18 @@ def test_report_figures(compressed, cli):
     assert data["model"]["key_cache_elements_per_token_after"] == 6 * LAYERS
     table = cli("report", compressed / "r6", "--seq-len", "100")
     assert "Rotary layers" in table.stdout and "100 tokens: 12,800 → 4,800 bytes" in table.stdout
+
+
+def test_remote_code_loads_with_plain_transformers(tiny, tmp_path, cli):
+    """`--remote-code`: AutoModelForCausalLM(trust_remote_code=True) gives the collaborative model."""
+    from collabcompress.hf import collaborative_modules
+
+    out = tmp_path / "out"
+    result = cli("compress", tiny["qwen2"], "--out", out, "--rank", KV * HEAD_DIM, "--remote-code")
+    assert result.exit_code == 0, result.stderr
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+    assert set(auto_map) >= {"AutoModel", "AutoModelForCausalLM"}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert len(collaborative_modules(loaded)) == 2
+    original = transformers.AutoModelForCausalLM.from_pretrained(tiny["qwen2"]).eval()
+    torch.testing.assert_close(_logits(loaded), _logits(original), rtol=0, atol=1e-5)
