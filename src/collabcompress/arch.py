@@ -17,22 +17,19 @@ import torch
 
 from .dtypes import FLOATS
 from .errors import BadInputError, UnsupportedArchitectureError
-from .families import FAMILIES, Family, find_family
+from .families import FAMILIES, KV_HEAD_KEYS, REFUSED_ROTARY_MODEL_TYPES, Family, family_of_model_type, find_family
 from .io import Checkpoint
 
 __all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "find_family", "detect", "load_query_key",
-           "load_value_output", "COLLAB_SUFFIXES"]
+           "load_value_output", "rope_frequencies", "COLLAB_SUFFIXES"]
 
-COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight")
+COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight",
+                   ".collab_key_freq")
 
-_ROTARY_MODEL_TYPES = {
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
-    "gemma3_text", "gptj", "gpt_neox", "phi", "phi3", "falcon", "roformer", "esm", "olmo", "olmo2", "cohere",
-    "stablelm", "starcoder2", "deepseek_v2", "deepseek_v3", "internlm2", "baichuan", "chatglm", "persimmon",
-    "granite", "nemotron", "codegen", "mpt_rope", "modernbert",
-}
 _ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base",
                 "rotary_emb_fraction", "partial_rotary_factor")
+_INTERLEAVE_KEYS = ("rope_interleave", "rope_interleaved", "rotary_interleave", "rotary_interleaved",
+                    "interleaved_rope")
 _QK_NORM = re.compile(r"(?:^|\.)(?:q_norm|k_norm|query_norm|key_norm|q_layernorm|k_layernorm)(?:\.|$)")
 
 
@@ -45,6 +42,9 @@ class AttentionSpec:
         index: position of the module in the model (encoder first), 0-based.
         family: family name.
         n_head, head_dim, d_model: H, d and D of SPEC section 2.
+        n_kv_head: G, the key/value heads (SPEC ``kv_heads``); H unless grouped-query.
+        rotary: a rotary layer (SPEC section 2, "Rotary decoders"): its key side becomes
+            shared rotary keys; ``key`` has G*d rows.
         scale: the score scale s (1/sqrt(d), or 1 for T5).
         query, key: weight tensor names; for a fused family both name the fused tensor.
         query_bias, key_bias: bias tensor names that exist, else ``None``.
@@ -63,11 +63,22 @@ class AttentionSpec:
     query_bias: str | None
     key_bias: str | None
     fused: str | None = None
+    n_kv_head: int | None = None
+    rotary: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
 
     @property
     def width(self) -> int:
         """H*d, the concatenated key/query width."""
         return self.n_head * self.head_dim
+
+    @property
+    def key_cache(self) -> int:
+        """G*d: the original key cache per token (reals) of a rotary layer."""
+        return self.n_kv_head * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -88,26 +99,68 @@ def _natural(s: str, family: Family) -> tuple:
     return (side, tuple(int(t) if t.isdigit() else (family.is_cross(t), t) for t in re.split(r"(\d+)", s)))
 
 
-def _refusal_reasons(names: list[str], config: dict[str, Any] | None) -> list[str]:
+def _rotary_config(cfg: dict[str, Any]) -> bool:
+    return (any(k in cfg for k in _ROTARY_KEYS) or cfg.get("position_embedding_type") == "rotary"
+            or (isinstance(cfg.get("model_type"), str) and cfg["model_type"] in REFUSED_ROTARY_MODEL_TYPES))
+
+
+def _rope_setting(cfg: dict[str, Any], key: str) -> Any:
+    """``cfg[key]``, or the same key inside ``rope_parameters`` / ``rope_scaling``."""
+    for where in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling")):
+        if isinstance(where, dict) and where.get(key) is not None:
+            return where[key]
+    return None
+
+
+def _rotary_layout_reasons(cfg: dict[str, Any]) -> list[str]:
+    """Why a rotary checkpoint of a registered family still cannot be compressed."""
+    reasons = []
+    partial = _rope_setting(cfg, "partial_rotary_factor")
+    if isinstance(partial, (int, float)) and not isinstance(partial, bool) and partial < 1:
+        reasons.append(f"partial rotary embeddings (partial_rotary_factor = {partial}): only part of each head is "
+                       "rotated, which the shared rotary keys do not model")
+    if any(_rope_setting(cfg, k) for k in _INTERLEAVE_KEYS):
+        reasons.append("an interleaved rotary pair layout (dimension 2j paired with 2j+1): the shared rotary keys "
+                       "need transformers' rotate_half layout (j paired with j + d/2)")
+    return reasons
+
+
+def _refusal_reasons(names: list[str], config: dict[str, Any] | None,
+                     family: Family | None) -> list[str]:
+    """Why the checkpoint is refused (exit 4); ``family`` is the rotary family it belongs to, if any."""
     reasons = []
     if any(_QK_NORM.search(n) for n in names):
         reasons.append("per-head query/key normalisation (q_norm/k_norm tensors): the normalisation between the "
                        "projections and the product breaks the shared bilinear form")
     cfg = config or {}
+    if family is not None:
+        return reasons + _rotary_layout_reasons(cfg)
     heads = cfg.get("num_attention_heads")
     kv = cfg.get("num_key_value_heads")
     if (isinstance(kv, int) and isinstance(heads, int) and kv < heads) or cfg.get("multi_query") is True:
         reasons.append(f"grouped-query or multi-query attention ({kv} key/value heads for {heads} query heads): "
-                       "key rows differ from query rows")
-    model_type = cfg.get("model_type")
-    rotary = ((isinstance(model_type, str) and model_type in _ROTARY_MODEL_TYPES)
-              or any(k in cfg for k in _ROTARY_KEYS)
-              or cfg.get("position_embedding_type") == "rotary"
-              or _looks_rotary(names))
-    if rotary:
+                       "key rows differ from query rows outside the rotary families (llama, mistral, qwen2)")
+    if _rotary_config(cfg) or _looks_rotary(names):
         reasons.append("rotary position embeddings: the rotation between query and key breaks the shared "
-                       "bilinear form")
+                       "bilinear form (supported rotary families: "
+                       f"{', '.join(f.name for f in FAMILIES if f.rotary)})")
     return reasons
+
+
+def _rotary_family(names: list[str], config: dict[str, Any] | None, arch: str | None) -> Family | None:
+    """The rotary family of the checkpoint: by ``--arch``, config.json's ``model_type``, or (no
+    config, or a config without a model type) LLaMA-style names and siblings."""
+    if arch is not None:
+        chosen = find_family(arch)
+        return chosen if chosen is not None and chosen.rotary else None
+    cfg = config or {}
+    by_type = family_of_model_type(cfg.get("model_type"))
+    if by_type is not None:
+        return by_type if by_type.rotary else None
+    if cfg.get("model_type") is None and _looks_rotary(names) and any(
+            n.endswith(".self_attn.q_proj.weight") or n.startswith("self_attn.q_proj.") for n in names):
+        return find_family("llama")
+    return None
 
 
 _LLAMA_SIBLINGS = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?:self_attn\.o_proj\.weight|mlp\.gate_proj\.weight|"
@@ -157,15 +210,19 @@ def _head_count(cfg: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tuple[str, str]]]:
-    """-> (family, [(module prefix, query weight name)])."""
-    if arch is not None:
+def _detect_family(names: list[str], arch: str | None,
+                   rotary: Family | None = None) -> tuple[Family, list[tuple[str, str]]]:
+    """-> (family, [(module prefix, query weight name)]). Rotary families are tried only when
+    the checkpoint was found rotary (``rotary``): BART-style names look alike."""
+    if rotary is not None:
+        candidates = [rotary]
+    elif arch is not None:
         chosen = find_family(arch)
         if chosen is None:
             raise BadInputError(f"unknown --arch {arch!r}; choose one of: {', '.join(f.name for f in FAMILIES)}")
         candidates = [chosen]
     else:
-        candidates = list(FAMILIES)
+        candidates = [f for f in FAMILIES if not f.rotary]
     best: tuple[Family, list[tuple[str, str]]] | None = None
     for family in candidates:
         found = [(m.group("m"), n) for n in names if (m := family.pattern.match(n))]
@@ -174,8 +231,8 @@ def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tup
         if found and (best is None or len(found) > len(best[1])):
             best = (family, found)
     if best is None:
-        if arch is not None:
-            raise BadInputError(f"no attention tensors of family {arch!r} found (expected names like "
+        if arch is not None or rotary is not None:
+            raise BadInputError(f"no attention tensors of family {candidates[0].name!r} found (expected names like "
                                 f"{candidates[0].example}); check --arch or run `collabcompress archs`")
         raise UnsupportedArchitectureError(
             "unsupported architecture: no query/key tensors of a known family found; "
@@ -183,19 +240,24 @@ def _detect_family(names: list[str], arch: str | None) -> tuple[Family, list[tup
     return best
 
 
-def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = None) -> list[AttentionSpec]:
+def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = None,
+           kv_heads: int | None = None) -> list[AttentionSpec]:
     """Find every attention module of ``ckpt`` that the tool can compress.
 
     Args:
         ckpt: an opened checkpoint (headers only are read).
         heads: head count override (``--heads``), else from ``config.json``.
         arch: family name override (``--arch``), else detected from tensor names.
+        kv_heads: key/value head count of a rotary family (``--kv-heads``), else from
+            ``config.json`` (``num_key_value_heads``, default the head count), else from the
+            key rows; a value that contradicts the key rows is refused.
 
     Returns:
         One :class:`AttentionSpec` per module, encoder before decoder, in layer order.
 
     Raises:
-        UnsupportedArchitectureError: rotary, grouped-query, q/k-norm, or an unknown family.
+        UnsupportedArchitectureError: rotary or grouped-query outside the rotary families, q/k-norm,
+            partial or interleaved rotary, or an unknown family.
         BadInputError: no head count, a head count that does not divide the width,
             inconsistent shapes, non-float weights, an already compressed checkpoint.
     """
@@ -203,23 +265,83 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
     if any(n.endswith(COLLAB_SUFFIXES) for n in names):
         raise BadInputError(f"{ckpt.path} is already compressed by collabcompress (it holds collab_* tensors); "
                             "use the original checkpoint")
-    reasons = _refusal_reasons(names, ckpt.config)
+    rotary = _rotary_family(names, ckpt.config, arch)
+    reasons = _refusal_reasons(names, ckpt.config, rotary)
     if reasons:
         model_type = (ckpt.config or {}).get("model_type")
         what = f"model_type {model_type!r}" if model_type else str(ckpt.path)
         raise UnsupportedArchitectureError(f"unsupported architecture ({what}): " + "; ".join(reasons))
     if heads is not None and heads < 1:
         raise BadInputError(f"--heads must be a positive integer, got {heads}")
-    family, found = _detect_family(names, arch)
+    if kv_heads is not None and kv_heads < 1:
+        raise BadInputError(f"--kv-heads must be a positive integer, got {kv_heads}")
+    family, found = _detect_family(names, arch, rotary)
     name_set = set(names)
     specs = []
     for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0], family))):
-        specs.append(_spec(ckpt, family, module, qname, index, heads, name_set))
+        spec = _spec(ckpt, family, module, qname, index, heads, name_set, rotary=family.rotary)
+        specs.append(_rotary_spec(ckpt, spec, kv_heads) if family.rotary else spec)
     return specs
 
 
+def _rotary_spec(ckpt: Checkpoint, spec: AttentionSpec, kv_heads: int | None) -> AttentionSpec:
+    """``spec`` with G from the key rows, checked against --kv-heads, config.json and head_dim."""
+    cfg = ckpt.config or {}
+    key_rows = ckpt.shape(spec.key)[0]
+    if key_rows % spec.head_dim:
+        raise BadInputError(f"{spec.key} has {key_rows} rows, not a multiple of head_dim {spec.head_dim} "
+                            f"({spec.n_head} heads); check --heads or config.json")
+    found = key_rows // spec.head_dim
+    given = kv_heads if kv_heads is not None else _head_count(cfg, KV_HEAD_KEYS[0])
+    if given is None and ckpt.config is not None:
+        given = spec.n_head  # transformers' default: num_key_value_heads = num_attention_heads
+    if given is not None and given != found:
+        where = "--kv-heads" if kv_heads is not None else "config.json (num_key_value_heads)"
+        raise BadInputError(f"{where} gives {given} key/value heads, but {spec.key} holds {found} of width "
+                            f"{spec.head_dim}; pass --kv-heads {found} or fix --heads")
+    if spec.n_head % found:
+        raise BadInputError(f"{spec.n_head} query heads are not a multiple of {found} key/value heads in "
+                            f"{spec.module}; check --heads and --kv-heads")
+    head_dim = cfg.get("head_dim")
+    if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim != spec.head_dim:
+        raise BadInputError(f"config.json gives head_dim {head_dim}, but {spec.query} has {spec.width} rows for "
+                            f"{spec.n_head} heads (width {spec.head_dim}); check --heads or config.json")
+    if spec.head_dim % 2:
+        raise BadInputError(f"{spec.module}: head width {spec.head_dim} is odd; rotary heads pair their dimensions")
+    return AttentionSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "n_kv_head": found,
+                            "rotary": True})
+
+
+def rope_frequencies(config: dict[str, Any] | None, head_dim: int) -> tuple[torch.Tensor, float]:
+    """The rotary frequencies theta_j (d/2,) float64 and the attention scaling of a rotary model.
+
+    Through transformers' own rope initialisation (``ROPE_INIT_FUNCTIONS``) where transformers
+    is installed, so every rope type it supports gives its theta_j; else the default formula
+    ``theta_j = base^(-2j/d)`` with ``base`` = ``rope_theta`` (default 10000). Only ``verify``
+    needs them: the fit does not depend on theta.
+    """
+    cfg = config or {}
+    try:
+        import transformers
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        model_type = cfg.get("model_type") or "llama"
+        hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items()
+                                                                     if k != "model_type"})
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type == "default":
+            raise LookupError  # the formula below; older transformers have no "default" entry
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+        return inv_freq.to(torch.float64)[: head_dim // 2], float(scaling)
+    except (ImportError, LookupError, ValueError, TypeError, KeyError, AttributeError):
+        base = _rope_setting(cfg, "rope_theta") or cfg.get("rotary_emb_base") or 10000.0
+        j = torch.arange(0, head_dim, 2, dtype=torch.float64)
+        return 1.0 / float(base) ** (j / head_dim), 1.0
+
+
 def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
-          heads: int | None, names: set[str]) -> AttentionSpec:
+          heads: int | None, names: set[str], *, rotary: bool = False) -> AttentionSpec:
     kname = qname if family.fused else f"{module}.{family.key}.weight"
     for n in {qname, kname}:
         if ckpt.dtype(n) not in FLOATS:
@@ -238,7 +360,7 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
         kshape = ckpt.shape(kname)
         if kshape[1] != d_model:
             raise BadInputError(f"{kname} has shape {list(kshape)} but {qname} has {list(qshape)}")
-        if kshape[0] != width:
+        if kshape[0] != width and not rotary:
             raise UnsupportedArchitectureError(
                 f"unsupported architecture: {kname} has {kshape[0]} rows and {qname} {width}: grouped-query or "
                 "multi-query attention (key rows differ from query rows)")
@@ -248,7 +370,8 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
     if n_head is None:
         where = ("config.json beside the weights gives none (num_attention_heads, n_head, n_heads or num_heads)"
                  if ckpt.config is not None else "no config.json beside the weights")
-        raise BadInputError(f"no head count for {module}: {where}; pass --heads N")
+        kv = " (and --kv-heads G for a grouped-query rotary model)" if rotary else ""
+        raise BadInputError(f"no head count for {module}: {where}; pass --heads N{kv}")
     if width % n_head:
         raise BadInputError(f"head count {n_head} does not divide the query width {width} of {module}; "
                             "check --heads or config.json")

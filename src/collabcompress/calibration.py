@@ -378,3 +378,20 @@ def load_sequences(path: Path, ckpt: Checkpoint,
             raise BadInputError(f"calibration statistics {path}: the kept sequences of {spec.module} are malformed")
         out[spec.module] = (_checked(seqs, f"{spec.module}.sequences", path).float(), lengths.long())
     return out
+
+
+def load_query_energies(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, torch.Tensor]:
+    """Measured query energies ``E|q_{h,j}|^2`` (H, d/2) per rotary module, where the statistics
+    file holds them (``<module>.query_energy``); modules without them are left out."""
+    f, names, _ = _open_stats(path, ckpt, specs)
+    out = {}
+    for s in specs:
+        name = f"{s.module}.query_energy"
+        if name not in names:
+            continue
+        energy = _checked(f.get_tensor(name), name, path)
+        if tuple(energy.shape) != (s.n_head, s.head_dim // 2) or bool((energy < 0).any()):
+            raise BadInputError(f"calibration statistics {path}: {name} has shape {list(energy.shape)} or negative "
+                                f"entries; expected non-negative ({s.n_head}, {s.head_dim // 2})")
+        out[s.module] = energy
+    return out

@@ -139,6 +139,10 @@ CheckpointArg = Annotated[Path, typer.Argument(help="A .safetensors file, a *.sa
                                                show_default=False)]
 HeadsOpt = Annotated[Optional[int], typer.Option("--heads", parser=_int("--heads"),
                                                  help="Attention heads per layer (default: from config.json).")]
+KvHeadsOpt = Annotated[Optional[int], typer.Option(
+    "--kv-heads", parser=_int("--kv-heads"),
+    help="Key/value heads per layer of a grouped-query rotary model (default: from config.json, else from the "
+         "key rows).")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture family (default: detected); see `archs`.")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the result as JSON to PATH ('-' = stdout, no table).",
                                                 metavar="PATH")]
@@ -231,6 +235,7 @@ def _main(
 def analyze(
     checkpoint: CheckpointArg,
     heads: HeadsOpt = None,
+    kv_heads: KvHeadsOpt = None,
     arch: ArchOpt = None,
     energy: Annotated[Optional[list[float]], typer.Option(
         "--energy", help="Energy threshold tau in (0, 1]; repeatable. Default: "
@@ -250,7 +255,7 @@ def analyze(
         require_matplotlib()
     progress, step = _progress("analyzing", json_path != "-")
     with progress:
-        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step)
+        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step, kv_heads=kv_heads)
     if plot is not None:
         _save_plot(plot_energy, result, plot)
     _emit(result.to_dict(), json_path, lambda: [analysis_table(result, show_module=_console().width >= 120),
@@ -291,6 +296,7 @@ def compress(
     refine_steps: Annotated[int, typer.Option("--refine-steps", parser=_int("--refine-steps"), help="Adam steps per layer minimising the attention KL on the kept calibration "
                                "sequences (needs `calibrate --keep-sequences N`).")] = 0,
     heads: HeadsOpt = None,
+    kv_heads: KvHeadsOpt = None,
     arch: ArchOpt = None,
     workers: Annotated[Optional[int], typer.Option("--workers", parser=_int("--workers"), help="Layers decomposed in parallel (default: the usable CPU cores).")] = None,
     remote_code: Annotated[bool, typer.Option(
@@ -305,7 +311,7 @@ def compress(
     check_output_dir(out, input_paths(checkpoint, files=[calibration]), force=force)
     _check_targets([checkpoint, out], json_path, files=[calibration])
     from .compress import CompressOptions, compress as run_compress
-    from .tables import compress_table
+    from .tables import compress_notes, compress_table
 
     options = CompressOptions(rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
                               multiple_of=multiple_of, method=method.value,
@@ -315,10 +321,10 @@ def compress(
     progress, step = _progress("compressing", json_path != "-")
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
-                                remote_code=remote_code, progress=step)
+                                remote_code=remote_code, progress=step, kv_heads=kv_heads)
     t = manifest["totals"]
     _emit(manifest, json_path, lambda: [
-        compress_table(manifest),
+        compress_table(manifest), *compress_notes(manifest),
         f"key/query parameters {t['qk_params_before']:,} -> {t['qk_params_after']:,}; "
         f"model parameters {t['params_before']:,} -> {t['params_after']:,}; written to {out}"])
 

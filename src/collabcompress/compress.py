@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .analysis import choose_rank, head_output_energy, layer_spectrum
 from .arch import AttentionSpec, detect, load_query_key, load_value_output
-from .costs import qk_params, stored_qk_params
+from .costs import qk_params, rotary_key_params, stored_qk_params
 from .decompose import CPFactors, concatenated, cp_als, relative_error
 from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
 from .dtypes import OUTPUT_NAMES, dtype_name, to_torch
@@ -119,7 +119,7 @@ def collab_names(module: str) -> dict[str, str]:
 class _Layer:
     spec: AttentionSpec
     shared_dim: int
-    factors: CPFactors
+    factors: CPFactors | Any  # RotaryFactors for a rotary layer
     energy_spectral: float
     seconds: float
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -179,6 +179,77 @@ def _value_slices(ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, 
     value = fused[:, 2 * w:] if spec.fused == "conv1d" else fused[2 * w:]  # orientation of the fused tensor
     bias = ckpt.load(spec.query_bias)[2 * w:] if spec.query_bias else None
     return value.contiguous(), (bias.contiguous() if bias is not None else None)
+
+
+def rotary_names(module: str) -> dict[str, str]:
+    """Tensor names of SPEC section 4 "Rotary layers" for one module."""
+    return {"key": f"{module}.collab_key.weight", "key_bias": f"{module}.collab_key.bias",
+            "key_freq": f"{module}.collab_key_freq", "mixing": f"{module}.collab_mixing"}
+
+
+def _rotary_rank(spec: AttentionSpec, opts: CompressOptions, sv: torch.Tensor | None) -> int:
+    """R of a rotary layer: --rank as given (even, <= G*d), or the key cache at --energy, then
+    --min-rank, --multiple-of and --max-rank, rounded up to even."""
+    from .rotary import key_cache_at
+
+    full = spec.key_cache
+    if opts.rank is not None:
+        return opts.rank
+    r = choose_rank(key_cache_at(sv, opts.energy), full, min_rank=opts.min_rank, max_rank=opts.max_rank,
+                    multiple_of=opts.multiple_of)
+    return min(full, max(2, r + r % 2))
+
+
+def _plain_rotary_error(qk, spec: AttentionSpec, factors, weights: torch.Tensor) -> float:
+    """``||diag(w)(B - B_hat)||_F / ||diag(w) B||_F`` with the data-free weights and no whitening."""
+    from .rotary import rotary_pairs
+
+    rows = qk.w_key if qk.b_key is None else torch.cat([qk.w_key, qk.b_key[:, None]], dim=1)  # (G*d, D')
+    keys = rotary_pairs(rows, spec.n_kv_head, spec.head_dim)  # (G, d/2, D')
+    beta = factors.beta() if factors.key_bias is None else torch.cat([factors.beta(), factors.beta0()[:, None]], 1)
+    parts = factors.mixing_complex()[:, :, None] * beta  # (G, R/2, D')
+    approx = torch.zeros_like(keys).index_add_(1, factors.freq, parts)  # (G, d/2, D')
+    w = weights.sqrt()[..., None]  # (G, d/2, 1)
+    den = float((w * keys).abs().square().sum())
+    return (float((w * (keys - approx)).abs().square().sum()) / den) ** 0.5 if den > 0 else 0.0
+
+
+def _compress_rotary_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+                           moments: tuple[torch.Tensor, torch.Tensor] | None,
+                           query_energy: torch.Tensor | None) -> _Layer:
+    """Shared rotary keys (SPEC section 2, "Rotary decoders"): the data-free fit, or the
+    whitened fit weighted by the query energies when calibration moments are given."""
+    from . import rotary
+
+    start = time.perf_counter()
+    qk = load_query_key(ckpt, spec)
+    free = rotary.group_weights(rotary.query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim),
+                                spec.n_kv_head)  # (G, d/2)
+    weights, lower = free, None
+    if moments is not None:
+        mean, second = moments
+        if query_energy is None:
+            query_energy = rotary.query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim, second, mean)
+        weights = rotary.group_weights(query_energy, spec.n_kv_head)
+        try:
+            lower = rotary.key_whitening(second, mean, bias=qk.b_key is not None)
+        except ValueError as e:
+            raise BadInputError(f"calibration statistics: the moments of {spec.module} are unusable ({e})") from e
+    sv = rotary.rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights, lower) \
+        if opts.energy is not None else None
+    shared_dim = _rotary_rank(spec, opts, sv)
+    factors = rotary.rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, shared_dim,
+                                    weights=weights, lower=lower)
+    plain = factors.relative_error if moments is None else _plain_rotary_error(qk, spec, factors, free)
+    names = rotary_names(spec.module)
+    tensors = {names["key"]: factors.key.to(out_dtype).contiguous(),  # (R, D)
+               names["key_freq"]: factors.freq.contiguous(),  # (R/2,) int64
+               names["mixing"]: factors.mixing.to(out_dtype).contiguous()}  # (G, R/2, 2)
+    if factors.key_bias is not None:
+        tensors[names["key_bias"]] = factors.key_bias.to(out_dtype).contiguous()  # (R,)
+    removed = [n for n in (spec.key, spec.key_bias) if n]
+    return _Layer(spec, shared_dim, factors, factors.energy, time.perf_counter() - start, tensors, removed,
+                  None, plain)
 
 
 def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
@@ -241,6 +312,18 @@ def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions
 
 def _layer_record(layer: _Layer) -> _mf.LayerRecord:
     spec, names = layer.spec, collab_names(layer.spec.module)
+    if spec.rotary:
+        rn = rotary_names(spec.module)
+        return _mf.LayerRecord(
+            module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
+            d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
+            relative_error=round(layer.factors.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
+            energy_spectral=round(layer.energy_spectral, 8), iterations=0, seconds=round(layer.seconds, 4),
+            tensors=_mf.LayerTensors(spec.query, rn["key"], rn["mixing"], None, None, rn["key_freq"],
+                                     rn["key_bias"] if spec.key_bias else None),
+            removed=tuple(layer.removed), family=spec.family, fused=None,
+            query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
+            kv_heads=spec.n_kv_head, rotary=True)
     return _mf.LayerRecord(
         module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
         d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
@@ -289,20 +372,24 @@ def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Pa
 
 
 def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
-    return {
-        "format": FORMAT, "version": __version__, "family": family,
-        "layers": {layer.spec.module: {"index": layer.spec.index, "shared_dim": layer.shared_dim,
-                                       "heads": layer.spec.n_head, "head_dim": layer.spec.head_dim,
-                                       "d_model": layer.spec.d_model, "scale": layer.spec.scale,
-                                       "fused": layer.spec.fused, "key_bias": layer.spec.key_bias is not None}
-                   for layer in layers},
-    }
+    def one(layer: _Layer) -> dict[str, Any]:
+        spec = layer.spec
+        rotary = {"kv_heads": spec.n_kv_head, "rotary": True} if spec.rotary else {}
+        return {"index": spec.index, "shared_dim": layer.shared_dim, "heads": spec.n_head, **rotary,
+                "head_dim": spec.head_dim, "d_model": spec.d_model, "scale": spec.scale,
+                "fused": spec.fused, "key_bias": spec.key_bias is not None}
+
+    return {"format": FORMAT, "version": __version__, "family": family,
+            "layers": {layer.spec.module: one(layer) for layer in layers}}
 
 
 def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
                 whitening: dict[str, Any], sequences: dict[str, Any], workers: int,
-                progress: Progress | None) -> list[_Layer]:
+                progress: Progress | None, energies: dict[str, Any] | None = None) -> list[_Layer]:
     def one(spec: AttentionSpec) -> _Layer:
+        if spec.rotary:
+            return _compress_rotary_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module),
+                                          (energies or {}).get(spec.module))
         return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module), sequences.get(spec.module))
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
@@ -311,7 +398,8 @@ def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressO
 
 def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,
              arch: str | None = None, force: bool = False, workers: int | None = None,
-             remote_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             remote_code: bool = False, progress: Progress | None = None,
+             kv_heads: int | None = None) -> dict[str, Any]:
     """Compress ``checkpoint`` into the output directory ``out``; returns the manifest.
 
     Args:
@@ -319,6 +407,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         out: the output directory; refused if it exists unless ``force``.
         options: rank choice and decomposition settings.
         heads, arch: overrides for the head count and the family.
+        kv_heads: key/value head count of a rotary model without config.json (``--kv-heads``).
         workers: layers decomposed in parallel (default: the usable CPU cores); the output
             does not depend on it.
         remote_code: also write the modeling file that makes the output load with
@@ -335,24 +424,36 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     ckpt = open_checkpoint(checkpoint)
     check_output_path(out, ckpt.files + ([ckpt.index_file] if ckpt.index_file else []), ckpt.directory
                       if Path(checkpoint).is_dir() or ckpt.sharded else None, force=force)
-    specs = detect(ckpt, heads=heads, arch=arch)
+    specs = detect(ckpt, heads=heads, arch=arch, kv_heads=kv_heads)
     chosen = parse_layers(options.layers, len(specs))
     specs = [s for s in specs if s.index in chosen]
     if options.rank is not None:
         for s in specs:
-            if options.rank > s.width:
+            if s.rotary:
+                if options.rank % 2 or options.rank > s.key_cache:
+                    raise BadInputError(f"--rank {options.rank} for the rotary layer {s.module}: the key cache R must "
+                                        f"be even (reals per token: [Re | Im] of R/2 complex components) and at "
+                                        f"most G*d = {s.key_cache}")
+            elif options.rank > s.width:
                 raise BadInputError(f"--rank {options.rank} is above H*d = {s.width} of {s.module}; "
                                     "a rank above H*d compresses nothing")
-    whitening, sequences = {}, {}
+    rotary = [s for s in specs if s.rotary]
+    if rotary and options.refine_steps:
+        raise BadInputError("--refine-steps: not yet for rotary layers (llama, mistral, qwen2); drop the option")
+    whitening, sequences, energies = {}, {}, {}
     if options.calibration:
-        from .calibration import load_sequences, load_whitening
+        from .calibration import load_moments, load_query_energies, load_sequences, load_whitening
 
-        whitening = load_whitening(Path(options.calibration), ckpt, specs)
+        plain = [s for s in specs if not s.rotary]
+        whitening = load_whitening(Path(options.calibration), ckpt, plain) if plain else {}
+        if rotary:
+            whitening.update(load_moments(Path(options.calibration), ckpt, rotary))
+            energies = load_query_energies(Path(options.calibration), ckpt, rotary)
         if options.refine_steps:
             sequences = load_sequences(Path(options.calibration), ckpt, specs)
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
-    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress)
+    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress, energies)
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
     if ckpt.config is not None:
@@ -366,7 +467,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             outputs.append(tmp / "config.json")
         if Path(checkpoint).is_dir() or ckpt.sharded or ckpt.config is not None:
             outputs.extend(copy_other_files(ckpt.directory, tmp, set(source_files)))
-        manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch)
+        manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch,
+                             kv_heads)
         _mf.write(tmp, manifest)
         if remote_code:
             from .hf import write_remote_code
@@ -376,6 +478,16 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         _publishable(tmp)
     ckpt.close()
     return manifest.to_json()
+
+
+def _qk_after(layer: _Layer, ckpt: Checkpoint) -> int:
+    """Key/query parameters after: SPEC 5's formula, or a rotary layer's unchanged query plus its shared keys."""
+    spec = layer.spec
+    if spec.rotary:
+        query = ckpt.numel(spec.query) + (ckpt.numel(spec.query_bias) if spec.query_bias else 0)
+        return query + rotary_key_params(spec.d_model, spec.n_kv_head, spec.head_dim, layer.shared_dim,
+                                         key_bias=spec.key_bias is not None)
+    return qk_params(spec.d_model, spec.n_head, spec.head_dim, layer.shared_dim)
 
 
 def _publishable(tmp: Path) -> None:
@@ -390,18 +502,19 @@ def _publishable(tmp: Path) -> None:
 
 def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpec], layers: list[_Layer],
               options: CompressOptions, source_files: list[Path], outputs: list[Path], tmp: Path,
-              heads: int | None, arch: str | None) -> _mf.Manifest:
+              heads: int | None, arch: str | None, kv_heads: int | None = None) -> _mf.Manifest:
     params_before = sum(ckpt.numel(n) for n in ckpt.names())
     removed = sum(ckpt.numel(n) for layer in layers for n in layer.removed)
     added = sum(t.numel() for layer in layers for t in layer.tensors.values())
-    qk_after = sum(qk_params(layer.spec.d_model, layer.spec.n_head, layer.spec.head_dim, layer.shared_dim)
-                   for layer in layers)
+    qk_after = sum(_qk_after(layer, ckpt) for layer in layers)
     weights_out = [p for p in outputs if p.name.endswith((".safetensors", INDEX_SUFFIX))]
     calibration = None
     if options.calibration:
         calibration = {"file": str(Path(options.calibration).resolve()), "sha256": sha256_file(Path(options.calibration))}
     settings = asdict(options)
     settings["calibration"] = calibration
+    if kv_heads is not None:
+        settings["kv_heads"] = kv_heads
     return _mf.Manifest(
         tool=_mf.Tool("collabcompress", __version__),
         created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

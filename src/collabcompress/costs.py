@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "qk_params", "stored_qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
     "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
+    "rotary_key_params", "rotary_proj_flops",
 ]
 
 # Tables looked up by index (gathers), not multiplied: no matmul FLOPs.
@@ -105,6 +106,29 @@ def crossover_seq_len(d_model: int, n_head: int, head_dim: int, shared_dim: int)
         return None
     saved = projection_flops(d_model, n_head, head_dim) - projection_flops(d_model, n_head, head_dim, shared_dim)
     return saved / (2 * n_head * (shared_dim - head_dim))
+
+
+# ---- rotary layers (SPEC section 2 "Rotary decoders"); shared_dim None = the original layer -----
+
+def rotary_key_params(d_model: int, n_kv_head: int, head_dim: int, shared_dim: int | None = None, *,
+                      key_bias: bool = False) -> int:
+    """Key-side parameters of a rotary layer: k_proj ``G*d*D`` (+ ``G*d`` bias) before;
+    ``R*D`` (+ ``R`` bias) shared keys, ``G*R`` mixing (G x R/2 complex) and ``R/2`` frequency
+    indices after. The query projection is unchanged and counted by the caller."""
+    if shared_dim is None:
+        return n_kv_head * head_dim * (d_model + key_bias)
+    return shared_dim * (d_model + key_bias) + n_kv_head * shared_dim + shared_dim // 2
+
+
+def rotary_proj_flops(d_model: int, n_head: int, n_kv_head: int, head_dim: int, shared_dim: int | None = None) -> int:
+    """Query/key projection FLOPs per token of a rotary layer: ``2*D*H*d + 2*D*G*d`` before;
+    ``2*D*H*d + 2*D*R + 4*H*R`` after (the query mixing q'_{h,r} = q_{h,j(r)} conj(U_{g,r}):
+    one complex product, 4 multiply-adds, per head and component). The rotations cost the
+    same kind of work before and after and are not counted."""
+    query = 2 * d_model * n_head * head_dim
+    if shared_dim is None:
+        return query + 2 * d_model * n_kv_head * head_dim
+    return query + 2 * d_model * shared_dim + 4 * n_head * shared_dim
 
 
 def matmul_flops(name: str, shape: Sequence[int]) -> int:

@@ -17,10 +17,22 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Family", "FAMILIES", "register", "find_family", "HEAD_KEYS"]
+__all__ = ["Family", "FAMILIES", "register", "find_family", "family_of_model_type", "HEAD_KEYS",
+           "REFUSED_ROTARY_MODEL_TYPES", "KV_HEAD_KEYS"]
 
 # config.json keys giving the head count, in the order they are tried.
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")
+# config.json keys giving the key/value head count of a grouped-query (rotary) family.
+KV_HEAD_KEYS = ("num_key_value_heads",)
+
+# Rotary model types whose attention the tool cannot yet re-parametrize (refused with exit code 4):
+# the registered rotary families (``Family.model_types``) are the exceptions.
+REFUSED_ROTARY_MODEL_TYPES = frozenset({
+    "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "gptj", "gpt_neox", "phi", "phi3", "falcon", "roformer", "esm", "olmo", "olmo2", "cohere",
+    "stablelm", "starcoder2", "deepseek_v2", "deepseek_v3", "internlm2", "baichuan", "chatglm", "persimmon",
+    "granite", "nemotron", "codegen", "mpt_rope", "modernbert",
+})
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,9 @@ class Family:
             :mod:`collabcompress.hf` that runs them, ``None`` when the family cannot be loaded.
         text: the model reads token ids (``calibrate`` and ``evaluate`` run on text).
         shared_layers: one stored block is applied at every layer (ALBERT).
+        rotary: rotary position embeddings with grouped-query attention (SPEC section 2,
+            "Rotary decoders"): the key side is compressed into shared rotary keys.
+        model_types: config.json ``model_type`` values that select the family.
     """
 
     name: str
@@ -78,6 +93,8 @@ class Family:
     hf_adapter: str | None = None
     text: bool = True
     shared_layers: bool = False
+    rotary: bool = False
+    model_types: tuple[str, ...] = ()
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +124,11 @@ def register(family: Family) -> Family:
 def find_family(name: str) -> Family | None:
     """The registered family called ``name``, or ``None``."""
     return next((f for f in FAMILIES if f.name == name), None)
+
+
+def family_of_model_type(model_type: object) -> Family | None:
+    """The registered family whose ``model_types`` hold config.json's ``model_type``, or ``None``."""
+    return next((f for f in FAMILIES if isinstance(model_type, str) and model_type in f.model_types), None)
 
 
 _BERT_NORMS = ("{p}encoder.layer.{prev}.output.LayerNorm", "{p}embeddings.LayerNorm")
@@ -163,3 +185,21 @@ register(Family(
     feeding_norms=("{p}{side}.layers.{i}.self_attn_layer_norm", "{p}{side}.layers.{i}.layer_norm1",
                    "{p}{side}.layers.{prev}.final_layer_norm", "{p}{side}.layernorm_embedding"),
     hf_classes=("BartAttention", "MBartAttention", "MarianAttention", "PegasusAttention"), hf_adapter="_Bart"))
+
+_ROTARY_MODULE = r"(?:^|\.)layers\.\d+\.self_attn"
+_ROTARY_NORMS = ("{p}layers.{i}.input_layernorm",)
+register(Family(
+    "llama", "LLaMA 1-3, SmolLM/SmolLM2, TinyLlama", _ROTARY_MODULE, "q_proj", "k_proj",
+    "model.layers.{i}.self_attn.{q_proj,k_proj}", note="rotary, grouped-query (shared rotary keys)",
+    value="{m}.v_proj.weight", output="{m}.o_proj.weight", feeding_norms=_ROTARY_NORMS,
+    hf_classes=("LlamaAttention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("llama",)))
+register(Family(
+    "mistral", "Mistral", _ROTARY_MODULE, "q_proj", "k_proj",
+    "model.layers.{i}.self_attn.{q_proj,k_proj}", note="rotary, grouped-query, sliding window",
+    value="{m}.v_proj.weight", output="{m}.o_proj.weight", feeding_norms=_ROTARY_NORMS,
+    hf_classes=("MistralAttention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("mistral",)))
+register(Family(
+    "qwen2", "Qwen2, Qwen2.5", _ROTARY_MODULE, "q_proj", "k_proj",
+    "model.layers.{i}.self_attn.{q_proj,k_proj}", note="rotary, grouped-query, q/k/v biases",
+    value="{m}.v_proj.weight", output="{m}.o_proj.weight", feeding_norms=_ROTARY_NORMS,
+    hf_classes=("Qwen2Attention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("qwen2",)))

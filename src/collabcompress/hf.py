@@ -9,7 +9,10 @@ convention (transformers 5), and computes its scores from the collaborative tens
 model's own attention kernel (``eager`` or ``sdpa``) does the rest, so masks, causality,
 caches and position biases behave as in the original model. The key has one head axis
 shared by all heads (R + H numbers per token, also in the cache), which the kernels
-broadcast.
+broadcast. Rotary decoders (LLaMA, Mistral, Qwen2; layers marked ``rotary`` in the manifest)
+get :func:`rotary_module`: the module's own queries mixed per component, queries and the
+shared key rotated at the components' frequencies, one key head of R numbers per token in
+the cache, the original values.
 
 :func:`write_remote_code` makes a directory loadable with
 ``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
@@ -36,10 +39,10 @@ from .extras import require_transformers
 from .families import FAMILIES, Family, find_family
 from .io import Checkpoint, open_checkpoint, read_json
 from .manifest import MANIFEST_NAME, LayerRecord
-from .nn import CollaborativeAttention
+from .nn import CollaborativeAttention, CollaborativeRotaryAttention
 
 __all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
-           "REMOTE_CODE_NAME"]
+           "rotary_module", "REMOTE_CODE_NAME"]
 
 REMOTE_CODE_NAME = "modeling_collabcompress.py"
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -301,9 +304,114 @@ def _collaborative_module(old: nn.Module, layer: LayerRecord, module_name: str, 
     return new
 
 
-def collaborative_modules(model: nn.Module) -> dict[str, CollaborativeAttention]:
+def collaborative_modules(model: nn.Module) -> dict[str, CollaborativeAttention | CollaborativeRotaryAttention]:
     """The collaborative attention modules of a loaded model, by in-memory module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, CollaborativeAttention)}
+    kinds = (CollaborativeAttention, CollaborativeRotaryAttention)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+# --------------------------------------------------------------------------- rotary decoders (RoPE, GQA)
+
+def _rotary_classes() -> tuple[str, ...]:
+    """The transformers attention classes of the registered rotary families."""
+    return tuple(c for f in FAMILIES if f.hf_adapter == "_LlamaRotary" for c in f.hf_classes)
+
+
+
+class _LlamaRotary(_Adapter):
+    """LlamaAttention, MistralAttention, Qwen2Attention with shared rotary keys: (output, weights).
+
+    Queries come from the module's own ``q_proj``, are mixed per component and rotated; the
+    shared key (B, 1, M, R) goes through the cache with the original values (B, G, M, d); the
+    key is then broadcast to the G value heads (a view) so that the model's attention
+    kernel repeats both to the H query heads exactly as it does for the original keys.
+    """
+
+    _removed = ("k_proj",)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        input_shape = hidden_states.shape[:-1]
+        cos, sin = position_embeddings  # (B, N, d) each
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        query = self.query_states(query, cos, sin)  # (B, H, N, R)
+        key = self.key_states(hidden_states, cos, sin)  # (B, 1, N, R)
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, G, N, d)
+        if cache is not None:
+            if isinstance(cache.layers[self.layer_idx], _static_layer()):
+                raise NotImplementedError("a collaborative rotary model needs a dynamic cache: its keys (R per token, "
+                                          "one head) do not fit a static cache shaped for G heads of width d; drop "
+                                          "cache_implementation='static'")
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, 1, M, R), (B, G, M, d)
+        key = key.expand(-1, value.shape[1], -1, -1)  # (B, G, M, R), no copy
+        sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout,
+                                    sliding_window=sliding, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+@functools.lru_cache(maxsize=None)
+def _rotary_wrapper_class(original: type[nn.Module]) -> type[nn.Module]:
+    if not any(c.__name__ in _rotary_classes() for c in original.__mro__):
+        raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
+                                           f"{original.__name__} with shared rotary keys (known: "
+                                           f"{', '.join(dict.fromkeys(_rotary_classes()))})")
+    eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
+    return type(f"Collaborative{original.__name__}", (_LlamaRotary, CollaborativeRotaryAttention, original),
+                {"__module__": __name__, "_eager": staticmethod(eager) if eager else None,
+                 "__doc__": f"{original.__name__} with shared rotary keys (collabcompress)."})
+
+
+def rotary_module(old: nn.Module, layer: LayerRecord) -> nn.Module:
+    """A copy of the rotary attention module ``old`` with shared keys instead of ``k_proj``.
+
+    The copy keeps every attribute and submodule of ``old`` (tensors shared) except
+    ``k_proj``, and adds ``collab_key`` (with a bias when ``k_proj`` had one),
+    ``collab_key_freq`` and ``collab_mixing``, uninitialised: load them from the directory.
+
+    Args:
+        old: a transformers ``LlamaAttention``, ``MistralAttention`` or ``Qwen2Attention``.
+        layer: the manifest's layer record (:class:`~collabcompress.manifest.LayerRecord`):
+            ``module``, ``heads`` (H), ``kv_heads`` (G), ``head_dim``, ``d_model`` and
+            ``shared_dim`` (R) are read.
+
+    Raises:
+        UnsupportedArchitectureError: another attention class; BadInputError: a record
+        that does not fit ``old`` (head counts, widths, R odd or above G*d).
+    """
+    cls = _rotary_wrapper_class(type(old))
+    name = layer.module
+    heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
+    d_model, shared = layer.d_model, layer.shared_dim
+    built = (old.config.num_attention_heads, old.config.num_key_value_heads, old.head_dim, old.q_proj.in_features)
+    if built != (heads, kv_heads, head_dim, d_model):
+        raise BadInputError(f"{name}: the manifest says {heads} heads, {kv_heads} key/value heads of width {head_dim}, "
+                            f"d_model {d_model}; the config builds {built[0]} heads, {built[1]} key/value heads of width "
+                            f"{built[2]}, d_model {built[3]}")
+    if not 2 <= shared <= kv_heads * head_dim or shared % 2:
+        raise BadInputError(f"{name}: shared_dim {shared} must be even, between 2 and {kv_heads * head_dim} "
+                            f"(key/value heads x head_dim)")
+    new = cls.__new__(cls)
+    new.__dict__.update(old.__dict__)
+    for slot in ("_parameters", "_buffers", "_modules"):
+        setattr(new, slot, dict(getattr(old, slot)))
+    for removed in cls._removed:
+        new._modules.pop(removed, None)
+    ref = old.q_proj.weight
+    new._add_collab_parameters(d_model, kv_heads, shared, key_bias=old.k_proj.bias is not None, device=ref.device,
+                               dtype=ref.dtype)
+    new.scale = float(old.scaling)
+    return new
+
+
+def _check_rotary_frequencies(model: nn.Module, directory: Path) -> None:
+    """Every loaded collab_key_freq names a frequency of its head (0 .. d/2-1)."""
+    for name, m in model.named_modules():
+        if isinstance(m, CollaborativeRotaryAttention) and m.collab_key_freq.numel():
+            freq, half = m.collab_key_freq, m.head_dim // 2
+            if int(freq.min()) < 0 or int(freq.max()) >= half:
+                raise BadInputError(f"{directory}: {name}.collab_key_freq holds {int(freq.min())}..{int(freq.max())}, "
+                                    f"outside the head's frequencies 0..{half - 1}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -521,8 +629,10 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         memory_module[file_module] = mem
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
-        setattr(model.get_submodule(parent) if parent else model, child, _collaborative_module(old, layer, mem, family))
+        new = rotary_module(old, layer) if layer.rotary else _collaborative_module(old, layer, mem, family)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
     _load_state(model, tensors, memory_module, rename, directory)
+    _check_rotary_frequencies(model, directory)
     model.eval()
     return model
 
@@ -588,7 +698,8 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
 
     Writes ``modeling_collabcompress.py`` (a subclass of the source model class whose
     ``from_pretrained`` calls :func:`from_pretrained`; it needs collabcompress installed
-    where it is loaded) and adds ``"auto_map": {"AutoModel": ...}`` to ``config.json``.
+    where it is loaded) and adds ``"auto_map": {"AutoModel": ...}`` to ``config.json`` (and
+    ``AutoModelForCausalLM`` for a causal LM).
     The manifest's ``outputs`` records are updated. Without ``trust_remote_code`` transformers
     loads its own class instead and initialises the missing query/key weights randomly (it
     warns about them), so load with ``trust_remote_code=True`` or with :func:`from_pretrained`.
@@ -615,7 +726,10 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     module = REMOTE_CODE_NAME.removesuffix(".py")
     try:
         code.write_text(_REMOTE_CODE.format(base=base, version=__version__), encoding="utf-8")
-        config["auto_map"] = {**(config.get("auto_map") or {}), "AutoModel": f"{module}.Collaborative{base}"}
+        auto = {"AutoModel": f"{module}.Collaborative{base}"}
+        if base.endswith("ForCausalLM"):
+            auto["AutoModelForCausalLM"] = auto["AutoModel"]
+        config["auto_map"] = {**(config.get("auto_map") or {}), **auto}
         write_json(config, directory / "config.json")
         outputs = [o for o in manifest.outputs if o.name not in ("config.json", REMOTE_CODE_NAME)]
         outputs += [_mf.FileRecord(**file_record(path, directory)) for path in (directory / "config.json", code)]

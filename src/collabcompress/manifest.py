@@ -139,20 +139,30 @@ class Settings:
 
 @dataclass(frozen=True)
 class LayerTensors:
-    """Names of a layer's collaborative tensors in the output (``value``: GPT-2's split fused value)."""
+    """Names of a layer's collaborative tensors in the output (``value``: GPT-2's split fused value).
+
+    A rotary layer names its unchanged q_proj weight as ``query``, adds ``key_freq`` and
+    ``key_bias`` (``None`` without a source key bias) and has no ``content_bias``.
+    """
 
     query: str
     key: str
     mixing: str
-    content_bias: str
+    content_bias: str | None
     value: str | None = None
+    key_freq: str | None = None
+    key_bias: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"query": self.query, "key": self.key, "mixing": self.mixing, "content_bias": self.content_bias,
-                "value": self.value}
+        out = {"query": self.query, "key": self.key, "mixing": self.mixing, "content_bias": self.content_bias,
+               "value": self.value}
+        if self.key_freq is not None:
+            out.update(key_freq=self.key_freq, key_bias=self.key_bias)
+        return out
 
     def names(self) -> tuple[str, ...]:
-        return (self.query, self.key, self.mixing, self.content_bias)
+        return tuple(n for n in (self.query, self.key, self.mixing, self.content_bias, self.key_freq,
+                                 self.key_bias) if n is not None)
 
 
 @dataclass(frozen=True)
@@ -178,9 +188,12 @@ class LayerRecord:
     query_bias: bool = False
     key_bias: bool = False
     refine: dict[str, Any] | None = None
+    kv_heads: int | None = None
+    rotary: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"module": self.module, "index": self.index, "heads": self.heads, "head_dim": self.head_dim,
+        rotary = {"kv_heads": self.kv_heads, "rotary": True} if self.rotary else {}
+        return {"module": self.module, "index": self.index, "heads": self.heads, **rotary, "head_dim": self.head_dim,
                 "d_model": self.d_model, "shared_dim": self.shared_dim, "scale": self.scale,
                 "relative_error": self.relative_error, "relative_error_plain": self.relative_error_plain,
                 "energy_spectral": self.energy_spectral, "iterations": self.iterations, "seconds": self.seconds,
@@ -204,11 +217,20 @@ class LayerRecord:
                 raise w.error(f"{where}.{key} is not a finite number")
         values["relative_error_plain"] = g("relative_error_plain", num, where, optional=True)
         values["iterations"] = g("iterations", int, where)
+        rotary = bool(g("rotary", bool, where, optional=True))
+        values["rotary"] = rotary
+        if rotary:
+            values["kv_heads"] = g("kv_heads", int, where)
+            if values["kv_heads"] < 1:
+                raise w.error(f"{where}.kv_heads must be positive")
         t = g("tensors", dict, where)
         tw = f"{where}.tensors"
         values["tensors"] = LayerTensors(w.get(t, "query", str, tw), w.get(t, "key", str, tw),
-                                         w.get(t, "mixing", str, tw), w.get(t, "content_bias", str, tw),
-                                         w.get(t, "value", str, tw, optional=True))
+                                         w.get(t, "mixing", str, tw),
+                                         w.get(t, "content_bias", str, tw, optional=rotary),
+                                         w.get(t, "value", str, tw, optional=True),
+                                         w.get(t, "key_freq", str, tw) if rotary else None,
+                                         w.get(t, "key_bias", str, tw, optional=True) if rotary else None)
         removed = g("removed", list, where)
         if not all(isinstance(n, str) for n in removed):
             raise w.error(f"{where}.removed must be a list of tensor names")
@@ -354,10 +376,17 @@ def check_outputs(directory: str | Path, manifest: Manifest) -> None:
 
 def check_shapes(manifest: Manifest, out: Checkpoint) -> None:
     """The collaborative tensors of every layer have the shapes the manifest records
-    (query and key (R, D), mixing (H, R), content_bias (H, D))."""
+    (query and key (R, D), mixing (H, R), content_bias (H, D); rotary layers: q_proj (H*d, D),
+    key (R, D), mixing (G, R/2, 2), key_freq (R/2,), key_bias (R,))."""
     for la in manifest.layers:
         t, r, h, d = la.tensors, la.shared_dim, la.heads, la.d_model
-        expected = {t.query: (r, d), t.key: (r, d), t.mixing: (h, r), t.content_bias: (h, d)}
+        if la.rotary:
+            if r % 2:
+                raise BadInputError(f"{manifest.path}: {la.module} is rotary with an odd shared_dim {r}")
+            expected = {t.query: (h * la.head_dim, d), t.key: (r, d), t.mixing: (la.kv_heads, r // 2, 2),
+                        t.key_freq: (r // 2,), **({t.key_bias: (r,)} if t.key_bias else {})}
+        else:
+            expected = {t.query: (r, d), t.key: (r, d), t.mixing: (h, r), t.content_bias: (h, d)}
         for name, shape in expected.items():
             if name not in out:
                 raise BadInputError(f"{out.path} is missing tensor {name!r} named in its manifest")

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CollaborativeAttention", "collaborative_query_states", "collaborative_key_states"]
+__all__ = ["CollaborativeAttention", "collaborative_query_states", "collaborative_key_states",
+           "CollaborativeRotaryAttention", "rotary_query_states", "rotary_rotate"]
 
 MIXING_INITS = ("concatenate", "ones", "uniform")
 
@@ -246,3 +247,88 @@ class CollaborativeAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.collab_query.in_features}, n_head={self.n_head}, shared_dim={self.shared_dim}, "
                 f"scale={self.scale:g}")
+
+
+# --------------------------------------------------------------------------- rotary decoders (RoPE, GQA)
+
+def rotary_query_states(query: torch.Tensor, mixing: torch.Tensor, key_freq: torch.Tensor) -> torch.Tensor:
+    """q'_{h,r} = q_{h,j(r)} conj(U_{g(h),r}) as [Re | Im]: (B, H, N, d) -> (B, H, N, R).
+
+    ``query`` holds the original per-head queries in transformers' rotate_half layout
+    (dimension j pairs with j + d/2: q_j + i q_{j+d/2}), ``mixing`` is U (G, R/2, 2) as
+    (real, imaginary), ``key_freq`` the frequency j(r) of each component (R/2,). Head h
+    reads group h // (H/G). Not yet rotated (SPEC section 2, "Rotary decoders").
+    """
+    half = query.shape[-1] // 2
+    kv_heads = mixing.shape[0]
+    re = query[..., key_freq].unflatten(-3, (kv_heads, -1))  # (B, G, H/G, N, R/2)
+    im = query[..., key_freq + half].unflatten(-3, (kv_heads, -1))  # (B, G, H/G, N, R/2)
+    u = mixing[..., 0].to(query.dtype)[:, None, None, :]  # (G, 1, 1, R/2)
+    v = mixing[..., 1].to(query.dtype)[:, None, None, :]
+    mixed = torch.cat([re * u + im * v, im * u - re * v], dim=-1)  # (B, G, H/G, N, R): (re + i im)(u - i v)
+    return mixed.flatten(-4, -3)  # (B, H, N, R)
+
+
+def rotary_rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_freq: torch.Tensor) -> torch.Tensor:
+    """Multiply every component by e^{i t theta_j(r)}: [Re | Im] states (B, *, N, R) -> same shape.
+
+    ``cos`` and ``sin`` are transformers' position embeddings (B, N, d) = cat(cos_j, cos_j)
+    (attention scaling included), gathered at the components' frequencies: this is
+    transformers' ``q * cos + rotate_half(q) * sin`` on the [Re | Im] halves.
+    """
+    cos = cos[..., key_freq].unsqueeze(-3)  # (B, 1, N, R/2)
+    sin = sin[..., key_freq].unsqueeze(-3)
+    re, im = states.chunk(2, dim=-1)  # (B, *, N, R/2) each
+    return torch.cat([re * cos - im * sin, im * cos + re * sin], dim=-1)
+
+
+class CollaborativeRotaryAttention(nn.Module):
+    """The query/key side of a rotary, grouped-query layer with shared keys (SPEC sections 2 and 4).
+
+    Parameters and buffers (names as in the output directory, under the attention module's prefix):
+
+    - ``collab_key``: ``nn.Linear(d_model, shared_dim)``, weight (R, D) = [Re beta_r ; Im beta_r],
+      with a bias (R,) when the source key had one (Qwen2)
+    - ``collab_key_freq``: buffer (R/2,) int64, the frequency j(r) of each component
+    - ``collab_mixing``: ``nn.Parameter`` (G, R/2, 2), U_{g,r} as (real, imaginary)
+
+    The queries keep the model's own per-head projection. Both sides are rotated at their
+    components' frequencies, so the score of head h is a real dot product of width R,
+
+        score_h(x_t, y_s) = s * rot_t(q'_h(x_t)) . rot_s(c(y_s))
+
+    and the key c(y) (R numbers per token, one head shared by all query heads) is all that
+    a key cache has to hold. With R = G*d, j(r) = r // G and U the identity per frequency
+    this is the original layer exactly.
+
+    Args:
+        d_model: input width D.
+        kv_heads: key/value heads G.
+        shared_dim: R, the key width per token (even, 2 <= R).
+        key_bias: whether the shared key has a bias.
+    """
+
+    def __init__(self, d_model: int, kv_heads: int, shared_dim: int, *, key_bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if shared_dim < 2 or shared_dim % 2:
+            raise ValueError(f"shared_dim must be even and at least 2, got {shared_dim!r}")
+        self._add_collab_parameters(d_model, kv_heads, shared_dim, key_bias=key_bias, device=device, dtype=dtype)
+
+    def _add_collab_parameters(self, d_model: int, kv_heads: int, shared_dim: int, *, key_bias: bool,
+                               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Register collab_key, collab_key_freq and collab_mixing (uninitialised); also used by the wrappers."""
+        kw = {"device": device, "dtype": dtype}
+        self.collab_key = nn.Linear(d_model, shared_dim, bias=key_bias, **kw)
+        self.register_buffer("collab_key_freq", torch.zeros(shared_dim // 2, dtype=torch.int64, device=device))
+        self.collab_mixing = nn.Parameter(torch.zeros(kv_heads, shared_dim // 2, 2, **kw))
+
+    def query_states(self, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Mixed, rotated queries: per-head queries (B, H, N, d) -> (B, H, N, R)."""
+        mixed = rotary_query_states(query, self.collab_mixing, self.collab_key_freq)
+        return rotary_rotate(mixed, cos, sin, self.collab_key_freq)
+
+    def key_states(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated shared keys, one for all heads: (B, M, D) -> (B, 1, M, R)."""
+        key = self.collab_key(hidden_states).unsqueeze(-3)  # (B, 1, M, R)
+        return rotary_rotate(key, cos, sin, self.collab_key_freq)
