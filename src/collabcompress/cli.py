@@ -358,7 +358,7 @@ def calibrate(
     texts: Annotated[Path, typer.Option("--texts", help="UTF-8 text file, one text per line.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).", show_default=False)],
     max_tokens: Annotated[int, typer.Option("--max-tokens", parser=_int("--max-tokens"), help="Stop after this many non-padding tokens.")] = 100_000,
-    max_length: Annotated[int, typer.Option("--max-length", parser=_int("--max-length"), help="Split longer texts into windows of at most this many tokens (every token is used).")] = 128,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", parser=_int("--max-length"), help="Split longer texts into windows of at most this many tokens (every token is used). Default: 128; 512 for a causal LM (llama, mistral, qwen2), whose texts are read as one stream.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", parser=_int("--batch-size"), help="Windows per forward pass.")] = 16,
     keep_sequences: Annotated[int, typer.Option("--keep-sequences", parser=_int("--keep-sequences"), help="Also keep the inputs of N seeded windows (for --refine-steps).")] = 0,
     seed: Annotated[int, typer.Option("--seed", parser=_int("--seed"), help="Seed for choosing the kept sequences.")] = 0,
