@@ -122,3 +122,130 @@ def test_calibrated_rotary_compress_takes_the_statistics(rotary_checkpoints, tex
     manifest = compress(rotary_checkpoints["qwen2"], tmp_path / "out", CompressOptions(rank=8, calibration=str(stats)))
     assert manifest["settings"]["calibration"] is not None
     assert [layer["shared_dim"] for layer in manifest["layers"]] == [8, 8]
+
+
+# --------------------------------------------------------------------------- evaluate
+
+@pytest.fixture(scope="module")
+def tiny_lm(rotary_checkpoints):
+    from collabcompress.texts import load_tokenizer
+
+    d = rotary_checkpoints["llama"]
+    return transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval(), load_tokenizer([d])
+
+
+def _perturbed(model, scale: float = 0.05):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, layer in enumerate(other.model.layers):
+            w = layer.self_attn.k_proj.weight
+            w.add_(scale * torch.randn(w.shape, generator=g))
+    return other
+
+
+def test_compare_windows_self_and_perturbed(tiny_lm):
+    from collabcompress.lm import compare_windows, perplexity
+
+    model, tok = tiny_lm
+    ids, _ = leading_ids(tok, TEXTS, 200)
+    windows = token_windows(ids, max_tokens=200, window=64)
+    same = compare_windows(model, model, windows)
+    assert same["top1_agreement"] == 1.0 and same["kl_mean"] == 0.0 and same["kl_max"] == 0.0
+    assert same["ppl_reference"] == same["ppl_model"] and same["max_abs_logit_diff"] == 0.0
+    assert same["tokens"] == 200 - 4 and same["windows"] == 4
+    # the perplexity is lm.perplexity's, on the same stream of documents
+    assert same["ppl_reference"] == pytest.approx(perplexity(model, tok, TEXTS, max_tokens=200, window=64)["ppl"],
+                                                  rel=1e-6)
+    other = compare_windows(model, _perturbed(model), windows)
+    assert other["kl_mean"] > 1e-4 and other["kl_max"] >= other["kl_mean"] and other["max_abs_logit_diff"] > 1e-3
+    assert other["top1_agreement"] < 1.0 and other["ppl_model"] != other["ppl_reference"]
+    # KL(p || q) by hand at one position
+    with torch.no_grad():
+        a = model(input_ids=windows[0][None, :7]).logits[0, :6].double().log_softmax(-1)  # (6, V)
+        b = _perturbed(model)(input_ids=windows[0][None, :7]).logits[0, :6].double().log_softmax(-1)
+    one = compare_windows(model, _perturbed(model), [windows[0][:7]])
+    assert one["kl_mean"] == pytest.approx(float((a.exp() * (a - b)).sum(-1).mean()), rel=1e-6)
+
+
+def test_greedy_agreement_self_and_perturbed(tiny_lm):
+    from collabcompress.lm import greedy_agreement
+
+    model, tok = tiny_lm
+    prompts = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"][:12]) for t in TEXTS[:3]]
+    same = greedy_agreement(model, model, prompts, new_tokens=10)
+    assert same["first_divergence"] == [None, None, None] and same["identical"] == 3
+    assert same["mean_agreed_tokens"] == 10 and all(len(t) == 10 for t in same["tokens"]["model"])
+    other = greedy_agreement(model, _perturbed(model, 0.5), prompts, new_tokens=10)
+    for d, ref, mod in zip(other["first_divergence"], other["tokens"]["reference"], other["tokens"]["model"]):
+        if d is None:
+            assert ref == mod
+        else:
+            assert ref[:d] == mod[:d] and ref[d] != mod[d]
+    assert other["identical"] < 3
+    # generate's greedy tokens are the argmax of a cache-free forward
+    ids = prompts[0]
+    for t in same["tokens"]["reference"][0]:
+        with torch.no_grad():
+            assert int(model(input_ids=ids[None]).logits[0, -1].argmax()) == t
+        ids = torch.cat([ids, torch.tensor([t])])
+
+
+@pytest.fixture(scope="module")
+def tiny_compressed(rotary_checkpoints, tmp_path_factory):
+    from collabcompress.compress import CompressOptions, compress
+
+    root = tmp_path_factory.mktemp("tiny-compressed")
+    src = rotary_checkpoints["llama"]
+    full, low = ROTARY["llama"]["kv_heads"] * ROTARY["llama"]["head_dim"], 6
+    for rank in (full, low):
+        compress(src, root / f"r{rank}", CompressOptions(rank=rank))
+    return src, root / f"r{full}", root / f"r{low}"
+
+
+def test_evaluate_causal_cli(tiny_compressed, texts_file, cli):
+    src, exact_dir, low_dir = tiny_compressed
+    keys = {"original", "compressed", "family", "model_class", "shared_dims", "texts", "perplexity", "nll",
+            "top1_agreement", "kl_mean", "kl_max", "max_abs_logit_diff", "generation", "seconds"}
+    runs = {}
+    for name, d in (("exact", exact_dir), ("low", low_dir)):
+        result = cli("evaluate", src, d, "--texts", texts_file, "--max-tokens", "256", "--window", "64",
+                     "--prompts", "2", "--new-tokens", "8", "--json", "-")
+        assert result.exit_code == 0, result.stderr
+        runs[name] = json.loads(result.stdout)
+        assert set(runs[name]) == keys
+        assert runs[name]["texts"] == {"source": str(texts_file), "count": runs[name]["texts"]["count"],
+                                       "tokens": 256 - 4, "windows": 4, "max_tokens": 256, "window": 64}
+        assert runs[name]["generation"]["prompts"] == 2 and runs[name]["generation"]["new_tokens"] == 8
+    exact, low = runs["exact"], runs["low"]
+    assert exact["family"] == "llama" and exact["model_class"] == "LlamaForCausalLM" and exact["shared_dims"] == [16]
+    assert exact["perplexity"]["compressed"] == pytest.approx(exact["perplexity"]["original"], rel=1e-5)
+    assert abs(exact["perplexity"]["change"]) < 1e-5 and exact["kl_mean"] < 1e-8 and exact["top1_agreement"] == 1.0
+    assert exact["max_abs_logit_diff"] < 1e-4 and exact["generation"]["identical"] == 2
+    assert low["kl_mean"] > 1e-3 and low["max_abs_logit_diff"] > 1e-2
+    assert low["perplexity"]["original"] == pytest.approx(exact["perplexity"]["original"], rel=1e-12)
+    assert low["perplexity"]["change"] == pytest.approx(
+        low["perplexity"]["compressed"] / low["perplexity"]["original"] - 1, rel=1e-12)
+    table = cli("evaluate", src, low_dir, "--max-tokens", "128", "--window", "64", "--prompts", "1", "--new-tokens", "4")
+    assert table.exit_code == 0, table.stderr
+    for row in ("perplexity, original", "perplexity, compressed", "top-1 agreement", "KL, mean", "greedy generation"):
+        assert row in table.stdout
+    assert "bundled sample" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "1"], "--window must be >= 2"),
+    (["--max-tokens", "1"], "--max-tokens and --window must be >= 2"),
+    (["--new-tokens", "0"], "--new-tokens >= 1"),
+])
+def test_evaluate_causal_bad_options(tiny_compressed, cli, args, message):
+    src, _, low = tiny_compressed
+    result = cli("evaluate", src, low, *args)
+    assert result.exit_code == 3 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_causal_too_little_text(tiny_compressed, tmp_path, cli):
+    src, _, low = tiny_compressed
+    (tmp_path / "one.txt").write_text("a\n", encoding="utf-8")
+    result = cli("evaluate", src, low, "--texts", tmp_path / "one.txt")
+    assert result.exit_code == 3 and "at least 2 are needed" in result.stderr

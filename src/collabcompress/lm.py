@@ -15,17 +15,19 @@ any transformers tokenizer; this module imports neither transformers nor the mod
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
+
 __all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids", "token_windows", "window_logits",
-           "window_nll", "perplexity", "compare_windows"]
+           "window_nll", "perplexity", "compare_windows", "greedy_agreement"]
 
 DOCUMENT_SEPARATOR = "\n"
-DEFAULT_MAX_TOKENS = 2048  # SPEC's measure: the first 2,048 tokens ...
-DEFAULT_WINDOW = 512  # ... in non-overlapping 512-token windows
+DEFAULT_MAX_TOKENS = DEFAULT_LM_TOKENS
+DEFAULT_WINDOW = DEFAULT_LM_WINDOW
 
 
 def join_documents(text: str | Sequence[str]) -> str:
@@ -120,8 +122,8 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text: str | Sequence[str]
     return {"ppl": math.exp(mean), "nll": mean, "tokens": int(nll.numel()), "windows": len(windows)}
 
 
-def compare_windows(reference: torch.nn.Module, model: torch.nn.Module,
-                    windows: Sequence[torch.Tensor]) -> dict[str, float | int]:
+def compare_windows(reference: torch.nn.Module, model: torch.nn.Module, windows: Sequence[torch.Tensor], *,
+                    step: Callable[[], None] | None = None) -> dict[str, float | int]:
     """Next-token predictions of ``model`` against ``reference`` on the same windows (each from
     an empty context, as :func:`perplexity`).
 
@@ -129,7 +131,7 @@ def compare_windows(reference: torch.nn.Module, model: torch.nn.Module,
     ``"ppl_reference"``, ``"ppl_model"``, ``"top1_agreement"`` (fraction of positions whose most
     likely next token is the same), ``"kl_mean"`` and ``"kl_max"`` (KL(reference || model) of
     the next-token distributions, nats, over positions), ``"max_abs_logit_diff"``, ``"tokens"``
-    (predicted tokens) and ``"windows"``.
+    (predicted tokens) and ``"windows"``. ``step`` is called after each window.
     """
     nll_ref, nll_mod, agree, kl = [], [], [], []
     max_diff = 0.0
@@ -142,6 +144,8 @@ def compare_windows(reference: torch.nn.Module, model: torch.nn.Module,
         agree.append(a.argmax(-1) == b.argmax(-1))
         kl.append((log_a.exp() * (log_a - log_b)).sum(-1).clamp_min(0.0))  # (T-1,)
         max_diff = max(max_diff, float((a - b).abs().max()))
+        if step:
+            step()
     if not kl:
         raise ValueError("no windows to compare")
     nll_a, nll_b, kl_all = torch.cat(nll_ref).mean(), torch.cat(nll_mod).mean(), torch.cat(kl)
@@ -149,3 +153,40 @@ def compare_windows(reference: torch.nn.Module, model: torch.nn.Module,
             "ppl_model": math.exp(float(nll_b)), "top1_agreement": float(torch.cat(agree).double().mean()),
             "kl_mean": float(kl_all.mean()), "kl_max": float(kl_all.max()), "max_abs_logit_diff": max_diff,
             "tokens": int(kl_all.numel()), "windows": len(kl)}
+
+
+@torch.inference_mode()
+def greedy_agreement(reference: torch.nn.Module, model: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
+                     new_tokens: int = 32, step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Greedy generation (``generate``, with the model's cache) of both models from the same prompts.
+
+    Each prompt is (P,) token ids; exactly ``new_tokens`` tokens are generated (end-of-text is
+    suppressed, so both continuations have the same length). Returns ``{"prompts",
+    "new_tokens", "first_divergence"}`` (per prompt, the index of the first new token that
+    differs, ``None`` when all agree), ``"identical"`` (prompts with no divergence) and
+    ``"mean_agreed_tokens"`` (new tokens before the first divergence, averaged), plus
+    ``"tokens"`` ``{"reference", "model"}`` (the generated ids, per prompt). ``step`` is
+    called after each prompt.
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
+    device = next(model.parameters()).device
+    divergence, ref_out, mod_out = [], [], []
+    for prompt in prompts:
+        ids = prompt.reshape(1, -1).to(device)  # (1, P)
+        pair = []
+        for m in (reference, model):
+            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            pair.append(out[0, ids.shape[1]:].cpu())  # (new_tokens,)
+        differ = (pair[0] != pair[1]).nonzero()
+        divergence.append(int(differ[0, 0]) if differ.numel() else None)
+        ref_out.append(pair[0].tolist())
+        mod_out.append(pair[1].tolist())
+        if step:
+            step()
+    agreed = [new_tokens if d is None else d for d in divergence]
+    return {"prompts": len(divergence), "new_tokens": new_tokens, "first_divergence": divergence,
+            "identical": sum(d is None for d in divergence),
+            "mean_agreed_tokens": sum(agreed) / len(agreed) if agreed else None,
+            "tokens": {"reference": ref_out, "model": mod_out}}
