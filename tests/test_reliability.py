@@ -83,14 +83,14 @@ def write_bert(directory: Path, tensors: dict[str, torch.Tensor] | None = None) 
 
 
 def write_llama(directory: Path) -> Path:
-    """Llama naming and config: rotary position embeddings, refused with exit code 4."""
+    """Llama naming with a Gemma config: a rotary model type outside the rotary families, refused with exit code 4."""
     directory.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(1)
     t = {f"layers.{i}.self_attn.{m}_proj.weight": torch.randn(D, D, generator=g)
          for i in range(LAYERS) for m in ("q", "k", "v", "o")}
     save_file(t, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": D, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+        "model_type": "gemma", "hidden_size": D, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}))
     return directory
 
@@ -555,7 +555,8 @@ CASES = [
       setup=lambda ws: (ws / "src" / "model.safetensors").rename(ws / "src" / "pytorch_model.bin")),
     C("compress-a-pickle-file", lambda ws: ["compress", ws / "src" / "model.pt", "--out", ws / "out", *RANK], 3,
       "never loads", setup=lambda ws: (ws / "src" / "model.pt").write_bytes(b"\x80\x04not loaded")),
-    C("analyze-llama-without-config", lambda ws: ["analyze", ws / "llama", "--heads", "4"], 4, "rotary",
+    C("analyze-llama-without-config", lambda ws: ["analyze", ws / "llama", "--heads", "4", "--arch", "bart"], 4,
+      "rotary",
       setup=lambda ws: (ws / "llama" / "config.json").unlink()),
     C("verify-output-changed", lambda ws: ["verify", ws / "comp"], 3, ("model.safetensors", "sha256"),
       setup=lambda ws: _flip_last_byte(ws / "comp" / "model.safetensors")),

@@ -16,6 +16,7 @@ directly in the layout of SPEC section 4:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -27,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
 from collabcompress.families import FAMILIES, Family, register  # noqa: E402
 from collabcompress.hf import collaborative_modules, from_pretrained, rotary_module  # noqa: E402
+from collabcompress.manifest import LayerRecord, LayerTensors  # noqa: E402
 from collabcompress.nn import CollaborativeRotaryAttention  # noqa: E402
 
 D, HEADS, HEAD_DIM, LAYERS, VOCAB = 32, 4, 8, 2, 64
@@ -66,10 +68,19 @@ def _tiny(name: str, attn: str = "eager") -> torch.nn.Module:
     return model.eval()
 
 
-def _record(attn, shared: int) -> dict:
+def _record(attn, shared: int, module: str = "self_attn", index: int = 0) -> LayerRecord:
+    """The manifest's typed layer record of a rotary layer."""
     cfg = attn.config
-    return {"module": "self_attn", "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
-            "head_dim": attn.head_dim, "d_model": cfg.hidden_size, "shared_dim": shared, "rotary": True}
+    key = attn.k_proj if "k_proj" in attn._modules else attn.collab_key  # before or after the swap
+    bias = key.bias is not None
+    return LayerRecord(
+        module=module, index=index, heads=cfg.num_attention_heads, head_dim=attn.head_dim, d_model=cfg.hidden_size,
+        shared_dim=shared, scale=attn.scaling, relative_error=0.0, relative_error_plain=0.0, energy_spectral=1.0,
+        iterations=0, seconds=0.0,
+        tensors=LayerTensors(f"{module}.q_proj.weight", f"{module}.collab_key.weight", f"{module}.collab_mixing",
+                             None, None, f"{module}.collab_key_freq", f"{module}.collab_key.bias" if bias else None),
+        removed=(f"{module}.k_proj.weight", *([f"{module}.k_proj.bias"] * bias)), family="test-rotary",
+        query_bias=attn.q_proj.bias is not None, key_bias=bias, kv_heads=cfg.num_key_value_heads, rotary=True)
 
 
 def _exact_tensors(attn) -> dict[str, torch.Tensor]:
@@ -266,7 +277,7 @@ def test_compressed_names_follow_spec():
 def test_rotary_module_refuses_records_that_do_not_fit():
     attn = _tiny("llama").model.layers[0].self_attn
     with pytest.raises(BadInputError, match="config builds 4 heads, 2 key/value heads"):
-        rotary_module(attn, {**_record(attn, 8), "kv_heads": 4, "module": "m"})
+        rotary_module(attn, dataclasses.replace(_record(attn, 8, module="m"), kv_heads=4))
     for shared in (7, 0, 18):
         with pytest.raises(BadInputError, match="must be even, between 2 and 16"):
             rotary_module(attn, _record(attn, shared))
@@ -290,8 +301,12 @@ def rotary_family():
 
 
 def _write_directory(model, original, directory) -> None:
-    """What compress writes for a rotary model: weights, config with its block, a manifest with rotary layers."""
+    """What compress writes for a rotary model: weights, config with its block, a typed manifest
+    (manifest.write) recording every output with its sha256."""
     from safetensors.torch import save_file
+
+    from collabcompress import manifest as mf
+    from collabcompress.output import file_record
 
     directory.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
@@ -301,23 +316,26 @@ def _write_directory(model, original, directory) -> None:
     config["architectures"] = [type(original).__name__]
     config["collaborative_attention"] = {"format": "collabcompress/1"}
     (directory / "config.json").write_text(json.dumps(config))
-    layers = []
-    for i, layer in enumerate(model.model.layers):
-        m, attn = f"model.layers.{i}.self_attn", layer.self_attn
-        record = {**_record(attn, attn.collab_key.weight.shape[0]), "module": m, "index": i,
-                  "scale": attn.scaling, "relative_error": 0.0, "energy_spectral": 1.0, "iterations": 0,
-                  "seconds": 0.0, "removed": [f"{m}.k_proj.weight", *([f"{m}.k_proj.bias"] * (attn.collab_key.bias is not None))],
-                  "tensors": {"query": f"{m}.q_proj.weight", "key": f"{m}.collab_key.weight",
-                              "key_freq": f"{m}.collab_key_freq", "mixing": f"{m}.collab_mixing",
-                              "content_bias": ""}}
-        layers.append(record)
-    manifest = {"format": "collabcompress/1", "tool": {"name": "collabcompress", "version": "test"},
-                "created_utc": "2025-01-01T00:00:00Z",
-                "source": {"path": "tiny", "files": [], "architecture": "test-rotary", "dtype": "float32"},
-                "settings": {}, "layers": layers, "totals": dict.fromkeys(
-                    ("params_before", "params_after", "qk_params_before", "qk_params_after", "bytes_before",
-                     "bytes_after"), 0), "outputs": []}
-    (directory / "collab_manifest.json").write_text(json.dumps(manifest))
+    layers = tuple(_record(layer.self_attn, layer.self_attn.collab_key.weight.shape[0], f"model.layers.{i}.self_attn", i)
+                   for i, layer in enumerate(model.model.layers))
+    outputs = tuple(mf.FileRecord(**file_record(directory / n, directory)) for n in ("model.safetensors", "config.json"))
+    mf.write(directory, mf.Manifest(
+        tool=mf.Tool("collabcompress", "test"), created_utc="2025-01-01T00:00:00Z",
+        source=mf.SourceRecord("tiny", (), "test-rotary", "float32"), settings=mf.Settings({}), layers=layers,
+        totals=mf.Totals(0, 0, 0, 0, 0, 0), outputs=outputs))
+
+
+def _rewrite_weights(directory, weights) -> None:
+    """Replace the weights and record their new sha256 (the manifest trusts only what it records)."""
+    from safetensors.torch import save_file
+
+    from collabcompress import manifest as mf
+    from collabcompress.output import file_record
+
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    manifest = mf.read(directory)
+    outputs = tuple(mf.FileRecord(**file_record(directory / o.name, directory)) for o in manifest.outputs)
+    mf.write(directory, dataclasses.replace(manifest, outputs=outputs))
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
@@ -336,13 +354,13 @@ def test_from_pretrained_runs_rotary_layers(name, rotary_family, tmp_path):
 
 
 def test_from_pretrained_refuses_frequencies_outside_the_head(rotary_family, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     original = _tiny("llama")
     _write_directory(_compressed(original, shared=LOW_RANK), original, tmp_path / "collab")
     weights = load_file(str(tmp_path / "collab" / "model.safetensors"))
     weights["model.layers.1.self_attn.collab_key_freq"] = torch.tensor([0, 2, 4])
-    save_file(weights, str(tmp_path / "collab" / "model.safetensors"), metadata={"format": "pt"})
+    _rewrite_weights(tmp_path / "collab", weights)
     with pytest.raises(BadInputError, match=r"model.layers.1.self_attn.collab_key_freq holds 0..4, outside the "
                                             r"head's frequencies 0..3"):
         from_pretrained(tmp_path / "collab")

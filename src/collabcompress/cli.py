@@ -465,10 +465,12 @@ def archs(json_path: JsonOpt = None) -> None:
 
     rows = [{"family": f.name, "models": f.models, "query_key_tensors": f.example, "notes": f.note}
             for f in FAMILIES]
-    result = {"families": rows, "refused": ["rotary position embeddings", "grouped-query or multi-query attention",
-                                            "per-head query/key normalisation"]}
-    _emit(result, json_path, lambda: [archs_table(rows), "Refused (exit 4): rotary position embeddings, grouped-query or "
-                                             "multi-query attention, per-head query/key normalisation (q_norm, k_norm)."])
+    result = {"families": rows, "refused": [
+        "rotary position embeddings outside the rotary families (llama, mistral, qwen2)",
+        "partial rotary (partial_rotary_factor < 1) and interleaved rotary pair layouts",
+        "grouped-query or multi-query attention outside the rotary families",
+        "per-head query/key normalisation (q_norm, k_norm: Qwen3, Gemma 3, OLMo 2)"]}
+    _emit(result, json_path, lambda: [archs_table(rows), "Refused (exit 4): " + "; ".join(result["refused"]) + "."])
 
 
 def _terminate(signum: int, frame: Any) -> None:

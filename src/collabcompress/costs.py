@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "qk_params", "stored_qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
     "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
-    "rotary_key_params", "rotary_proj_flops",
+    "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost",
 ]
 
 # Tables looked up by index (gathers), not multiplied: no matmul FLOPs.
@@ -67,6 +67,8 @@ def stored_qk_params(spec: AttentionSpec, numel: Callable[[str], int]) -> int:
         numel: element count of a tensor by name (``Checkpoint.numel``); for a fused layer
             the query/key two thirds of its bias are counted from the shapes instead.
     """
+    if spec.rotary:  # G key heads: the stored tensors, not H*d rows on both sides
+        return sum(numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
     if spec.fused:
         bias = 2 * spec.width if spec.query_bias else 0
     else:
@@ -201,3 +203,37 @@ def linear_crossover(fixed_before: int, fixed_after: int, slope_before: int, slo
 def saved_fraction(before: int, after: int) -> float:
     """``(before - after) / before``, 0 when there was nothing before."""
     return (before - after) / before if before else 0.0
+
+
+@dataclass(frozen=True)
+class RotaryLayerCost(LayerCost):
+    """A rotary layer (SPEC section 2, "Rotary decoders"): G key/value heads, the query
+    projection unchanged, the key side replaced by R shared rotary key reals.
+
+    ``qk_params_before`` counts q_proj and k_proj with their biases; after, q_proj and its bias
+    plus :func:`rotary_key_params`. Key cache per token: ``G*d`` before, ``R`` after (one
+    shared key head, values unchanged). Scores: ``2*N*H*d`` before, ``2*N*H*R`` after.
+    """
+
+    n_kv_head: int = 1
+    key_bias: bool = False
+    query_params: int = 0  # q_proj weight and bias elements, unchanged
+
+    def qk_params(self, after: bool) -> int:
+        if not after or self.shared_dim is None:
+            return self.qk_params_before
+        return self.query_params + rotary_key_params(self.d_model, self.n_kv_head, self.head_dim, self.shared_dim,
+                                                     key_bias=self.key_bias)
+
+    def proj_flops(self, after: bool) -> int:
+        return rotary_proj_flops(self.d_model, self.n_head, self.n_kv_head, self.head_dim, self._r(after))
+
+    def key_cache(self, after: bool) -> int:
+        return self.shared_dim if after and self.shared_dim is not None else self.n_kv_head * self.head_dim
+
+    @property
+    def crossover(self) -> float | None:
+        if self.shared_dim is None:
+            return None
+        return linear_crossover(self.proj_flops(False), self.proj_flops(True), 2 * self.n_head * self.head_dim,
+                                2 * self.n_head * self.shared_dim)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .analysis import LayerSpectrum, layer_spectrum
 from .arch import AttentionSpec, detect, load_query_key
 from .defaults import DEFAULT_ENERGIES
@@ -20,7 +22,7 @@ from .errors import BadInputError
 from .io import open_checkpoint
 from .parallel import map_layers
 
-__all__ = ["AnalysisResult", "LayerAnalysis", "analyze", "DEFAULT_ENERGIES", "check_energy"]
+__all__ = ["AnalysisResult", "LayerAnalysis", "RotarySpectrum", "analyze", "DEFAULT_ENERGIES", "check_energy"]
 
 Progress = Callable[[str, int, int], None]  # (module, done, total)
 
@@ -38,16 +40,95 @@ def _key(tau: float) -> str:
 
 
 @dataclass(frozen=True)
+class RotarySpectrum:
+    """The analysis of a rotary layer (SPEC section 2, "Rotary decoders"), read like a
+    :class:`LayerSpectrum`: ``width`` is the original key cache G*d, a "rank" is a key cache R
+    in reals per token (even), and the energy curves are the cumulative energy over the
+    components ranked by squared weighted singular value across frequencies (entry i: a key
+    cache of 2*(i+1)); the query and key curves are the same curve.
+
+    Attributes:
+        n_head, n_kv_head, head_dim, d_model: H, G, d, D.
+        sv: ``(head_dim/2, n_kv_head)`` per-frequency singular values of diag(w_j) B_j with
+            the data-free query-energy weights (:func:`collabcompress.rotary.rotary_spectrum`).
+        group_energy: ``(head_dim/2, n_kv_head)`` each group's own weighted key energy
+            ``w_{g,j}^2 ||b_{g,j}||^2`` per frequency.
+    """
+
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    d_model: int
+    sv: torch.Tensor  # (d/2, G)
+    group_energy: torch.Tensor  # (d/2, G)
+
+    @property
+    def width(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def energy_query(self) -> torch.Tensor:
+        from .rotary import rotary_energy
+
+        return rotary_energy(self.sv)  # (G*d/2,)
+
+    energy_key = energy_query
+
+    @property
+    def sv_query(self) -> torch.Tensor:
+        return self.sv.flatten().sort(descending=True).values  # (G*d/2,)
+
+    def rank_at(self, tau: float) -> int:
+        from .rotary import key_cache_at
+
+        return key_cache_at(self.sv, tau)
+
+    def rank_at_sides(self, tau: float) -> tuple[int, int]:
+        return self.rank_at(tau), self.rank_at(tau)
+
+    def redundancy(self, tau: float) -> float:
+        return 1.0 - self.rank_at(tau) / self.width
+
+    def head_effective_rank(self, tau: float) -> list[int]:
+        """Per key/value group g: the reals per token (2 per frequency) that keep ``tau`` of its
+        own weighted key energy, taking its strongest frequencies first."""
+        from .rotary import key_cache_at
+
+        return [key_cache_at(g[:, None], tau) for g in self.group_energy.sqrt().T]
+
+    def frequency_energy(self) -> torch.Tensor:
+        from .rotary import frequency_energy
+
+        return frequency_energy(self.sv)  # (d/2, G)
+
+
+def _rotary_analysis(qk: Any, spec: AttentionSpec) -> RotarySpectrum:
+    from .rotary import group_weights, query_energy, rotary_pairs, rotary_spectrum
+
+    weights = group_weights(query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim), spec.n_kv_head)
+    sv = rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights)  # (d/2, G)
+    rows = qk.w_key if qk.b_key is None else torch.cat([qk.w_key, qk.b_key[:, None]], dim=1)  # (G*d, D')
+    keys = rotary_pairs(rows, spec.n_kv_head, spec.head_dim)  # (G, d/2, D')
+    group_energy = (weights * keys.abs().square().sum(-1)).T  # (d/2, G)
+    return RotarySpectrum(spec.n_head, spec.n_kv_head, spec.head_dim, spec.d_model, sv, group_energy)
+
+
+@dataclass(frozen=True)
 class LayerAnalysis:
     spec: AttentionSpec
-    spectrum: LayerSpectrum
+    spectrum: LayerSpectrum | RotarySpectrum
 
     def to_dict(self, energies: Sequence[float]) -> dict[str, Any]:
         sp = self.spectrum
+        rotary = {}
+        if isinstance(sp, RotarySpectrum):
+            rotary = {"kv_heads": sp.n_kv_head, "rotary": True,
+                      "frequency_energy": [[round(float(e), 8) for e in row] for row in sp.frequency_energy()]}
         return {
             "module": self.spec.module,
             "index": self.spec.index,
             "heads": sp.n_head,
+            **rotary,
             "head_dim": sp.head_dim,
             "d_model": sp.d_model,
             "energy_query": [round(float(e), 8) for e in sp.energy_query],
@@ -89,18 +170,21 @@ class AnalysisResult:
 
 def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | None = None,
             energies: Sequence[float] = DEFAULT_ENERGIES, workers: int | None = None,
-            progress: Progress | None = None) -> AnalysisResult:
+            progress: Progress | None = None, kv_heads: int | None = None) -> AnalysisResult:
     """Spectral redundancy of every attention layer of a checkpoint (SPEC sections 2 and 3).
 
     Reads only the query/key tensors of the layers being analysed; ``workers`` layers run
-    side by side (default: the usable CPU cores).
+    side by side (default: the usable CPU cores). Rotary layers get a :class:`RotarySpectrum`
+    (per-frequency weighted singular values, data-free weights; ranks are key caches R).
     """
     energies = tuple(check_energy(t) for t in energies)
     ckpt = open_checkpoint(checkpoint)
-    specs = detect(ckpt, heads=heads, arch=arch)
+    specs = detect(ckpt, heads=heads, arch=arch, kv_heads=kv_heads)
 
     def one(spec: AttentionSpec) -> LayerAnalysis:
         qk = load_query_key(ckpt, spec)
+        if spec.rotary:
+            return LayerAnalysis(spec, _rotary_analysis(qk, spec))
         return LayerAnalysis(spec, layer_spectrum(qk.w_query, qk.w_key, spec.n_head))
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None

@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from .arch import detect, find_family
-from .costs import LayerCost, linear_crossover, matmul_flops, qk_params, saved_fraction, stored_qk_params
+from .costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, qk_params, saved_fraction, stored_qk_params
 from .defaults import DEFAULT_SEQ_LEN
 from .dtypes import ELEMENT_SIZE, dtype_name
 from .errors import BadInputError
@@ -210,6 +210,8 @@ class Report:
         for la in self.layers:
             record = {"module": la.module, "index": la.index, "heads": la.n_head, "head_dim": la.head_dim,
                       "d_model": la.d_model, "shared_dim": la.shared_dim, "relative_error": la.relative_error}
+            if isinstance(la, RotaryLayerCost):
+                record.update(kv_heads=la.n_kv_head, rotary=True)
             record.update(self._qk_record([la], dtypes))
             layers.append(record)
         qk_total = {"layers": len(self.layers), **self._qk_record(self.layers, dtypes)}
@@ -259,7 +261,8 @@ def _round(x: float | None) -> float | None:
 
 def _collab_names(manifest: dict[str, Any]) -> set[str]:
     """The output tensors that replace the key/query projections (counted by SPEC 5, not as Linears)."""
-    return {layer["tensors"][k] for layer in manifest["layers"] for k in ("query", "key", "mixing", "content_bias")}
+    keys = ("query", "key", "mixing", "content_bias", "key_freq", "key_bias")
+    return {layer["tensors"][k] for layer in manifest["layers"] for k in keys if layer["tensors"].get(k)}
 
 
 def _matmul_total(ckpt: Checkpoint, skip: set[str] = frozenset()) -> int:
@@ -292,16 +295,20 @@ def _uncompressed_layers(out: Checkpoint, manifest: dict[str, Any]) -> list[Laye
     if family is None or not any(family.pattern.match(n) for n in names):
         return []
     view = dataclasses.replace(out, weight_map=names)  # the output without its collab tensors
-    heads = manifest["settings"].get("heads")
-    specs = detect(view, heads=heads if isinstance(heads, int) else None, arch=family.name)
+    specs = detect(view, arch=family.name, **_overrides(manifest))
     done = {layer["module"] for layer in manifest["layers"]}
     return [LayerCost(s.module, None, s.n_head, s.head_dim, s.d_model, None, None, stored_qk_params(s, view.numel))
             for s in specs if s.module not in done]
 
 
+def _overrides(manifest: dict[str, Any]) -> dict[str, int | None]:
+    """``--heads`` and ``--kv-heads`` as compress recorded them."""
+    heads, kv = manifest["settings"].get("heads"), manifest["settings"].get("kv_heads")
+    return {"heads": heads if isinstance(heads, int) else None, "kv_heads": kv if isinstance(kv, int) else None}
+
+
 def _qk_before_from_source(src: Checkpoint, manifest: dict[str, Any]) -> dict[str, int]:
-    heads = manifest["settings"].get("heads")
-    specs = detect(src, heads=heads if isinstance(heads, int) else None, arch=manifest["source"]["architecture"])
+    specs = detect(src, arch=manifest["source"]["architecture"], **_overrides(manifest))
     return {s.module: stored_qk_params(s, src.numel) for s in specs}
 
 
@@ -350,6 +357,9 @@ def _build(directory: Path, manifest: dict[str, Any], out: Checkpoint, src: Chec
     layers = []
     for i, rec in enumerate(manifest["layers"]):
         t = rec["tensors"]
+        if rec.get("rotary"):
+            layers.append(_rotary_cost(directory, rec, out, qk_before))
+            continue
         for key in ("query", "key", "mixing", "content_bias"):
             if t[key] not in out:
                 raise BadInputError(f"{directory} is missing tensor {t[key]!r} named in its manifest")
@@ -418,6 +428,23 @@ def _build(directory: Path, manifest: dict[str, Any], out: Checkpoint, src: Chec
         weights_after=tuple(n for n, _ in files_after if _is_weights(n)),
         matmul_before=matmul_before, matmul_after=matmul_after, notes_extra=tuple(extra),
     )
+
+
+def _rotary_cost(directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before: dict[str, int]) -> RotaryLayerCost:
+    """A rotary layer's costs; the shapes were checked against the manifest by ``open_output``."""
+    t = rec["tensors"]
+    n_head, head_dim, d_model = rec["heads"], rec["head_dim"], rec["d_model"]
+    query_bias = t["query"][: -len("weight")] + "bias"
+    query = out.numel(t["query"]) + (out.numel(query_bias) if query_bias in out else 0)
+    key_before = rec["kv_heads"] * head_dim * (d_model + bool(rec.get("key_bias")))
+    cost = RotaryLayerCost(rec["module"], rec["index"], n_head, head_dim, d_model, rec["shared_dim"],
+                           float(rec["relative_error"]), qk_before.get(rec["module"], query + key_before),
+                           n_kv_head=rec["kv_heads"], key_bias=bool(t.get("key_bias")), query_params=query)
+    actual = query + sum(out.numel(t[k]) for k in ("key", "mixing", "key_freq", "key_bias") if t.get(k))
+    if actual != cost.qk_params(True):
+        raise BadInputError(f"{directory}: the shared rotary keys of {rec['module']} hold {actual} parameters, not "
+                            f"the {cost.qk_params(True)} of their shapes in the manifest")
+    return cost
 
 
 def _qk_names(src: Checkpoint, manifest: dict[str, Any]) -> list[str]:

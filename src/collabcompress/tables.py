@@ -38,12 +38,17 @@ def sparkline(values: torch.Tensor, width: int = 16) -> str:
 def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Table:
     """One row per layer: H, d, D, shared rank needed at each tau, redundancy, spectrum sparkline."""
     mid = result.energies[len(result.energies) // 2]
+    rotary = any(getattr(la.spec, "rotary", False) for la in result.layers)
+    caption = (f"Rotary layers: G = key/value heads; r@tau = the key cache R (reals per token and layer, even) whose "
+               f"shared rotary components keep tau of the weighted per-frequency key energy (data-free query-energy "
+               f"weights), against the original G*d; red = 1 - R/(G*d); spectrum = the per-frequency singular "
+               f"values, all frequencies ranked together." if rotary else None)
     table = Table(title=f"Head redundancy: {result.checkpoint} ({result.architecture})", title_justify="left",
-                  box=box.SIMPLE_HEAD)
+                  box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
     table.add_column("layer", justify="right")
     if show_module:
         table.add_column("module")
-    for col in ("H", "d", "D"):
+    for col in ("H", *(("G",) if rotary else ()), "d", "D"):
         table.add_column(col, justify="right")
     for tau in result.energies:
         table.add_column(f"r@{tau:g}", justify="right")
@@ -52,7 +57,7 @@ def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Tabl
     for la in result.layers:
         sp = la.spectrum
         table.add_row(str(la.spec.index), *([la.spec.module] if show_module else []),
-                      str(sp.n_head), str(sp.head_dim), str(sp.d_model),
+                      str(sp.n_head), *((str(la.spec.n_kv_head),) if rotary else ()), str(sp.head_dim), str(sp.d_model),
                       *[str(sp.rank_at(t)) for t in result.energies],
                       f"{sp.redundancy(mid):.0%}", sparkline(sp.sv_query, 12))
     return table
@@ -62,12 +67,27 @@ def analysis_summary(result: AnalysisResult) -> str:
     s = result.summary()
     parts = [f"{s['total_rank_at'][k]}/{s['total_width']} at {k} ({s['redundancy'][k]:.0%} redundant)"
              for k in s["total_rank_at"]]
-    return f"{s['layers']} attention layers; shared width needed: " + ", ".join(parts)
+    what = "key cache needed (reals per token)" if any(la.spec.rotary for la in result.layers) else "shared width needed"
+    return f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
 
 
 def plot_energy(result: AnalysisResult, path: Path) -> None:
-    """Cumulative energy curves of every layer, query and key side, with the thresholds."""
+    """Cumulative energy curves of every layer, query and key side, with the thresholds; for
+    rotary layers the weighted key energy of each frequency (summed over components) instead."""
     plt = require_matplotlib()
+    if any(la.spec.rotary for la in result.layers):
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for la in result.layers:
+            if la.spec.rotary:
+                per_freq = la.spectrum.frequency_energy().sum(1).numpy()  # (d/2,)
+                ax.plot(range(len(per_freq)), per_freq, label=f"layer {la.spec.index}", lw=1.2)
+        ax.set_xlabel("frequency index j (theta_j decreasing)")
+        ax.set_ylabel("share of the weighted key energy")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        save_figure(plt, fig, f"{result.checkpoint} ({result.architecture}): per-frequency key energy", path)
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, side in zip(axes, ("query", "key")):
         for la in result.layers:
@@ -203,16 +223,28 @@ def report_tables(report: Report) -> list[Table]:
                 f"{rec['qk_params_saved_fraction']:.1%}", f"{rec['key_cache_elements_per_token_before']:,}",
                 f"{rec['key_cache_elements_per_token_after']:,}"]
 
+    rotary = any(la.get("rotary") for la in d["layers"])
+    per_n = ", ".join(f"{n:,} tokens: {n * q['key_cache_bytes_per_token_before']:,} → "
+                      f"{n * q['key_cache_bytes_per_token_after']:,} bytes" for n in report.seq_lens)
+    rotary_caption = (
+        "\nRotary layers: G×d = the original key cache G*d (reals per token and layer); R = the shared rotary key "
+        "cache; params = q_proj + k_proj before, q_proj (unchanged) + shared keys, mixing and frequency indices "
+        "after; the scores cost H*R instead of H*d multiply-adds per query and cached token. Key cache at "
+        f"{per_n} over these layers." if rotary else "")
+
+    def width(la: dict[str, Any]) -> str:
+        return str((la["kv_heads"] if la.get("rotary") else la["heads"]) * la["head_dim"])
+
     t1 = _table(
         f"Key/query side per layer: {report.directory}",
-        ("layer", "H×d", "R", "rel. error", "params before", "params after", "saved", "K-cache before",
+        ("layer", "G×d" if rotary and all(la.get("rotary") for la in d["layers"]) else "H×d", "R", "rel. error", "params before", "params after", "saved", "K-cache before",
          "K-cache after"),
-        [[params_row(str(la["index"]), (str(la["heads"] * la["head_dim"]), str(la["shared_dim"]),
+        [[params_row(str(la["index"]), (width(la), str(la["shared_dim"]),
                                         f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
          [params_row("all", ("", "", ""), q)]],
         f"K-cache: key-cache elements per token (H*d before, R + H after); "
         f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
-        f"over these layers ({report.dtype_before} → {report.dtype_after}).")
+        f"over these layers ({report.dtype_before} → {report.dtype_after})." + rotary_caption)
 
     def flops_rows(label: str, rec: dict[str, Any]) -> list[list[str]]:
         rows = []

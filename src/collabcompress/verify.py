@@ -128,7 +128,9 @@ def _original(manifest: Manifest, original: str | Path | None) -> tuple[_Source,
         ckpt.close()
         hint = "" if original is not None else "; pass --original PATH"
         raise BadInputError(f"{e}{hint}") from e
-    specs = {s.module: s for s in detect(ckpt, heads=manifest.settings.heads, arch=manifest.source.architecture)}
+    kv_heads = manifest.settings.options.get("kv_heads")
+    specs = {s.module: s for s in detect(ckpt, heads=manifest.settings.heads, arch=manifest.source.architecture,
+                                         kv_heads=kv_heads if isinstance(kv_heads, int) else None)}
     return _Source(ckpt, specs), str(path)
 
 
@@ -174,14 +176,17 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
                                 f"{layer.head_dim} over d_model {layer.d_model}, the original checkpoint "
                                 f"{spec.n_head} of width {spec.head_dim} over {spec.d_model}")
         qk = load_query_key(source.ckpt, spec)
-        t = layer.tensors
-        query, key = out.load(t.query, torch.float64, finite=True), out.load(t.key, torch.float64, finite=True)
-        mixing = out.load(t.mixing, torch.float64, finite=True)
-        content = out.load(t.content_bias, torch.float64, finite=True)
         r, d_model, n_head = layer.shared_dim, spec.d_model, spec.n_head
         x, probe = _probe(source.ckpt, spec, n_seq, n_tokens, seed, moments_by_module.get(spec.module))
-        s_orig = original_scores(x, x, qk.w_query, qk.w_key, qk.b_query, qk.b_key, n_head, spec.scale)
-        s_coll = collaborative_scores(x, x, query, key, mixing, content, spec.scale)
+        if layer.rotary:
+            s_orig, s_coll = _rotary_scores(directory, out, layer, spec, qk, x, source.ckpt.config)
+        else:
+            t = layer.tensors
+            query, key = out.load(t.query, torch.float64, finite=True), out.load(t.key, torch.float64, finite=True)
+            mixing = out.load(t.mixing, torch.float64, finite=True)
+            content = out.load(t.content_bias, torch.float64, finite=True)
+            s_orig = original_scores(x, x, qk.w_query, qk.w_key, qk.b_query, qk.b_key, n_head, spec.scale)
+            s_coll = collaborative_scores(x, x, query, key, mixing, content, spec.scale)
         kl = attention_kl(s_orig, s_coll)  # (B, H, N)
         num = float((_centred(s_orig) - _centred(s_coll)).pow(2).sum())
         den = float(_centred(s_orig).pow(2).sum())
@@ -205,6 +210,33 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         "passed": max_kl is None or all(r["kl_mean"] <= max_kl for r in records),
     }
     return result
+
+
+def _rotary_scores(directory: Path, out: Checkpoint, layer: Any, spec: AttentionSpec, qk: Any, x: torch.Tensor,
+                   config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original and shared-key scores of a rotary layer, rotated at positions 0..N-1 (B, H, N, N)."""
+    from .arch import rope_frequencies
+    from .rotary import RotaryFactors, rotary_scores
+
+    if layer.kv_heads != spec.n_kv_head:
+        raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer.kv_heads} key/value heads, the "
+                            f"original checkpoint {spec.n_kv_head}")
+    t = layer.tensors
+    try:
+        factors = RotaryFactors(out.load(t.key, torch.float64, finite=True),
+                                out.load(t.key_bias, torch.float64, finite=True) if t.key_bias else None,
+                                out.load(t.key_freq).long(), out.load(t.mixing, torch.float64, finite=True), 0.0, 1.0)
+        theta, attention_scaling = rope_frequencies(config, spec.head_dim)
+        scale = spec.scale * attention_scaling ** 2
+        positions = torch.arange(x.shape[1])
+        common = {"n_head": spec.n_head, "head_dim": spec.head_dim, "theta": theta, "positions": positions,
+                  "scale": scale}
+        s_orig = rotary_scores(x, x, qk.w_query, qk.b_query, None, w_key=qk.w_key, b_key=qk.b_key,
+                               n_kv_head=spec.n_kv_head, **common)
+        s_coll = rotary_scores(x, x, qk.w_query, qk.b_query, factors, **common)
+    except ValueError as e:
+        raise BadInputError(f"{directory}: the shared rotary keys of {spec.module} are malformed ({e})") from e
+    return s_orig, s_coll
 
 
 def check_gate(result: dict[str, Any]) -> None:
