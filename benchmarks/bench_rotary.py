@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Shared rotary keys on the real SmolLM2-135M-Instruct: quality, decode speed, cache bytes, times.
+
+One run, side by side (SPEC section 2, "Rotary decoders"):
+
+- perplexity on the first ``--eval-tokens`` tokens of ``lee.cor`` (the 50 Lee documents
+  joined with "\\n", ``--window``-token windows, :func:`collabcompress.lm.perplexity`) of the
+  original and of the model compressed at key caches ``--ranks`` (reals per token and layer,
+  of G*d = 192), data-free and calibrated (``calibrate`` on the first ``--calib-tokens``
+  tokens of ``lee_background.cor``, a different set of documents), beside SPEC's measured
+  baseline;
+- decoding speed and key/value cache bytes, original against the model compressed at
+  ``--decode-rank``: batch 1, greedy, a ``--context``-token prefill from ``lee_background.cor``
+  then ``--steps`` cached decoding steps, tokens per second as the median of ``--runs``
+  runs; the bytes are summed over the cache tensors after the prefill (measured, not
+  computed from shapes);
+- the wall time of ``calibrate`` and of each ``compress`` (in-process library calls, so
+  without the interpreter's start-up).
+
+    python scripts/fetch_data.py            # once: SmolLM2 and the Lee corpus
+    python benchmarks/bench_rotary.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import cache_dir
+
+# SPEC section 2: perplexity at each key cache (data-free, calibrated); original 32.04
+BASELINE = {"original": 32.04, 128: (806.0, 35.77), 96: (880.0, 43.33), 64: (1219.0, 86.64)}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _cache_bytes(cache) -> tuple[int, int]:
+    """(key bytes, value bytes) held by a transformers cache, summed over its tensors."""
+    keys = sum(layer.keys.nbytes for layer in cache.layers)
+    values = sum(layer.values.nbytes for layer in cache.layers)
+    return keys, values
+
+
+@torch.inference_mode()
+def decode(model, prefix: torch.Tensor, steps: int, runs: int) -> dict:
+    """Greedy cached decoding after a prefill of ``prefix`` (T,): tokens/s (median of runs), cache bytes."""
+    rates, tokens = [], None
+    for _ in range(runs):
+        out = model(input_ids=prefix[None], use_cache=True)
+        cache = out.cache
+        key_bytes, value_bytes = _cache_bytes(cache)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        generated = []
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            cache = out.cache
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(int(nxt))
+        rates.append(steps / (time.perf_counter() - start))
+        tokens = generated
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "key_bytes": key_bytes,
+            "value_bytes": value_bytes, "tokens": tokens}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="SmolLM2 directory (default: the data cache)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[192, 128, 96, 64])
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--decode-rank", type=int, default=128)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine two threads spin-wait, and a "
+                         "decoding step of SmolLM2 took 2.4 s instead of 0.07 s)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    _quiet()
+    import transformers
+
+    from collabcompress import hf
+    from collabcompress.calibration import calibrate
+    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.lm import leading_ids, perplexity
+    from collabcompress.texts import lee_corpus, load_tokenizer
+
+    model_dir = args.model or cache_dir() / "smollm2-135m-instruct"
+    lee = cache_dir() / "lee"
+    if not (model_dir / "model.safetensors").is_file() or lee_corpus(lee) is None:
+        _log(f"needs SmolLM2 in {model_dir} and the Lee corpus in {lee}: run python scripts/fetch_data.py")
+        return 2
+    held_out = lee_corpus(lee).documents
+    background = [ln.strip() for ln in (lee / "lee_background.cor").read_text(encoding="latin-1").splitlines()
+                  if ln.strip()]
+    tokenizer = load_tokenizer([model_dir])
+    result: dict = {"model": str(model_dir), "threads": torch.get_num_threads(), "eval_tokens": args.eval_tokens,
+                    "window": args.window, "calib_tokens": args.calib_tokens, "rows": [], "times": {}}
+
+    def ppl(model) -> float:
+        return perplexity(model, tokenizer, held_out, max_tokens=args.eval_tokens, window=args.window)["ppl"]
+
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    result["original_ppl"] = ppl(original)
+    _log(f"original perplexity {result['original_ppl']:.4f}")
+    with tempfile.TemporaryDirectory(prefix="bench-rotary-") as tmp:
+        tmp = Path(tmp)
+        texts = tmp / "background.txt"
+        texts.write_text("\n".join(background) + "\n", encoding="utf-8")
+        stats = tmp / "stats.safetensors"
+        start = time.perf_counter()
+        summary = calibrate(model_dir, texts, stats, max_tokens=args.calib_tokens, max_length=args.window)
+        result["times"]["calibrate"] = time.perf_counter() - start
+        _log(f"calibrate: {summary['tokens']} tokens in {result['times']['calibrate']:.1f} s")
+        dirs = {}
+        for rank in args.ranks:
+            row = {"rank": rank}
+            for kind, calibration in (("data_free", None), ("calibrated", str(stats))):
+                out = tmp / f"{kind}-{rank}"
+                start = time.perf_counter()
+                compress(model_dir, out, CompressOptions(rank=rank, calibration=calibration))
+                result["times"][f"compress {kind} {rank}"] = time.perf_counter() - start
+                row[kind] = ppl(hf.from_pretrained(out))
+                dirs[(kind, rank)] = out
+                _log(f"rank {rank} {kind}: perplexity {row[kind]:.4f}")
+            result["rows"].append(row)
+        prefix, _ = leading_ids(tokenizer, background, args.context)
+        result["decode"] = {"context": int(prefix.numel()), "steps": args.steps, "runs": args.runs,
+                            "original": decode(original, prefix, args.steps, args.runs)}
+        if ("calibrated", args.decode_rank) not in dirs:
+            dirs[("calibrated", args.decode_rank)] = tmp / "decode"
+            compress(model_dir, tmp / "decode", CompressOptions(rank=args.decode_rank, calibration=str(stats)))
+        compressed = hf.from_pretrained(dirs[("calibrated", args.decode_rank)])
+        result["decode"]["compressed"] = decode(compressed, prefix, args.steps, args.runs)
+        result["decode"]["rank"] = args.decode_rank
+    _print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _change(value: float, base: float) -> str:
+    return f"{value:,.2f} ({value / base - 1:+.1%})"
+
+
+def _print(result: dict) -> None:
+    base = result["original_ppl"]
+    print(f"SmolLM2-135M-Instruct, perplexity on the first {result['eval_tokens']:,} tokens of lee.cor "
+          f"({result['window']}-token windows); calibrated on the first {result['calib_tokens']:,} tokens of "
+          f"lee_background.cor; torch threads {result['threads']}")
+    print(f"original: {base:.4f} (SPEC {BASELINE['original']})")
+    print("| key cache per layer | data-free | SPEC data-free | calibrated | SPEC calibrated |")
+    print("|---|---|---|---|---|")
+    for row in result["rows"]:
+        spec = BASELINE.get(row["rank"])
+        spec_free, spec_cal = (f"{spec[0]:,.0f}", f"{spec[1]:.2f}") if spec else ("-", "-")
+        print(f"| {row['rank']} of 192 | {_change(row['data_free'], base)} | {spec_free} | "
+              f"{_change(row['calibrated'], base)} | {spec_cal} |")
+    d = result["decode"]
+    o, c = d["original"], d["compressed"]
+    agree = next((i for i, (a, b) in enumerate(zip(o["tokens"], c["tokens"])) if a != b), None)
+    print(f"\ndecoding, batch 1, greedy, {d['steps']} steps after a {d['context']:,}-token prefill "
+          f"(median of {d['runs']} runs)")
+    print("| model | tokens/s | key cache bytes | value cache bytes |")
+    print("|---|---|---|---|")
+    print(f"| original (192 per layer) | {o['tokens_per_s']:.1f} | {o['key_bytes']:,} | {o['value_bytes']:,} |")
+    print(f"| calibrated {d['rank']} of 192 | {c['tokens_per_s']:.1f} | {c['key_bytes']:,} | {c['value_bytes']:,} |")
+    print(f"greedy tokens identical for {d['steps'] if agree is None else agree} of {d['steps']} steps")
+    print("\ntimes (s, in-process): " + ", ".join(f"{k} {v:.1f}" for k, v in result["times"].items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
