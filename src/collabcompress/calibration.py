@@ -15,6 +15,15 @@ refinement; ``{M}.key_sequences`` for cross-attention). Metadata: ``format``,
 
 Texts longer than ``max_length`` tokens are split into windows (:func:`windows`), not
 truncated.
+
+Causal language models (the rotary families: llama, mistral, qwen2) read the texts as one
+stream, as :mod:`collabcompress.lm` measures perplexity: the documents joined with "\n",
+tokenised without special tokens, the first ``max_tokens`` tokens cut into consecutive
+windows of ``max_length`` tokens, each run from an empty context (:func:`causal_windows`).
+Their statistics also hold ``{M}.query_energy`` (H, d/2) float64: E|q_{h,j}|^2, the energy
+of each head's query (q_proj output, bias included) at each rotary frequency j (dimension j
+paired with j + d/2, :func:`collabcompress.rotary.rotary_pairs`), before the rotation, which
+keeps |q|. ``compress`` weighs the shared-key fit with them (SPEC section 2).
 """
 
 from __future__ import annotations
@@ -37,10 +46,12 @@ from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
 from .io import Checkpoint, open_checkpoint, read_texts, regular_file
+from .lm import DEFAULT_WINDOW, leading_ids, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
 from .texts import load_tokenizer, position_limit
 
-__all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "read_texts", "STATS_FORMAT"]
+__all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "load_query_energies", "read_texts",
+           "causal_windows", "STATS_FORMAT"]
 
 STATS_FORMAT = "collabcompress-stats/1"
 Progress = Callable[[str, int, int], None]
@@ -124,6 +135,30 @@ def windows(tokenizer, texts: list[str], max_length: int,
             yield owners[s:s + batch_size], enc["input_ids"][s:s + batch_size][:, cols], mask[:, cols]
 
 
+def causal_windows(tokenizer, texts: list[str], max_tokens: int, max_length: int,
+                   batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
+    """Batches of consecutive ``max_length``-token windows of the first ``max_tokens`` tokens of
+    the texts read as one stream (:func:`collabcompress.lm.leading_ids`), for a causal LM.
+
+    Returns the batches as :func:`windows` yields them, ``(owners, input_ids, attention_mask)``
+    with ``owners`` the window indices and a mask of ones, and the number of texts used.
+    """
+    ids, used = leading_ids(tokenizer, texts, max_tokens)  # (N,)
+    try:
+        chunks = token_windows(ids, max_tokens=max_tokens, window=max_length)
+    except ValueError as e:
+        raise BadInputError(f"--texts: {e}") from e
+    batches, start = [], 0
+    while start < len(chunks):  # rows of one batch have one length: only the last window is shorter
+        n = 1
+        while n < batch_size and start + n < len(chunks) and chunks[start + n].numel() == chunks[start].numel():
+            n += 1
+        ids_batch = torch.stack(chunks[start:start + n])  # (B, T)
+        batches.append((torch.arange(start, start + n), ids_batch, torch.ones_like(ids_batch)))
+        start += n
+    return batches, used
+
+
 def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list[tuple[int, int]]:
     """Seeded reservoir sampling over the windows actually used: which of the batch's rows
     (windows ``start`` .. ``start + size - 1``) to keep, and in which slot (< ``capacity``)."""
@@ -150,7 +185,7 @@ class _Accumulator:
 
 
 def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *, max_tokens: int = 100_000,
-              max_length: int = 128, batch_size: int = 16, keep_sequences: int = 0, seed: int = 0,
+              max_length: int | None = None, batch_size: int = 16, keep_sequences: int = 0, seed: int = 0,
               heads: int | None = None, arch: str | None = None, force: bool = False,
               progress: Progress | None = None) -> dict[str, Any]:
     """Run the original model on texts and save activation statistics (see the module doc).
@@ -162,16 +197,17 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         max_tokens: stop after this many non-padding tokens.
         max_length: split longer texts into windows of at most this many tokens (see
             :func:`windows`); every token of a text is used, and the statistics weigh special
-            tokens and early positions as sentence-length inputs do.
+            tokens and early positions as sentence-length inputs do. Default 128, and for a
+            causal LM 512 (``lm.DEFAULT_WINDOW``, the window its perplexity is measured in).
         batch_size: windows per forward pass.
         keep_sequences: also keep the inputs of this many (seeded) windows per module.
 
     Returns:
-        A summary: ``tokens``, ``texts`` (texts read), ``windows``, ``max_length`` (capped at
+        A summary: ``tokens``, ``texts`` (texts used), ``windows``, ``max_length`` (capped at
         the model's position table), ``modules``, ``file``,
         ``kept_sequences``.
     """
-    if max_tokens < 1 or max_length < 2 or batch_size < 1 or keep_sequences < 0:
+    if max_tokens < 1 or (max_length is not None and max_length < 2) or batch_size < 1 or keep_sequences < 0:
         raise BadInputError("--max-tokens, --max-length and --batch-size must be positive, --keep-sequences >= 0")
     out = Path(out)
     texts = read_texts(texts_file)
@@ -184,6 +220,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     family = find_family(specs[0].family)
     if not family.text:
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
+    if max_length is None:
+        max_length = DEFAULT_WINDOW if family.rotary else 128
     tf = _transformers()
 
     tokenizer = load_tokenizer([Path(model_dir)])
@@ -192,14 +230,20 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
     max_length = min(max_length, position_limit(model.config, tokenizer))
-    special = tokenizer.num_special_tokens_to_add()
+    special = 0 if family.rotary else tokenizer.num_special_tokens_to_add()
     if max_length <= special:
         raise BadInputError(f"--max-length {max_length} leaves no room for text next to the tokenizer's "
                             f"{special} special tokens")
+    causal_used = 0
+    if family.rotary:
+        batches, causal_used = causal_windows(tokenizer, texts, max_tokens, max_length, batch_size)
+    else:
+        batches = windows(tokenizer, texts, max_length, batch_size)
     acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
     state: dict[str, Any] = {"mask": None, "keep": None}
     kept: dict[str, dict[int, torch.Tensor]] = {}  # module -> reservoir slot -> (T, D)
     kept_keys: dict[str, dict[int, torch.Tensor]] = {}
+    energy: dict[str, torch.Tensor] = {}  # rotary module -> sum over tokens of |q_{h,j}|^2, (H, d/2)
     handles = []
 
     def hook(spec: AttentionSpec, side: str):
@@ -215,8 +259,22 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                     x[b, : int(mask[b].sum())].detach().float().clone()
         return fn
 
+    def energy_hook(spec: AttentionSpec):
+        from .rotary import rotary_pairs
+
+        def fn(_module, _args, q):
+            mask = state["mask"]  # (B, T)
+            if q.dim() != 3 or mask is None or q.shape[:2] != mask.shape:
+                return
+            pairs = rotary_pairs(q[mask.bool()].T, spec.n_head, spec.head_dim)  # (H, d/2, n) complex
+            energy[spec.module] += pairs.abs().square().sum(-1)  # (H, d/2)
+        return fn
+
     for spec in specs:
         q_mod, k_mod = _find_modules(model, ckpt, spec)
+        if spec.rotary:
+            energy[spec.module] = torch.zeros(spec.n_head, spec.head_dim // 2, dtype=torch.float64)
+            handles.append(q_mod.register_forward_hook(energy_hook(spec)))
         cross = family.is_cross(spec.module)
         acc[spec.module] = (_Accumulator(spec.d_model), _Accumulator(spec.d_model) if cross else None)
         handles.append(q_mod.register_forward_pre_hook(hook(spec, "query"), with_kwargs=True))
@@ -227,7 +285,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     tokens = used = seen = 0
     try:
         with torch.inference_mode():
-            for owners, ids, mask in windows(tokenizer, texts, max_length, batch_size):
+            for owners, ids, mask in batches:
                 state["mask"] = mask
                 state["keep"] = _reservoir(seen, ids.shape[0], keep_sequences, g)
                 inputs = {"input_ids": ids, "attention_mask": mask}
@@ -236,7 +294,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 model(**inputs)
                 tokens += int(mask.sum())
                 seen += ids.shape[0]
-                used = int(owners[-1]) + 1
+                used = causal_used or int(owners[-1]) + 1
                 if progress:
                     progress("texts", min(tokens, max_tokens), max_tokens)
                 if tokens >= max_tokens:
@@ -253,6 +311,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     for module, (q_acc, k_acc) in acc.items():
         tensors[f"{module}.second_moment"] = q_acc.second / q_acc.count
         tensors[f"{module}.mean"] = q_acc.total / q_acc.count
+        if module in energy:
+            tensors[f"{module}.query_energy"] = energy[module] / q_acc.count
         if k_acc is not None:
             tensors[f"{module}.key_second_moment"] = k_acc.second / max(k_acc.count, 1)
             tensors[f"{module}.key_mean"] = k_acc.total / max(k_acc.count, 1)

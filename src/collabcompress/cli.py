@@ -28,7 +28,8 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from . import __version__
-from .defaults import DEFAULT_ENERGIES, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN, DEFAULT_TOL
+from .defaults import (DEFAULT_ENERGIES, DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN,
+                       DEFAULT_TOL)
 from .display import safe_renderable, safe_text
 from .errors import BadInputError, CollabError
 
@@ -358,7 +359,8 @@ def calibrate(
     texts: Annotated[Path, typer.Option("--texts", help="UTF-8 text file, one text per line.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).", show_default=False)],
     max_tokens: Annotated[int, typer.Option("--max-tokens", parser=_int("--max-tokens"), help="Stop after this many non-padding tokens.")] = 100_000,
-    max_length: Annotated[int, typer.Option("--max-length", parser=_int("--max-length"), help="Split longer texts into windows of at most this many tokens (every token is used).")] = 128,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", parser=_int("--max-length"), help="Split longer texts into windows of at most this many tokens (every token is used). "
+                                                      f"Default: 128; {DEFAULT_LM_WINDOW} for a causal LM (llama, mistral, qwen2), whose texts are read as one stream.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", parser=_int("--batch-size"), help="Windows per forward pass.")] = 16,
     keep_sequences: Annotated[int, typer.Option("--keep-sequences", parser=_int("--keep-sequences"), help="Also keep the inputs of N seeded windows (for --refine-steps).")] = 0,
     seed: Annotated[int, typer.Option("--seed", parser=_int("--seed"), help="Seed for choosing the kept sequences.")] = 0,
@@ -430,21 +432,28 @@ def evaluate(
     compressed: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
     texts: Annotated[Optional[Path], typer.Option(
         "--texts", help="UTF-8 text file, one text per line (default: the bundled sample).", show_default=False)] = None,
-    max_length: Annotated[int, typer.Option("--max-length", parser=_int("--max-length"), help="Truncate each text to this many tokens.")] = 256,
+    max_length: Annotated[int, typer.Option("--max-length", parser=_int("--max-length"), help="Embeddings: truncate each text to this many tokens.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", parser=_int("--batch-size"), help="Texts per forward pass.")] = 16,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", parser=_int("--max-tokens"), help="Causal LM: perplexity on the first N tokens of the texts, read as one stream.")] = DEFAULT_LM_TOKENS,
+    window: Annotated[int, typer.Option("--window", parser=_int("--window"), help="Causal LM: tokens per perplexity window (each from an empty context).")] = DEFAULT_LM_WINDOW,
+    prompts: Annotated[int, typer.Option("--prompts", parser=_int("--prompts"), help="Causal LM: greedy generation from the start of this many texts.")] = 4,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", parser=_int("--new-tokens"), help="Causal LM: tokens generated per prompt.")] = 32,
     json_path: JsonOpt = None,
 ) -> None:
-    """Compare the compressed model's embeddings with the original's on real text (needs the hf extra)."""
+    """Compare the compressed model with the original on real text: embeddings, or for a causal LM
+    perplexity, next-token agreement and KL, greedy generation (needs the hf extra)."""
     _check_targets([original, compressed], json_path, files=[texts])
     from .evaluate import evaluate as run_evaluate, read_texts
-    from .tables import evaluation_table
+    from .tables import evaluation_table, lm_evaluation_table
 
     lines = read_texts(texts) if texts is not None else None
     progress, step = _progress("evaluating", json_path != "-")
     with progress:
         result = run_evaluate(original, compressed, lines, max_length=max_length, batch_size=batch_size,
-                              texts_name=str(texts) if texts is not None else None, progress=step)
-    _emit(result, json_path, lambda: [evaluation_table(result)])
+                              texts_name=str(texts) if texts is not None else None, progress=step,
+                              max_tokens=max_tokens, window=window, prompts=prompts, new_tokens=new_tokens)
+    _emit(result, json_path, lambda: [lm_evaluation_table(result) if "perplexity" in result
+                                      else evaluation_table(result)])
 
 
 @app.command()

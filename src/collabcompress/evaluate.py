@@ -7,6 +7,12 @@ text's nearest neighbour among the others (cosine on pooled embeddings) is the s
 both models; the largest absolute difference of the last hidden states over real tokens;
 and, when the Lee et al. (2005) corpus is in the cache, the Spearman correlation of each
 model's 50 x 50 document similarities with the human ratings (upper triangle).
+
+A causal language model (the rotary families: llama, mistral, qwen2) is compared on what it
+predicts instead (:func:`evaluate_causal`): perplexity of both models on the first
+``max_tokens`` tokens of the texts read as one stream, in ``window``-token windows
+(:mod:`collabcompress.lm`, SPEC section 2), the next-token top-1 agreement and KL divergence
+on the same windows, and greedy generation from a few prompts taken from the texts.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from typing import Any
 
 import torch
 
+from . import lm
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
 from .io import open_checkpoint, read_texts
 from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
 
-__all__ = ["evaluate", "read_texts", "pooled_embeddings"]
+__all__ = ["evaluate", "evaluate_causal", "read_texts", "pooled_embeddings", "PROMPT_TOKENS"]
+
+PROMPT_TOKENS = 32  # tokens of each generation prompt at most (the start of a text)
 
 Progress = Callable[[str, int, int], None]
 
@@ -115,8 +124,13 @@ def _upper(m: torch.Tensor) -> torch.Tensor:
 
 def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: Sequence[str] | None = None, *,
              max_length: int = 256, batch_size: int = 16, lee: str | os.PathLike | bool = True,
-             texts_name: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the original and the compressed model on the same texts and compare their embeddings.
+             texts_name: str | None = None, progress: Progress | None = None,
+             max_tokens: int = lm.DEFAULT_MAX_TOKENS, window: int = lm.DEFAULT_WINDOW, prompts: int = 4,
+             new_tokens: int = 32) -> dict[str, Any]:
+    """Run the original and the compressed model on the same texts and compare their embeddings
+    (a causal language model: their predictions, :func:`evaluate_causal`, which takes
+    ``max_tokens``, ``window``, ``prompts`` and ``new_tokens``; the other options are for
+    embeddings).
 
     Args:
         original: the uncompressed model directory (config.json, weights, tokenizer).
@@ -148,13 +162,13 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
     manifest = read(compressed)
     family = manifest.source.architecture
+    if hf.loadable_family(family, compressed).rotary:
+        return evaluate_causal(original, compressed, texts, max_tokens=max_tokens, window=window, prompts=prompts,
+                               new_tokens=new_tokens, texts_name=texts_name, progress=progress)
     if not hf.loadable_family(family, compressed).text:
         raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
                                            "not a text model")
-    if not original.is_dir():
-        raise BadInputError(f"original model directory not found: {original}")
-    if not (original / "config.json").is_file():
-        raise BadInputError(f"{original} has no config.json; pass the uncompressed model directory")
+    _check_models(original, compressed)
     source = "bundled sample" if texts is None else (texts_name or "given")
     texts = sample_texts() if texts is None else [t for t in texts if t.strip()]
     if not texts:
@@ -218,5 +232,102 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         "nn_agreement": nn_agreement,
         "max_abs_diff": max_diff,
         "lee": lee_result,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _check_models(original: Path, compressed: Path) -> None:
+    if not original.is_dir():
+        raise BadInputError(f"original model directory not found: {original}")
+    if not (original / "config.json").is_file():
+        raise BadInputError(f"{original} has no config.json; pass the uncompressed model directory")
+
+
+def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, texts: Sequence[str] | None = None,
+                    *, max_tokens: int = lm.DEFAULT_MAX_TOKENS, window: int = lm.DEFAULT_WINDOW, prompts: int = 4,
+                    new_tokens: int = 32, texts_name: str | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Compare a compressed causal language model with its original on what they predict.
+
+    Args:
+        original, compressed: the uncompressed model directory and its ``compress`` output.
+        texts: documents (default: the bundled sample, :func:`sample_texts`), read as one stream
+            joined with "\n" (:func:`collabcompress.lm.join_documents`).
+        max_tokens, window: the first ``max_tokens`` tokens of the stream, in non-overlapping
+            ``window``-token windows each run from an empty context (SPEC section 2's
+            perplexity: 2,048 and 512).
+        prompts: greedy generation from the first ``PROMPT_TOKENS`` tokens of this many texts.
+        new_tokens: tokens generated per prompt.
+        texts_name: where the texts came from, for the record.
+        progress: called as ``(stage, done, total)`` after every window and prompt.
+
+    Returns:
+        A JSON-ready dict: ``perplexity`` ``{"original", "compressed", "change"}`` (change =
+        compressed / original - 1), ``nll`` ``{"original", "compressed"}`` (nats per predicted
+        token), ``top1_agreement``, ``kl_mean`` and ``kl_max`` (KL(original || compressed) of
+        the next-token distributions, nats), ``max_abs_logit_diff``, ``generation``
+        (:func:`collabcompress.lm.greedy_agreement` without the token lists, plus
+        ``prompt_tokens``: the length of each prompt), ``texts``
+        ``{"source", "count", "tokens", "windows", "max_tokens", "window"}`` and what was run.
+
+    Raises:
+        BadInputError: unreadable models, no tokenizer, too little text, bad options.
+    """
+    from . import hf
+    from .manifest import read
+
+    start = time.perf_counter()
+    original, compressed = Path(original), Path(compressed)
+    if max_tokens < 2 or window < 2 or prompts < 0 or new_tokens < 1:
+        raise BadInputError(f"--max-tokens and --window must be >= 2, --prompts >= 0 and --new-tokens >= 1 (got "
+                            f"{max_tokens}, {window}, {prompts}, {new_tokens})")
+    manifest = read(compressed)
+    _check_models(original, compressed)
+    source = "bundled sample" if texts is None else (texts_name or "given")
+    texts = sample_texts() if texts is None else [t for t in texts if t.strip()]
+    if not texts:
+        raise BadInputError("no texts to evaluate on")
+    with _quiet_transformers():
+        model = hf.from_pretrained(compressed)
+        reference = _load_original(original, type(model))
+    if reference.config.model_type != model.config.model_type:
+        raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
+                            f"from a {model.config.model_type!r} model")
+    tokenizer = load_tokenizer([original, compressed])
+    window = min(window, position_limit(reference.config, tokenizer))
+    ids, used = lm.leading_ids(tokenizer, texts, max_tokens)  # (N,)
+    try:
+        windows = lm.token_windows(ids, max_tokens=max_tokens, window=window)
+    except ValueError as e:
+        raise BadInputError(f"evaluate: {e}") from e
+    starts = [p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts) if p.numel()][:prompts]
+    total, done = len(windows) + len(starts), [0]
+
+    def tick(stage: str) -> None:
+        done[0] += 1
+        if progress:
+            progress(stage, done[0], total)
+
+    figures = lm.compare_windows(reference, model, windows, step=lambda: tick("windows"))
+    with _quiet_transformers():
+        generation = lm.greedy_agreement(reference, model, starts, new_tokens=new_tokens,
+                                         step=lambda: tick("generation"))
+    generation = {"prompt_tokens": [p.numel() for p in starts], **{k: v for k, v in generation.items() if k != "tokens"}}
+    return {
+        "original": str(original),
+        "compressed": str(compressed),
+        "family": manifest.source.architecture,
+        "model_class": type(reference).__name__,
+        "shared_dims": sorted({layer.shared_dim for layer in manifest.layers}),
+        "texts": {"source": source, "count": used, "tokens": figures["tokens"], "windows": figures["windows"],
+                  "max_tokens": max_tokens, "window": window},
+        "perplexity": {"original": figures["ppl_reference"], "compressed": figures["ppl_model"],
+                       "change": figures["ppl_model"] / figures["ppl_reference"] - 1.0},
+        "nll": {"original": figures["nll_reference"], "compressed": figures["nll_model"]},
+        "top1_agreement": figures["top1_agreement"],
+        "kl_mean": figures["kl_mean"],
+        "kl_max": figures["kl_max"],
+        "max_abs_logit_diff": figures["max_abs_logit_diff"],
+        "generation": generation,
         "seconds": round(time.perf_counter() - start, 3),
     }

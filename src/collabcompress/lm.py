@@ -15,14 +15,19 @@ any transformers tokenizer; this module imports neither transformers nor the mod
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["DOCUMENT_SEPARATOR", "join_documents", "token_ids", "token_windows", "window_nll", "perplexity"]
+from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
+
+__all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids", "token_windows", "window_logits",
+           "window_nll", "perplexity", "compare_windows", "greedy_agreement"]
 
 DOCUMENT_SEPARATOR = "\n"
+DEFAULT_MAX_TOKENS = DEFAULT_LM_TOKENS
+DEFAULT_WINDOW = DEFAULT_LM_WINDOW
 
 
 def join_documents(text: str | Sequence[str]) -> str:
@@ -41,7 +46,31 @@ def token_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> to
     return torch.tensor(ids, dtype=torch.long)  # (N,)
 
 
-def token_windows(ids: torch.Tensor, *, max_tokens: int = 2048, window: int = 512) -> list[torch.Tensor]:
+def leading_ids(tokenizer: Any, documents: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, int]:
+    """The first ``max_tokens`` token ids of the documents joined as in :func:`join_documents`,
+    and how many leading documents they come from.
+
+    Only the shortest prefix of the documents that yields ``max_tokens`` tokens is tokenised
+    (found by doubling, then bisection), so a large corpus is not tokenised whole. Returns
+    ``(ids (N,) int64, documents used)``.
+    """
+    def ids_of(n: int) -> torch.Tensor:
+        return token_ids(tokenizer, join_documents(documents[:n]), max_tokens=max_tokens)
+
+    hi = 1
+    while hi < len(documents) and ids_of(hi).numel() < max_tokens:
+        hi = min(2 * hi, len(documents))
+    lo = hi // 2  # ids_of(lo) has fewer than max_tokens tokens (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ids_of(mid).numel() < max_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return ids_of(hi), hi
+
+
+def token_windows(ids: torch.Tensor, *, max_tokens: int = DEFAULT_MAX_TOKENS, window: int = DEFAULT_WINDOW) -> list[torch.Tensor]:
     """Split the first ``max_tokens`` of ``ids`` into consecutive non-overlapping windows.
 
     Every window has ``window`` tokens except perhaps the last, which is dropped when it has
@@ -58,19 +87,27 @@ def token_windows(ids: torch.Tensor, *, max_tokens: int = 2048, window: int = 51
 
 
 @torch.inference_mode()
+def window_logits(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of one window from an empty context, float32 on the CPU.
+
+    ``window`` is (T,) token ids; returns (T - 1, V): row t predicts window[t + 1].
+    """
+    device = next(model.parameters()).device
+    ids = window.reshape(1, -1).to(device)  # (1, T)
+    return model(input_ids=ids, use_cache=False).logits[0, :-1].float().cpu()  # (T-1, V)
+
+
 def window_nll(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each predicted token of one window, in float32.
 
     ``window`` is (T,) token ids; returns (T - 1,): entry t is -log p(window[t + 1] | window[:t + 1]).
     """
-    device = next(model.parameters()).device
-    ids = window.reshape(1, -1).to(device)  # (1, T)
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
-    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").cpu()  # (T-1,)
+    logits = window_logits(model, window)  # (T-1, V)
+    return torch.nn.functional.cross_entropy(logits, window.reshape(-1)[1:].cpu(), reduction="none")  # (T-1,)
 
 
-def perplexity(model: torch.nn.Module, tokenizer: Any, text: str | Sequence[str], *, max_tokens: int = 2048,
-               window: int = 512) -> dict[str, float | int]:
+def perplexity(model: torch.nn.Module, tokenizer: Any, text: str | Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               window: int = DEFAULT_WINDOW) -> dict[str, float | int]:
     """Perplexity of ``model`` on the first ``max_tokens`` tokens of ``text`` (SPEC section 2).
 
     ``text`` is one string or a sequence of documents (``join_documents``). It is tokenised
@@ -83,3 +120,73 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text: str | Sequence[str]
     nll = torch.cat([window_nll(model, w) for w in windows]).double()  # (tokens,)
     mean = float(nll.mean())
     return {"ppl": math.exp(mean), "nll": mean, "tokens": int(nll.numel()), "windows": len(windows)}
+
+
+def compare_windows(reference: torch.nn.Module, model: torch.nn.Module, windows: Sequence[torch.Tensor], *,
+                    step: Callable[[], None] | None = None) -> dict[str, float | int]:
+    """Next-token predictions of ``model`` against ``reference`` on the same windows (each from
+    an empty context, as :func:`perplexity`).
+
+    Returns ``{"nll_reference", "nll_model"}`` (mean NLL per predicted token, nats),
+    ``"ppl_reference"``, ``"ppl_model"``, ``"top1_agreement"`` (fraction of positions whose most
+    likely next token is the same), ``"kl_mean"`` and ``"kl_max"`` (KL(reference || model) of
+    the next-token distributions, nats, over positions), ``"max_abs_logit_diff"``, ``"tokens"``
+    (predicted tokens) and ``"windows"``. ``step`` is called after each window.
+    """
+    nll_ref, nll_mod, agree, kl = [], [], [], []
+    max_diff = 0.0
+    for w in windows:
+        targets = w.reshape(-1)[1:].cpu()  # (T-1,)
+        a, b = window_logits(reference, w).double(), window_logits(model, w).double()  # (T-1, V)
+        log_a, log_b = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        nll_ref.append(-log_a.gather(1, targets[:, None])[:, 0])
+        nll_mod.append(-log_b.gather(1, targets[:, None])[:, 0])
+        agree.append(a.argmax(-1) == b.argmax(-1))
+        kl.append((log_a.exp() * (log_a - log_b)).sum(-1).clamp_min(0.0))  # (T-1,)
+        max_diff = max(max_diff, float((a - b).abs().max()))
+        if step:
+            step()
+    if not kl:
+        raise ValueError("no windows to compare")
+    nll_a, nll_b, kl_all = torch.cat(nll_ref).mean(), torch.cat(nll_mod).mean(), torch.cat(kl)
+    return {"nll_reference": float(nll_a), "nll_model": float(nll_b), "ppl_reference": math.exp(float(nll_a)),
+            "ppl_model": math.exp(float(nll_b)), "top1_agreement": float(torch.cat(agree).double().mean()),
+            "kl_mean": float(kl_all.mean()), "kl_max": float(kl_all.max()), "max_abs_logit_diff": max_diff,
+            "tokens": int(kl_all.numel()), "windows": len(kl)}
+
+
+@torch.inference_mode()
+def greedy_agreement(reference: torch.nn.Module, model: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
+                     new_tokens: int = 32, step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Greedy generation (``generate``, with the model's cache) of both models from the same prompts.
+
+    Each prompt is (P,) token ids; exactly ``new_tokens`` tokens are generated (end-of-text is
+    suppressed, so both continuations have the same length). Returns ``{"prompts",
+    "new_tokens", "first_divergence"}`` (per prompt, the index of the first new token that
+    differs, ``None`` when all agree), ``"identical"`` (prompts with no divergence) and
+    ``"mean_agreed_tokens"`` (new tokens before the first divergence, averaged), plus
+    ``"tokens"`` ``{"reference", "model"}`` (the generated ids, per prompt). ``step`` is
+    called after each prompt.
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
+    device = next(model.parameters()).device
+    divergence, ref_out, mod_out = [], [], []
+    for prompt in prompts:
+        ids = prompt.reshape(1, -1).to(device)  # (1, P)
+        pair = []
+        for m in (reference, model):
+            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            pair.append(out[0, ids.shape[1]:].cpu())  # (new_tokens,)
+        differ = (pair[0] != pair[1]).nonzero()
+        divergence.append(int(differ[0, 0]) if differ.numel() else None)
+        ref_out.append(pair[0].tolist())
+        mod_out.append(pair[1].tolist())
+        if step:
+            step()
+    agreed = [new_tokens if d is None else d for d in divergence]
+    return {"prompts": len(divergence), "new_tokens": new_tokens, "first_divergence": divergence,
+            "identical": sum(d is None for d in divergence),
+            "mean_agreed_tokens": sum(agreed) / len(agreed) if agreed else None,
+            "tokens": {"reference": ref_out, "model": mod_out}}

@@ -338,6 +338,28 @@ def evaluation_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def lm_evaluation_table(result: dict[str, Any]) -> Table:
+    """A rich table of :func:`collabcompress.evaluate.evaluate_causal`'s figures (a causal LM)."""
+    t, ppl, gen = result["texts"], result["perplexity"], result["generation"]
+    table = Table(title=f"{result['compressed']} vs {result['original']} ({t['source']}: {t['tokens']:,} predicted "
+                        f"tokens in {t['windows']} windows of <= {t['window']})", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("meaning", overflow="fold")
+    table.add_row("perplexity, original", f"{ppl['original']:.4f}", "exp of the mean next-token NLL")
+    table.add_row("perplexity, compressed", f"{ppl['compressed']:.4f}", f"{ppl['change']:+.2%} against the original")
+    table.add_row("top-1 agreement", f"{result['top1_agreement']:.1%}", "same most likely next token")
+    table.add_row("KL, mean", f"{result['kl_mean']:.4g}", "KL(original || compressed) of the next token, nats")
+    table.add_row("KL, max", f"{result['kl_max']:.4g}", "worst position")
+    table.add_row("max |logit difference|", f"{result['max_abs_logit_diff']:.3g}", "over every position and token")
+    if gen["prompts"]:
+        first = ", ".join("-" if d is None else str(d) for d in gen["first_divergence"])
+        table.add_row("greedy generation", f"{gen['identical']}/{gen['prompts']} identical",
+                      f"{gen['new_tokens']} new tokens per prompt; first divergence at: {first}")
+        table.add_row("agreed tokens, mean", f"{gen['mean_agreed_tokens']:.1f}", "before the first divergence")
+    return table
+
+
 def archs_table(families: Sequence[dict[str, str]]) -> Table:
     """The supported families of ``collabcompress archs``, one row each."""
     table = Table(title="Supported architecture families", title_justify="left")
