@@ -91,3 +91,86 @@ def test_refine_rotary_lowers_the_kl_and_is_seeded():
     assert a.kl_after < a.kl_before
     assert torch.equal(a.key, b.key) and torch.equal(a.mixing, b.mixing) and torch.equal(a.key_bias, b.key_bias)
     assert a.key.shape == f.key.shape and a.mixing.shape == f.mixing.shape
+
+
+# --------------------------------------------------------------------------- compress --budget, tiny models
+
+TEXTS = "\n".join(f"the cat {i} sat on the mat number {i * 7} and then it went home again" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_stats(rotary_checkpoints, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from collabcompress.calibration import calibrate
+
+    root = tmp_path_factory.mktemp("budget")
+    texts = root / "texts.txt"
+    texts.write_text(TEXTS, encoding="utf-8")
+    stats = root / "stats.safetensors"
+    calibrate(rotary_checkpoints["qwen2"], texts, stats, max_tokens=400, max_length=64, keep_sequences=3)
+    return rotary_checkpoints["qwen2"], stats
+
+
+def test_budget_allocates_and_records_the_curves(tiny_llama_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_llama_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats)))
+    layers = manifest["layers"]
+    full = sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
+    assert sum(layer["shared_dim"] for layer in layers) <= 0.5 * full
+    for layer in layers:
+        losses = {int(r): v for r, v in layer["allocation"]["losses"].items()}
+        assert layer["shared_dim"] in losses
+        assert layer["allocation"]["chosen_loss"] == losses[layer["shared_dim"]]
+        assert abs(losses[max(losses)]) < 1e-6  # the full key cache is the original layer
+    assert manifest["settings"]["budget"] == 0.5
+
+
+def test_without_budget_the_manifest_has_no_new_keys(tiny_llama_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_llama_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats)))
+    assert "budget" not in manifest["settings"] and "heal_steps" not in manifest["settings"]
+    assert all("allocation" not in layer for layer in manifest["layers"])
+
+
+def test_rotary_refine_steps_lower_the_recorded_kl(tiny_llama_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_llama_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats), refine_steps=10))
+    for layer in manifest["layers"]:
+        assert layer["refine"]["steps"] == 10
+        assert layer["refine"]["kl_after"] <= layer["refine"]["kl_before"]
+    again = compress(model, tmp_path / "p", CompressOptions(rank=8, calibration=str(stats), refine_steps=10))
+    assert [o["sha256"] for o in manifest["outputs"] if o["name"] == "model.safetensors"] == \
+        [o["sha256"] for o in again["outputs"] if o["name"] == "model.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0.5"], "--budget allocates by the attention loss"),
+    (["--budget", "0.5", "--rank", "8"], "exactly one of --rank and --energy"),
+    (["--budget", "1.5", "--calibration", "STATS"], "--budget must be in (0, 1]"),
+    (["--budget", "0.01", "--calibration", "STATS"], "--budget 0.01: the budget"),
+])
+def test_budget_bad_input_exits_3(tiny_llama_stats, tmp_path, cli, args, message):
+    model, stats = tiny_llama_stats
+    args = [str(stats) if a == "STATS" else a for a in args]
+    result = cli("compress", model, "--out", tmp_path / "o", *args)
+    assert result.exit_code == 3, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tmp_path, cli):
+    pytest.importorskip("transformers")
+    from collabcompress.calibration import calibrate
+
+    texts = tmp_path / "t.txt"
+    texts.write_text(TEXTS, encoding="utf-8")
+    calibrate(rotary_checkpoints["llama"], texts, tmp_path / "s.safetensors", max_tokens=200, max_length=64)
+    result = cli("compress", rotary_checkpoints["llama"], "--out", tmp_path / "o", "--budget", "0.5",
+                 "--calibration", tmp_path / "s.safetensors")
+    assert result.exit_code == 3 and "--keep-sequences" in result.stderr

@@ -296,6 +296,13 @@ def compress(
         "--calibration", help="Activation statistics from `calibrate` for the whitened decomposition.")] = None,
     refine_steps: Annotated[int, typer.Option("--refine-steps", parser=_int("--refine-steps"), help="Adam steps per layer minimising the attention KL on the kept calibration "
                                "sequences (needs `calibrate --keep-sequences N`).")] = 0,
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help="Total key cache over all layers as a fraction of the original's, in (0, 1]: allocated "
+                         "across layers by the attention KL measured on the kept calibration sequences "
+                         "(needs --calibration with `calibrate --keep-sequences N`).")] = None,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
+                             "(next-token distributions; embeddings for encoders) on the kept calibration sequences "
+                             "into the new tensors (needs --calibration; hf extra).")] = 0,
     heads: HeadsOpt = None,
     kv_heads: KvHeadsOpt = None,
     arch: ArchOpt = None,
@@ -318,7 +325,7 @@ def compress(
                               multiple_of=multiple_of, method=method.value,
                               max_iter=max_iter, tol=tol, seed=seed, device=device, dtype=dtype.value,
                               layers=layers, calibration=str(calibration) if calibration else None,
-                              refine_steps=refine_steps)
+                              refine_steps=refine_steps, budget=budget, heal_steps=heal_steps)
     progress, step = _progress("compressing", json_path != "-")
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,

@@ -188,15 +188,18 @@ class LayerRecord:
     refine: dict[str, Any] | None = None
     kv_heads: int | None = None
     rotary: bool = False
+    allocation: dict[str, Any] | None = None  # --budget: the loss curve and the loss at the chosen width
 
     def to_json(self) -> dict[str, Any]:
         rotary = {"kv_heads": self.kv_heads, "rotary": True} if self.rotary else {}
+        allocation = {"allocation": self.allocation} if self.allocation is not None else {}
         return {"module": self.module, "index": self.index, "heads": self.heads, **rotary, "head_dim": self.head_dim,
                 "d_model": self.d_model, "shared_dim": self.shared_dim, "scale": self.scale,
                 "relative_error": self.relative_error, "relative_error_plain": self.relative_error_plain,
                 "energy_spectral": self.energy_spectral, "iterations": self.iterations, "seconds": self.seconds,
                 "tensors": self.tensors.to_json(), "removed": list(self.removed), "family": self.family,
-                "fused": self.fused, "query_bias": self.query_bias, "key_bias": self.key_bias, "refine": self.refine}
+                "fused": self.fused, "query_bias": self.query_bias, "key_bias": self.key_bias, "refine": self.refine,
+                **allocation}
 
     @classmethod
     def from_json(cls, obj: Any, where: str, w: _Where) -> LayerRecord:
@@ -238,6 +241,7 @@ class LayerRecord:
         values["query_bias"] = bool(g("query_bias", bool, where, optional=True))
         values["key_bias"] = bool(g("key_bias", bool, where, optional=True))
         values["refine"] = g("refine", dict, where, optional=True)
+        values["allocation"] = g("allocation", dict, where, optional=True)
         return cls(**values)
 
 
