@@ -174,3 +174,28 @@ def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tmp_path, cli
     result = cli("compress", rotary_checkpoints["llama"], "--out", tmp_path / "o", "--budget", "0.5",
                  "--calibration", tmp_path / "s.safetensors")
     assert result.exit_code == 3 and "--keep-sequences" in result.stderr
+
+
+# --------------------------------------------------------------------------- --heal-steps, tiny model
+
+def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, tmp_path):
+    from collabcompress import hf
+    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.io import open_checkpoint
+
+    model, stats = tiny_llama_stats
+    opts = CompressOptions(rank=4, calibration=str(stats), heal_steps=4)
+    manifest = compress(model, tmp_path / "a", opts)
+    heal = manifest["heal"]
+    assert heal["steps"] == 4 and 0 <= heal["accepted"] <= 4
+    assert heal["held_out_after"] <= heal["held_out_before"]
+    again = compress(model, tmp_path / "b", opts)
+    weights = lambda m: [o["sha256"] for o in m["outputs"] if o["name"] == "model.safetensors"]
+    assert weights(manifest) == weights(again)
+    plain = compress(model, tmp_path / "c", CompressOptions(rank=4, calibration=str(stats)))
+    if heal["accepted"]:
+        assert weights(manifest) != weights(plain)
+    hf.from_pretrained(tmp_path / "a")  # the healed directory loads (its sha256 records match)
+    a, c = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "c")
+    untouched = [n for n in a.names() if "collab_key" not in n and "collab_mixing" not in n]
+    assert all(torch.equal(a.load(n), c.load(n)) for n in untouched)

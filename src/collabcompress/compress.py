@@ -591,6 +591,12 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch,
                              kv_heads)
         _mf.write(tmp, manifest)
+        if options.heal_steps:
+            healed = _heal(ckpt, Path(checkpoint), tmp, layers, options, specs, out_dtype, progress)
+            _write_weights(ckpt, layers, tmp)
+            manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch,
+                                 kv_heads, healed)
+            _mf.write(tmp, manifest)
         if remote_code:
             from .hf import write_remote_code
 
@@ -599,6 +605,40 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         _publishable(tmp)
     ckpt.close()
     return manifest.to_json()
+
+
+def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], options: CompressOptions,
+          specs: list[AttentionSpec], out_dtype: torch.dtype, progress: Progress | None) -> dict[str, Any]:
+    """``--heal-steps``: load the written model, distil the original into its new tensors on the
+    kept calibration windows (:func:`collabcompress.heal.heal`), and put them back into ``layers``."""
+    from . import hf
+    from .calibration import load_input_ids
+    from .evaluate import _load_original, _quiet_transformers
+    from .heal import heal, trainable
+
+    if ckpt.config is None or not checkpoint.is_dir():
+        raise BadInputError("--heal-steps runs the model: pass a model directory with config.json")
+    ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
+    if ids.shape[0] < 2:
+        raise BadInputError("--heal-steps holds one kept window out: run `calibrate --keep-sequences N` with N >= 2")
+    causal = bool(specs[0].rotary)
+    with _quiet_transformers():
+        model = hf.from_pretrained(tmp).float()
+        original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+        reference = _load_original(checkpoint, original).float()
+    step = (lambda i, n, loss: progress(f"healing (held-out loss {loss:.4f})", i, n)) if progress else None
+    torch.manual_seed(options.seed)
+    result = heal(reference, model, ids, lengths, steps=options.heal_steps, causal=causal, seed=options.seed,
+                  progress=step)
+    healed = {name: p.detach() for name, p in trainable(model).items()}
+    for layer in layers:
+        for name in list(layer.tensors):
+            match = [t for k, t in healed.items() if k == name or k.endswith("." + name) or name.endswith("." + k)]
+            if len(match) == 1:
+                layer.tensors[name] = match[0].to(out_dtype).contiguous()
+    return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
+            "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
+            "seconds": round(result.seconds, 2)}
 
 
 def _qk_after(layer: _Layer, ckpt: Checkpoint) -> int:
@@ -623,7 +663,8 @@ def _publishable(tmp: Path) -> None:
 
 def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpec], layers: list[_Layer],
               options: CompressOptions, source_files: list[Path], outputs: list[Path], tmp: Path,
-              heads: int | None, arch: str | None, kv_heads: int | None = None) -> _mf.Manifest:
+              heads: int | None, arch: str | None, kv_heads: int | None = None,
+              healed: dict[str, Any] | None = None) -> _mf.Manifest:
     params_before = sum(ckpt.numel(n) for n in ckpt.names())
     removed = sum(ckpt.numel(n) for layer in layers for n in layer.removed)
     added = sum(t.numel() for layer in layers for t in layer.tensors.values())
@@ -659,4 +700,5 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
             bytes_after=sum(p.stat().st_size for p in weights_out),
         ),
         outputs=tuple(_mf.FileRecord(**file_record(p, tmp)) for p in outputs),
+        heal=healed,
     )

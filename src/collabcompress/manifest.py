@@ -271,12 +271,13 @@ class Manifest:
     outputs: tuple[FileRecord, ...]
     format: str = FORMAT
     path: Path | None = field(default=None, compare=False)  # where it was read from
+    heal: dict[str, Any] | None = None  # --heal-steps: steps, accepted, held-out loss before and after
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.format, "tool": self.tool.to_json(), "created_utc": self.created_utc,
                 "source": self.source.to_json(), "settings": self.settings.to_json(),
                 "layers": [la.to_json() for la in self.layers], "totals": self.totals.to_json(),
-                "outputs": [o.to_json() for o in self.outputs]}
+                "outputs": [o.to_json() for o in self.outputs], **({"heal": self.heal} if self.heal else {})}
 
     @classmethod
     def from_json(cls, data: Any, path: Path = Path(MANIFEST_NAME)) -> Manifest:
@@ -314,7 +315,8 @@ class Manifest:
         totals = Totals(*(w.get(t, f.name, int, "totals") for f in dataclasses.fields(Totals)))
         outputs = _files(w.get(data, "outputs", list, "manifest"), "outputs", w)
         return cls(Tool(str(tool.get("name")), str(tool.get("version"))), created, source,
-                   Settings(options, heads, arch), layers, totals, outputs, path=path)
+                   Settings(options, heads, arch), layers, totals, outputs, path=path,
+                   heal=w.get(data, "heal", dict, "manifest", optional=True))
 
     def output(self, name: str) -> FileRecord | None:
         return next((o for o in self.outputs if o.name == name), None)
