@@ -199,3 +199,16 @@ def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, 
     a, c = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "c")
     untouched = [n for n in a.names() if "collab_key" not in n and "collab_mixing" not in n]
     assert all(torch.equal(a.load(n), c.load(n)) for n in untouched)
+
+
+def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli):
+    model, stats = tiny_llama_stats
+    result = cli("analyze", model, "--calibration", stats, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    for layer in json.loads(result.stdout)["layers"]:
+        curve = {int(r): v for r, v in layer["loss_curve"].items()}
+        assert max(curve) == layer["kv_heads"] * layer["head_dim"] and abs(curve[max(curve)]) < 1e-6
+    text = cli("analyze", model, "--calibration", stats)
+    assert text.exit_code == 0 and "attention KL at key cache R" in text.stdout

@@ -243,10 +243,13 @@ def analyze(
                          f"{', '.join(map(str, DEFAULT_ENERGIES))}.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the cumulative energy curves to this PNG.",
                                                  metavar="PNG")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="Also measure the loss curves --budget allocates by (attention KL on the kept "
+                              "calibration windows at a ladder of key caches).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Measure how redundant the attention heads of every layer are (spectral analysis)."""
-    _check_targets([checkpoint], json_path, plot)
+    _check_targets([checkpoint], json_path, plot, files=[calibration])
     from .pipeline import analyze as run_analyze, check_energy
     from .extras import require_matplotlib
     from .tables import analysis_summary, analysis_table, plot_energy
@@ -256,11 +259,15 @@ def analyze(
         require_matplotlib()
     progress, step = _progress("analyzing", json_path != "-")
     with progress:
-        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step, kv_heads=kv_heads)
+        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step, kv_heads=kv_heads,
+                             calibration=calibration)
     if plot is not None:
         _save_plot(plot_energy, result, plot)
+    curves = [f"layer {la.spec.index} attention KL at key cache R: "
+              + ", ".join(f"{r}: {v:.4g}" for r, v in sorted(la.loss_curve.items()))
+              for la in result.layers if la.loss_curve is not None]
     _emit(result.to_dict(), json_path, lambda: [analysis_table(result, show_module=_console().width >= 120),
-                                                analysis_summary(result),
+                                                analysis_summary(result), *curves,
                                                 *([f"plot written to {plot}"] if plot is not None else [])])
 
 

@@ -35,7 +35,7 @@ from .refine import RefineResult, refine_factors
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
                      write_safetensors)
 
-__all__ = ["CompressOptions", "compress", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
+__all__ = ["CompressOptions", "compress", "loss_curves", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -497,6 +497,23 @@ def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compress
 
     step = (lambda spec, done, total: progress(f"loss curve {spec.module}", done, total)) if progress else None
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
+
+
+def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path, *, multiple_of: int = 8,
+                seed: int = 0, workers: int = 1) -> list[dict[int, float]]:
+    """The curves ``--budget`` allocates by (candidate key cache R -> attention KL on the kept
+    calibration windows), one per layer of ``specs``; what ``analyze --calibration`` shows."""
+    from .calibration import load_moments, load_query_energies, load_sequences, load_whitening
+
+    plain, rotary = [s for s in specs if not s.rotary], [s for s in specs if s.rotary]
+    whitening = load_whitening(calibration, ckpt, plain) if plain else {}
+    energies = {}
+    if rotary:
+        whitening.update(load_moments(calibration, ckpt, rotary))
+        energies = load_query_energies(calibration, ckpt, rotary)
+    sequences = load_sequences(calibration, ckpt, specs)
+    options = CompressOptions(rank=1, multiple_of=multiple_of, seed=seed, calibration=str(calibration))
+    return _loss_curves(ckpt, specs, options, whitening, sequences, energies, workers, None)
 
 
 def _allocation(specs: list[AttentionSpec], curves: list[dict[int, float]], budget: float) -> dict[str, int]:
