@@ -244,6 +244,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     kept: dict[str, dict[int, torch.Tensor]] = {}  # module -> reservoir slot -> (T, D)
     kept_keys: dict[str, dict[int, torch.Tensor]] = {}
     energy: dict[str, torch.Tensor] = {}  # rotary module -> sum over tokens of |q_{h,j}|^2, (H, d/2)
+    kept_ids: dict[int, torch.Tensor] = {}  # reservoir slot -> the kept window's token ids, for --heal-steps
     handles = []
 
     def hook(spec: AttentionSpec, side: str):
@@ -288,6 +289,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             for owners, ids, mask in batches:
                 state["mask"] = mask
                 state["keep"] = _reservoir(seen, ids.shape[0], keep_sequences, g)
+                for b, slot in state["keep"]:
+                    kept_ids[slot] = ids[b, : int(mask[b].sum())].clone()
                 inputs = {"input_ids": ids, "attention_mask": mask}
                 if encoder_decoder:
                     inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
@@ -325,6 +328,12 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                     padded[i, : s.shape[0]] = s
                 tensors[f"{module}.{key}"] = padded
                 tensors[f"{module}.lengths"] = lengths
+    if kept_ids:
+        lengths = torch.tensor([kept_ids[slot].numel() for slot in sorted(kept_ids)])
+        ids_padded = torch.zeros(len(kept_ids), int(lengths.max()), dtype=torch.int64)  # (N, T)
+        for i, slot in enumerate(sorted(kept_ids)):
+            ids_padded[i, : lengths[i]] = kept_ids[slot]
+        tensors["input_ids"], tensors["input_lengths"] = ids_padded, lengths
     metadata = {
         "format": STATS_FORMAT, "tool_version": __version__, "source_sha256": source_sha256(ckpt),
         "texts_sha256": sha256_file(Path(texts_file)), "tokens": str(tokens), "texts": str(used),
@@ -438,6 +447,23 @@ def load_sequences(path: Path, ckpt: Checkpoint,
             raise BadInputError(f"calibration statistics {path}: the kept sequences of {spec.module} are malformed")
         out[spec.module] = (_checked(seqs, f"{spec.module}.sequences", path).float(), lengths.long())
     return out
+
+
+def load_input_ids(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of the kept windows, (N, T) int64 zero-padded, and their lengths (N,).
+
+    Raises:
+        BadInputError: the file keeps no windows (``calibrate --keep-sequences N``).
+    """
+    f, names, _ = _open_stats(path, ckpt, specs)
+    if "input_ids" not in names or "input_lengths" not in names:
+        raise BadInputError(f"calibration statistics {path} keep no token ids; run `calibrate --keep-sequences N` "
+                            "again with this version for --heal-steps")
+    ids, lengths = f.get_tensor("input_ids"), f.get_tensor("input_lengths")
+    if ids.dim() != 2 or ids.dtype != torch.int64 or lengths.shape != (ids.shape[0],) or bool((lengths < 2).any()) \
+            or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()):
+        raise BadInputError(f"calibration statistics {path}: the kept token ids are malformed")
+    return ids, lengths.long()
 
 
 def load_query_energies(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, torch.Tensor]:

@@ -243,10 +243,13 @@ def analyze(
                          f"{', '.join(map(str, DEFAULT_ENERGIES))}.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the cumulative energy curves to this PNG.",
                                                  metavar="PNG")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="Also measure the loss curves --budget allocates by (attention KL on the kept "
+                              "calibration windows at a ladder of key caches).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Measure how redundant the attention heads of every layer are (spectral analysis)."""
-    _check_targets([checkpoint], json_path, plot)
+    _check_targets([checkpoint], json_path, plot, files=[calibration])
     from .pipeline import analyze as run_analyze, check_energy
     from .extras import require_matplotlib
     from .tables import analysis_summary, analysis_table, plot_energy
@@ -256,11 +259,15 @@ def analyze(
         require_matplotlib()
     progress, step = _progress("analyzing", json_path != "-")
     with progress:
-        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step, kv_heads=kv_heads)
+        result = run_analyze(checkpoint, heads=heads, arch=arch, energies=energies, progress=step, kv_heads=kv_heads,
+                             calibration=calibration)
     if plot is not None:
         _save_plot(plot_energy, result, plot)
+    curves = [f"layer {la.spec.index} attention KL at key cache R: "
+              + ", ".join(f"{r}: {v:.4g}" for r, v in sorted(la.loss_curve.items()))
+              for la in result.layers if la.loss_curve is not None]
     _emit(result.to_dict(), json_path, lambda: [analysis_table(result, show_module=_console().width >= 120),
-                                                analysis_summary(result),
+                                                analysis_summary(result), *curves,
                                                 *([f"plot written to {plot}"] if plot is not None else [])])
 
 
@@ -296,6 +303,13 @@ def compress(
         "--calibration", help="Activation statistics from `calibrate` for the whitened decomposition.")] = None,
     refine_steps: Annotated[int, typer.Option("--refine-steps", parser=_int("--refine-steps"), help="Adam steps per layer minimising the attention KL on the kept calibration "
                                "sequences (needs `calibrate --keep-sequences N`).")] = 0,
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help="Total key cache over all layers as a fraction of the original's, in (0, 1]: allocated "
+                         "across layers by the attention KL measured on the kept calibration sequences "
+                         "(needs --calibration with `calibrate --keep-sequences N`).")] = None,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
+                             "(next-token distributions; embeddings for encoders) on the kept calibration sequences "
+                             "into the new tensors (needs --calibration; hf extra).")] = 0,
     heads: HeadsOpt = None,
     kv_heads: KvHeadsOpt = None,
     arch: ArchOpt = None,
@@ -318,7 +332,7 @@ def compress(
                               multiple_of=multiple_of, method=method.value,
                               max_iter=max_iter, tol=tol, seed=seed, device=device, dtype=dtype.value,
                               layers=layers, calibration=str(calibration) if calibration else None,
-                              refine_steps=refine_steps)
+                              refine_steps=refine_steps, budget=budget, heal_steps=heal_steps)
     progress, step = _progress("compressing", json_path != "-")
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,

@@ -35,7 +35,7 @@ from .refine import RefineResult, refine_factors
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
                      write_safetensors)
 
-__all__ = ["CompressOptions", "compress", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
+__all__ = ["CompressOptions", "compress", "loss_curves", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -58,10 +58,17 @@ class CompressOptions:
     layers: str | None = None
     calibration: str | None = None
     refine_steps: int = 0
+    budget: float | None = None
+    heal_steps: int = 0
 
     def check(self) -> None:
-        if (self.rank is None) == (self.energy is None):
-            raise BadInputError("pass exactly one of --rank and --energy")
+        if sum(v is not None for v in (self.rank, self.energy, self.budget)) != 1:
+            raise BadInputError("pass exactly one of --rank and --energy, or --budget alone")
+        if self.budget is not None and not (0.0 < self.budget <= 1.0):
+            raise BadInputError(f"--budget must be in (0, 1], got {self.budget}")
+        if self.budget is not None and not self.calibration:
+            raise BadInputError("--budget allocates by the attention loss measured on kept calibration sequences: "
+                                "pass --calibration statistics made with `calibrate --keep-sequences N`")
         if self.rank is not None and self.rank < 1:
             raise BadInputError(f"--rank must be at least 1, got {self.rank}")
         if self.energy is not None and not (0.0 < self.energy <= 1.0):
@@ -78,8 +85,11 @@ class CompressOptions:
             raise BadInputError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.refine_steps < 0:
             raise BadInputError(f"--refine-steps must be >= 0, got {self.refine_steps}")
-        if self.refine_steps and not self.calibration:
-            raise BadInputError("--refine-steps needs --calibration statistics made with `calibrate --keep-sequences N`")
+        if self.heal_steps < 0:
+            raise BadInputError(f"--heal-steps must be >= 0, got {self.heal_steps}")
+        if (self.refine_steps or self.heal_steps) and not self.calibration:
+            raise BadInputError("--refine-steps and --heal-steps need --calibration statistics made with "
+                                "`calibrate --keep-sequences N`")
         if self.method != "cp-als":
             raise BadInputError(f"unknown --method {self.method!r}; available: cp-als")
         if self.dtype != "auto" and self.dtype not in OUTPUT_NAMES:
@@ -123,8 +133,9 @@ class _Layer:
     seconds: float
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
-    refined: RefineResult | None = None
+    refined: RefineResult | Any = None  # RotaryRefineResult for a rotary layer
     plain_error: float = 0.0
+    curve: dict[int, float] | None = None  # --budget: candidate R -> attention KL
 
 
 def _content_bias(w_key: torch.Tensor, b_query: torch.Tensor | None, n_head: int) -> torch.Tensor:
@@ -213,14 +224,12 @@ def _plain_rotary_error(qk, spec: AttentionSpec, factors, weights: torch.Tensor)
     return (float((w * (keys - approx)).abs().square().sum()) / den) ** 0.5 if den > 0 else 0.0
 
 
-def _compress_rotary_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
-                           moments: tuple[torch.Tensor, torch.Tensor] | None,
-                           query_energy: torch.Tensor | None) -> _Layer:
-    """Shared rotary keys (SPEC section 2, "Rotary decoders"): the data-free fit, or the
-    whitened fit weighted by the query energies when calibration moments are given."""
+def _rotary_fit_inputs(ckpt: Checkpoint, spec: AttentionSpec, moments: tuple[torch.Tensor, torch.Tensor] | None,
+                       query_energy: torch.Tensor | None):
+    """The source tensors of a rotary layer, the data-free weights, and the fit's weights and
+    whitening (calibrated when moments are given)."""
     from . import rotary
 
-    start = time.perf_counter()
     qk = load_query_key(ckpt, spec)
     free = rotary.group_weights(rotary.query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim),
                                 spec.n_kv_head)  # (G, d/2)
@@ -234,11 +243,46 @@ def _compress_rotary_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: Compress
             lower = rotary.key_whitening(second, mean, bias=qk.b_key is not None)
         except ValueError as e:
             raise BadInputError(f"calibration statistics: the moments of {spec.module} are unusable ({e})") from e
-    sv = rotary.rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights, lower) \
-        if opts.energy is not None else None
-    shared_dim = _rotary_rank(spec, opts, sv)
+    return qk, free, weights, lower
+
+
+def _rotary_kl(ckpt: Checkpoint, spec: AttentionSpec, qk, sequences: tuple[torch.Tensor, torch.Tensor], seed: int):
+    """The attention KL of a rotary layer on its kept sequences (:class:`collabcompress.refine.RotaryKL`)."""
+    from .arch import rope_frequencies
+    from .refine import RotaryKL
+
+    theta, attention_scaling = rope_frequencies(ckpt.config, spec.head_dim)
+    return RotaryKL(*sequences, qk.w_query, qk.b_query, qk.w_key, qk.b_key, spec.n_head, spec.n_kv_head,
+                    spec.head_dim, theta, spec.scale * attention_scaling ** 2, seed=seed)
+
+
+def _compress_rotary_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+                           moments: tuple[torch.Tensor, torch.Tensor] | None,
+                           query_energy: torch.Tensor | None,
+                           sequences: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           shared_dim: int | None = None) -> _Layer:
+    """Shared rotary keys (SPEC section 2, "Rotary decoders"): the data-free fit, or the
+    whitened fit weighted by the query energies when calibration moments are given; then
+    refined on the attention KL with ``--refine-steps``. ``shared_dim`` overrides the rank
+    options (the allocation of ``--budget``)."""
+    from . import rotary
+    from .refine import refine_rotary
+
+    start = time.perf_counter()
+    qk, free, weights, lower = _rotary_fit_inputs(ckpt, spec, moments, query_energy)
+    if shared_dim is None:
+        sv = rotary.rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights, lower) \
+            if opts.energy is not None else None
+        shared_dim = _rotary_rank(spec, opts, sv)
     factors = rotary.rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, shared_dim,
                                     weights=weights, lower=lower)
+    refined = None
+    if opts.refine_steps and sequences is not None:
+        kl = _rotary_kl(ckpt, spec, qk, sequences, opts.seed)
+        refined = refine_rotary(kl, factors.key, factors.key_bias, factors.freq, factors.mixing,
+                                steps=opts.refine_steps, seed=opts.seed)
+        factors = dataclasses.replace(factors, key=refined.key.double(), mixing=refined.mixing.double(),
+                                      key_bias=None if refined.key_bias is None else refined.key_bias.double())
     plain = factors.relative_error if moments is None else _plain_rotary_error(qk, spec, factors, free)
     names = rotary_names(spec.module)
     tensors = {names["key"]: factors.key.to(out_dtype).contiguous(),  # (R, D)
@@ -248,21 +292,52 @@ def _compress_rotary_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: Compress
         tensors[names["key_bias"]] = factors.key_bias.to(out_dtype).contiguous()  # (R,)
     removed = [n for n in (spec.key, spec.key_bias) if n]
     return _Layer(spec, shared_dim, factors, factors.energy, time.perf_counter() - start, tensors, removed,
-                  None, plain)
+                  refined, plain)
+
+
+def _rotary_curve(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None, query_energy: torch.Tensor | None,
+                  sequences: tuple[torch.Tensor, torch.Tensor]) -> dict[int, float]:
+    from .budget import rank_ladder
+    from .rotary import rotary_factors
+
+    qk, _, weights, lower = _rotary_fit_inputs(ckpt, spec, moments, query_energy)
+    kl = _rotary_kl(ckpt, spec, qk, sequences, opts.seed)
+    curve = {}
+    for r in rank_ladder(spec.key_cache, opts.multiple_of, even=True):
+        f = rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, r, weights=weights, lower=lower)
+        curve[r] = kl(f.key, f.key_bias, f.freq, f.mixing)
+    return curve
+
+
+def _plain_curve(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions,
+                 whiten: tuple[torch.Tensor, torch.Tensor], sequences: tuple[torch.Tensor, torch.Tensor]) -> dict[int, float]:
+    from .budget import rank_ladder
+
+    qk = load_query_key(ckpt, spec)
+    weights = _head_weights(ckpt, spec, whiten[0])
+    content = _content_bias(qk.w_key, qk.b_query, spec.n_head)  # (H, D)
+    curve = {}
+    for r in rank_ladder(spec.width, opts.multiple_of):
+        f = concatenated(qk.w_query, qk.w_key, spec.n_head) if r == spec.width else \
+            _calibrated_cp_als(spec, qk.w_query, qk.w_key, r, whiten, weights, opts)
+        curve[r] = refine_factors(f.query, f.key, f.mixing, content, qk.w_query, qk.w_key, qk.b_query, qk.b_key,
+                                  spec.n_head, spec.scale, *sequences, steps=0).kl_before
+    return curve
 
 
 def _compress_layer(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
                     whiten: tuple[torch.Tensor, torch.Tensor] | None,
-                    sequences: tuple[torch.Tensor, torch.Tensor] | None) -> _Layer:
+                    sequences: tuple[torch.Tensor, torch.Tensor] | None, shared_dim: int | None = None) -> _Layer:
     start = time.perf_counter()
     qk = load_query_key(ckpt, spec)
     spectrum = layer_spectrum(qk.w_query, qk.w_key, spec.n_head)
-    if opts.rank is not None:
+    if shared_dim is None and opts.rank is not None:
         if opts.rank > spec.width:
             raise BadInputError(f"--rank {opts.rank} is above H*d = {spec.width} of {spec.module}; "
                                 "a rank above H*d compresses nothing")
         shared_dim = opts.rank
-    else:
+    elif shared_dim is None:
         shared_dim = choose_rank(spectrum.rank_at(opts.energy), spec.width, min_rank=opts.min_rank,
                                  max_rank=opts.max_rank, multiple_of=opts.multiple_of)
     weights = _head_weights(ckpt, spec, whiten[0]) if whiten is not None else None
@@ -322,7 +397,7 @@ def _layer_record(layer: _Layer) -> _mf.LayerRecord:
                                      rn["key_bias"] if spec.key_bias else None),
             removed=tuple(layer.removed), family=spec.family, fused=None,
             query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
-            kv_heads=spec.n_kv_head, rotary=True)
+            refine=_refine_record(layer), kv_heads=spec.n_kv_head, rotary=True, allocation=_allocation_record(layer))
     return _mf.LayerRecord(
         module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
         d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
@@ -333,10 +408,22 @@ def _layer_record(layer: _Layer) -> _mf.LayerRecord:
                                  names["value"] if spec.fused else None),
         removed=tuple(layer.removed), family=spec.family, fused=spec.fused,
         query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
-        refine=None if layer.refined is None else {
-            "steps": layer.refined.steps, "kl_before": round(layer.refined.kl_before, 8),
-            "kl_after": round(layer.refined.kl_after, 8)},
+        refine=_refine_record(layer), allocation=_allocation_record(layer),
     )
+
+
+def _refine_record(layer: _Layer) -> dict[str, Any] | None:
+    r = layer.refined
+    return None if r is None else {"steps": r.steps, "kl_before": round(r.kl_before, 8),
+                                   "kl_after": round(r.kl_after, 8)}
+
+
+def _allocation_record(layer: _Layer) -> dict[str, Any] | None:
+    """``--budget``: the measured loss curve (key cache R -> attention KL) and the loss at the chosen R."""
+    if layer.curve is None:
+        return None
+    return {"loss": "attention_kl", "losses": {str(r): round(v, 8) for r, v in sorted(layer.curve.items())},
+            "chosen_loss": round(layer.curve[layer.shared_dim], 8)}
 
 
 def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Path]:
@@ -384,15 +471,62 @@ def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
 
 def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
                 whitening: dict[str, Any], sequences: dict[str, Any], workers: int,
-                progress: Progress | None, energies: dict[str, Any] | None = None) -> list[_Layer]:
+                progress: Progress | None, energies: dict[str, Any] | None = None,
+                ranks: dict[str, int] | None = None) -> list[_Layer]:
     def one(spec: AttentionSpec) -> _Layer:
+        rank = (ranks or {}).get(spec.module)
         if spec.rotary:
             return _compress_rotary_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module),
-                                          (energies or {}).get(spec.module))
-        return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module), sequences.get(spec.module))
+                                          (energies or {}).get(spec.module), sequences.get(spec.module), rank)
+        return _compress_layer(ckpt, spec, options, out_dtype, whitening.get(spec.module), sequences.get(spec.module),
+                               rank)
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
+
+
+def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, whitening: dict[str, Any],
+                 sequences: dict[str, Any], energies: dict[str, Any], workers: int,
+                 progress: Progress | None) -> list[dict[int, float]]:
+    """Per layer: candidate key cache R -> attention KL on the kept sequences (see :mod:`collabcompress.budget`)."""
+    def one(spec: AttentionSpec) -> dict[int, float]:
+        if spec.rotary:
+            return _rotary_curve(ckpt, spec, options, whitening.get(spec.module), energies.get(spec.module),
+                                 sequences[spec.module])
+        return _plain_curve(ckpt, spec, options, whitening[spec.module], sequences[spec.module])
+
+    step = (lambda spec, done, total: progress(f"loss curve {spec.module}", done, total)) if progress else None
+    return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
+
+
+def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path, *, multiple_of: int = 8,
+                seed: int = 0, workers: int = 1) -> list[dict[int, float]]:
+    """The curves ``--budget`` allocates by (candidate key cache R -> attention KL on the kept
+    calibration windows), one per layer of ``specs``; what ``analyze --calibration`` shows."""
+    from .calibration import load_moments, load_query_energies, load_sequences, load_whitening
+
+    plain, rotary = [s for s in specs if not s.rotary], [s for s in specs if s.rotary]
+    whitening = load_whitening(calibration, ckpt, plain) if plain else {}
+    energies = {}
+    if rotary:
+        whitening.update(load_moments(calibration, ckpt, rotary))
+        energies = load_query_energies(calibration, ckpt, rotary)
+    sequences = load_sequences(calibration, ckpt, specs)
+    options = CompressOptions(rank=1, multiple_of=multiple_of, seed=seed, calibration=str(calibration))
+    return _loss_curves(ckpt, specs, options, whitening, sequences, energies, workers, None)
+
+
+def _allocation(specs: list[AttentionSpec], curves: list[dict[int, float]], budget: float) -> dict[str, int]:
+    """The key cache R of each layer under ``budget`` (a fraction of the layers' original key cache)."""
+    from .budget import allocate
+
+    full = sum(s.key_cache if s.rotary else s.width for s in specs)
+    try:
+        ranks = allocate(curves, int(budget * full + 1e-9))
+    except ValueError as e:
+        raise BadInputError(f"--budget {budget}: {e}; the smallest key cache per layer is "
+                            f"{min(curves[0])} of {full // len(specs)}") from e
+    return {s.module: r for s, r in zip(specs, ranks)}
 
 
 def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,
@@ -437,8 +571,6 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
                 raise BadInputError(f"--rank {options.rank} is above H*d = {s.width} of {s.module}; "
                                     "a rank above H*d compresses nothing")
     rotary = [s for s in specs if s.rotary]
-    if rotary and options.refine_steps:
-        raise BadInputError("--refine-steps: not yet for rotary layers (llama, mistral, qwen2); drop the option")
     whitening, sequences, energies = {}, {}, {}
     if options.calibration:
         from .calibration import load_moments, load_query_energies, load_sequences, load_whitening
@@ -448,11 +580,18 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         if rotary:
             whitening.update(load_moments(Path(options.calibration), ckpt, rotary))
             energies = load_query_energies(Path(options.calibration), ckpt, rotary)
-        if options.refine_steps:
+        if options.refine_steps or options.budget is not None or options.heal_steps:
             sequences = load_sequences(Path(options.calibration), ckpt, specs)
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
-    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress, energies)
+    curves, ranks = None, None
+    if options.budget is not None:
+        curves = _loss_curves(ckpt, specs, options, whitening, sequences, energies, workers, progress)
+        ranks = _allocation(specs, curves, options.budget)
+    layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress, energies, ranks)
+    if curves is not None:
+        for layer, curve in zip(layers, curves):
+            layer.curve = curve
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
     if ckpt.config is not None:
@@ -469,6 +608,12 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch,
                              kv_heads)
         _mf.write(tmp, manifest)
+        if options.heal_steps:
+            healed = _heal(ckpt, Path(checkpoint), tmp, layers, options, specs, out_dtype, progress)
+            _write_weights(ckpt, layers, tmp)
+            manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch,
+                                 kv_heads, healed)
+            _mf.write(tmp, manifest)
         if remote_code:
             from .hf import write_remote_code
 
@@ -477,6 +622,40 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         _publishable(tmp)
     ckpt.close()
     return manifest.to_json()
+
+
+def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], options: CompressOptions,
+          specs: list[AttentionSpec], out_dtype: torch.dtype, progress: Progress | None) -> dict[str, Any]:
+    """``--heal-steps``: load the written model, distil the original into its new tensors on the
+    kept calibration windows (:func:`collabcompress.heal.heal`), and put them back into ``layers``."""
+    from . import hf
+    from .calibration import load_input_ids
+    from .evaluate import _load_original, _quiet_transformers
+    from .heal import heal, trainable
+
+    if ckpt.config is None or not checkpoint.is_dir():
+        raise BadInputError("--heal-steps runs the model: pass a model directory with config.json")
+    ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
+    if ids.shape[0] < 2:
+        raise BadInputError("--heal-steps holds one kept window out: run `calibrate --keep-sequences N` with N >= 2")
+    causal = bool(specs[0].rotary)
+    with _quiet_transformers():
+        model = hf.from_pretrained(tmp).float()
+        original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+        reference = _load_original(checkpoint, original).float()
+    step = (lambda i, n, loss: progress(f"healing (held-out loss {loss:.4f})", i, n)) if progress else None
+    torch.manual_seed(options.seed)
+    result = heal(reference, model, ids, lengths, steps=options.heal_steps, causal=causal, seed=options.seed,
+                  progress=step)
+    healed = {name: p.detach() for name, p in trainable(model).items()}
+    for layer in layers:
+        for name in list(layer.tensors):
+            match = [t for k, t in healed.items() if k == name or k.endswith("." + name) or name.endswith("." + k)]
+            if len(match) == 1:
+                layer.tensors[name] = match[0].to(out_dtype).contiguous()
+    return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
+            "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
+            "seconds": round(result.seconds, 2)}
 
 
 def _qk_after(layer: _Layer, ckpt: Checkpoint) -> int:
@@ -501,7 +680,8 @@ def _publishable(tmp: Path) -> None:
 
 def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpec], layers: list[_Layer],
               options: CompressOptions, source_files: list[Path], outputs: list[Path], tmp: Path,
-              heads: int | None, arch: str | None, kv_heads: int | None = None) -> _mf.Manifest:
+              heads: int | None, arch: str | None, kv_heads: int | None = None,
+              healed: dict[str, Any] | None = None) -> _mf.Manifest:
     params_before = sum(ckpt.numel(n) for n in ckpt.names())
     removed = sum(ckpt.numel(n) for layer in layers for n in layer.removed)
     added = sum(t.numel() for layer in layers for t in layer.tensors.values())
@@ -512,6 +692,9 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
         calibration = {"file": str(Path(options.calibration).resolve()), "sha256": sha256_file(Path(options.calibration))}
     settings = asdict(options)
     settings["calibration"] = calibration
+    for key, unset in (("budget", None), ("heal_steps", 0)):  # recorded only when used: older manifests stay as they were
+        if settings[key] == unset:
+            del settings[key]
     if kv_heads is not None:
         settings["kv_heads"] = kv_heads
     return _mf.Manifest(
@@ -534,4 +717,5 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
             bytes_after=sum(p.stat().st_size for p in weights_out),
         ),
         outputs=tuple(_mf.FileRecord(**file_record(p, tmp)) for p in outputs),
+        heal=healed,
     )

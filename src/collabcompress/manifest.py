@@ -188,15 +188,18 @@ class LayerRecord:
     refine: dict[str, Any] | None = None
     kv_heads: int | None = None
     rotary: bool = False
+    allocation: dict[str, Any] | None = None  # --budget: the loss curve and the loss at the chosen width
 
     def to_json(self) -> dict[str, Any]:
         rotary = {"kv_heads": self.kv_heads, "rotary": True} if self.rotary else {}
+        allocation = {"allocation": self.allocation} if self.allocation is not None else {}
         return {"module": self.module, "index": self.index, "heads": self.heads, **rotary, "head_dim": self.head_dim,
                 "d_model": self.d_model, "shared_dim": self.shared_dim, "scale": self.scale,
                 "relative_error": self.relative_error, "relative_error_plain": self.relative_error_plain,
                 "energy_spectral": self.energy_spectral, "iterations": self.iterations, "seconds": self.seconds,
                 "tensors": self.tensors.to_json(), "removed": list(self.removed), "family": self.family,
-                "fused": self.fused, "query_bias": self.query_bias, "key_bias": self.key_bias, "refine": self.refine}
+                "fused": self.fused, "query_bias": self.query_bias, "key_bias": self.key_bias, "refine": self.refine,
+                **allocation}
 
     @classmethod
     def from_json(cls, obj: Any, where: str, w: _Where) -> LayerRecord:
@@ -238,6 +241,7 @@ class LayerRecord:
         values["query_bias"] = bool(g("query_bias", bool, where, optional=True))
         values["key_bias"] = bool(g("key_bias", bool, where, optional=True))
         values["refine"] = g("refine", dict, where, optional=True)
+        values["allocation"] = g("allocation", dict, where, optional=True)
         return cls(**values)
 
 
@@ -267,12 +271,13 @@ class Manifest:
     outputs: tuple[FileRecord, ...]
     format: str = FORMAT
     path: Path | None = field(default=None, compare=False)  # where it was read from
+    heal: dict[str, Any] | None = None  # --heal-steps: steps, accepted, held-out loss before and after
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.format, "tool": self.tool.to_json(), "created_utc": self.created_utc,
                 "source": self.source.to_json(), "settings": self.settings.to_json(),
                 "layers": [la.to_json() for la in self.layers], "totals": self.totals.to_json(),
-                "outputs": [o.to_json() for o in self.outputs]}
+                "outputs": [o.to_json() for o in self.outputs], **({"heal": self.heal} if self.heal else {})}
 
     @classmethod
     def from_json(cls, data: Any, path: Path = Path(MANIFEST_NAME)) -> Manifest:
@@ -310,7 +315,8 @@ class Manifest:
         totals = Totals(*(w.get(t, f.name, int, "totals") for f in dataclasses.fields(Totals)))
         outputs = _files(w.get(data, "outputs", list, "manifest"), "outputs", w)
         return cls(Tool(str(tool.get("name")), str(tool.get("version"))), created, source,
-                   Settings(options, heads, arch), layers, totals, outputs, path=path)
+                   Settings(options, heads, arch), layers, totals, outputs, path=path,
+                   heal=w.get(data, "heal", dict, "manifest", optional=True))
 
     def output(self, name: str) -> FileRecord | None:
         return next((o for o in self.outputs if o.name == name), None)

@@ -117,6 +117,7 @@ def _rotary_analysis(qk: Any, spec: AttentionSpec) -> RotarySpectrum:
 class LayerAnalysis:
     spec: AttentionSpec
     spectrum: LayerSpectrum | RotarySpectrum
+    loss_curve: dict[int, float] | None = None  # with calibration: key cache R -> attention KL (--budget's curve)
 
     def to_dict(self, energies: Sequence[float]) -> dict[str, Any]:
         sp = self.spectrum
@@ -138,6 +139,8 @@ class LayerAnalysis:
             "rank_at_key": {_key(t): sp.rank_at_sides(t)[1] for t in energies},
             "redundancy": {_key(t): round(sp.redundancy(t), 6) for t in energies},
             "head_effective_rank": {_key(t): sp.head_effective_rank(t) for t in energies},
+            **({"loss_curve": {str(r): round(v, 8) for r, v in sorted(self.loss_curve.items())}}
+               if self.loss_curve is not None else {}),
         }
 
 
@@ -170,7 +173,8 @@ class AnalysisResult:
 
 def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | None = None,
             energies: Sequence[float] = DEFAULT_ENERGIES, workers: int | None = None,
-            progress: Progress | None = None, kv_heads: int | None = None) -> AnalysisResult:
+            progress: Progress | None = None, kv_heads: int | None = None,
+            calibration: str | Path | None = None) -> AnalysisResult:
     """Spectral redundancy of every attention layer of a checkpoint (SPEC sections 2 and 3).
 
     Reads only the query/key tensors of the layers being analysed; ``workers`` layers run
@@ -189,4 +193,11 @@ def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | Non
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
     layers = map_layers(one, specs, workers=workers, progress=step)
+    if calibration is not None:
+        from dataclasses import replace
+
+        from .compress import loss_curves
+
+        curves = loss_curves(ckpt, specs, Path(calibration), workers=workers or 1)
+        layers = [replace(la, loss_curve=c) for la, c in zip(layers, curves)]
     return AnalysisResult(str(checkpoint), specs[0].family, tuple(layers), energies)

@@ -1,0 +1,125 @@
+"""Healing: distil the original model's outputs into the compressed model's new tensors.
+
+After every layer is compressed, a seeded Adam loop trains only the collaborative tensors
+(shared keys and mixing; for encoders also the shared queries) so that the compressed
+model's next-token distributions (causal LMs: KL(p_original || p_compressed) per token) or
+pooled embeddings (encoders: 1 - cosine) match the original's on the kept calibration
+windows. The last kept window is held out: a step that makes its loss worse is undone.
+Models in, models out; no I/O; deterministic on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["HealResult", "heal"]
+
+TRAINED = ("collab_query", "collab_key", "collab_mixing")  # parameter name prefixes that healing trains
+
+
+@dataclass(frozen=True)
+class HealResult:
+    """What healing did: steps run, steps kept, and the held-out loss before and after."""
+
+    steps: int
+    accepted: int
+    held_out_before: float
+    held_out_after: float
+    seconds: float
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The collaborative parameters of ``model`` that healing trains, by state-dict name."""
+    from .hf import collaborative_modules
+
+    out = {}
+    for prefix, module in collaborative_modules(model).items():
+        for name, p in module.named_parameters():
+            if name.startswith(TRAINED):
+                out[f"{prefix}.{name}"] = p
+    return out
+
+
+def _loss(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, length: int, causal: bool,
+          target: torch.Tensor | None = None) -> torch.Tensor:
+    x = ids[:length][None]  # (1, T)
+    if causal:
+        if target is None:
+            with torch.no_grad():
+                target = torch.log_softmax(reference(input_ids=x).logits.float(), -1)  # (1, T, V)
+        log_q = torch.log_softmax(model(input_ids=x).logits.float(), -1)
+        return (target.exp() * (target - log_q)).sum(-1).mean()
+    if target is None:
+        with torch.no_grad():
+            target = reference(input_ids=x).last_hidden_state.float().mean(1)  # (1, D)
+    pooled = model(input_ids=x).last_hidden_state.float().mean(1)
+    return 1.0 - torch.nn.functional.cosine_similarity(pooled, target).mean()
+
+
+def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
+         steps: int, causal: bool, lr: float = 1e-3, seed: int = 0,
+         progress: Callable[[int, int, float], None] | None = None) -> HealResult:
+    """Distil ``reference`` into the collaborative tensors of ``model`` (changed in place).
+
+    Args:
+        reference: the original model (not changed).
+        model: the compressed model (``collabcompress.hf.from_pretrained``).
+        ids, lengths: kept calibration windows, (N, T) token ids and (N,) lengths, N >= 2; the
+            last is held out.
+        steps: Adam steps, one training window each (seeded order).
+        causal: next-token KL (causal LM) or 1 - cosine of mean-pooled hidden states (encoder).
+        lr: Adam step size relative to each tensor's RMS.
+        progress: called with (step, steps, held-out loss) after each step.
+
+    Returns:
+        A :class:`HealResult`.
+    """
+    if ids.shape[0] < 2:
+        raise ValueError("healing needs at least two kept windows (one is held out)")
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    params = list(trainable(model).values())
+    if not params:
+        raise ValueError("the model has no collaborative tensors to heal")
+    reference.eval()
+    model.eval()  # no dropout: distillation of the deterministic forward
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))}
+                            for p in params])
+    n_train, held = ids.shape[0] - 1, int(lengths[-1])
+    with torch.no_grad():
+        x = ids[-1, :held][None]
+        target = torch.log_softmax(reference(input_ids=x).logits.float(), -1) if causal \
+            else reference(input_ids=x).last_hidden_state.float().mean(1)
+
+        def held_out() -> float:
+            return float(_loss(reference, model, ids[-1], held, causal, target))
+
+        best = before = held_out()
+    accepted = 0
+    order = torch.cat([torch.randperm(n_train, generator=g) for _ in range(steps // n_train + 1)])
+    for step in range(steps):
+        i = int(order[step])
+        saved = [p.detach().clone() for p in params]
+        opt.zero_grad(set_to_none=True)
+        _loss(reference, model, ids[i], int(lengths[i]), causal).backward()
+        opt.step()
+        with torch.no_grad():
+            now = held_out()
+            if now <= best:
+                best, accepted = now, accepted + 1
+            else:  # the step hurt held-out data: undo it
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        if progress:
+            progress(step + 1, steps, best)
+    for p in params:
+        p.requires_grad_(False)
+    return HealResult(steps, accepted, before, best, time.perf_counter() - start)

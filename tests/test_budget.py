@@ -1,0 +1,214 @@
+"""--budget: the allocation (exact knapsack), the ladder, the rotary attention KL, and compress end to end."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from collabcompress.budget import allocate, rank_ladder
+from collabcompress.refine import RotaryKL, refine_rotary, rotary_collab_logits, rotary_original_logits
+from collabcompress.rotary import rotary_factors, rotary_scores
+
+
+def test_ladder_steps_and_ends():
+    assert rank_ladder(384, 8) == list(range(24, 385, 24))
+    assert rank_ladder(192, 8, even=True) == list(range(16, 193, 16))
+    assert rank_ladder(12, 8) == [8, 12]
+    assert all(r % 2 == 0 for r in rank_ladder(30, 3, even=True))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_allocate_is_the_brute_force_optimum(seed):
+    g = torch.Generator().manual_seed(seed)
+    ladder = [8, 16, 24, 32]
+    curves = [{r: float(torch.rand(1, generator=g)) * (40 - r) for r in ladder} for _ in range(4)]
+    for total in (32, 50, 80, 128):
+        ranks = allocate(curves, total)
+        best = min(sum(c[r] for c, r in zip(curves, pick))
+                   for pick in itertools.product(ladder, repeat=4) if sum(pick) <= total)
+        assert sum(ranks) <= total
+        assert math.isclose(sum(c[r] for c, r in zip(curves, ranks)), best, rel_tol=1e-12)
+
+
+def test_allocate_gives_the_budget_where_the_loss_falls_most():
+    flat = {8: 1.0, 16: 0.99, 32: 0.98}
+    steep = {8: 5.0, 16: 1.0, 32: 0.0}
+    assert allocate([flat, steep], 40) == [8, 32]
+    assert allocate([steep, flat], 40) == [32, 8]
+
+
+def test_allocate_refuses_a_budget_below_the_smallest_candidates():
+    with pytest.raises(ValueError, match="below"):
+        allocate([{8: 1.0}, {8: 1.0}], 15)
+
+
+def _rotary_layer(seed=0, n_head=4, n_kv_head=2, head_dim=8, d_model=12, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w_q = torch.randn(n_head * head_dim, d_model, generator=g)
+    w_k = torch.randn(n_kv_head * head_dim, d_model, generator=g)
+    b_q = torch.randn(n_head * head_dim, generator=g) if bias else None
+    b_k = torch.randn(n_kv_head * head_dim, generator=g) if bias else None
+    theta = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    x = torch.randn(3, 10, d_model, generator=g)
+    return w_q, b_q, w_k, b_k, theta, x
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rotary_logits_match_the_float64_reference(bias):
+    w_q, b_q, w_k, b_k, theta, x = _rotary_layer(bias=bias)
+    rows = torch.arange(10).expand(3, 10)
+    ref = rotary_scores(x, x, w_q, b_q, None, n_head=4, head_dim=8, theta=theta, positions=torch.arange(10),
+                        w_key=w_k, b_key=b_k, n_kv_head=2)
+    got = rotary_original_logits(x, rows, w_q, b_q, w_k, b_k, 4, 2, 8, theta.float(), 8 ** -0.5)
+    assert torch.allclose(got.double(), ref, atol=1e-4)
+    f = rotary_factors(w_k, b_k, 2, 8, 10)
+    ref = rotary_scores(x, x, w_q, b_q, f, n_head=4, head_dim=8, theta=theta, positions=torch.arange(10))
+    got = rotary_collab_logits(x, rows, w_q, b_q, f.key.float(), None if f.key_bias is None else f.key_bias.float(),
+                               f.freq, f.mixing.float(), 4, 8, theta.float(), 8 ** -0.5)
+    assert torch.allclose(got.double(), ref, atol=1e-4)
+
+
+def test_rotary_kl_is_zero_at_full_rank_and_falls_with_rank():
+    w_q, b_q, w_k, b_k, theta, x = _rotary_layer()
+    kl = RotaryKL(x, torch.tensor([10, 7, 4]), w_q, b_q, w_k, b_k, 4, 2, 8, theta, 8 ** -0.5, query_rows=6)
+    losses = []
+    for r in (4, 8, 16):
+        f = rotary_factors(w_k, b_k, 2, 8, r)
+        losses.append(kl(f.key, f.key_bias, f.freq, f.mixing))
+    assert losses[-1] < 1e-6
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_refine_rotary_lowers_the_kl_and_is_seeded():
+    w_q, b_q, w_k, b_k, theta, x = _rotary_layer(seed=3)
+    kl = RotaryKL(x, torch.tensor([10, 10, 10]), w_q, b_q, w_k, b_k, 4, 2, 8, theta, 8 ** -0.5)
+    f = rotary_factors(w_k, b_k, 2, 8, 6)
+    a = refine_rotary(kl, f.key, f.key_bias, f.freq, f.mixing, steps=30, seed=5)
+    b = refine_rotary(kl, f.key, f.key_bias, f.freq, f.mixing, steps=30, seed=5)
+    assert a.kl_after < a.kl_before
+    assert torch.equal(a.key, b.key) and torch.equal(a.mixing, b.mixing) and torch.equal(a.key_bias, b.key_bias)
+    assert a.key.shape == f.key.shape and a.mixing.shape == f.mixing.shape
+
+
+# --------------------------------------------------------------------------- compress --budget, tiny models
+
+TEXTS = "\n".join(f"the cat {i} sat on the mat number {i * 7} and then it went home again" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_stats(rotary_checkpoints, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from collabcompress.calibration import calibrate
+
+    root = tmp_path_factory.mktemp("budget")
+    texts = root / "texts.txt"
+    texts.write_text(TEXTS, encoding="utf-8")
+    stats = root / "stats.safetensors"
+    calibrate(rotary_checkpoints["qwen2"], texts, stats, max_tokens=400, max_length=64, keep_sequences=3)
+    return rotary_checkpoints["qwen2"], stats
+
+
+def test_budget_allocates_and_records_the_curves(tiny_llama_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_llama_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats)))
+    layers = manifest["layers"]
+    full = sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
+    assert sum(layer["shared_dim"] for layer in layers) <= 0.5 * full
+    for layer in layers:
+        losses = {int(r): v for r, v in layer["allocation"]["losses"].items()}
+        assert layer["shared_dim"] in losses
+        assert layer["allocation"]["chosen_loss"] == losses[layer["shared_dim"]]
+        assert abs(losses[max(losses)]) < 1e-6  # the full key cache is the original layer
+    assert manifest["settings"]["budget"] == 0.5
+
+
+def test_without_budget_the_manifest_has_no_new_keys(tiny_llama_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_llama_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats)))
+    assert "budget" not in manifest["settings"] and "heal_steps" not in manifest["settings"]
+    assert all("allocation" not in layer for layer in manifest["layers"])
+
+
+def test_rotary_refine_steps_lower_the_recorded_kl(tiny_llama_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_llama_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats), refine_steps=10))
+    for layer in manifest["layers"]:
+        assert layer["refine"]["steps"] == 10
+        assert layer["refine"]["kl_after"] <= layer["refine"]["kl_before"]
+    again = compress(model, tmp_path / "p", CompressOptions(rank=8, calibration=str(stats), refine_steps=10))
+    assert [o["sha256"] for o in manifest["outputs"] if o["name"] == "model.safetensors"] == \
+        [o["sha256"] for o in again["outputs"] if o["name"] == "model.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0.5"], "--budget allocates by the attention loss"),
+    (["--budget", "0.5", "--rank", "8"], "exactly one of --rank and --energy"),
+    (["--budget", "1.5", "--calibration", "STATS"], "--budget must be in (0, 1]"),
+    (["--budget", "0.01", "--calibration", "STATS"], "--budget 0.01: the budget"),
+])
+def test_budget_bad_input_exits_3(tiny_llama_stats, tmp_path, cli, args, message):
+    model, stats = tiny_llama_stats
+    args = [str(stats) if a == "STATS" else a for a in args]
+    result = cli("compress", model, "--out", tmp_path / "o", *args)
+    assert result.exit_code == 3, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tmp_path, cli):
+    pytest.importorskip("transformers")
+    from collabcompress.calibration import calibrate
+
+    texts = tmp_path / "t.txt"
+    texts.write_text(TEXTS, encoding="utf-8")
+    calibrate(rotary_checkpoints["llama"], texts, tmp_path / "s.safetensors", max_tokens=200, max_length=64)
+    result = cli("compress", rotary_checkpoints["llama"], "--out", tmp_path / "o", "--budget", "0.5",
+                 "--calibration", tmp_path / "s.safetensors")
+    assert result.exit_code == 3 and "--keep-sequences" in result.stderr
+
+
+# --------------------------------------------------------------------------- --heal-steps, tiny model
+
+def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, tmp_path):
+    from collabcompress import hf
+    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.io import open_checkpoint
+
+    model, stats = tiny_llama_stats
+    opts = CompressOptions(rank=4, calibration=str(stats), heal_steps=4)
+    manifest = compress(model, tmp_path / "a", opts)
+    heal = manifest["heal"]
+    assert heal["steps"] == 4 and 0 <= heal["accepted"] <= 4
+    assert heal["held_out_after"] <= heal["held_out_before"]
+    again = compress(model, tmp_path / "b", opts)
+    weights = lambda m: [o["sha256"] for o in m["outputs"] if o["name"] == "model.safetensors"]
+    assert weights(manifest) == weights(again)
+    plain = compress(model, tmp_path / "c", CompressOptions(rank=4, calibration=str(stats)))
+    if heal["accepted"]:
+        assert weights(manifest) != weights(plain)
+    hf.from_pretrained(tmp_path / "a")  # the healed directory loads (its sha256 records match)
+    a, c = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "c")
+    untouched = [n for n in a.names() if "collab_key" not in n and "collab_mixing" not in n]
+    assert all(torch.equal(a.load(n), c.load(n)) for n in untouched)
+
+
+def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli):
+    model, stats = tiny_llama_stats
+    result = cli("analyze", model, "--calibration", stats, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    for layer in json.loads(result.stdout)["layers"]:
+        curve = {int(r): v for r, v in layer["loss_curve"].items()}
+        assert max(curve) == layer["kv_heads"] * layer["head_dim"] and abs(curve[max(curve)]) < 1e-6
+    text = cli("analyze", model, "--calibration", stats)
+    assert text.exit_code == 0 and "attention KL at key cache R" in text.stdout
