@@ -139,7 +139,8 @@ def compress_table(manifest: dict) -> Table:
         if refined:
             r = layer.get("refine") or {}
             row += [f"{r['kl_before']:.3g}" if r else "", f"{r['kl_after']:.3g}" if r else ""]
-        table.add_row(*row, str(layer["iterations"]), f"{layer['seconds']:.2f}")
+        sweeps = "-" if layer.get("rotary") else str(layer["iterations"])  # a rotary fit is one SVD per frequency
+        table.add_row(*row, sweeps, f"{layer['seconds']:.2f}")
     return table
 
 
