@@ -14,11 +14,15 @@ One run, side by side (SPEC section 2, "Rotary decoders"):
   then ``--steps`` cached decoding steps, tokens per second as the median of ``--runs``
   runs; the bytes are summed over the cache tensors after the prefill (measured, not
   computed from shapes);
+- issue 14's variants (``--variants``): ``--refine-steps``, ``--heal-steps`` and ``--budget``,
+  calibrated with ``--keep-windows`` kept windows of the first ``--variant-tokens`` tokens of
+  ``lee_background.cor`` (healing holds the last one out), each with its perplexity and the time
+  of its phases (fit + refine, heal);
 - the wall time of ``calibrate`` and of each ``compress`` (in-process library calls, so
   without the interpreter's start-up).
 
     python scripts/fetch_data.py            # once: SmolLM2 and the Lee corpus
-    python benchmarks/bench_rotary.py [--json PATH]
+    python benchmarks/bench_rotary.py [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ from _common import cache_dir
 
 # SPEC section 2: perplexity at each key cache (data-free, calibrated); original 32.04
 BASELINE = {"original": 32.04, 128: (806.0, 35.77), 96: (880.0, 43.33), 64: (1219.0, 86.64)}
+# issue 14: CompressOptions of each variant, as "key=value,..."
+VARIANTS = ["rank=128,refine_steps=100", "rank=128,refine_steps=100,heal_steps=20",
+            "budget=0.5,refine_steps=100,heal_steps=20"]
+QUICK = ["rank=128,refine_steps=10", "budget=0.5,heal_steps=2"]
+
+
+def _options(variant: str) -> dict:
+    """``"budget=0.5,refine_steps=100"`` -> ``{"budget": 0.5, "refine_steps": 100}``."""
+    pairs = (item.split("=", 1) for item in variant.split(","))
+    return {k: float(v) if k == "budget" else int(v) for k, v in pairs}
 
 
 def _log(msg: str) -> None:
@@ -93,8 +107,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine two threads spin-wait, and a "
                          "decoding step of SmolLM2 took 2.4 s instead of 0.07 s)")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help=f"compress options of issue 14's variants (default: {' '.join(VARIANTS)})")
+    ap.add_argument("--variant-tokens", type=int, default=4096)
+    ap.add_argument("--keep-windows", type=int, default=8)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"rank 128 only, variants {' '.join(QUICK)}, one decoding run of 8 steps (a smoke run)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.ranks, args.decode_rank, args.steps, args.runs = [128], 128, 8, 1
+        args.variants = QUICK if args.variants is None else args.variants
+    variants = VARIANTS if args.variants is None else args.variants
     torch.set_num_threads(args.threads)
     _quiet()
     import transformers
@@ -115,7 +139,8 @@ def main() -> int:
                   if ln.strip()]
     tokenizer = load_tokenizer([model_dir])
     result: dict = {"model": str(model_dir), "threads": torch.get_num_threads(), "eval_tokens": args.eval_tokens,
-                    "window": args.window, "calib_tokens": args.calib_tokens, "rows": [], "times": {}}
+                    "window": args.window, "calib_tokens": args.calib_tokens, "rows": [], "times": {},
+                    "variant_tokens": args.variant_tokens, "keep_windows": args.keep_windows, "variants": []}
 
     def ppl(model) -> float:
         return perplexity(model, tokenizer, held_out, max_tokens=args.eval_tokens, window=args.window)["ppl"]
@@ -144,6 +169,24 @@ def main() -> int:
                 dirs[(kind, rank)] = out
                 _log(f"rank {rank} {kind}: perplexity {row[kind]:.4f}")
             result["rows"].append(row)
+        if variants:
+            kept = tmp / "kept.safetensors"
+            start = time.perf_counter()
+            calibrate(model_dir, texts, kept, max_tokens=args.variant_tokens, max_length=args.window,
+                      keep_sequences=args.keep_windows)
+            result["times"]["calibrate (kept windows)"] = time.perf_counter() - start
+        for variant in variants:
+            out = tmp / f"variant-{len(result['variants'])}"
+            start = time.perf_counter()
+            manifest = compress(model_dir, out, CompressOptions(calibration=str(kept), **_options(variant)))
+            seconds = time.perf_counter() - start
+            heal = manifest.get("heal") or {}
+            row = {"variant": variant, "ppl": ppl(hf.from_pretrained(out)), "seconds": seconds,
+                   "heal_seconds": heal.get("seconds", 0.0), "heal_accepted": heal.get("accepted"),
+                   "key_cache": sum(layer["shared_dim"] for layer in manifest["layers"]),
+                   "full_key_cache": sum(layer["kv_heads"] * layer["head_dim"] for layer in manifest["layers"])}
+            result["variants"].append(row)
+            _log(f"{variant}: perplexity {row['ppl']:.4f} in {seconds:.1f} s")
         prefix, _ = leading_ids(tokenizer, background, args.context)
         result["decode"] = {"context": int(prefix.numel()), "steps": args.steps, "runs": args.runs,
                             "original": decode(original, prefix, args.steps, args.runs)}
@@ -176,6 +219,15 @@ def _print(result: dict) -> None:
         spec_free, spec_cal = (f"{spec[0]:,.0f}", f"{spec[1]:.2f}") if spec else ("-", "-")
         print(f"| {row['rank']} of 192 | {_change(row['data_free'], base)} | {spec_free} | "
               f"{_change(row['calibrated'], base)} | {spec_cal} |")
+    if result["variants"]:
+        print(f"\nissue 14 variants (calibrated on {result['variant_tokens']:,} tokens, {result['keep_windows']} kept "
+              f"{result['window']}-token windows, the last held out for healing)")
+        print("| compress options | key cache, all layers | perplexity | fit + refine s | heal s (steps kept) |")
+        print("|---|---|---|---|---|")
+        for row in result["variants"]:
+            heal = f"{row['heal_seconds']:.0f} ({row['heal_accepted']})" if row["heal_accepted"] is not None else "-"
+            print(f"| {row['variant']} | {row['key_cache']:,} of {row['full_key_cache']:,} | {_change(row['ppl'], base)} | "
+                  f"{row['seconds'] - row['heal_seconds']:.0f} | {heal} |")
     d = result["decode"]
     o, c = d["original"], d["compressed"]
     agree = next((i for i, (a, b) in enumerate(zip(o["tokens"], c["tokens"])) if a != b), None)

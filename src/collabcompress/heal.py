@@ -4,7 +4,7 @@ After every layer is compressed, a seeded Adam loop trains only the collaborativ
 (shared keys and mixing; for encoders also the shared queries) so that the compressed
 model's next-token distributions (causal LMs: KL(p_original || p_compressed) per token) or
 pooled embeddings (encoders: 1 - cosine) match the original's on the kept calibration
-windows. The last kept window is held out: a step that makes its loss worse is undone.
+windows. The last kept window is held out: steps that make its loss worse are undone.
 Models in, models out; no I/O; deterministic on the CPU.
 """
 
@@ -61,7 +61,7 @@ def _loss(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor,
 
 
 def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
-         steps: int, causal: bool, lr: float = 1e-3, seed: int = 0,
+         steps: int, causal: bool, lr: float = 1e-3, seed: int = 0, check_every: int = 5,
          progress: Callable[[int, int, float], None] | None = None) -> HealResult:
     """Distil ``reference`` into the collaborative tensors of ``model`` (changed in place).
 
@@ -73,11 +73,16 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         steps: Adam steps, one training window each (seeded order).
         causal: next-token KL (causal LM) or 1 - cosine of mean-pooled hidden states (encoder).
         lr: Adam step size relative to each tensor's RMS.
-        progress: called with (step, steps, held-out loss) after each step.
+        check_every: steps between held-out checks; the steps since the last check are undone
+            together when the held-out loss is worse than the best so far (one noisy window per
+            step can worsen it alone while a few steps together improve it).
+        progress: called with (step, steps, best held-out loss) after each step.
 
     Returns:
         A :class:`HealResult`.
     """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     if ids.shape[0] < 2:
         raise ValueError("healing needs at least two kept windows (one is held out)")
     start = time.perf_counter()
@@ -103,21 +108,26 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
             return float(_loss(reference, model, ids[-1], held, causal, target))
 
         best = before = held_out()
-    accepted = 0
+    accepted, pending = 0, 0
+    kept = [p.detach().clone() for p in params]  # the tensors at the best held-out loss so far
     order = torch.cat([torch.randperm(n_train, generator=g) for _ in range(steps // n_train + 1)])
     for step in range(steps):
         i = int(order[step])
-        saved = [p.detach().clone() for p in params]
         opt.zero_grad(set_to_none=True)
         _loss(reference, model, ids[i], int(lengths[i]), causal).backward()
         opt.step()
-        with torch.no_grad():
-            now = held_out()
-            if now <= best:
-                best, accepted = now, accepted + 1
-            else:  # the step hurt held-out data: undo it
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+        pending += 1
+        if pending == check_every or step + 1 == steps:
+            with torch.no_grad():
+                now = held_out()
+                if now <= best:
+                    best, accepted = now, accepted + pending
+                    for k, p in zip(kept, params):
+                        k.copy_(p)
+                else:  # these steps hurt held-out data: undo them
+                    for p, k in zip(params, kept):
+                        p.copy_(k)
+            pending = 0
         if progress:
             progress(step + 1, steps, best)
     for p in params:

@@ -229,7 +229,7 @@ class RotaryKL:
 
 
 def refine_rotary(kl: RotaryKL, key: torch.Tensor, key_bias: torch.Tensor | None, freq: torch.Tensor,
-                  mixing: torch.Tensor, *, steps: int, lr: float = 3e-3, batch: int = 2,
+                  mixing: torch.Tensor, *, steps: int, lr: float = 1e-2, batch: int = 2,
                   seed: int = 0) -> RotaryRefineResult:
     """Minimise a rotary layer's attention KL (rotation applied, causal) over its shared keys,
     key bias and mixing with seeded Adam; the frequencies and the queries stay fixed.

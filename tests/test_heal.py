@@ -1,0 +1,57 @@
+"""heal(): held-out checks every few steps, undoing a whole block of steps that made it worse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(rotary_checkpoints, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from collabcompress.compress import CompressOptions, compress
+
+    source = rotary_checkpoints["qwen2"]
+    out = tmp_path_factory.mktemp("heal") / "o"
+    compress(source, out, CompressOptions(rank=4))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(source)).float()
+    vocab = reference.config.vocab_size
+    ids = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(0))
+    return reference, out, ids, torch.tensor([24, 20, 24, 18])
+
+
+def _healed(tiny_pair, **kw):
+    from collabcompress import hf
+    from collabcompress.heal import heal, trainable
+
+    reference, out, ids, lengths = tiny_pair
+    model = hf.from_pretrained(out).float()
+    start = {k: p.detach().clone() for k, p in trainable(model).items()}
+    result = heal(reference, model, ids, lengths, causal=True, **kw)
+    return result, start, {k: p.detach().clone() for k, p in trainable(model).items()}
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 6])
+def test_blocks_are_kept_or_undone_whole_and_never_worsen_held_out(tiny_pair, check_every):
+    result, start, end = _healed(tiny_pair, steps=6, lr=1e-2, check_every=check_every)
+    assert result.accepted % check_every == 0 and 0 <= result.accepted <= 6
+    assert result.held_out_after <= result.held_out_before
+    changed = any(not torch.equal(start[k], end[k]) for k in start)
+    assert changed == (result.accepted > 0)
+
+
+def test_steps_that_wreck_the_held_out_window_are_undone(tiny_pair):
+    result, start, end = _healed(tiny_pair, steps=4, lr=1e3, check_every=2)  # absurd steps: worse held-out loss
+    assert result.accepted == 0 and result.held_out_after == result.held_out_before
+    assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_check_every_must_be_positive(tiny_pair):
+    with pytest.raises(ValueError, match="check_every"):
+        _healed(tiny_pair, steps=2, check_every=0)
+
+
+def test_same_seed_same_tensors(tiny_pair):
+    _, _, a = _healed(tiny_pair, steps=4, lr=1e-2, check_every=2)
+    _, _, b = _healed(tiny_pair, steps=4, lr=1e-2, check_every=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
