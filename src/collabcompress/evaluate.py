@@ -122,6 +122,29 @@ def _upper(m: torch.Tensor) -> torch.Tensor:
     return m[i, j]
 
 
+
+def _texts(texts: list[str] | None, texts_name: str | None) -> tuple[str, list[str]]:
+    """(where the texts come from, the non-empty texts); the bundled sample by default."""
+    source = "bundled sample" if texts is None else (texts_name or "given")
+    texts = sample_texts() if texts is None else [t for t in texts if t.strip()]
+    if not texts:
+        raise BadInputError("no texts to evaluate on")
+    return source, texts
+
+
+def _models(original: Path, compressed: Path):
+    """(compressed model, original model of the same class, tokenizer), checked to be one model type."""
+    from . import hf
+
+    with _quiet_transformers():
+        model = hf.from_pretrained(compressed)
+        reference = _load_original(original, type(model))
+    if reference.config.model_type != model.config.model_type:
+        raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
+                            f"from a {model.config.model_type!r} model")
+    return model, reference, load_tokenizer([original, compressed])
+
+
 def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: Sequence[str] | None = None, *,
              max_length: int = 256, batch_size: int = 16, lee: str | os.PathLike | bool = True,
              texts_name: str | None = None, progress: Progress | None = None,
@@ -169,21 +192,12 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
                                            "not a text model")
     _check_models(original, compressed)
-    source = "bundled sample" if texts is None else (texts_name or "given")
-    texts = sample_texts() if texts is None else [t for t in texts if t.strip()]
-    if not texts:
-        raise BadInputError("no texts to evaluate on")
+    source, texts = _texts(texts, texts_name)
     corpus = None if lee is False else lee_corpus(None if lee is True else lee)
     if lee not in (True, False) and corpus is None:
         raise BadInputError(f"no Lee corpus (lee.cor, similarities0-1.txt) in {lee}")
 
-    with _quiet_transformers():
-        model = hf.from_pretrained(compressed)
-        reference = _load_original(original, type(model))
-    if reference.config.model_type != model.config.model_type:
-        raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
-                            f"from a {model.config.model_type!r} model")
-    tokenizer = load_tokenizer([original, compressed])
+    model, reference, tokenizer = _models(original, compressed)
     max_length = min(max_length, position_limit(reference.config, tokenizer))
     batches = _batches(tokenizer, texts, max_length, batch_size)
     lee_batches = _batches(tokenizer, corpus.documents, max_length, batch_size) if corpus else []
@@ -273,7 +287,6 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
     Raises:
         BadInputError: unreadable models, no tokenizer, too little text, bad options.
     """
-    from . import hf
     from .manifest import read
 
     start = time.perf_counter()
@@ -283,17 +296,8 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
                             f"{max_tokens}, {window}, {prompts}, {new_tokens})")
     manifest = read(compressed)
     _check_models(original, compressed)
-    source = "bundled sample" if texts is None else (texts_name or "given")
-    texts = sample_texts() if texts is None else [t for t in texts if t.strip()]
-    if not texts:
-        raise BadInputError("no texts to evaluate on")
-    with _quiet_transformers():
-        model = hf.from_pretrained(compressed)
-        reference = _load_original(original, type(model))
-    if reference.config.model_type != model.config.model_type:
-        raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
-                            f"from a {model.config.model_type!r} model")
-    tokenizer = load_tokenizer([original, compressed])
+    source, texts = _texts(texts, texts_name)
+    model, reference, tokenizer = _models(original, compressed)
     window = min(window, position_limit(reference.config, tokenizer))
     ids, used = lm.leading_ids(tokenizer, texts, max_tokens)  # (N,)
     try:

@@ -11,7 +11,7 @@ Models in, models out; no I/O; deterministic on the CPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

@@ -39,10 +39,10 @@ def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Tabl
     """One row per layer: H, d, D, shared rank needed at each tau, redundancy, spectrum sparkline."""
     mid = result.energies[len(result.energies) // 2]
     rotary = any(getattr(la.spec, "rotary", False) for la in result.layers)
-    caption = (f"Rotary layers: G = key/value heads; r@tau = the key cache R (reals per token and layer, even) whose "
-               f"shared rotary components keep tau of the weighted per-frequency key energy (data-free query-energy "
-               f"weights), against the original G*d; red = 1 - R/(G*d); spectrum = the per-frequency singular "
-               f"values, all frequencies ranked together." if rotary else None)
+    caption = ("Rotary layers: G = key/value heads; r@tau = the key cache R (reals per token and layer, even) whose "
+               "shared rotary components keep tau of the weighted per-frequency key energy (data-free query-energy "
+               "weights), against the original G*d; red = 1 - R/(G*d); spectrum = the per-frequency singular "
+               "values, all frequencies ranked together." if rotary else None)
     table = Table(title=f"Head redundancy: {result.checkpoint} ({result.architecture})", title_justify="left",
                   box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
     table.add_column("layer", justify="right")

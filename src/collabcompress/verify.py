@@ -176,7 +176,7 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
                                 f"{layer.head_dim} over d_model {layer.d_model}, the original checkpoint "
                                 f"{spec.n_head} of width {spec.head_dim} over {spec.d_model}")
         qk = load_query_key(source.ckpt, spec)
-        r, d_model, n_head = layer.shared_dim, spec.d_model, spec.n_head
+        r, n_head = layer.shared_dim, spec.n_head
         x, probe = _probe(source.ckpt, spec, n_seq, n_tokens, seed, moments_by_module.get(spec.module))
         if layer.rotary:
             s_orig, s_coll = _rotary_scores(directory, out, layer, spec, qk, x, source.ckpt.config)
