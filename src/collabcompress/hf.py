@@ -280,6 +280,18 @@ def _wrapper_class(original: type[nn.Module], family: Family) -> type[nn.Module]
                  "__doc__": f"{original.__name__} with collaborative query/key projections (collabcompress)."})
 
 
+def _rebuilt_as(old: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """An instance of the wrapper ``cls`` sharing ``old``'s attributes, parameters, buffers and
+    submodules, without the submodules the wrapper replaces (``cls._removed``)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(old.__dict__)
+    for slot in ("_parameters", "_buffers", "_modules"):
+        setattr(new, slot, dict(getattr(old, slot)))
+    for name in cls._removed:
+        new._modules.pop(name, None)
+    return new
+
+
 def _collaborative_module(old: nn.Module, layer: LayerRecord, module_name: str, family: Family) -> nn.Module:
     """A copy of ``old`` (same attributes and submodules, shared tensors) with collab_* instead of query/key."""
     cls = _wrapper_class(type(old), family)
@@ -287,12 +299,7 @@ def _collaborative_module(old: nn.Module, layer: LayerRecord, module_name: str, 
     if getattr(old, cls._heads_attr, heads) != heads or getattr(old, cls._head_dim_attr, head_dim) != head_dim:
         raise BadInputError(f"{module_name}: the manifest says {heads} heads of width {head_dim}, the config builds "
                             f"{getattr(old, cls._heads_attr)} of width {getattr(old, cls._head_dim_attr)}")
-    new = cls.__new__(cls)
-    new.__dict__.update(old.__dict__)
-    for slot in ("_parameters", "_buffers", "_modules"):
-        setattr(new, slot, dict(getattr(old, slot)))
-    for name in cls._removed:
-        new._modules.pop(name, None)
+    new = _rebuilt_as(old, cls)
     ref = next(iter(old.parameters()))
     new._add_collab_parameters(d_model, heads, shared, device=ref.device, dtype=ref.dtype)
     if cls._removed == ("c_attn",):  # GPT-2: the value slice of the fused tensor, same Conv1D layout
@@ -390,12 +397,7 @@ def rotary_module(old: nn.Module, layer: LayerRecord) -> nn.Module:
     if not 2 <= shared <= kv_heads * head_dim or shared % 2:
         raise BadInputError(f"{name}: shared_dim {shared} must be even, between 2 and {kv_heads * head_dim} "
                             f"(key/value heads x head_dim)")
-    new = cls.__new__(cls)
-    new.__dict__.update(old.__dict__)
-    for slot in ("_parameters", "_buffers", "_modules"):
-        setattr(new, slot, dict(getattr(old, slot)))
-    for removed in cls._removed:
-        new._modules.pop(removed, None)
+    new = _rebuilt_as(old, cls)
     ref = old.q_proj.weight
     new._add_collab_parameters(d_model, kv_heads, shared, key_bias=old.k_proj.bias is not None, device=ref.device,
                                dtype=ref.dtype)
