@@ -315,14 +315,20 @@ def plot_flops(report: Report, path: str | Path) -> None:
     save_figure(plt, fig, f"{report.directory} ({report.architecture})", path)
 
 
-def evaluation_table(result: dict[str, Any]) -> Table:
-    """A rich table of :func:`collabcompress.evaluate.evaluate`'s figures."""
-    t = result["texts"]
-    table = Table(title=f"{result['compressed']} vs {result['original']} ({t['count']} texts, {t['source']}, "
-                        f"<= {t['max_length']} tokens)", title_justify="left")
+def _figure_table(title: str) -> Table:
+    """An empty figure / value / meaning table (the evaluate commands)."""
+    table = Table(title=title, title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("meaning", overflow="fold")
+    return table
+
+
+def evaluation_table(result: dict[str, Any]) -> Table:
+    """A rich table of :func:`collabcompress.evaluate.evaluate`'s figures."""
+    t = result["texts"]
+    table = _figure_table(f"{result['compressed']} vs {result['original']} ({t['count']} texts, {t['source']}, "
+                          f"<= {t['max_length']} tokens)")
     table.add_row("cosine, mean", f"{result['cosine_mean']:.5f}", "pooled embedding, compressed vs original")
     table.add_row("cosine, min", f"{result['cosine_min']:.5f}", "worst text")
     nn = result["nn_agreement"]
@@ -342,11 +348,8 @@ def evaluation_table(result: dict[str, Any]) -> Table:
 def lm_evaluation_table(result: dict[str, Any]) -> Table:
     """A rich table of :func:`collabcompress.evaluate.evaluate_causal`'s figures (a causal LM)."""
     t, ppl, gen = result["texts"], result["perplexity"], result["generation"]
-    table = Table(title=f"{result['compressed']} vs {result['original']} ({t['source']}: {t['tokens']:,} predicted "
-                        f"tokens in {t['windows']} windows of <= {t['window']})", title_justify="left")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("meaning", overflow="fold")
+    table = _figure_table(f"{result['compressed']} vs {result['original']} ({t['source']}: {t['tokens']:,} predicted "
+                          f"tokens in {t['windows']} windows of <= {t['window']})")
     table.add_row("perplexity, original", f"{ppl['original']:.4f}", "exp of the mean next-token NLL")
     table.add_row("perplexity, compressed", f"{ppl['compressed']:.4f}", f"{ppl['change']:+.2%} against the original")
     table.add_row("top-1 agreement", f"{result['top1_agreement']:.1%}", "same most likely next token")
