@@ -85,7 +85,7 @@ def test_fifo_is_refused_before_it_is_opened(tmp_path):
 
 @pytest.mark.parametrize("where", ["shard", "config", "output-weights"])
 def test_a_fifo_never_blocks_a_reader(built, tmp_path, where):
-    """Run in a subprocess with a timeout: a reader that opened the FIFO would hang there."""
+    """A reader that opened the FIFO would hang there: the call runs under a watchdog thread."""
     from collabcompress.hf import from_pretrained
 
     if where == "shard":
@@ -93,21 +93,15 @@ def test_a_fifo_never_blocks_a_reader(built, tmp_path, where):
         fifo = target / "fifo.safetensors"
         os.mkfifo(fifo)
         _point_first(target, "fifo.safetensors")
-        call = lambda: open_checkpoint(target)  # noqa: E731
-    elif where == "config":
-        target = tmp_path / "src"
-        shutil.copytree(built["src"], target)
-        fifo = target / "config.json"
+    else:  # a regular file of a model or a compressed directory replaced by a FIFO
+        source, name = {"config": ("src", "config.json"), "output-weights": ("comp", "model.safetensors")}[where]
+        target = tmp_path / source
+        shutil.copytree(built[source], target)
+        fifo = target / name
         fifo.unlink()
         os.mkfifo(fifo)
-        call = lambda: open_checkpoint(target)  # noqa: E731
-    else:
-        target = tmp_path / "comp"
-        shutil.copytree(built["comp"], target)
-        fifo = target / "model.safetensors"
-        fifo.unlink()
-        os.mkfifo(fifo)
-        call = lambda: from_pretrained(target)  # noqa: E731
+    load = from_pretrained if where == "output-weights" else open_checkpoint
+    call = lambda: load(target)  # noqa: E731
     outcome = _without_blocking(call, fifo)
     assert isinstance(outcome, BadInputError) and "not a regular file" in str(outcome), repr(outcome)
 
