@@ -48,7 +48,10 @@ from helpers import write_stats
 D, HEADS = 8, 2
 Q0, K0 = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight"
 
-FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
+# Examples per property: 50 in the suite (a few seconds in all); set COLLABCOMPRESS_FUZZ_EXAMPLES=1000
+# for a deeper hunt. Derandomized, so every run of the suite tries the same inputs.
+EXAMPLES = int(os.environ.get("COLLABCOMPRESS_FUZZ_EXAMPLES", "50"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large, HealthCheck.large_base_example])
 
@@ -477,7 +480,7 @@ def test_manifest_path_fields(comp, data, field, name):
         (directory / MANIFEST_NAME).write_text(json.dumps(base))
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 4))
 @given(created=st.text(max_size=30), version=st.text(max_size=30),
        seconds=st.floats(0, 1e9, allow_nan=False), iterations=st.integers(0, 10 ** 6))
 def test_harmless_manifest_changes_are_accepted(comp, created, version, seconds, iterations):
@@ -517,7 +520,7 @@ def _loads(content: bytes):
         return None
 
 
-@settings(FUZZ, max_examples=12)
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 8))
 @given(data=st.data(), command=st.sampled_from(["report", "verify"]))
 def test_mutated_manifest_through_the_cli(comp, data, command):
     from conftest import run_cli
