@@ -401,19 +401,19 @@ class _ModelPair:
         ids = self._ids(1, context + warmup + steps, salt=7)  # (1, context + warmup + steps)
         caches, sizes = [], []
         for m in (self.reference, self.model):
-            cache = DynamicCache()
-            m(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+            cache = DynamicCache(config=m.config)  # its layers made up front, as generate() does
+            m(input_ids=ids[:, :context], cache=cache, use_cache=True)
             caches.append(cache)
             sizes.append(cache_bytes(cache))
         position = [context]  # the token both models take next
 
         def original_step() -> None:
             i = position[0]
-            self.reference(input_ids=ids[:, i:i + 1], past_key_values=caches[0], use_cache=True)
+            self.reference(input_ids=ids[:, i:i + 1], cache=caches[0], use_cache=True)
 
         def compressed_step() -> None:
             i = position[0]
-            self.model(input_ids=ids[:, i:i + 1], past_key_values=caches[1], use_cache=True)
+            self.model(input_ids=ids[:, i:i + 1], cache=caches[1], use_cache=True)
             position[0] += 1
 
         times_o, times_c = interleaved(original_step, compressed_step, warmup=warmup, repeats=steps, sync=sync)
