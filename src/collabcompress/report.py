@@ -50,13 +50,20 @@ negative when the compressed model needs more)::
                                       "attention_flops_per_token_after": int,
                                       "flops_per_token_before": int, "flops_per_token_after": int,
                                       "flops_saved_fraction": float, "costs_more": bool}}},
-     "notes": [str, ...]}
+     "notes": [str, ...],
+     "measured": {only with ``measured=``: "file", "level", "device", "threads", "dtype",
+                  "forward": [{"seq_len", "batch_size", "ratio", "ratio_q1", "ratio_q3", "flop_model_ratio"}],
+                  "crossover": {"measured": {"<batch>": int | null}, "flop_model": float | null},
+                  "decode": null | {"context", "tokens_per_second_ratio", "key_cache_ratio"}}}
 
 ``matmul_flops_per_token_*`` is the part that does not depend on N (every Linear, the
 key/query projections included); ``attention_flops_per_token_*`` the part that does
 (scores and value mixing); ``flops_per_token_*`` their sum. ``notes`` holds the plain
 sentences of the report, among them one whenever the compressed key/query side or the
-compressed model costs more FLOPs at a requested length.
+compressed model costs more FLOPs at a requested length. The FLOP figures are a model
+(SPEC section 5), not a time: ``measured`` puts the latency ratios of a
+``collabcompress bench --json`` record of the same directory (checked by the sha256 of its
+manifest, :func:`read_measured`) beside the FLOP model's ratios at the same lengths.
 
 Reference: Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of
 Concatenate", arXiv 2006.16362.
