@@ -240,3 +240,41 @@ def test_report_measured_refuses_other_files(cli, sample_r96, sample_bench, tmp_
     not_bench.write_text(json.dumps({"format": "collabcompress-report/1"}), encoding="utf-8")
     assert_clean_failure(cli("report", sample_r96, "--measured", not_bench), 3, "not a bench record")
     assert_clean_failure(cli("report", sample_r96, "--measured", tmp_path / "missing.json"), 3, "not found")
+
+
+# ---- the module-level layers compute what they stand for ------------------------------------------
+
+def _layers(original: Path, compressed: Path):
+    from collabcompress.manifest import open_output
+    from collabcompress.verify import _original
+
+    manifest, out = open_output(compressed)
+    source, _ = _original(manifest, original)
+    try:
+        return latency._module_layers(source, out, manifest), source.ckpt.config
+    finally:
+        source.ckpt.close()
+        out.close()
+
+
+@pytest.mark.parametrize("family, rank", [("gpt2", 32), ("bert", 32), ("llama", 16)])
+def test_exact_rank_layers_match_the_original(family, rank, rotary_checkpoints, tmp_path):
+    """At R = H*d (rotary: G*d) the decomposition is exact, so the module-level compressed layer
+    must give the original layer's output: the bench times the right computation on both sides."""
+    if family == "llama":
+        original = rotary_checkpoints["llama"]
+    else:
+        from families import make_checkpoint
+
+        original = make_checkpoint(family, tmp_path / family)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress(original, out, CompressOptions(rank=rank))
+    layers, config = _layers(original, out)
+    x = torch.randn(2, 6, layers[0].spec.d_model, generator=torch.Generator().manual_seed(0))
+    rope = latency._rope(config, layers[0].spec.head_dim, 6, torch.float32, torch.device("cpu"))
+    for la in layers:
+        r = rope if la.spec.rotary else None
+        torch.testing.assert_close(latency._compressed_layer(la, x, r), latency._original_layer(la, x, r),
+                                   atol=2e-4, rtol=2e-4)
