@@ -97,7 +97,9 @@ def test_module_level_record(cli, sample_dir, sample_r96):
     data = _json(cli("bench", sample_dir, sample_r96, "--level", "module", "--lengths", "8,4", "--batch-sizes",
                      "2,1", *FAST, "--json", "-"))
     assert data["format"] == latency.FORMAT and data["level"] == "module" and data["device"] == "cpu"
-    assert data["manifest_sha256"] == latency.manifest_sha256(sample_r96)
+    from collabcompress.manifest import read
+
+    assert data["outputs_sha256"] == latency.outputs_sha256(read(sample_r96))
     assert data["dtype"] == "float32"  # the float16 sample runs in float32 on the CPU
     assert data["threads"] == 1 and data["repeats"] == 2 and data["warmup"] == 1
     assert data["compressed_layers"] == 6 and data["causal"] is False and data["decode"] is None
@@ -229,7 +231,7 @@ def test_report_measured_refuses_other_files(cli, sample_r96, sample_bench, tmp_
     assert_clean_failure(cli("report", sample_r96, "--measured", garbled), 3, "not valid JSON")
     record = json.loads(sample_bench.read_text())
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({**record, "manifest_sha256": "0" * 64}), encoding="utf-8")
+    other.write_text(json.dumps({**record, "outputs_sha256": "0" * 64}), encoding="utf-8")
     assert_clean_failure(cli("report", sample_r96, "--measured", other), 3, "another compressed directory")
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({**record, "forward": [{"seq_len": 4, "batch_size": 1, "ratio": {}}]}),

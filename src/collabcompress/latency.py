@@ -58,7 +58,7 @@ from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
 
 __all__ = ["FORMAT", "LEVELS", "Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
-           "measured_crossover", "manifest_sha256", "bench", "MEMORY_METHODS"]
+           "measured_crossover", "outputs_sha256", "bench", "MEMORY_METHODS"]
 
 FORMAT = "collabcompress-bench/1"
 LEVELS = ("module", "model")
@@ -188,11 +188,12 @@ def measured_crossover(rows: Sequence[dict[str, Any]], batch_size: int) -> int |
     return None
 
 
-def manifest_sha256(directory: str | os.PathLike) -> str:
-    """sha256 of a compressed directory's collab_manifest.json: what names the directory in a bench record."""
-    from .manifest import MANIFEST_NAME
-
-    return hashlib.sha256((Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()
+def outputs_sha256(manifest: Any) -> str:
+    """What names a compressed directory in a bench record: sha256 over the ``name sha256`` lines of
+    every output file its manifest records (weights, config, ...), which ``open_output`` checks
+    against the files themselves."""
+    lines = sorted(f"{o.name} {o.sha256}\n" for o in manifest.outputs)
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------- module level
@@ -585,7 +586,7 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
 
     return {
         "format": FORMAT,
-        "original": str(original), "compressed": str(compressed), "manifest_sha256": manifest_sha256(compressed),
+        "original": str(original), "compressed": str(compressed), "outputs_sha256": outputs_sha256(manifest),
         "family": manifest.source.architecture, "level": pair.level, "device": dev.type,
         "dtype": str(pair.dtype).removeprefix("torch."), "threads": threads if threads is not None else threads_before,
         "torch": torch.__version__, "warmup": warmup, "repeats": repeats,

@@ -377,14 +377,15 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def read_measured(path: str | Path, directory: str | Path) -> dict[str, Any]:
+def read_measured(path: str | Path, directory: str | Path, manifest: Manifest) -> dict[str, Any]:
     """A ``bench --json`` record of ``directory``, validated (the fields ``report --measured`` reads).
 
     Raises:
-        BadInputError: unreadable or not JSON, another format, another directory (its manifest's
-            sha256 differs), or a field of the wrong kind; one line naming the file.
+        BadInputError: unreadable or not JSON, another format, another directory (its
+            ``outputs_sha256`` differs from that of ``manifest``, the directory's), or a field of the
+            wrong kind; one line naming the file.
     """
-    from .latency import FORMAT as BENCH_FORMAT, LEVELS, manifest_sha256
+    from .latency import FORMAT as BENCH_FORMAT, LEVELS, outputs_sha256
 
     data = read_json(Path(path), "bench record")
     where = f"--measured {path}"
@@ -394,8 +395,8 @@ def read_measured(path: str | Path, directory: str | Path) -> dict[str, Any]:
 
     if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
         raise fail(f"not a bench record (format {BENCH_FORMAT!r} expected)")
-    if data.get("manifest_sha256") != manifest_sha256(directory):
-        raise fail(f"it measured another compressed directory (its manifest sha256 differs from {directory}'s)")
+    if data.get("outputs_sha256") != outputs_sha256(manifest):
+        raise fail(f"it measured another compressed directory (its outputs_sha256 is not {directory}'s)")
     if data.get("level") not in LEVELS:
         raise fail(f"level must be one of {', '.join(LEVELS)}")
     forward = data.get("forward")
@@ -443,7 +444,7 @@ def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_L
     checked, out = open_output(directory)
     manifest, src = checked.to_json(), None
     try:
-        bench = read_measured(measured, directory) if measured is not None else None
+        bench = read_measured(measured, directory, checked) if measured is not None else None
         src, note = _source(checked)
         return dataclasses.replace(_build(directory, manifest, out, src, note, seq_lens), measured=bench)
     finally:
