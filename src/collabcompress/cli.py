@@ -28,8 +28,9 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from . import __version__
-from .defaults import (DEFAULT_ENERGIES, DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN,
-                       DEFAULT_TOL)
+from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
+                       DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP, DEFAULT_ENERGIES,
+                       DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN, DEFAULT_TOL)
 from .display import safe_renderable, safe_text
 from .errors import BadInputError, CollabError
 
@@ -405,21 +406,83 @@ def report(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Draw FLOPs per token against sequence length, before and after, to this PNG.",
         metavar="PNG")] = None,
+    measured: Annotated[Optional[Path], typer.Option(
+        "--measured", help="A `bench --json` file of this directory: its measured latency ratios beside the FLOP "
+                           "model's.", metavar="BENCH.json")] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Show what was saved: key/query and model parameters, bytes, FLOPs per token, key cache."""
-    _check_targets([directory], json_path, plot)
+    """Show what was saved: key/query and model parameters, bytes, the FLOP model per token, key cache."""
+    _check_targets([directory], json_path, plot, files=[measured])
     from .extras import require_matplotlib
     from .report import build_report
     from .tables import plot_flops, report_tables
 
     if plot is not None:
         require_matplotlib()
-    result = build_report(directory, seq_len or [DEFAULT_SEQ_LEN])
+    result = build_report(directory, seq_len or [DEFAULT_SEQ_LEN], measured=measured)
     if plot is not None:
         _save_plot(plot_flops, result, plot)
     _emit(result.to_dict(), json_path, lambda: [*report_tables(result), *result.notes(),
                                                 *([f"plot written to {plot}"] if plot is not None else [])])
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    """``32,128,512`` -> [32, 128, 512]; anything else is bad input (exit 3)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]{1,9}", p) and int(p) > 0 for p in parts):
+        raise BadInputError(f"{option} {safe_text(text[:40])!r}: give positive integers separated by commas, "
+                            "e.g. 32,128,512")
+    return [int(p) for p in parts]
+
+
+class Level(str, Enum):
+    auto = "auto"
+    module = "module"
+    model = "model"
+
+
+@app.command()
+def bench(
+    original: Annotated[Path, typer.Argument(help="The source checkpoint or model directory that was compressed "
+                                                  "(checked against the manifest by sha256).", show_default=False)],
+    compressed: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
+    level: Annotated[Level, typer.Option(
+        "--level", help="module: each compressed attention layer alone (no hf extra needed); model: the whole "
+                        "transformers model (hf extra); auto: model when it loads, else module.")] = Level.auto,
+    lengths: Annotated[str, typer.Option("--lengths", help="Forward sequence lengths N, comma-separated.")] =
+        ",".join(map(str, DEFAULT_BENCH_LENGTHS)),
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Forward batch sizes, comma-separated.")] =
+        ",".join(map(str, DEFAULT_BENCH_BATCH_SIZES)),
+    threads: Annotated[Optional[int], typer.Option("--threads", parser=_int("--threads"), help="torch intra-op threads while measuring (default: torch's current setting).", show_default=False)] = None,
+    warmup: Annotated[int, typer.Option("--warmup", parser=_int("--warmup"), help="Untimed runs of each model before timing (decode: steps).")] = DEFAULT_BENCH_WARMUP,
+    repeats: Annotated[int, typer.Option("--repeats", parser=_int("--repeats"), help="Timed runs of each model per setting, interleaved original/compressed.")] = DEFAULT_BENCH_REPEATS,
+    context: Annotated[int, typer.Option("--context", parser=_int("--context"), help="Causal decoders: decode after a prefill of this many tokens (capped at the model's positions).")] = DEFAULT_BENCH_CONTEXT,
+    decode_steps: Annotated[int, typer.Option("--decode-steps", parser=_int("--decode-steps"), help="Causal decoders: timed one-token decode steps.")] = DEFAULT_BENCH_DECODE_STEPS,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Draw the latency ratio against N per batch size, with the FLOP model's ratio dashed.",
+        metavar="PNG")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Measure forward latency, peak memory and (causal decoders) decode speed and cache bytes of the
+    compressed model against the original, beside the FLOP model."""
+    _check_targets([original, compressed], json_path, plot)
+    from .extras import require_matplotlib
+    from .latency import bench as run_bench
+    from .tables import bench_tables, plot_bench
+
+    n_values, b_values = _int_list("--lengths", lengths), _int_list("--batch-sizes", batch_sizes)
+    if plot is not None:
+        require_matplotlib()
+    progress, step = _progress("measuring", json_path != "-")
+    with progress, _warnings_to_stderr():
+        result = run_bench(original, compressed, level=None if level is Level.auto else level.value,
+                           lengths=n_values, batch_sizes=b_values, threads=threads, warmup=warmup, repeats=repeats,
+                           context=context, decode_steps=decode_steps, device=device, progress=step)
+    if plot is not None:
+        _save_plot(plot_bench, result, plot)
+    _emit(result, json_path, lambda: [*bench_tables(result), *([f"plot written to {plot}"] if plot is not None
+                                                               else [])])
 
 
 @app.command()

@@ -50,13 +50,20 @@ negative when the compressed model needs more)::
                                       "attention_flops_per_token_after": int,
                                       "flops_per_token_before": int, "flops_per_token_after": int,
                                       "flops_saved_fraction": float, "costs_more": bool}}},
-     "notes": [str, ...]}
+     "notes": [str, ...],
+     "measured": {only with ``measured=``: "file", "level", "device", "threads", "dtype",
+                  "forward": [{"seq_len", "batch_size", "ratio", "ratio_q1", "ratio_q3", "flop_model_ratio"}],
+                  "crossover": {"measured": {"<batch>": int | null}, "flop_model": float | null},
+                  "decode": null | {"context", "tokens_per_second_ratio", "key_cache_ratio"}}}
 
 ``matmul_flops_per_token_*`` is the part that does not depend on N (every Linear, the
 key/query projections included); ``attention_flops_per_token_*`` the part that does
 (scores and value mixing); ``flops_per_token_*`` their sum. ``notes`` holds the plain
 sentences of the report, among them one whenever the compressed key/query side or the
-compressed model costs more FLOPs at a requested length.
+compressed model costs more FLOPs at a requested length. The FLOP figures are a model
+(SPEC section 5), not a time: ``measured`` puts the latency ratios of a
+``collabcompress bench --json`` record of the same directory (checked by the sha256 of its
+manifest, :func:`read_measured`) beside the FLOP model's ratios at the same lengths.
 
 Reference: Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of
 Concatenate", arXiv 2006.16362.
@@ -65,6 +72,7 @@ Concatenate", arXiv 2006.16362.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +83,15 @@ from .costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, q
 from .defaults import DEFAULT_SEQ_LEN
 from .dtypes import ELEMENT_SIZE, dtype_name
 from .errors import BadInputError
-from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
+from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint, read_json
 from .manifest import MANIFEST_NAME, Manifest, check_source, open_output
 
-__all__ = ["build_report", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
+__all__ = ["build_report", "read_measured", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
 
 FORMAT = "collabcompress-report/1"
+FLOP_MODEL_NOTE = ("FLOPs are a model (SPEC section 5), not a time: copies, element-wise work and the attention "
+                   "kernel's choice are not counted; `collabcompress bench ORIGINAL DIR` measures latency, and "
+                   "`report --measured BENCH.json` shows it beside the FLOP model.")
 
 
 
@@ -107,6 +118,7 @@ class Report:
     matmul_before: int  # N-independent FLOPs per token, whole model
     matmul_after: int
     notes_extra: tuple[str, ...] = ()
+    measured: dict[str, Any] | None = None  # a validated bench record (report --measured), see measured_record
 
     # ---- functions of N --------------------------------------------------------------
     def qk_flops(self, seq_len: int, after: bool) -> int:
@@ -128,6 +140,23 @@ class Report:
     def model_crossover(self) -> float | None:
         slope = [self.model_flops(1, a) - self.model_flops(0, a) for a in (False, True)]
         return linear_crossover(self.matmul_before, self.matmul_after, slope[0], slope[1])
+
+    def module_flops(self, seq_len: int, after: bool) -> int:
+        """FLOPs per token of the compressed attention layers alone, as ``bench --level module`` runs them:
+        key/query projections, scores, value mixing and the value projection (``2*D*G*d``, the same after)."""
+        return sum(la.proj_flops(after) + la.score_flops(seq_len, after) + la.value_flops(seq_len)
+                   + 2 * la.d_model * getattr(la, "n_kv_head", la.n_head) * la.head_dim for la in self.layers)
+
+    def flop_model_ratio(self, seq_len: int, level: str = "model") -> float:
+        """The FLOP model's compressed / original FLOPs per token at ``seq_len``: the whole model
+        (``level="model"``) or the compressed attention layers (``"module"``)."""
+        fn = self.model_flops if level == "model" else self.module_flops
+        return fn(seq_len, True) / fn(seq_len, False)
+
+    def flop_model_crossover(self, level: str = "model") -> float | None:
+        """The FLOP model's N* for that level (terms equal before and after cancel, so the attention
+        layers' N* is the key/query side's)."""
+        return self.model_crossover if level == "model" else self.qk_crossover
 
     def key_cache_bytes(self, elements: int, after: bool) -> int:
         return elements * ELEMENT_SIZE[self.dtype_after if after else self.dtype_before]
@@ -153,14 +182,15 @@ class Report:
         """Plain sentences: the source fallback, caveats, and every "costs more" finding."""
         notes = [self.source_note] if self.source_note else []
         notes.extend(self.notes_extra)
+        notes.append(FLOP_MODEL_NOTE)
         n_star = self.qk_crossover
         if n_star is None:
             why = "the projections cost more than before"
         elif n_star <= 0:
             why = "the scores cost 2*R instead of 2*d FLOPs per head and key token (R > d) at every length"
         else:
-            why = (f"beyond N* = {n_star:.1f} tokens the cheaper projections no longer make up for the scores, "
-                   "which cost 2*R instead of 2*d FLOPs per head and key token (R > d)")
+            why = (f"beyond N* = {n_star:.1f} tokens the FLOPs saved in the projections no longer make up for the "
+                   "scores, which cost 2*R instead of 2*d FLOPs per head and key token (R > d)")
         for n in self.seq_lens:
             b, a = self.qk_flops(n, False), self.qk_flops(n, True)
             if a > b:
@@ -170,12 +200,13 @@ class Report:
                 worse = [str(la.index) for la in self.layers
                          if self._layer_qk(la, n, True) > self._layer_qk(la, n, False)]
                 if worse:
-                    notes.append(f"At sequence length {n:,} the compressed key/query side as a whole is cheaper, but "
-                                 f"layer(s) {', '.join(worse)} cost more FLOPs per token than before.")
+                    notes.append(f"At sequence length {n:,} the compressed key/query side as a whole needs fewer FLOPs, "
+                                 f"but layer(s) {', '.join(worse)} need more FLOPs per token than before.")
             b, a = self.model_flops(n, False), self.model_flops(n, True)
             if a > b:
                 n_model = self.model_crossover
-                tail = f"; it is cheaper below N* = {n_model:.1f} tokens." if n_model and n_model > 0 else "."
+                tail = (f"; it needs fewer FLOPs below N* = {n_model:.1f} tokens." if n_model and n_model > 0
+                        else ".")
                 notes.append(f"At sequence length {n:,} the compressed model as a whole costs MORE FLOPs per token "
                              f"than the original: {a:,} vs {b:,} (+{(a - b) / b:.1%}){tail}")
         return notes
@@ -250,7 +281,25 @@ class Report:
                        "dtype_after": self.dtype_after},
             "seq_lens": list(self.seq_lens), "layers": layers, "qk_total": qk_total, "model": model,
             "notes": self.notes(),
+            **({"measured": self.measured_record()} if self.measured is not None else {}),
         }
+
+    def measured_record(self) -> dict[str, Any] | None:
+        """The bench record's measured ratios beside this report's FLOP-model ratios (``report --measured``)."""
+        b = self.measured
+        if b is None:
+            return None
+        level = b["level"]
+        forward = [{"seq_len": r["seq_len"], "batch_size": r["batch_size"], "ratio": r["ratio"]["median"],
+                    "ratio_q1": r["ratio"].get("q1"), "ratio_q3": r["ratio"].get("q3"),
+                    "flop_model_ratio": round(self.flop_model_ratio(r["seq_len"], level), 6)} for r in b["forward"]]
+        decode = b.get("decode")
+        return {"file": b["file"], "level": level, "device": b.get("device"), "threads": b.get("threads"),
+                "dtype": b.get("dtype"), "forward": forward,
+                "crossover": {"measured": (b.get("crossover") or {}).get("measured"),
+                              "flop_model": _round(self.flop_model_crossover(level))},
+                "decode": None if decode is None else {
+                    k: decode.get(k) for k in ("context", "tokens_per_second_ratio", "key_cache_ratio")}}
 
 
 def _round(x: float | None) -> float | None:
@@ -320,12 +369,64 @@ def _is_weights(name: str) -> bool:
     return name.endswith((".safetensors", INDEX_SUFFIX))
 
 
-def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_LEN,)) -> Report:
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def read_measured(path: str | Path, directory: str | Path, manifest: Manifest) -> dict[str, Any]:
+    """A ``bench --json`` record of ``directory``, validated (the fields ``report --measured`` reads).
+
+    Raises:
+        BadInputError: unreadable or not JSON, another format, another directory (its
+            ``outputs_sha256`` differs from that of ``manifest``, the directory's), or a field of the
+            wrong kind; one line naming the file.
+    """
+    from .latency import FORMAT as BENCH_FORMAT, LEVELS, outputs_sha256
+
+    data = read_json(Path(path), "bench record")
+    where = f"--measured {path}"
+
+    def fail(why: str) -> BadInputError:
+        return BadInputError(f"{where}: {why}; give the --json file of `collabcompress bench ORIGINAL {directory}`")
+
+    if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
+        raise fail(f"not a bench record (format {BENCH_FORMAT!r} expected)")
+    if data.get("outputs_sha256") != outputs_sha256(manifest):
+        raise fail(f"it measured another compressed directory (its outputs_sha256 is not {directory}'s)")
+    if data.get("level") not in LEVELS:
+        raise fail(f"level must be one of {', '.join(LEVELS)}")
+    forward = data.get("forward")
+    if not isinstance(forward, list) or not forward:
+        raise fail("no forward measurements")
+    for i, row in enumerate(forward):
+        ratio = row.get("ratio") if isinstance(row, dict) else None
+        if (not isinstance(ratio, dict) or not _positive_int(row.get("seq_len"))
+                or not _positive_int(row.get("batch_size")) or not _number(ratio.get("median"))
+                or not all(_number(ratio[k]) for k in ("q1", "q3") if k in ratio)):
+            raise fail(f"forward[{i}] needs seq_len, batch_size (positive integers) and ratio.median (a number)")
+    decode = data.get("decode")
+    if decode is not None and (not isinstance(decode, dict)
+                               or not all(_number(decode.get(k)) or decode.get(k) is None
+                                          for k in ("context", "tokens_per_second_ratio", "key_cache_ratio"))):
+        raise fail("decode must be null or hold numbers")
+    if data.get("crossover") is not None and not isinstance(data["crossover"], dict):
+        raise fail("crossover must be an object")
+    return {**data, "file": str(path)}
+
+
+def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_LEN,), *,
+                 measured: str | Path | None = None) -> Report:
     """Account for what ``compress`` saved in ``directory`` (SPEC.md section 5).
 
     Args:
         directory: an output directory of ``compress`` (holding ``collab_manifest.json``).
         seq_lens: sequence lengths N at which FLOPs per token are given.
+        measured: a ``bench --json`` file of this directory (:func:`read_measured`), shown beside
+            the FLOP model.
 
     Returns:
         A :class:`Report`; ``report.to_dict()`` is the JSON record described in the module
@@ -343,8 +444,9 @@ def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_L
     checked, out = open_output(directory)
     manifest, src = checked.to_json(), None
     try:
+        bench = read_measured(measured, directory, checked) if measured is not None else None
         src, note = _source(checked)
-        return _build(directory, manifest, out, src, note, seq_lens)
+        return dataclasses.replace(_build(directory, manifest, out, src, note, seq_lens), measured=bench)
     finally:
         out.close()
         if src is not None:

@@ -259,10 +259,11 @@ def report_tables(report: Report) -> list[Table]:
             rows.append(head + [f"{n:,}", f"{b:,}", f"{f:,}", _change(b, f)])
         return rows
 
-    t2 = _table("Key/query FLOPs per token (projections + scores at sequence length N)",
+    t2 = _table("Key/query FLOP model: FLOPs per token (projections + scores at sequence length N)",
                 ("layer", "proj before", "proj after", "N*", "N", "total before", "total after", "change"),
                 [[r for la in d["layers"] for r in flops_rows(str(la["index"]), la)], flops_rows("all", q)],
-                "N*: above it the compressed layer costs more FLOPs per token; none: never.")
+                "N*: above it the compressed layer needs more FLOPs per token; none: never. FLOPs are a model, "
+                "not a time (`collabcompress bench` measures one).")
 
     def row(label: str, before: int, after: int) -> list[str]:
         return [label, f"{before:,}", f"{after:,}", _change(before, after)]
@@ -275,7 +276,7 @@ def report_tables(report: Report) -> list[Table]:
     for n in report.seq_lens:
         a = m["at_seq_len"][str(n)]
         rows.append(row(f"FLOPs per token, N={n:,}", a["flops_per_token_before"], a["flops_per_token_after"]))
-    rows.append(["costs more FLOPs above N*", "", _nstar(m["crossover_seq_len"]), ""])
+    rows.append(["needs more FLOPs above N*", "", _nstar(m["crossover_seq_len"]), ""])
     rows.append(row("key cache per token, elements", m["key_cache_elements_per_token_before"],
                     m["key_cache_elements_per_token_after"]))
     rows.append(row("key cache per token, bytes", m["key_cache_bytes_per_token_before"],
@@ -285,7 +286,110 @@ def report_tables(report: Report) -> list[Table]:
                 ("", "before", "after", "change"), [rows],
                 f"bytes before: the source files compress read or copied ({where}); after: every file "
                 f"of the output, {MANIFEST_NAME} included.")
-    return [t1, t2, t3]
+    measured = d.get("measured")
+    return [t1, t2, t3, *([measured_table(measured)] if measured else [])]
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def measured_table(measured: dict[str, Any]) -> Table:
+    """``report --measured``: the measured latency ratios of a bench record beside the FLOP model's."""
+    rows = [[f"{r['seq_len']:,}", str(r["batch_size"]), _ratio(r["ratio"]),
+             f"{_ratio(r['ratio_q1'])}-{_ratio(r['ratio_q3'])}" if r["ratio_q1"] is not None else "-",
+             _ratio(r["flop_model_ratio"])] for r in measured["forward"]]
+    cross = measured["crossover"]
+    found = ", ".join(f"B={b}: {'none' if n is None else n}" for b, n in (cross["measured"] or {}).items())
+    decode = measured["decode"]
+    tail = ""
+    if decode:
+        tail = (f"\nDecode at a {decode['context']:,}-token context: tokens per second compressed / original "
+                f"{_ratio(decode['tokens_per_second_ratio'])}; key cache bytes compressed / original "
+                f"{_ratio(decode['key_cache_ratio'])} (measured).")
+    return _table(f"Measured latency beside the FLOP model ({measured['file']}: level {measured['level']}, "
+                  f"{measured['device']}, {measured['threads']} thread(s), {measured['dtype']})",
+                  ("N", "batch", "measured ratio", "IQR", "FLOP-model ratio"), [rows],
+                  "Ratios are compressed / original: measured = median of interleaved wall-time pairs (above 1: "
+                  "slower), FLOP model = FLOPs per token. Crossover (first N no slower): measured "
+                  f"{found or 'none'}; FLOP model N* {_nstar(cross['flop_model'])}." + tail)
+
+
+# ---- bench ---------------------------------------------------------------------------------
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.2f}"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2 ** 20:,.1f}"
+
+
+def bench_tables(result: dict[str, Any]) -> list[Any]:
+    """The tables of ``collabcompress bench``: forward latency and memory per (N, batch), and decoding."""
+    rows = []
+    for r in result["forward"]:
+        o, c, q = r["original"], r["compressed"], r["ratio"]
+        rows.append([f"{r['seq_len']:,}", str(r["batch_size"]), _ms(o["median_s"]),
+                     f"{_ms(o['q1_s'])}-{_ms(o['q3_s'])}", _ms(c["median_s"]), f"{_ms(c['q1_s'])}-{_ms(c['q3_s'])}",
+                     _ratio(q["median"]), f"{_ratio(q['q1'])}-{_ratio(q['q3'])}", _ratio(r["flop_model_ratio"]),
+                     _mib(r["peak_memory_bytes_original"]), _mib(r["peak_memory_bytes_compressed"])])
+    what = ("every compressed attention layer on its own (projections and attention, output projection left out)"
+            if result["level"] == "module" else "the whole model")
+    cross = result["crossover"]
+    found = ", ".join(f"B={b}: {'none' if n is None else n}" for b, n in cross["measured"].items())
+    memory = f"peak memory: {result['memory_method']}." if result["memory_method"] else "peak memory not measured."
+    forward = _table(
+        f"Forward latency: {result['compressed']} vs {result['original']} ({result['level']} level, "
+        f"{result['device']}, {result['threads']} thread(s), {result['dtype']})",
+        ("N", "batch", "original ms", "IQR", "compressed ms", "IQR", "ratio", "ratio IQR", "FLOP model",
+         "peak MiB orig.", "peak MiB comp."), [rows],
+        f"Timed: {what}; median and interquartile range of {result['repeats']} interleaved runs each after "
+        f"{result['warmup']} warm-up pairs. ratio = compressed / original, median of the per-pair ratios (above 1: "
+        f"slower); FLOP model = the same ratio of FLOPs per token (SPEC section 5). {memory}\n"
+        f"Crossover (first N where the compressed forward is no slower): {found or 'none'}; FLOP model N* "
+        f"{_nstar(cross['flop_model'])}.")
+    out: list[Any] = [forward]
+    d = result["decode"]
+    if d:
+        o, c = d["original"], d["compressed"]
+        table = _figure_table(f"Decoding at a {d['context']:,}-token context (batch 1, {d['steps']} steps, "
+                              "DynamicCache)")
+        table.add_row("tokens per second, original", f"{o['tokens_per_second']:,.1f}",
+                      f"median step {_ms(o['median_s'])} ms (IQR {_ms(o['q1_s'])}-{_ms(o['q3_s'])})")
+        table.add_row("tokens per second, compressed", f"{c['tokens_per_second']:,.1f}",
+                      f"median step {_ms(c['median_s'])} ms (IQR {_ms(c['q1_s'])}-{_ms(c['q3_s'])})")
+        table.add_row("step time ratio", _ratio(d["ratio"]["median"]),
+                      "compressed / original, median of interleaved step pairs")
+        table.add_row("key cache bytes", f"{d['key_cache_bytes_original']:,} → {d['key_cache_bytes_compressed']:,}",
+                      f"ratio {_ratio(d['key_cache_ratio'])}; summed from the cache tensors after the prefill")
+        table.add_row("value cache bytes", f"{d['value_cache_bytes_original']:,} → "
+                      f"{d['value_cache_bytes_compressed']:,}", "")
+        out.append(table)
+    out.extend(f"note: {n}" for n in result["notes"])
+    return out
+
+
+def plot_bench(result: dict[str, Any], path: str | Path) -> None:
+    """Measured latency ratio against N, one line per batch size, the FLOP model's ratio dashed."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for b in sorted({r["batch_size"] for r in result["forward"]}):
+        rows = sorted((r for r in result["forward"] if r["batch_size"] == b), key=lambda r: r["seq_len"])
+        n = [r["seq_len"] for r in rows]
+        line = ax.plot(n, [r["ratio"]["median"] for r in rows], "o-", lw=1.6, label=f"measured, batch {b}")[0]
+        ax.fill_between(n, [r["ratio"]["q1"] for r in rows], [r["ratio"]["q3"] for r in rows],
+                        color=line.get_color(), alpha=0.15)
+    flops = sorted({(r["seq_len"], r["flop_model_ratio"]) for r in result["forward"]})  # per token: any batch
+    ax.plot([n for n, _ in flops], [f for _, f in flops], "--", color="black", lw=1.2, label="FLOP model")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length N (tokens)")
+    ax.set_ylabel("compressed / original")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(plt, fig, f"{result['compressed']}: forward latency ratio ({result['level']} level, "
+                          f"{result['device']}, {result['threads']} thread(s))", path)
 
 
 def plot_flops(report: Report, path: str | Path) -> None:

@@ -1,0 +1,634 @@
+"""Measured latency, peak memory and decode speed: an original model against its compressed version.
+
+What ``collabcompress bench ORIGINAL COMPRESSED`` runs (no printing here; the CLI renders
+the record, :mod:`collabcompress.tables`). Two levels:
+
+* ``module``: every compressed attention layer on its own, without the transformers extra.
+  The original layer is multi-head attention built from the checkpoint's query, key and
+  value tensors (rotary layers: rotated queries and keys, grouped values, causal); the
+  compressed one is :class:`~collabcompress.nn.CollaborativeAttention` (or the shared
+  rotary keys of :class:`~collabcompress.nn.CollaborativeRotaryAttention`) from the output's
+  tensors, with the same value projection. Inputs are seeded random tokens (B, N, D); one
+  forward runs every compressed layer in turn, so its time is the sum of the layers'
+  times. The output projection is the same on both sides and is left out.
+* ``model``: the whole transformers model, the original loaded as ``evaluate`` loads it and
+  the compressed one with :func:`collabcompress.hf.from_pretrained`, on seeded random token
+  ids (the encoder's last hidden states; a causal LM's logits). Causal decoders also get a
+  decode measurement: a prefill of ``context`` tokens into a ``DynamicCache`` (batch 1),
+  then ``decode_steps`` one-token steps; the key and value cache bytes are summed from the
+  cache tensors after the prefill.
+
+Timing: ``warmup`` untimed runs, then ``repeats`` timed runs of the original and the
+compressed forward INTERLEAVED (original, compressed, original, ...), so a change of the
+machine's load hits both alike; ``time.perf_counter`` around each run, with
+``torch.cuda.synchronize()`` before and after on CUDA. Reported per side: median, quartiles,
+min and max (seconds); the ratio compressed / original is the median of the per-pair
+ratios (above 1: the compressed model is slower). Decode steps are interleaved the same
+way, step by step, on two caches that grow alike.
+
+Peak memory of one forward (bytes above what was allocated before it): on CUDA
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the peak
+of the running sum of torch's own allocations and frees, recorded by
+``torch.profiler.profile(profile_memory=True)`` in one extra, untimed run. Neither counts
+the process's resident memory, the weights or the inputs.
+
+The FLOP model beside the measurements is :mod:`collabcompress.report`'s (SPEC section 5):
+the whole model at ``model`` level, the attention layers (projections, scores, value
+mixing, value projection) at ``module`` level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
+                       DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP)
+from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+
+__all__ = ["FORMAT", "LEVELS", "Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
+           "measured_crossover", "outputs_sha256", "bench", "MEMORY_METHODS"]
+
+FORMAT = "collabcompress-bench/1"
+LEVELS = ("module", "model")
+MEMORY_METHODS = {
+    "cpu": "peak of torch's CPU allocations minus frees during one forward (torch.profiler, profile_memory=True)",
+    "cuda": "torch.cuda.max_memory_allocated during one forward, above the memory allocated before it",
+}
+_SEED = 0
+
+Progress = Callable[[str, int, int], None]
+Run = Callable[[], Any]
+
+
+# --------------------------------------------------------------------------- timing and memory (pure helpers)
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, quartiles and range of a sample (seconds, or a ratio)."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+
+    def to_dict(self, unit: str = "") -> dict[str, float]:
+        return {f"{k}{unit}": round(getattr(self, k), 9) for k in ("median", "q1", "q3", "min", "max")}
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """The :class:`Spread` of ``values`` (at least one); quartiles by linear interpolation."""
+    if not values:
+        raise ValueError("no values")
+    data = sorted(float(v) for v in values)
+    if len(data) == 1:
+        return Spread(data[0], data[0], data[0], data[0], data[0])
+    q1, _, q3 = statistics.quantiles(data, n=4, method="inclusive")
+    return Spread(statistics.median(data), q1, q3, data[0], data[-1])
+
+
+def interleaved(first: Run, second: Run, *, warmup: int, repeats: int,
+                sync: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """Run ``first`` and ``second`` alternately: ``warmup`` untimed pairs, then ``repeats`` timed ones.
+
+    Returns the wall times in seconds, ``(first's, second's)``, pair by pair. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before and after each timed run.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    sync = sync or (lambda: None)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + repeats):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    return times
+
+
+def pair_ratio(first: Sequence[float], second: Sequence[float]) -> Spread:
+    """The spread of the per-pair ratios ``second[i] / first[i]`` (its median is the reported ratio)."""
+    if len(first) != len(second) or not first:
+        raise ValueError("need two equally long, non-empty samples")
+    return spread([b / a for a, b in zip(first, second)])
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: the CPU profiler's C++ start/stop lines are not the user's business."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(fn: Run, device: torch.device | str) -> int:
+    """Peak bytes allocated by torch during one call of ``fn`` (see :data:`MEMORY_METHODS`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def cache_bytes(cache: Any) -> tuple[int, int]:
+    """(key bytes, value bytes) held by a transformers cache, summed over its layers' tensors."""
+    keys = values = 0
+    for layer in cache.layers:
+        for t, is_key in ((getattr(layer, "keys", None), True), (getattr(layer, "values", None), False)):
+            if isinstance(t, torch.Tensor):
+                n = t.numel() * t.element_size()
+                keys, values = (keys + n, values) if is_key else (keys, values + n)
+    return keys, values
+
+
+def measured_crossover(rows: Sequence[dict[str, Any]], batch_size: int) -> int | None:
+    """The first sequence length (ascending) at which the compressed forward is no slower
+    (median pair ratio <= 1) at this batch size, or ``None`` when it is slower at every one."""
+    for row in sorted((r for r in rows if r["batch_size"] == batch_size), key=lambda r: r["seq_len"]):
+        if row["ratio"]["median"] <= 1.0:
+            return row["seq_len"]
+    return None
+
+
+def outputs_sha256(manifest: Any) -> str:
+    """What names a compressed directory in a bench record: sha256 over the ``name sha256`` lines of
+    every output file its manifest records (weights, config, ...), which ``open_output`` checks
+    against the files themselves."""
+    lines = sorted(f"{o.name} {o.sha256}\n" for o in manifest.outputs)
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- module level
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _rope(config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' position embeddings (cos, sin), (1, N, d) each, attention scaling included."""
+    from .arch import rope_frequencies
+
+    theta, scaling = rope_frequencies(config, head_dim)  # (d/2,)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta[None, :]  # (N, d/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (N, d)
+    return ((emb.cos() * scaling).to(dtype=dtype, device=device)[None],
+            (emb.sin() * scaling).to(dtype=dtype, device=device)[None])
+
+
+@dataclass
+class _Layer:
+    """One compressed layer's tensors on both sides, ready to run."""
+
+    spec: Any  # the original's AttentionSpec
+    w_query: torch.Tensor
+    b_query: torch.Tensor | None
+    w_key: torch.Tensor
+    b_key: torch.Tensor | None
+    w_value: torch.Tensor
+    b_value: torch.Tensor | None
+    collab: torch.nn.Module
+
+
+def _value_projection(ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The value weight (G*d or H*d, D) and its bias, from the original checkpoint."""
+    from .arch import load_value_output
+    from .families import find_family
+
+    family = find_family(spec.family)
+    if spec.rotary and family is not None and family.value is not None:
+        name = family.value.format(m=spec.module, parent=spec.module.rsplit(".", 1)[0])
+        bias = name[: -len("weight")] + "bias"
+        if name in ckpt:
+            return ckpt.load(name, torch.float32, finite=True), (ckpt.load(bias, torch.float32) if bias in ckpt
+                                                                 else None)
+    elif (vo := load_value_output(ckpt, spec, torch.float32)) is not None:
+        return vo[0], None
+    raise BadInputError(f"the original checkpoint holds no value projection of {spec.module} that fits it; the "
+                        "module-level bench needs the query, key and value tensors of every compressed layer")
+
+
+def _collab_module(out, layer, spec) -> torch.nn.Module:
+    from .nn import CollaborativeAttention, CollaborativeRotaryAttention
+
+    t = layer.tensors
+    if layer.rotary:
+        module = CollaborativeRotaryAttention(layer.d_model, layer.kv_heads, layer.shared_dim,
+                                              key_bias=bool(t.key_bias))
+        state = {"collab_key.weight": out.load(t.key, torch.float32, finite=True),
+                 "collab_key_freq": out.load(t.key_freq).long(),
+                 "collab_mixing": out.load(t.mixing, torch.float32, finite=True)}
+        if t.key_bias:
+            state["collab_key.bias"] = out.load(t.key_bias, torch.float32, finite=True)
+        module.load_state_dict(state)
+        return module.eval()
+    return CollaborativeAttention.from_tensors(
+        out.load(t.query, torch.float32, finite=True), out.load(t.key, torch.float32, finite=True),
+        out.load(t.mixing, torch.float32, finite=True), out.load(t.content_bias, torch.float32, finite=True),
+        spec.scale).eval()
+
+
+def _module_layers(source, out, manifest) -> list[_Layer]:
+    from .arch import load_query_key
+
+    layers = []
+    for layer in manifest.layers:
+        spec = source.specs.get(layer.module)
+        if spec is None:
+            raise BadInputError(f"module {layer.module} of the manifest is not in the original checkpoint")
+        qk = load_query_key(source.ckpt, spec, torch.float32)
+        w_value, b_value = _value_projection(source.ckpt, spec)
+        layers.append(_Layer(spec, qk.w_query, qk.b_query, qk.w_key, qk.b_key, w_value, b_value,
+                             _collab_module(out, layer, spec)))
+    return layers
+
+
+def _to(layers: list[_Layer], dtype: torch.dtype, device: torch.device) -> None:
+    for la in layers:
+        for name in ("w_query", "b_query", "w_key", "b_key", "w_value", "b_value"):
+            t = getattr(la, name)
+            if t is not None:
+                setattr(la, name, t.to(dtype=dtype, device=device))
+        la.collab.to(device=device, dtype=dtype)
+        if hasattr(la.collab, "collab_key_freq"):
+            la.collab.collab_key_freq = la.collab.collab_key_freq.long()
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)  # (B, N, n*d) -> (B, n, N, d)
+
+
+def _original_layer(la: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    s = la.spec
+    q = _heads(F.linear(x, la.w_query, la.b_query), s.head_dim)  # (B, H, N, d)
+    k = _heads(F.linear(x, la.w_key, la.b_key), s.head_dim)  # (B, G, N, d)
+    v = _heads(F.linear(x, la.w_value, la.b_value), s.head_dim)  # (B, G, N, d)
+    if rope is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=s.scale)  # (B, H, N, d)
+    cos, sin = rope[0][:, None], rope[1][:, None]  # (1, 1, N, d)
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    group = s.n_head // s.n_kv_head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, N, d), as repeat_kv
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.scale)
+
+
+def _compressed_layer(la: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    s = la.spec
+    v = _heads(F.linear(x, la.w_value, la.b_value), s.head_dim)  # (B, G, N, d)
+    if rope is None:
+        return la.collab(x, v)[0]  # (B, H, N, d)
+    cos, sin = rope
+    q = la.collab.query_states(_heads(F.linear(x, la.w_query, la.b_query), s.head_dim), cos, sin)  # (B, H, N, R)
+    k = la.collab.key_states(x, cos, sin)  # (B, 1, N, R), broadcast over the heads
+    v = v.repeat_interleave(s.n_head // s.n_kv_head, dim=1)  # (B, H, N, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.scale)
+
+
+class _ModulePair:
+    """Runs every compressed layer, original or compressed, on seeded inputs of a given shape."""
+
+    level = "module"
+    causal = False
+
+    def __init__(self, layers: list[_Layer], config: dict[str, Any] | None, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.layers, self.config, self.dtype, self.device = layers, config, dtype, device
+        self.position_limit = 1 << 30
+
+    def runs(self, seq_len: int, batch: int) -> tuple[Run, Run]:
+        g = torch.Generator().manual_seed(_SEED + seq_len * 131 + batch)
+        inputs, ropes = {}, {}
+        for la in self.layers:
+            d_model, head_dim = la.spec.d_model, la.spec.head_dim
+            if d_model not in inputs:
+                inputs[d_model] = torch.randn(batch, seq_len, d_model, generator=g).to(self.device, self.dtype)
+            if la.spec.rotary and head_dim not in ropes:
+                ropes[head_dim] = _rope(self.config, head_dim, seq_len, self.dtype, self.device)
+
+        def run(layer_fn) -> Run:
+            @torch.inference_mode()
+            def forward() -> None:
+                for la in self.layers:
+                    layer_fn(la, inputs[la.spec.d_model], ropes[la.spec.head_dim] if la.spec.rotary else None)
+            return forward
+
+        return run(_original_layer), run(_compressed_layer)
+
+
+# --------------------------------------------------------------------------- model level
+
+class _ModelPair:
+    """The original and the compressed transformers model, run on the same seeded token ids."""
+
+    level = "model"
+
+    def __init__(self, reference, model, family, dtype: torch.dtype, device: torch.device) -> None:
+        from .evaluate import _encoder
+        from .texts import position_limit
+
+        self.reference, self.model, self.dtype, self.device = reference, model, dtype, device
+        self.causal = bool(family.rotary or model.can_generate())
+        # an encoder's hidden states (the encoder of an encoder-decoder model); a causal LM whole
+        self.runners = (reference, model) if self.causal else (_encoder(reference), _encoder(model))
+        self.vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        if self.vocab < 1:
+            raise UnsupportedArchitectureError("the model-level bench feeds token ids, but the model's config "
+                                               "gives no vocab_size; use --level module")
+        self.position_limit = position_limit(model.config, _NoTokenizer())
+
+    def _ids(self, batch: int, seq_len: int, salt: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_SEED + seq_len * 131 + batch + salt)
+        return torch.randint(self.vocab, (batch, seq_len), generator=g).to(self.device)  # (B, N)
+
+    def runs(self, seq_len: int, batch: int) -> tuple[Run, Run]:
+        ids = self._ids(batch, seq_len)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.causal:
+            kwargs["use_cache"] = False
+
+        def run(m) -> Run:
+            @torch.inference_mode()
+            def forward() -> None:
+                m(**kwargs)
+            return forward
+
+        return run(self.runners[0]), run(self.runners[1])
+
+    @torch.inference_mode()
+    def decode(self, context: int, steps: int, warmup: int, sync: Callable[[], None] | None) -> dict[str, Any]:
+        """Prefill ``context`` tokens (batch 1) into a DynamicCache for each model, measure the cache
+        bytes, then time ``warmup + steps`` one-token steps of both models interleaved."""
+        from transformers import DynamicCache
+
+        ids = self._ids(1, context + warmup + steps, salt=7)  # (1, context + warmup + steps)
+        caches, sizes = [], []
+        for m in (self.reference, self.model):
+            cache = DynamicCache(config=m.config)  # its layers made up front, as generate() does
+            m(input_ids=ids[:, :context], cache=cache, use_cache=True)
+            caches.append(cache)
+            sizes.append(cache_bytes(cache))
+        position = [context]  # the token both models take next
+
+        def original_step() -> None:
+            i = position[0]
+            self.reference(input_ids=ids[:, i:i + 1], cache=caches[0], use_cache=True)
+
+        def compressed_step() -> None:
+            i = position[0]
+            self.model(input_ids=ids[:, i:i + 1], cache=caches[1], use_cache=True)
+            position[0] += 1
+
+        times_o, times_c = interleaved(original_step, compressed_step, warmup=warmup, repeats=steps, sync=sync)
+        so, sc = spread(times_o), spread(times_c)
+        ratio = pair_ratio(times_o, times_c)
+        (ko, vo), (kc, vc) = sizes
+        return {
+            "context": context, "steps": steps, "batch_size": 1,
+            "original": {"tokens_per_second": round(1.0 / so.median, 3), **so.to_dict("_s")},
+            "compressed": {"tokens_per_second": round(1.0 / sc.median, 3), **sc.to_dict("_s")},
+            "ratio": ratio.to_dict(),
+            "tokens_per_second_ratio": round(so.median / sc.median, 6),
+            "key_cache_bytes_original": ko, "key_cache_bytes_compressed": kc,
+            "value_cache_bytes_original": vo, "value_cache_bytes_compressed": vc,
+            "key_cache_ratio": round(kc / ko, 6) if ko else None,
+        }
+
+
+class _NoTokenizer:
+    """position_limit's tokenizer argument when there is none: no limit of its own."""
+
+    model_max_length = None
+
+
+def _load_models(original: Path, compressed: Path, device: torch.device):
+    """(original model, compressed model): evaluate's loaders, one model type."""
+    from . import hf
+    from .evaluate import _load_original, _quiet_transformers
+
+    with _quiet_transformers():
+        model = hf.from_pretrained(compressed, device=device)
+        reference = _load_original(original, type(model)).to(device)
+    if reference.config.model_type != model.config.model_type:
+        raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
+                            f"from a {model.config.model_type!r} model")
+    return reference, model
+
+
+# --------------------------------------------------------------------------- the command's library function
+
+def _check_settings(lengths: Sequence[int], batch_sizes: Sequence[int], warmup: int, repeats: int, context: int,
+                    decode_steps: int, threads: int | None) -> None:
+    for name, values in (("--lengths", lengths), ("--batch-sizes", batch_sizes)):
+        if not values or any(v < 1 for v in values):
+            raise BadInputError(f"{name} must list positive integers, got {', '.join(map(str, values)) or 'none'}")
+    for name, value, low in (("--warmup", warmup, 0), ("--repeats", repeats, 1), ("--context", context, 1),
+                             ("--decode-steps", decode_steps, 1), ("--threads", threads, 1)):
+        if value is not None and value < low:
+            raise BadInputError(f"{name} must be at least {low}, got {value}")
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda"):
+        raise BadInputError(f"--device must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device cuda: CUDA is not available to this torch {torch.__version__} "
+                            "(no GPU, or a CPU-only build); use --device cpu")
+    return torch.device(name)
+
+
+def _work_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The stored dtype, except half precision on the CPU, which runs in float32 (what a CPU user runs)."""
+    return torch.float32 if device.type == "cpu" and stored in (torch.float16, torch.bfloat16) else stored
+
+
+def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: str | None = None,
+          lengths: Sequence[int] = DEFAULT_BENCH_LENGTHS, batch_sizes: Sequence[int] = DEFAULT_BENCH_BATCH_SIZES,
+          threads: int | None = None, warmup: int = DEFAULT_BENCH_WARMUP, repeats: int = DEFAULT_BENCH_REPEATS,
+          context: int = DEFAULT_BENCH_CONTEXT, decode_steps: int = DEFAULT_BENCH_DECODE_STEPS,
+          device: str = "cpu", memory: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure the forward latency (and for causal decoders the decode speed) of ``compressed``
+    against ``original``, with the FLOP model's ratios beside them (see the module docstring).
+
+    Args:
+        original: the source checkpoint or model directory the manifest records (sha256-checked).
+        compressed: the ``compress`` output directory.
+        level: ``"module"``, ``"model"`` or ``None`` (model when transformers is installed and both
+            load as transformers models, else module; the reason is in ``notes``).
+        lengths, batch_sizes: forward sequence lengths N and batch sizes B (every pair is run).
+        threads: torch intra-op threads while measuring (default: torch's current setting).
+        warmup, repeats: untimed and timed interleaved pairs per setting (decode: steps).
+        context, decode_steps: decode prefill length (capped at the model's positions) and timed steps.
+        device: ``"cpu"`` or ``"cuda"``.
+        memory: also measure the peak memory of one forward per setting and side.
+        progress: called as ``(stage, done, total)`` after each setting.
+
+    Returns:
+        The JSON-ready record whose keys the README lists (``format`` ``collabcompress-bench/1``).
+
+    Raises:
+        BadInputError: bad settings, unreadable or mismatched directories, CUDA unavailable.
+        UnsupportedArchitectureError: a family the requested level cannot run.
+        MissingExtraError: ``level="model"`` without transformers.
+    """
+    from .manifest import open_output
+    from .report import build_report
+    from .verify import _original
+
+    lengths, batch_sizes = sorted(set(int(n) for n in lengths)), sorted(set(int(b) for b in batch_sizes))
+    _check_settings(lengths, batch_sizes, warmup, repeats, context, decode_steps, threads)
+    if level is not None and level not in LEVELS:
+        raise BadInputError(f"--level must be module or model, got {level!r}")
+    dev = _device(device)
+    original, compressed = Path(original), Path(compressed)
+    if not original.exists():
+        raise BadInputError(f"original checkpoint not found: {original}")
+    manifest, out = open_output(compressed)
+    notes: list[str] = []
+    try:
+        source, _ = _original(manifest, original)  # verify --original's check: the recorded sha256
+        try:
+            pair = None
+            if level in (None, "model"):
+                pair = _model_pair(original, compressed, manifest, out, dev, level, notes)
+            if pair is None:
+                layers = _module_layers(source, out, manifest)
+                dtype = _work_dtype(_stored_dtype(out, manifest), dev)
+                _to(layers, dtype, dev)
+                pair = _ModulePair(layers, source.ckpt.config, dtype, dev)
+        finally:
+            source.ckpt.close()
+    finally:
+        out.close()
+
+    kept = [n for n in lengths if n <= pair.position_limit]
+    if len(kept) < len(lengths):
+        notes.append(f"lengths above the model's {pair.position_limit:,} positions were skipped: "
+                     + ", ".join(str(n) for n in lengths if n > pair.position_limit))
+    if not kept:
+        raise BadInputError(f"--lengths: every length exceeds the model's {pair.position_limit:,} positions")
+    report = build_report(compressed, kept)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    total = len(kept) * len(batch_sizes) + (1 if pair.causal else 0)
+    rows, done = [], 0
+    try:
+        for batch in batch_sizes:
+            for n in kept:
+                first, second = pair.runs(n, batch)
+                times_o, times_c = interleaved(first, second, warmup=warmup, repeats=repeats, sync=sync)
+                row = {"seq_len": n, "batch_size": batch,
+                       "original": spread(times_o).to_dict("_s"), "compressed": spread(times_c).to_dict("_s"),
+                       "ratio": pair_ratio(times_o, times_c).to_dict(),
+                       "flop_model_ratio": round(report.flop_model_ratio(n, pair.level), 6),
+                       "peak_memory_bytes_original": peak_memory(first, dev) if memory else None,
+                       "peak_memory_bytes_compressed": peak_memory(second, dev) if memory else None}
+                rows.append(row)
+                done += 1
+                if progress:
+                    progress(f"N={n} B={batch}", done, total)
+        decode = None
+        if pair.causal:
+            ctx = min(context, pair.position_limit - warmup - decode_steps)
+            if ctx < 1:
+                raise BadInputError(f"--warmup {warmup} + --decode-steps {decode_steps} leave no context within the "
+                                    f"model's {pair.position_limit:,} positions")
+            if ctx < context:
+                notes.append(f"decode context capped at {ctx:,} tokens (the model's {pair.position_limit:,} "
+                             f"positions less {warmup + decode_steps} decode steps)")
+            decode = pair.decode(ctx, decode_steps, warmup, sync)
+            if progress:
+                progress("decode", total, total)
+        elif pair.level == "module":
+            notes.append("decode speed and cache bytes are measured at --level model (causal decoders only)")
+    finally:
+        torch.set_num_threads(threads_before)
+
+    return {
+        "format": FORMAT,
+        "original": str(original), "compressed": str(compressed), "outputs_sha256": outputs_sha256(manifest),
+        "family": manifest.source.architecture, "level": pair.level, "device": dev.type,
+        "dtype": str(pair.dtype).removeprefix("torch."), "threads": threads if threads is not None else threads_before,
+        "torch": torch.__version__, "warmup": warmup, "repeats": repeats,
+        "compressed_layers": len(manifest.layers), "causal": pair.causal,
+        "memory_method": MEMORY_METHODS[dev.type] if memory else None,
+        "forward": rows,
+        "crossover": {"measured": {str(b): measured_crossover(rows, b) for b in batch_sizes},
+                      "flop_model": _round(report.flop_model_crossover(pair.level))},
+        "decode": decode,
+        "notes": notes,
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 4)
+
+
+def _stored_dtype(out, manifest) -> torch.dtype:
+    from .dtypes import to_torch
+
+    return to_torch(out.dtype(manifest.layers[0].tensors.key))
+
+
+def _model_pair(original: Path, compressed: Path, manifest, out, device: torch.device, level: str | None,
+                notes: list[str]) -> _ModelPair | None:
+    """The model-level pair, or ``None`` (with the reason in ``notes``) when ``level`` is automatic and
+    transformers is missing or the directories do not load as transformers models."""
+    from . import hf
+
+    try:
+        family = hf.loadable_family(manifest.source.architecture, compressed)
+        if not family.text:
+            raise UnsupportedArchitectureError(f"{compressed}: the model-level bench feeds token ids; family "
+                                               f"{family.name!r} is not a text model (use --level module)")
+        if not original.is_dir() or not (original / "config.json").is_file():
+            raise BadInputError(f"the model-level bench needs the original model directory with its config.json, "
+                                f"got {original}")
+        reference, model = _load_models(original, compressed, device)
+    except (MissingExtraError, BadInputError, UnsupportedArchitectureError) as e:
+        if level == "model":
+            raise
+        notes.append(f"measured at module level: the whole model cannot be run ({e})")
+        return None
+    dtype = _work_dtype(next(model.parameters()).dtype, device)
+    return _ModelPair(reference.to(dtype), model.to(dtype), family, dtype, device)
