@@ -67,6 +67,7 @@ class _Adapter:
     _heads_attr = "num_attention_heads"
     _head_dim_attr = "attention_head_size"
     _eager: Any = None  # the family's eager attention function, set per wrapper class
+    _fast = True  # attention by collaborative_attention where exact; False: always transformers' interface
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         """(B, N, H*d) -> (B, H, N, d)."""
@@ -107,7 +108,7 @@ class _Adapter:
         """
         implementation = self.config._attn_implementation
         dropout = dropout if self.training else 0.0
-        if implementation in _ATTN_IMPLEMENTATIONS and all(v is None or v is False or k in _NEUTRAL_KWARGS
+        if self._fast and implementation in _ATTN_IMPLEMENTATIONS and all(v is None or v is False or k in _NEUTRAL_KWARGS
                                                            for k, v in kwargs.items()):
             n_query = query.shape[-2]
             causal = False
