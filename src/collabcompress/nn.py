@@ -89,11 +89,12 @@ def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     never copied per head; biases and masks are added in place, softmax runs in place, and
     the weights times the values are one product per value head, (B, G, (H/G)*N, M) @
     (B, G, M, d_v), without repeating the values. This is SDPA's math path without its
-    broadcast copies. Rule, measured on this machine class (CPU, 1 and 2 threads, B 1 and
-    8, N 32 to 512, MiniLM and SmolLM2 shapes): torch SDPA has a fused kernel only when
-    K equals d_v, and for a collaborative layer K > d_v (R + H against d, or R against d
-    with R > d), where SDPA falls back to its math path, which is slower than this one in
-    every case measured (``benchmarks/bench_runtime.py``); so this path is always taken.
+    broadcast copies. Rule: torch SDPA has a fused CPU kernel only when K equals d_v, and
+    for a collaborative layer K > d_v (R + H or R against d), where SDPA falls back to its
+    math path and broadcasts the key per head. Measured on this machine class (1 thread,
+    MiniLM shapes, R 96 and 192, B x N = 1 x 128, 8 x 32, 8 x 128, 8 x 512), SDPA with
+    width-R queries and the content bias as a mask was slower than this product in 7 of 8
+    cases (1.8x at 8 x 512), so the product is always used (README, "How it runs").
     """
     batch, n_head, n_query, width = query.shape
     n_key = key.shape[-2]
