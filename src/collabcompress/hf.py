@@ -38,7 +38,8 @@ from .extras import require_transformers
 from .families import FAMILIES, Family, find_family
 from .io import Checkpoint, open_checkpoint, read_json
 from .manifest import MANIFEST_NAME, LayerRecord
-from .nn import CollaborativeAttention, CollaborativeRotaryAttention
+from .nn import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention, \
+    collaborative_query_states
 
 __all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
            "rotary_module", "REMOTE_CODE_NAME"]
@@ -66,6 +67,7 @@ class _Adapter:
     _heads_attr = "num_attention_heads"
     _head_dim_attr = "attention_head_size"
     _eager: Any = None  # the family's eager attention function, set per wrapper class
+    _fast = True  # attention by collaborative_attention where exact; False: always transformers' interface
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         """(B, N, H*d) -> (B, H, N, d)."""
@@ -95,11 +97,38 @@ class _Adapter:
         return key, value
 
     def _attend(self, query, key, value, mask, dropout: float, **kwargs):
+        """Attention of the scaled query (B, H, N, K) on the shared key (B, 1, M, K) and values (B, G, M, d):
+        (output (B, N, H, d), weights or None), as the model's eager or sdpa interface returns them.
+
+        Runs :func:`~collabcompress.nn.collaborative_attention` (one product for all heads, no
+        per-head key copies) with the interface's own conventions (sdpa: causal when no mask is
+        given and weights ``None``; eager: the mask as given and the weights); any other
+        implementation or option (e.g. ``head_mask``, ``softcap``) goes through transformers'
+        interface with the key broadcast to the value heads (a view).
+        """
+        implementation = self.config._attn_implementation
+        dropout = dropout if self.training else 0.0
+        if self._fast and implementation in _ATTN_IMPLEMENTATIONS and all(v is None or v is False or k in _NEUTRAL_KWARGS
+                                                           for k, v in kwargs.items()):
+            n_query = query.shape[-2]
+            causal = False
+            if implementation == "sdpa":
+                causal = kwargs.get("is_causal")
+                causal = n_query > 1 and mask is None and (getattr(self, "is_causal", True) if causal is None
+                                                            else causal)
+            out, weights = collaborative_attention(query, key, value, attention_mask=mask, is_causal=causal,
+                                                   position_bias=kwargs.get("position_bias"), dropout=dropout)
+            return out.transpose(1, 2), (weights if implementation == "eager" else None)  # (B, N, H, d)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, type(self)._eager)
-        return interface(self, query, key, value, mask, dropout=dropout if self.training else 0.0,
-                         scaling=self.scale, **kwargs)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, type(self)._eager)
+        key = key.expand(-1, value.shape[1], -1, -1)  # (B, G, M, K), no copy
+        return interface(self, query, key, value, mask, dropout=dropout, scaling=1.0, **kwargs)
+
+
+# transformers keyword arguments that do not change the attention maths (or that _attend handles)
+_NEUTRAL_KWARGS = frozenset({"position_bias", "is_causal", "sliding_window", "output_attentions",
+                             "output_hidden_states", "use_cache", "cache_position", "position_ids", "return_dict"})
 
 
 def _static_layer() -> type:
@@ -178,13 +207,10 @@ class _MPNet(_Adapter):
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
         query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
         value = self._split_heads(self.v(hidden_states))  # (B, H, N, d)
-        scores = self.scale * (query @ key.transpose(-1, -2))  # (B, H, N, N)
-        if position_bias is not None:
-            scores = scores + position_bias
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
-        c = (probs @ value).permute(0, 2, 1, 3).contiguous()  # (B, N, H, d)
+        out, probs = collaborative_attention(query, key, value, attention_mask=attention_mask,
+                                             position_bias=position_bias,
+                                             dropout=self.dropout.p if self.training else 0.0)
+        c = out.permute(0, 2, 1, 3).contiguous()  # (B, N, H, d)
         o = self.o(c.view(*c.shape[:-2], -1))  # (B, N, D)
         return (o, probs) if output_attentions else (o,)
 
@@ -201,12 +227,13 @@ class _GPT2(_Adapter):
         cache = kwargs.pop("past_key_values", cache)
         if encoder_hidden_states is not None:
             raise NotImplementedError("collaborative GPT-2 cross-attention is not supported")
-        query = self.query_states(hidden_states)  # (B, H, N, R+H)
         key, value = self._keys_values(hidden_states, None, cache, self.collab_value, kwargs)
-        if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
+        if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:  # scales by itself
+            query = collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing)
             key = key.expand(-1, value.shape[1], -1, -1)  # this path reshapes the head axis into the batch
             out, weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
+            query = self.query_states(hidden_states)  # (B, H, N, R+H), scale included
             out, weights = self._attend(query, key, value, attention_mask, self.attn_dropout.p, **kwargs)
         out = self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
         return self.resid_dropout(out), weights
@@ -329,8 +356,8 @@ class _LlamaRotary(_Adapter):
 
     Queries come from the module's own ``q_proj``, are mixed per component and rotated; the
     shared key (B, 1, M, R) goes through the cache with the original values (B, G, M, d); the
-    key is then broadcast to the G value heads (a view) so that the model's attention
-    kernel repeats both to the H query heads exactly as it does for the original keys.
+    scores of all heads are one product with that one key head and the weights of each
+    group meet its value head without repeating keys or values (:meth:`_Adapter._attend`).
     """
 
     _removed = ("k_proj",)
@@ -340,7 +367,7 @@ class _LlamaRotary(_Adapter):
         input_shape = hidden_states.shape[:-1]
         cos, sin = position_embeddings  # (B, N, d) each
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, N, d)
-        query = self.query_states(query, cos, sin)  # (B, H, N, R)
+        query = self.query_states(query, cos, sin, self.scale)  # (B, H, N, R), scale included
         key = self.key_states(hidden_states, cos, sin)  # (B, 1, N, R)
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, G, N, d)
         if cache is not None:
@@ -349,7 +376,6 @@ class _LlamaRotary(_Adapter):
                                           "one head) do not fit a static cache shaped for G heads of width d; drop "
                                           "cache_implementation='static'")
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, 1, M, R), (B, G, M, d)
-        key = key.expand(-1, value.shape[1], -1, -1)  # (B, G, M, R), no copy
         sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout,
                                     sliding_window=sliding, **kwargs)

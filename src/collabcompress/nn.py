@@ -6,17 +6,20 @@ All heads share one query projection U^T and one key projection V^T of width R
     score_h(x, y) = s * [ (U^T x) . (m_h * (V^T y))  +  c_h . y ]
 
 (Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of Concatenate",
-arXiv 2006.16362). The module folds the mixing vector into the query and the content
-bias into one shared key,
+arXiv 2006.16362). The module folds the mixing vector and the scale into the query and
+the content bias into one shared key,
 
-    q'_h = [m_h * U^T x, e_h]        k' = [V^T y, C y]      (e_h: one-hot of head h)
+    q'_h = s [m_h * U^T x, e_h]        k' = [V^T y, C y]      (e_h: one-hot of head h)
 
-so q'_h . k' = (U^T x) . (m_h * (V^T y)) + c_h . y. The key k' (R + H numbers per token)
-is the same for every head: it has a head axis of size 1 that broadcasts over the H query
-heads, which is also all that a key cache has to hold. Any attention kernel that
-broadcasts the head axis, e.g. the fused
-``torch.nn.functional.scaled_dot_product_attention(q', k', v, mask, scale=s)``, computes
-the attention; masks, causal attention, cross-attention and additive position biases
+so q'_h . k' = s [(U^T x) . (m_h * (V^T y)) + c_h . y]. The key k' (R + H numbers per
+token, what a key cache holds, SPEC section 5) is the same for every head and is never
+copied per head: the scores of all heads are ONE batched matrix product
+(B, H*N, R+H) @ (B, R+H, M) (:func:`collaborative_attention`). q' is written into one
+buffer (a broadcast multiply and a small one-hot block, no concatenation), k' is one linear
+map with the weight [V^T ; C] built once. Carrying the content bias as H extra columns
+costs H/R more multiply-adds in the product but saves a pass over the (B, H, N, M) scores
+that adding it as a per-key bias would take (measured: about 1 ms of 9 ms at MiniLM's
+8 x 128, R = 192). Masks, causal attention, cross-attention and additive position biases
 work as for standard attention.
 """
 
@@ -28,23 +31,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CollaborativeAttention", "collaborative_query_states", "collaborative_key_states",
-           "CollaborativeRotaryAttention", "rotary_query_states", "rotary_rotate"]
+__all__ = ["CollaborativeAttention", "collaborative_attention", "collaborative_query_states",
+           "collaborative_key_states", "CollaborativeRotaryAttention", "rotary_query_states", "rotary_rotate"]
 
 MIXING_INITS = ("concatenate", "ones", "uniform")
 
 
-def collaborative_query_states(x: torch.Tensor, query_weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
-    """q'_h = [m_h * U^T x, e_h] for every head: (B, N, D) -> (B, H, N, R+H).
+def collaborative_query_states(x: torch.Tensor, query_weight: torch.Tensor, mixing: torch.Tensor,
+                               scale: float = 1.0) -> torch.Tensor:
+    """q'_h = s [m_h * U^T x, e_h] for every head: (B, N, D) -> (B, H, N, R+H), contiguous.
 
-    ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R); e_h is the one-hot row of head
-    h, which picks head h's content-bias term out of the shared key.
+    ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R), ``scale`` is s; e_h is the
+    one-hot row of head h, which picks head h's content-bias term out of the shared key.
+    Written into one buffer (no concatenation) unless autograd needs the graph.
     """
-    qx = F.linear(x, query_weight)  # (B, N, R)
-    mixed = qx.unsqueeze(-3) * mixing.to(qx.dtype).unsqueeze(-2)  # (B, H, N, R)
-    n_head = mixing.shape[0]
-    onehot = torch.eye(n_head, dtype=qx.dtype, device=qx.device).unsqueeze(-2)  # (H, 1, H)
-    return torch.cat([mixed, onehot.expand(*mixed.shape[:-1], n_head)], dim=-1)  # (B, H, N, R+H)
+    qx = F.linear(x, query_weight).unsqueeze(-3)  # (B, 1, N, R)
+    n_head, shared_dim = mixing.shape
+    mixing = (scale * mixing.to(qx.dtype)).unsqueeze(-2)  # (H, 1, R)
+    onehot = scale * torch.eye(n_head, dtype=qx.dtype, device=qx.device).unsqueeze(-2)  # (H, 1, H)
+    shape = (*qx.shape[:-3], n_head, qx.shape[-2])  # (B, H, N)
+    if torch.is_grad_enabled() and (qx.requires_grad or mixing.requires_grad):
+        return torch.cat([qx * mixing, onehot.expand(*shape, n_head)], dim=-1)
+    out = qx.new_empty(*shape, shared_dim + n_head)  # (B, H, N, R+H)
+    torch.mul(qx, mixing, out=out[..., :shared_dim])
+    out[..., shared_dim:] = onehot
+    return out
 
 
 def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_bias: torch.Tensor) -> torch.Tensor:
@@ -56,25 +67,60 @@ def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_
     return torch.cat([F.linear(y, key_weight), F.linear(y, content_bias)], dim=-1).unsqueeze(-3)
 
 
-def _combined_mask(attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None, is_causal: bool,
-                   n_query: int, n_key: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """One additive float mask (or a boolean one, or None) holding mask, causality and position bias."""
-    if position_bias is None and not is_causal:
-        return attention_mask
-    mask = attention_mask
+def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                            attention_mask: torch.Tensor | None = None, is_causal: bool = False,
+                            position_bias: torch.Tensor | None = None,
+                            dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(query . key + position_bias + mask) @ value with ONE key head for all query heads.
+
+    Args:
+        query: (B, H, N, K), scale included (e.g. :func:`collaborative_query_states`).
+        key: the shared key, (B, M, K) or (B, 1, M, K); any strides (e.g. a cache tensor).
+        value: (B, G, M, d_v) with G dividing H; query head h reads value head h // (H/G).
+        attention_mask: broadcastable to (B, H, N, M); boolean (True = attend) or additive float.
+        is_causal: query i sees keys 0..i (top-left aligned, as torch SDPA).
+        position_bias: additive bias broadcastable to (B, H, N, M).
+        dropout: dropout probability on the attention weights (pass 0 in eval mode).
+
+    Returns:
+        ``(output, weights)``: (B, H, N, d_v) and (B, H, N, M).
+
+    The scores of all heads are one batched matrix product (B, H*N, K) @ (B, K, M), the key
+    never copied per head; biases and masks are added in place, softmax runs in place, and
+    the weights times the values are one product per value head, (B, G, (H/G)*N, M) @
+    (B, G, M, d_v), without repeating the values. This is SDPA's math path without its
+    broadcast copies. Rule: torch SDPA has a fused CPU kernel only when K equals d_v, and
+    for a collaborative layer K > d_v (R + H or R against d), where SDPA falls back to its
+    math path and broadcasts the key per head. Measured on this machine class (1 thread,
+    MiniLM shapes, R 96 and 192, B x N = 1 x 128, 8 x 32, 8 x 128, 8 x 512), SDPA with
+    width-R queries and the content bias as a mask was slower than this product in 7 of 8
+    cases (1.8x at 8 x 512), so the product is always used (README, "How it runs").
+    """
+    batch, n_head, n_query, width = query.shape
+    n_key = key.shape[-2]
+    key = key.reshape(key.shape[0], n_key, width)  # (B, M, K), a view for a (B, 1, M, K) key
+    scores = torch.bmm(query.reshape(batch, n_head * n_query, width), key.transpose(-1, -2))  # (B, H*N, M)
+    scores = scores.view(batch, n_head, n_query, n_key)  # (B, H, N, M)
+    if position_bias is not None:
+        scores += position_bias
+    filled = is_causal or (attention_mask is not None and attention_mask.dtype == torch.bool)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(attention_mask.logical_not(), float("-inf"))
+        else:
+            scores += attention_mask
     if is_causal:
-        # Top-left aligned like SDPA's is_causal: query i sees keys 0..i.
-        causal = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril()  # (N, M)
-        mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
-                                            else mask.masked_fill(~causal, torch.finfo(mask.dtype).min))
-    if position_bias is None:
-        return mask
-    bias = position_bias.to(dtype)
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        return bias.masked_fill(~mask, torch.finfo(dtype).min)
-    return bias + mask.to(dtype)
+        future = torch.ones(n_query, n_key, dtype=torch.bool, device=scores.device).triu(1)  # (N, M)
+        scores.masked_fill_(future, float("-inf"))
+    weights = scores.softmax(-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
+    if filled:  # a query that sees no key attends to nothing (zeros), as torch SDPA does
+        empty = weights[..., :1].isnan()  # (B, H, N, 1): such a row is all NaN
+        if empty.any():
+            weights = weights.masked_fill(empty, 0.0)
+    probs = F.dropout(weights, p=dropout) if dropout > 0.0 else weights
+    groups = value.shape[1]
+    out = probs.view(batch, groups, -1, n_key) @ value  # (B, G, (H/G)*N, d_v)
+    return out.view(batch, n_head, n_query, value.shape[-1]), weights
 
 
 class CollaborativeAttention(nn.Module):
@@ -189,17 +235,31 @@ class CollaborativeAttention(nn.Module):
                 self.collab_mixing[torch.arange(n_head), torch.arange(n_head) * shared_dim // n_head] = 1.0
 
     def query_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """q'_h = [m_h * U^T x, e_h]: (B, N, D) -> (B, H, N, R+H)."""
-        return collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing)
+        """q'_h = s [m_h * U^T x, e_h], scale included: (B, N, D) -> (B, H, N, R+H)."""
+        return collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing, self.scale)
 
     def key_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """k' = [V^T y, C y], one for all heads: (B, M, D) -> (B, 1, M, R+H)."""
-        return collaborative_key_states(hidden_states, self.collab_key.weight, self.collab_content_bias.weight)
+        """k' = [V^T y, C y], one for all heads: (B, M, D) -> (B, 1, M, R+H), what a key cache holds.
+
+        One linear map with the weight [V^T ; C] (R+H, D), built once per parameter version.
+        """
+        return F.linear(hidden_states, self._key_weight()).unsqueeze(-3)
+
+    def _key_weight(self) -> torch.Tensor:
+        """[V^T ; C] (R+H, D); cached while neither parameter changes (not while training them)."""
+        key, content = self.collab_key.weight, self.collab_content_bias.weight
+        if torch.is_grad_enabled() and (key.requires_grad or content.requires_grad):
+            return torch.cat([key, content])
+        stamp = (key.data_ptr(), key._version, content.data_ptr(), content._version, key.dtype, content.dtype)
+        cached = self.__dict__.get("_collab_key_weight")
+        if cached is None or cached[0] != stamp:
+            cached = self.__dict__["_collab_key_weight"] = (stamp, torch.cat([key, content]).detach())
+        return cached[1]
 
     def scores(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Pre-softmax scores s * q'_h . k'_h (no mask): (B, N, D), (B, M, D) -> (B, H, N, M)."""
+        """Pre-softmax scores q'_h . k' (no mask): (B, N, D), (B, M, D) -> (B, H, N, M)."""
         y = hidden_states if key_value_states is None else key_value_states
-        return self.scale * self.query_states(hidden_states) @ self.key_states(y).transpose(-1, -2)
+        return self.query_states(hidden_states) @ self.key_states(y).transpose(-1, -2)
 
     def forward(self, hidden_states: torch.Tensor, value_states: torch.Tensor,
                 key_value_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
@@ -217,32 +277,18 @@ class CollaborativeAttention(nn.Module):
             position_bias: additive score bias broadcastable to (B, H, N, M), e.g. T5's
                 relative position bias (added after the scale, as T5 does).
             dropout: attention dropout probability, applied in training mode only.
-            need_weights: also return the attention probabilities (computed explicitly
-                instead of with the fused kernel).
+            need_weights: also return the attention probabilities.
 
         Returns:
             ``(output, weights)``: output (B, H, N, d_v); weights (B, H, N, M) or ``None``.
         """
         query = self.query_states(hidden_states)  # (B, H, N, R+H)
         key = self.key_states(hidden_states if key_value_states is None else key_value_states)  # (B, 1, M, R+H)
-        n_query, n_key = query.shape[-2], key.shape[-2]
-        p = dropout if self.training else 0.0
-        if not need_weights and position_bias is None and (attention_mask is None or not is_causal):
-            out = F.scaled_dot_product_attention(query, key, value_states, attn_mask=attention_mask, dropout_p=p,
-                                                 is_causal=is_causal and n_query > 1, scale=self.scale)
-            return out, None  # (B, H, N, d_v)
-        mask = _combined_mask(attention_mask, position_bias, is_causal and n_query > 1, n_query, n_key,
-                              query.dtype, query.device)
-        if not need_weights:
-            out = F.scaled_dot_product_attention(query, key, value_states, attn_mask=mask, dropout_p=p,
-                                                 scale=self.scale)
-            return out, None
-        scores = self.scale * query @ key.transpose(-1, -2)  # (B, H, N, M)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        weights = torch.softmax(scores, dim=-1)
-        out = F.dropout(weights, p=p) @ value_states  # (B, H, N, d_v)
-        return out, weights
+        out, weights = collaborative_attention(query, key, value_states, attention_mask=attention_mask,
+                                               is_causal=is_causal and query.shape[-2] > 1,
+                                               position_bias=position_bias,
+                                               dropout=dropout if self.training else 0.0)
+        return out, (weights if need_weights else None)  # (B, H, N, d_v)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.collab_query.in_features}, n_head={self.n_head}, shared_dim={self.shared_dim}, "
@@ -280,6 +326,22 @@ def rotary_rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     sin = sin[..., key_freq].unsqueeze(-3)
     re, im = states.chunk(2, dim=-1)  # (B, *, N, R/2) each
     return torch.cat([re * cos - im * sin, im * cos + re * sin], dim=-1)
+
+
+def _complex_mul(states: torch.Tensor, real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
+    """[Re z | Im z] states (..., R) times w = real + i imag (..., R/2 broadcastable) -> [Re zw | Im zw].
+
+    Written into one buffer (no concatenation) unless autograd needs the graph.
+    """
+    half = states.shape[-1] // 2
+    re, im = states[..., :half], states[..., half:]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (states, real, imag)):
+        return torch.cat([re * real - im * imag, re * imag + im * real], dim=-1)
+    out = torch.empty_like(states, memory_format=torch.contiguous_format)
+    out_re, out_im = out[..., :half], out[..., half:]
+    torch.mul(re, real, out=out_re).addcmul_(im, imag, value=-1.0)
+    torch.mul(re, imag, out=out_im).addcmul_(im, real)
+    return out
 
 
 class CollaborativeRotaryAttention(nn.Module):
@@ -323,12 +385,36 @@ class CollaborativeRotaryAttention(nn.Module):
         self.register_buffer("collab_key_freq", torch.zeros(shared_dim // 2, dtype=torch.int64, device=device))
         self.collab_mixing = nn.Parameter(torch.zeros(kv_heads, shared_dim // 2, 2, **kw))
 
-    def query_states(self, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Mixed, rotated queries: per-head queries (B, H, N, d) -> (B, H, N, R)."""
-        mixed = rotary_query_states(query, self.collab_mixing, self.collab_key_freq)
-        return rotary_rotate(mixed, cos, sin, self.collab_key_freq)
+    def query_states(self, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     scale: float = 1.0) -> torch.Tensor:
+        """Mixed, rotated, scaled queries s q'_{h,r} e^{i t theta_j(r)}: per-head queries (B, H, N, d) -> (B, H, N, R).
+
+        One gather of the components' dimensions [j(r) | j(r) + d/2], then one complex
+        multiplication per component by s conj(U_{g,r}) e^{i t theta_j(r)} (mixing, rotation and
+        scale combined on the small (B, G, N, R/2) factor first); equals
+        ``rotary_rotate(rotary_query_states(query, U, j), cos, sin, j)`` times s.
+        """
+        freq, index = self._freq_index(query.shape[-1] // 2)
+        states = query.index_select(-1, index)  # (B, H, N, R): [Re q_j(r) | Im q_j(r)]
+        cos, sin = cos.index_select(-1, freq).unsqueeze(-3), sin.index_select(-1, freq).unsqueeze(-3)  # (B, 1, N, R/2)
+        mixing = scale * self.collab_mixing.to(query.dtype)
+        u, v = mixing[..., 0].unsqueeze(-2), mixing[..., 1].unsqueeze(-2)  # (G, 1, R/2)
+        real = torch.addcmul(u * cos, v, sin).unsqueeze(-3)  # (B, G, 1, N, R/2): Re (u - iv)(cos + i sin)
+        imag = torch.addcmul(u * sin, v, cos, value=-1.0).unsqueeze(-3)
+        grouped = states.unflatten(-3, (self.collab_mixing.shape[0], -1))  # (B, G, H/G, N, R)
+        return _complex_mul(grouped, real, imag).flatten(-4, -3)  # (B, H, N, R)
 
     def key_states(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated shared keys, one for all heads: (B, M, D) -> (B, 1, M, R)."""
-        key = self.collab_key(hidden_states).unsqueeze(-3)  # (B, 1, M, R)
-        return rotary_rotate(key, cos, sin, self.collab_key_freq)
+        freq, _ = self._freq_index(cos.shape[-1] // 2)
+        cos, sin = cos.index_select(-1, freq).unsqueeze(-3), sin.index_select(-1, freq).unsqueeze(-3)  # (B, 1, M, R/2)
+        return _complex_mul(self.collab_key(hidden_states).unsqueeze(-3), cos, sin)  # (B, 1, M, R)
+
+    def _freq_index(self, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(j(r) (R/2,), [j(r) | j(r) + d/2] (R,)), rebuilt only when collab_key_freq changes."""
+        freq = self.collab_key_freq
+        stamp = (freq.data_ptr(), freq._version, half)
+        cached = self.__dict__.get("_collab_freq_index")
+        if cached is None or cached[0] != stamp:
+            cached = self.__dict__["_collab_freq_index"] = (stamp, (freq, torch.cat([freq, freq + half])))
+        return cached[1]

@@ -1,0 +1,249 @@
+"""The collaborative attention runtime (issue 15) against the reference formulas.
+
+- nn.collaborative_attention (one product for all heads, one shared key head, grouped
+  values) equals scores + biases + masks + softmax + values written out head by head, for
+  boolean and additive masks, causal, cross-attention, position biases and grouped values;
+  a query that sees no key gets zeros, as torch SDPA gives;
+- CollaborativeAttention's buffered query and cached key weight equal the concatenated
+  reference, follow parameter changes, and train (gradients equal the reference's);
+- CollaborativeRotaryAttention's combined mix-rotate-scale equals rotary_rotate(rotary_query_states)
+  and the shared key equals rotary_rotate(collab_key), with and without autograd;
+- the transformers adapters give the same outputs (and weights, eager) through the fast path
+  as through transformers' own attention interface, for encoders, causal decoders with a
+  cache, cross-attention and position biases, and a cached decoding step equals the forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from collabcompress.nn import (CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention,
+                               collaborative_query_states, rotary_query_states, rotary_rotate)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _reference(query, key, value, mask=None, causal=False, bias=None):
+    """Head by head: softmax(q_h k^T + bias_h + mask) v_{g(h)}; -inf for boolean and causal masks."""
+    n_head, groups = query.shape[1], value.shape[1]
+    key = key.reshape(key.shape[0], key.shape[-2], key.shape[-1])
+    outs, probs = [], []
+    for h in range(n_head):
+        scores = query[:, h] @ key.transpose(-1, -2)  # (B, N, M)
+        if bias is not None:
+            scores = scores + bias.expand(-1, n_head, -1, -1)[:, h]
+        if causal:
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        if mask is not None:
+            m = mask.expand(mask.shape[0], n_head, *mask.shape[2:])[:, h]
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+        p = torch.softmax(scores, -1)
+        probs.append(p)
+        outs.append(p @ value[:, h // (n_head // groups)])
+    return torch.stack(outs, 1), torch.stack(probs, 1)
+
+
+@pytest.mark.parametrize("case", ["plain", "bool", "additive", "causal", "causal+bool", "cross", "bias+additive",
+                                  "bias+causal"])
+@pytest.mark.parametrize("groups", [4, 2, 1])
+def test_kernel_equals_head_by_head_reference(float64, case, groups):
+    g = torch.Generator().manual_seed(0)
+    n, m = (5, 8) if case == "cross" else (6, 6)
+    query, key = torch.randn(2, 4, n, 7, generator=g), torch.randn(2, 1, m, 7, generator=g)
+    value = torch.randn(2, groups, m, 3, generator=g)
+    mask = None
+    if "bool" in case:
+        mask = torch.ones(2, 1, 1, m, dtype=torch.bool)
+        mask[1, ..., -2:] = False
+    elif "additive" in case:
+        mask = torch.zeros(2, 1, n, m)
+        mask[0, :, :, :2] = -1e9
+    bias = torch.randn(1, 4, n, m, generator=g) if "bias" in case else None
+    causal = "causal" in case
+    out, weights = collaborative_attention(query, key, value, attention_mask=mask, is_causal=causal,
+                                           position_bias=bias)
+    want, probs = _reference(query, key, value, mask, causal, bias)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(weights, probs, rtol=1e-10, atol=1e-10)
+    flat, _ = collaborative_attention(query, key[:, 0], value, attention_mask=mask, is_causal=causal,
+                                      position_bias=bias)  # (B, M, K) key, same result
+    torch.testing.assert_close(flat, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_query_that_sees_no_key_gets_zeros_as_sdpa_gives(float64):
+    g = torch.Generator().manual_seed(1)
+    query, key, value = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 1, 3, 4, generator=g), \
+        torch.randn(1, 2, 3, 5, generator=g)
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    mask[..., 0, :] = False  # the first query sees nothing (left padding under a causal mask)
+    out, _ = collaborative_attention(query, key, value, attention_mask=mask)
+    sdpa = F.scaled_dot_product_attention(query, key.expand(-1, 2, -1, -1), value, attn_mask=mask, scale=1.0)
+    assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+    torch.testing.assert_close(out, sdpa, rtol=1e-10, atol=1e-10)
+
+
+def _module(seed=0, d_model=12, n_head=3, shared_dim=6, scale=0.4):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shared_dim, d_model, generator=g), torch.randn(shared_dim, d_model, generator=g),
+               torch.randn(n_head, shared_dim, generator=g), torch.randn(n_head, d_model, generator=g)]
+    return CollaborativeAttention.from_tensors(*tensors, scale), tensors
+
+
+def _reference_module_output(tensors, scale, x, v):
+    query, key, mixing, content = tensors
+    q = torch.cat([(x @ query.T).unsqueeze(1) * mixing.unsqueeze(1),
+                   torch.eye(len(mixing)).unsqueeze(1).expand(x.shape[0], -1, x.shape[1], -1)], -1)
+    k = torch.cat([x @ key.T, x @ content.T], -1).unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def test_buffered_query_equals_concatenation_and_the_key_weight_follows_the_parameters(float64):
+    module, tensors = _module()
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+    v = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        q = collaborative_query_states(x, tensors[0], tensors[2], 0.4)
+        torch.testing.assert_close(q, 0.4 * torch.cat([(x @ tensors[0].T).unsqueeze(1) * tensors[2].unsqueeze(1),
+                                                       torch.eye(3).unsqueeze(1).expand(2, -1, 5, -1)], -1))
+        torch.testing.assert_close(module(x, v)[0], _reference_module_output(tensors, 0.4, x, v))
+        module.collab_content_bias.weight.mul_(-2.0)  # in place: the cached [V^T ; C] must be rebuilt
+        module.collab_key.load_state_dict({"weight": 3.0 * tensors[1]})
+    changed = [tensors[0], 3.0 * tensors[1], tensors[2], -2.0 * tensors[3]]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, v)[0], _reference_module_output(changed, 0.4, x, v))
+
+
+def test_module_trains_with_the_reference_gradients(float64):
+    module, tensors = _module(seed=4)
+    module.train()
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    v = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[0, ..., -1] = False
+    out, _ = module(x, v, attention_mask=mask, is_causal=True)
+    out.square().sum().backward()
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    query, key, mixing, content = leaves
+    q = torch.cat([(x @ query.T).unsqueeze(1) * mixing.unsqueeze(1),
+                   torch.eye(3).unsqueeze(1).expand(2, -1, 5, -1)], -1)
+    k = torch.cat([x @ key.T, x @ content.T], -1).unsqueeze(1)
+    want, _ = _reference(0.4 * q, k, v, mask, causal=True)
+    want.square().sum().backward()
+    grads = [module.collab_query.weight.grad, module.collab_key.weight.grad, module.collab_mixing.grad,
+             module.collab_content_bias.weight.grad]
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-9, atol=1e-9)
+
+
+def _rotary(seed=0, d_model=16, kv_heads=2, shared_dim=10, head_dim=8):
+    module = CollaborativeRotaryAttention(d_model, kv_heads, shared_dim, key_bias=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.collab_key.weight.copy_(torch.randn(shared_dim, d_model, generator=g))
+        module.collab_key.bias.copy_(torch.randn(shared_dim, generator=g))
+        module.collab_mixing.copy_(torch.randn(kv_heads, shared_dim // 2, 2, generator=g))
+        module.collab_key_freq.copy_(torch.randint(0, head_dim // 2, (shared_dim // 2,), generator=g).sort().values)
+    return module
+
+
+def _cos_sin(batch, n, head_dim, seed=7):
+    angles = torch.rand(batch, n, head_dim // 2, generator=torch.Generator().manual_seed(seed)) * 6.0
+    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)  # (B, N, d)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rotary_states_equal_the_reference(float64, grad):
+    module = _rotary()
+    g = torch.Generator().manual_seed(8)
+    query = torch.randn(2, 5, 4, 8, generator=g).transpose(1, 2)  # (B, H, N, d), strided as q_proj's view
+    y = torch.randn(2, 5, 16, generator=g)
+    cos, sin = _cos_sin(2, 5, 8)
+    freq = module.collab_key_freq
+    with torch.set_grad_enabled(grad):
+        got_q = module.query_states(query.requires_grad_(grad), cos, sin, 0.3)
+        got_k = module.key_states(y, cos, sin)
+    want_q = 0.3 * rotary_rotate(rotary_query_states(query, module.collab_mixing, freq), cos, sin, freq)
+    want_k = rotary_rotate(module.collab_key(y).unsqueeze(1), cos, sin, freq)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-10, atol=1e-10)
+    assert got_q.requires_grad == grad
+    with torch.no_grad():  # a new collab_key_freq (loading) is followed
+        module.collab_key_freq.copy_(freq.flip(0))
+        torch.testing.assert_close(module.key_states(y, cos, sin),
+                                   rotary_rotate(module.collab_key(y).unsqueeze(1), cos, sin, freq))
+
+
+# --------------------------------------------------------------------------- transformers adapters
+
+transformers = pytest.importorskip("transformers")
+
+from collabcompress import hf  # noqa: E402
+from collabcompress.compress import CompressOptions, compress  # noqa: E402
+from families import make_checkpoint  # noqa: E402
+
+FAMILIES = ["bert", "gpt2", "t5", "bart"]  # MPNet computes its attention itself: test_hf checks it
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory) -> dict[str, Path]:
+    transformers.logging.set_verbosity_error()
+    root = tmp_path_factory.mktemp("runtime")
+    out = {}
+    for name in FAMILIES:
+        out[name] = root / f"{name}-low"
+        compress(make_checkpoint(name, root / name), out[name], CompressOptions(rank=6, max_iter=3))
+    return out
+
+
+def _inputs(name):
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 60, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if name in ("t5", "bart"):
+        kw["decoder_input_ids"] = ids[:, :5]
+    return kw
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fast_path_equals_transformers_interface(compressed, name, attn, monkeypatch):
+    model = hf.from_pretrained(compressed[name], attn_implementation=attn)
+    kw = _inputs(name)
+    with torch.no_grad():
+        fast = model(**kw, output_attentions=attn == "eager")
+        monkeypatch.setattr(hf._Adapter, "_fast", False)
+        slow = model(**kw, output_attentions=attn == "eager")
+    torch.testing.assert_close(fast.last_hidden_state, slow.last_hidden_state, rtol=1e-5, atol=1e-5)
+    if attn == "eager":
+        names = [k for k in ("attentions", "decoder_attentions", "cross_attentions") if getattr(fast, k, None)]
+        assert names
+        for k in names:
+            for a, b in zip(getattr(fast, k), getattr(slow, k)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decoding_step_equals_the_forward(compressed, attn):
+    model = hf.from_pretrained(compressed["gpt2"], attn_implementation=attn)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        full = model(input_ids=ids).last_hidden_state
+        cache = transformers.DynamicCache(config=model.config)
+        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+        step = model(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True).last_hidden_state
+    torch.testing.assert_close(step[:, 0], full[:, 8], rtol=1e-5, atol=1e-5)
