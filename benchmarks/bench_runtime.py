@@ -166,11 +166,11 @@ def _decoder(models: dict, prefill: int, steps: int, runs: int, vocab: int) -> d
     def step_time(name, model):
         def run():
             cache = transformers.DynamicCache(config=model.config)
-            model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :prefill], cache=cache, use_cache=True)
             caches[name] = _key_cache_bytes(cache)
             t0 = time.perf_counter()
             for i in range(prefill, prefill + steps):
-                model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
             return (time.perf_counter() - t0) / steps
         return run
 

@@ -244,6 +244,6 @@ def test_cached_decoding_step_equals_the_forward(compressed, attn):
     with torch.no_grad():
         full = model(input_ids=ids).last_hidden_state
         cache = transformers.DynamicCache(config=model.config)
-        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
-        step = model(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True).last_hidden_state
+        model(input_ids=ids[:, :8], cache=cache, use_cache=True)
+        step = model(input_ids=ids[:, 8:], cache=cache, use_cache=True).last_hidden_state
     torch.testing.assert_close(step[:, 0], full[:, 8], rtol=1e-5, atol=1e-5)
