@@ -160,17 +160,19 @@ def _decoder(models: dict, prefill: int, steps: int, runs: int, vocab: int) -> d
     """Seconds per cached decoding step after ``prefill`` tokens (batch 1), and key cache bytes."""
     import transformers
 
+    from collabcompress import hf
+
     ids = torch.randint(5, vocab, (1, prefill + steps), generator=torch.Generator().manual_seed(0))
     caches: dict[str, int] = {}
 
     def step_time(name, model):
         def run():
             cache = transformers.DynamicCache(config=model.config)
-            model(input_ids=ids[:, :prefill], cache=cache, use_cache=True)
+            model(input_ids=ids[:, :prefill], **{hf.cache_keyword(model): cache}, use_cache=True)
             caches[name] = _key_cache_bytes(cache)
             t0 = time.perf_counter()
             for i in range(prefill, prefill + steps):
-                model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+                model(input_ids=ids[:, i:i + 1], **{hf.cache_keyword(model): cache}, use_cache=True)
             return (time.perf_counter() - t0) / steps
         return run
 

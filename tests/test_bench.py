@@ -155,6 +155,13 @@ def test_model_level_decoder_with_cache_bytes(cli, rotary_checkpoints, llama_r8)
         assert row["flop_model_ratio"] == pytest.approx(report.flop_model_ratio(row["seq_len"]), abs=1e-6)
 
 
+def test_a_cache_left_empty_is_an_error_not_zero_bytes(cli, rotary_checkpoints, llama_r8, monkeypatch):
+    """A transformers that ignores the cache keyword leaves the cache empty: exit 4, no 0 -> 0 bytes row."""
+    monkeypatch.setattr(latency, "cache_bytes", lambda cache: (0, 0))
+    assert_clean_failure(cli("bench", rotary_checkpoints["llama"], llama_r8, "--level", "model", "--lengths", "8",
+                             "--batch-sizes", "1", *FAST, "--context", "20", "--decode-steps", "3"), 4, "cache empty")
+
+
 def test_decode_context_and_lengths_capped_at_the_positions(cli, rotary_checkpoints, llama_r8):
     data = _json(cli("bench", rotary_checkpoints["llama"], llama_r8, "--level", "model", "--lengths", "8,100",
                      "--batch-sizes", "1", *FAST, "--decode-steps", "3", "--json", "-"))

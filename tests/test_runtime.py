@@ -46,7 +46,8 @@ def _reference(query, key, value, mask=None, causal=False, bias=None):
         if bias is not None:
             scores = scores + bias.expand(-1, n_head, -1, -1)[:, h]
         if causal:
-            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1),
+                                       float("-inf"))
         if mask is not None:
             m = mask.expand(mask.shape[0], n_head, *mask.shape[2:])[:, h]
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
@@ -186,6 +187,45 @@ def test_rotary_states_equal_the_reference(float64, grad):
                                    rotary_rotate(module.collab_key(y).unsqueeze(1), cos, sin, freq))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["plain", "bool", "causal", "bias+additive"])
+def test_kernel_on_cuda_equals_the_reference(case):
+    """The same kernel on a GPU (float32): equal to the head-by-head reference there."""
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 12, 64, 204, generator=g), torch.randn(2, 1, 64, 204, generator=g)
+    value = torch.randn(2, 12, 64, 32, generator=g)
+    mask = bias = None
+    if "bool" in case:
+        mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+        mask[1, ..., -5:] = False
+    if "bias" in case:
+        bias, mask = torch.randn(1, 12, 64, 64, generator=g), torch.zeros(2, 1, 64, 64)
+    cuda = [None if t is None else t.cuda() for t in (query, key, value, mask, bias)]
+    out, _ = collaborative_attention(cuda[0], cuda[1], cuda[2], attention_mask=cuda[3], is_causal="causal" in case,
+                                     position_bias=cuda[4])
+    want, _ = _reference(*cuda[:4], "causal" in case, cuda[4])
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    on_cpu, _ = collaborative_attention(query, key, value, attention_mask=mask, is_causal="causal" in case,
+                                        position_bias=bias)
+    torch.testing.assert_close(out.cpu(), on_cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rotary_states_on_cuda_equal_the_cpu():
+    module = _rotary()
+    g = torch.Generator().manual_seed(8)
+    query = torch.randn(2, 5, 4, 8, generator=g).transpose(1, 2)
+    y = torch.randn(2, 5, 16, generator=g)
+    cos, sin = _cos_sin(2, 5, 8)
+    want_q, want_k = module.query_states(query, cos, sin, 0.3), module.key_states(y, cos, sin)
+    module.cuda()
+    got_q = module.query_states(query.cuda(), cos.cuda(), sin.cuda(), 0.3)
+    got_k = module.key_states(y.cuda(), cos.cuda(), sin.cuda())
+    torch.testing.assert_close(got_q.cpu(), want_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_k.cpu(), want_k, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- transformers adapters
 
 transformers = pytest.importorskip("transformers")
@@ -244,6 +284,6 @@ def test_cached_decoding_step_equals_the_forward(compressed, attn):
     with torch.no_grad():
         full = model(input_ids=ids).last_hidden_state
         cache = transformers.DynamicCache(config=model.config)
-        model(input_ids=ids[:, :8], cache=cache, use_cache=True)
-        step = model(input_ids=ids[:, 8:], cache=cache, use_cache=True).last_hidden_state
+        model(input_ids=ids[:, :8], **{hf.cache_keyword(model): cache}, use_cache=True)
+        step = model(input_ids=ids[:, 8:], **{hf.cache_keyword(model): cache}, use_cache=True).last_hidden_state
     torch.testing.assert_close(step[:, 0], full[:, 8], rtol=1e-5, atol=1e-5)

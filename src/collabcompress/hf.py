@@ -53,6 +53,14 @@ def _transformers():
     return require_transformers("loading a compressed model")
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its key/value cache by: ``cache`` (transformers >= 5.2x)
+    or ``past_key_values`` (earlier versions, which pass an unknown ``cache=`` on unseen)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 # --------------------------------------------------------------------------- collaborative attention modules
 
 class _Adapter:

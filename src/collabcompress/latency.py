@@ -399,22 +399,27 @@ class _ModelPair:
         bytes, then time ``warmup + steps`` one-token steps of both models interleaved."""
         from transformers import DynamicCache
 
+        from .hf import cache_keyword
+
         ids = self._ids(1, context + warmup + steps, salt=7)  # (1, context + warmup + steps)
         caches, sizes = [], []
         for m in (self.reference, self.model):
             cache = DynamicCache(config=m.config)  # its layers made up front, as generate() does
-            m(input_ids=ids[:, :context], cache=cache, use_cache=True)
+            m(input_ids=ids[:, :context], **{cache_keyword(m): cache}, use_cache=True)
             caches.append(cache)
             sizes.append(cache_bytes(cache))
+            if not sum(sizes[-1]):
+                raise UnsupportedArchitectureError(f"{type(m).__name__} left its key/value cache empty after a "
+                                                   f"{context}-token prefill: decoding cannot be measured")
         position = [context]  # the token both models take next
 
         def original_step() -> None:
             i = position[0]
-            self.reference(input_ids=ids[:, i:i + 1], cache=caches[0], use_cache=True)
+            self.reference(input_ids=ids[:, i:i + 1], **{cache_keyword(self.reference): caches[0]}, use_cache=True)
 
         def compressed_step() -> None:
             i = position[0]
-            self.model(input_ids=ids[:, i:i + 1], cache=caches[1], use_cache=True)
+            self.model(input_ids=ids[:, i:i + 1], **{cache_keyword(self.model): caches[1]}, use_cache=True)
             position[0] += 1
 
         times_o, times_c = interleaved(original_step, compressed_step, warmup=warmup, repeats=steps, sync=sync)
