@@ -187,10 +187,36 @@ def test_rotary_states_equal_the_reference(float64, grad):
                                    rotary_rotate(module.collab_key(y).unsqueeze(1), cos, sin, freq))
 
 
+@pytest.mark.parametrize("case", ["plain", "bool", "additive", "causal", "causal+bool", "cross", "bias+additive",
+                                  "bias+causal", "bias+bool+causal"])
+@pytest.mark.parametrize("groups", [4, 2])
+def test_fused_sdpa_path_equals_the_reference(float64, case, groups):
+    """The SDPA path that CUDA float32 takes without weights, run here on the CPU: one mask for
+    bias, mask and causality, grouped values repeated."""
+    from collabcompress.nn import _fused
+
+    g = torch.Generator().manual_seed(1)
+    n, m = (5, 8) if case == "cross" else (6, 6)
+    query, key = torch.randn(2, 4, n, 7, generator=g), torch.randn(2, 1, m, 7, generator=g)
+    value = torch.randn(2, groups, m, 3, generator=g)
+    mask = None
+    if "bool" in case:
+        mask = torch.ones(2, 1, 1, m, dtype=torch.bool)
+        mask[1, ..., -2:] = False
+    elif "additive" in case:
+        mask = torch.zeros(2, 1, n, m)
+        mask[0, :, :, :2] = -1e9
+    bias = torch.randn(1, 4, n, m, generator=g) if "bias" in case else None
+    got = _fused(query, key, value, mask, "causal" in case, bias, 0.0)
+    want, _ = _reference(query, key, value, mask, "causal" in case, bias)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", ["plain", "bool", "causal", "bias+additive"])
-def test_kernel_on_cuda_equals_the_reference(case):
-    """The same kernel on a GPU (float32): equal to the head-by-head reference there."""
+@pytest.mark.parametrize("need_weights", [True, False])  # False: torch SDPA's fused kernel in float32
+@pytest.mark.parametrize("case", ["plain", "bool", "causal", "bias+additive", "bias+bool+causal"])
+def test_kernel_on_cuda_equals_the_reference(case, need_weights):
+    """The kernel on a GPU (float32): equal to the head-by-head reference there and to the CPU."""
     g = torch.Generator().manual_seed(0)
     query, key = torch.randn(2, 12, 64, 204, generator=g), torch.randn(2, 1, 64, 204, generator=g)
     value = torch.randn(2, 12, 64, 32, generator=g)
@@ -199,10 +225,13 @@ def test_kernel_on_cuda_equals_the_reference(case):
         mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
         mask[1, ..., -5:] = False
     if "bias" in case:
-        bias, mask = torch.randn(1, 12, 64, 64, generator=g), torch.zeros(2, 1, 64, 64)
+        bias = torch.randn(1, 12, 64, 64, generator=g)
+        mask = mask if mask is not None else torch.zeros(2, 1, 64, 64)
     cuda = [None if t is None else t.cuda() for t in (query, key, value, mask, bias)]
-    out, _ = collaborative_attention(cuda[0], cuda[1], cuda[2], attention_mask=cuda[3], is_causal="causal" in case,
-                                     position_bias=cuda[4])
+    out, weights = collaborative_attention(cuda[0], cuda[1], cuda[2], attention_mask=cuda[3],
+                                           is_causal="causal" in case, position_bias=cuda[4],
+                                           need_weights=need_weights)
+    assert (weights is None) != need_weights
     want, _ = _reference(*cuda[:4], "causal" in case, cuda[4])
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)

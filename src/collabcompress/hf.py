@@ -125,8 +125,9 @@ class _Adapter:
                 causal = n_query > 1 and mask is None and (getattr(self, "is_causal", True) if causal is None
                                                             else causal)
             out, weights = collaborative_attention(query, key, value, attention_mask=mask, is_causal=causal,
-                                                   position_bias=kwargs.get("position_bias"), dropout=dropout)
-            return out.transpose(1, 2), (weights if implementation == "eager" else None)  # (B, N, H, d)
+                                                   position_bias=kwargs.get("position_bias"), dropout=dropout,
+                                                   need_weights=implementation == "eager")
+            return out.transpose(1, 2), weights  # (B, N, H, d)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, type(self)._eager)
@@ -217,7 +218,8 @@ class _MPNet(_Adapter):
         value = self._split_heads(self.v(hidden_states))  # (B, H, N, d)
         out, probs = collaborative_attention(query, key, value, attention_mask=attention_mask,
                                              position_bias=position_bias,
-                                             dropout=self.dropout.p if self.training else 0.0)
+                                             dropout=self.dropout.p if self.training else 0.0,
+                                             need_weights=bool(output_attentions))
         c = out.permute(0, 2, 1, 3).contiguous()  # (B, N, H, d)
         o = self.o(c.view(*c.shape[:-2], -1))  # (B, N, D)
         return (o, probs) if output_attentions else (o,)
