@@ -57,11 +57,13 @@ def _reference(query, key, value, mask=None, causal=False, bias=None):
     return torch.stack(outs, 1), torch.stack(probs, 1)
 
 
-@pytest.mark.parametrize("case", ["plain", "bool", "additive", "causal", "causal+bool", "cross", "bias+additive",
-                                  "bias+causal"])
-@pytest.mark.parametrize("groups", [4, 2, 1])
-def test_kernel_equals_head_by_head_reference(float64, case, groups):
-    g = torch.Generator().manual_seed(0)
+CASES = ["plain", "bool", "additive", "causal", "causal+bool", "cross", "bias+additive", "bias+causal",
+         "bias+bool+causal"]
+
+
+def _case(case: str, groups: int, seed: int = 0):
+    """(query, key, value, mask, causal, bias) of a small attention case: 4 query heads, one key head."""
+    g = torch.Generator().manual_seed(seed)
     n, m = (5, 8) if case == "cross" else (6, 6)
     query, key = torch.randn(2, 4, n, 7, generator=g), torch.randn(2, 1, m, 7, generator=g)
     value = torch.randn(2, groups, m, 3, generator=g)
@@ -73,7 +75,13 @@ def test_kernel_equals_head_by_head_reference(float64, case, groups):
         mask = torch.zeros(2, 1, n, m)
         mask[0, :, :, :2] = -1e9
     bias = torch.randn(1, 4, n, m, generator=g) if "bias" in case else None
-    causal = "causal" in case
+    return query, key, value, mask, "causal" in case, bias
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("groups", [4, 2, 1])
+def test_kernel_equals_head_by_head_reference(float64, case, groups):
+    query, key, value, mask, causal, bias = _case(case, groups)
     out, weights = collaborative_attention(query, key, value, attention_mask=mask, is_causal=causal,
                                            position_bias=bias)
     want, probs = _reference(query, key, value, mask, causal, bias)
@@ -187,28 +195,16 @@ def test_rotary_states_equal_the_reference(float64, grad):
                                    rotary_rotate(module.collab_key(y).unsqueeze(1), cos, sin, freq))
 
 
-@pytest.mark.parametrize("case", ["plain", "bool", "additive", "causal", "causal+bool", "cross", "bias+additive",
-                                  "bias+causal", "bias+bool+causal"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("groups", [4, 2])
 def test_fused_sdpa_path_equals_the_reference(float64, case, groups):
     """The SDPA path that CUDA float32 takes without weights, run here on the CPU: one mask for
     bias, mask and causality, grouped values repeated."""
     from collabcompress.nn import _fused
 
-    g = torch.Generator().manual_seed(1)
-    n, m = (5, 8) if case == "cross" else (6, 6)
-    query, key = torch.randn(2, 4, n, 7, generator=g), torch.randn(2, 1, m, 7, generator=g)
-    value = torch.randn(2, groups, m, 3, generator=g)
-    mask = None
-    if "bool" in case:
-        mask = torch.ones(2, 1, 1, m, dtype=torch.bool)
-        mask[1, ..., -2:] = False
-    elif "additive" in case:
-        mask = torch.zeros(2, 1, n, m)
-        mask[0, :, :, :2] = -1e9
-    bias = torch.randn(1, 4, n, m, generator=g) if "bias" in case else None
-    got = _fused(query, key, value, mask, "causal" in case, bias, 0.0)
-    want, _ = _reference(query, key, value, mask, "causal" in case, bias)
+    query, key, value, mask, causal, bias = _case(case, groups, seed=1)
+    got = _fused(query, key, value, mask, causal, bias, 0.0)
+    want, _ = _reference(query, key, value, mask, causal, bias)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
