@@ -255,7 +255,7 @@ def _table(results: dict) -> str:
                   "element-wise | other |", "|---|---|---|---|---|---|---|"]
     for name, p in results["profile"].items():
         lines.append(f"| {name} | {p['ms_per_call']:.2f} | {p['matmul']:.0%} | {p['softmax']:.0%} | "
-                     f"{p['fused SDPA kernel']:.0%} | {p['copies and element-wise']:.0%} | {p['other']:.0%} |")
+                     f"{p['fused SDPA kernel']:.0%} | {p['copies and element-wise']:.1%} | {p['other']:.0%} |")
     return "\n".join(lines)
 
 
