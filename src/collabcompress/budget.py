@@ -17,16 +17,18 @@ __all__ = ["allocate", "rank_ladder"]
 LADDER_STEPS = 16  # about this many candidate widths per layer
 
 
-def rank_ladder(width: int, multiple_of: int, *, even: bool = False) -> list[int]:
+def rank_ladder(width: int, multiple_of: int, *, even: bool = False, steps: int = LADDER_STEPS) -> list[int]:
     """Candidate key caches of a layer of full width ``width``: multiples of a step (itself a
-    multiple of ``multiple_of``, and even for rotary layers) up to and including ``width``.
+    multiple of ``multiple_of``, and even for rotary layers) up to and including ``width``,
+    about ``steps`` of them.
 
-    Example: width 384, multiple_of 8 -> 24, 48, ..., 384; width 192 (rotary) -> 16, 32, ..., 192.
+    Example: width 384, multiple_of 8 -> 24, 48, ..., 384; width 192 (rotary) -> 16, 32, ..., 192;
+    width 192, steps 8 -> 24, 48, ..., 192.
     """
     if width < 1 or multiple_of < 1:
         raise ValueError(f"width and multiple_of must be positive, got {width}, {multiple_of}")
     unit = multiple_of * (2 // math.gcd(2, multiple_of)) if even else multiple_of
-    step = unit * max(1, math.ceil(width / (LADDER_STEPS * unit)))
+    step = unit * max(1, math.ceil(width / (steps * unit)))
     ladder = list(range(step, width, step))
     return ladder + [width]
 
