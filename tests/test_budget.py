@@ -211,4 +211,4 @@ def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli)
         curve = {int(r): v for r, v in layer["loss_curve"].items()}
         assert max(curve) == layer["kv_heads"] * layer["head_dim"] and abs(curve[max(curve)]) < 1e-6
     text = cli("analyze", model, "--calibration", stats)
-    assert text.exit_code == 0 and "attention KL at key cache R" in text.stdout
+    assert text.exit_code == 0 and "next-token KL at key cache R" in text.stdout

@@ -264,7 +264,8 @@ def analyze(
                              calibration=calibration)
     if plot is not None:
         _save_plot(plot_energy, result, plot)
-    curves = [f"layer {la.spec.index} {la.curve_loss.replace('_', ' ')} at key cache R: "
+    names = {"next_token_kl": "next-token KL", "attention_kl": "attention KL"}
+    curves = [f"layer {la.spec.index} {names[la.curve_loss]} at key cache R: "
               + ", ".join(f"{r}: {v:.4g}" for r, v in sorted(la.loss_curve.items()))
               for la in result.layers if la.loss_curve is not None]
     _emit(result.to_dict(), json_path, lambda: [analysis_table(result, show_module=_console().width >= 120),
