@@ -150,7 +150,7 @@ def test_rotary_refine_steps_lower_the_recorded_kl(tiny_llama_stats, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--budget", "0.5"], "--budget allocates by the attention loss"),
+    (["--budget", "0.5"], "--budget allocates by the loss measured"),
     (["--budget", "0.5", "--rank", "8"], "exactly one of --rank and --energy"),
     (["--budget", "1.5", "--calibration", "STATS"], "--budget must be in (0, 1]"),
     (["--budget", "0.01", "--calibration", "STATS"], "--budget 0.01: the budget"),

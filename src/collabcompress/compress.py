@@ -67,7 +67,7 @@ class CompressOptions:
         if self.budget is not None and not (0.0 < self.budget <= 1.0):
             raise BadInputError(f"--budget must be in (0, 1], got {self.budget}")
         if self.budget is not None and not self.calibration:
-            raise BadInputError("--budget allocates by the attention loss measured on kept calibration sequences: "
+            raise BadInputError("--budget allocates by the loss measured on kept calibration sequences: "
                                 "pass --calibration statistics made with `calibrate --keep-sequences N`")
         if self.rank is not None and self.rank < 1:
             raise BadInputError(f"--rank must be at least 1, got {self.rank}")
@@ -500,7 +500,7 @@ def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compress
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
 
 
-CURVE_WINDOWS = 2  # kept windows the next-token KL curves are measured on
+CURVE_WINDOWS = 1  # kept windows the next-token KL curves are measured on (one forward each per rung and layer)
 CURVE_TOKENS = 256  # leading tokens of each
 CURVE_STEPS = 8  # about this many candidate key caches per rotary layer
 
