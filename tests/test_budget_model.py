@@ -92,3 +92,11 @@ def test_loss_curves_name_their_loss(tiny_stats, rotary_checkpoints):
     assert loss == "next_token_kl" and len(curves) == len(detect(ckpt))
     again = loss_curves(ckpt, detect(ckpt), stats)
     assert again == (loss, curves)  # seeded windows, deterministic forwards
+
+
+def test_with_refinement_the_budget_allocates_by_attention_kl(tiny_stats, tmp_path):
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = tiny_stats
+    manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats), refine_steps=2))
+    assert {layer["allocation"]["loss"] for layer in manifest["layers"]} == {"attention_kl"}
