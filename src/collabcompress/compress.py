@@ -35,7 +35,8 @@ from .refine import RefineResult, refine_factors
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
                      write_safetensors)
 
-__all__ = ["CompressOptions", "compress", "curve_loss", "loss_curves", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
+__all__ = ["CompressOptions", "compress", "curve_loss", "loss_curves", "parse_layers", "MANIFEST_NAME", "FORMAT",
+           "collab_names"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -511,10 +512,10 @@ def curve_loss(ckpt: Checkpoint, specs: list[AttentionSpec], refine_steps: int =
     config.json) and no refinement, else ``attention_kl`` (each layer's own attention KL).
 
     Measured on SmolLM2 (lee_background.cor, 8 kept windows): without refinement the
-    next-token KL allocates better (half the key cache: perplexity 41.49 against 42.48 by
-    attention KL); with ``--refine-steps 100`` worse (36.17 against 35.98; a third: 45.21
-    against 41.82): it gives the sensitive early layers their full key cache and starves the
-    later ones, whose losses refinement would have recovered.
+    next-token KL allocates better (half the key cache: perplexity 42.13 against 42.48 by
+    attention KL, 43.38 uniform); with ``--refine-steps 100`` worse (half: 36.17 against 35.98;
+    a third: 45.21 against 41.82): it gives the sensitive early layers their full key cache and
+    starves the later ones, whose losses refinement would have recovered.
     """
     import importlib.util
 
