@@ -150,7 +150,7 @@ def test_rotary_refine_steps_lower_the_recorded_kl(tiny_llama_stats, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--budget", "0.5"], "--budget allocates by the attention loss"),
+    (["--budget", "0.5"], "--budget allocates by the loss measured"),
     (["--budget", "0.5", "--rank", "8"], "exactly one of --rank and --energy"),
     (["--budget", "1.5", "--calibration", "STATS"], "--budget must be in (0, 1]"),
     (["--budget", "0.01", "--calibration", "STATS"], "--budget 0.01: the budget"),
@@ -211,4 +211,4 @@ def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli)
         curve = {int(r): v for r, v in layer["loss_curve"].items()}
         assert max(curve) == layer["kv_heads"] * layer["head_dim"] and abs(curve[max(curve)]) < 1e-6
     text = cli("analyze", model, "--calibration", stats)
-    assert text.exit_code == 0 and "attention KL at key cache R" in text.stdout
+    assert text.exit_code == 0 and "next-token KL at key cache R" in text.stdout

@@ -1,8 +1,9 @@
 """Allocation of a key-cache budget across layers by measured loss (pure, no I/O).
 
-Each layer has a loss curve: the attention KL divergence of the compressed layer against the
-original on kept calibration sequences, measured at a ladder of candidate key caches R
-(:func:`rank_ladder`). :func:`allocate` picks one R per layer so that the sum of R stays within
+Each layer has a loss curve measured on kept calibration sequences at a ladder of candidate
+key caches R (:func:`rank_ladder`): for a rotary causal LM the whole model's next-token KL
+with only that layer compressed, else the layer's attention KL against the original
+(:func:`collabcompress.compress.curve_loss`). :func:`allocate` picks one R per layer so that the sum of R stays within
 the budget and the sum of the losses is smallest: a multiple-choice knapsack solved exactly by
 dynamic programming over the budget in units of the ladders' common step.
 """
@@ -17,16 +18,18 @@ __all__ = ["allocate", "rank_ladder"]
 LADDER_STEPS = 16  # about this many candidate widths per layer
 
 
-def rank_ladder(width: int, multiple_of: int, *, even: bool = False) -> list[int]:
+def rank_ladder(width: int, multiple_of: int, *, even: bool = False, steps: int = LADDER_STEPS) -> list[int]:
     """Candidate key caches of a layer of full width ``width``: multiples of a step (itself a
-    multiple of ``multiple_of``, and even for rotary layers) up to and including ``width``.
+    multiple of ``multiple_of``, and even for rotary layers) up to and including ``width``,
+    about ``steps`` of them.
 
-    Example: width 384, multiple_of 8 -> 24, 48, ..., 384; width 192 (rotary) -> 16, 32, ..., 192.
+    Example: width 384, multiple_of 8 -> 24, 48, ..., 384; width 192 (rotary) -> 16, 32, ..., 192;
+    width 192, steps 8 -> 24, 48, ..., 192.
     """
     if width < 1 or multiple_of < 1:
         raise ValueError(f"width and multiple_of must be positive, got {width}, {multiple_of}")
     unit = multiple_of * (2 // math.gcd(2, multiple_of)) if even else multiple_of
-    step = unit * max(1, math.ceil(width / (LADDER_STEPS * unit)))
+    step = unit * max(1, math.ceil(width / (steps * unit)))
     ladder = list(range(step, width, step))
     return ladder + [width]
 

@@ -458,7 +458,7 @@ def load_input_ids(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> 
     f, names, _ = _open_stats(path, ckpt, specs)
     if "input_ids" not in names or "input_lengths" not in names:
         raise BadInputError(f"calibration statistics {path} keep no token ids; run `calibrate --keep-sequences N` "
-                            "again with this version for --heal-steps")
+                            "again with this version for --heal-steps (and --budget on a causal LM)")
     ids, lengths = f.get_tensor("input_ids"), f.get_tensor("input_lengths")
     if ids.dim() != 2 or ids.dtype != torch.int64 or lengths.shape != (ids.shape[0],) or bool((lengths < 2).any()) \
             or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()):

@@ -245,7 +245,8 @@ def analyze(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the cumulative energy curves to this PNG.",
                                                  metavar="PNG")] = None,
     calibration: Annotated[Optional[Path], typer.Option(
-        "--calibration", help="Also measure the loss curves --budget allocates by (attention KL on the kept "
+        "--calibration", help="Also measure the loss curves --budget allocates by (rotary causal LMs: the "
+                              "model's next-token KL with one layer compressed; else attention KL; on the kept "
                               "calibration windows at a ladder of key caches).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
@@ -264,7 +265,8 @@ def analyze(
                              calibration=calibration)
     if plot is not None:
         _save_plot(plot_energy, result, plot)
-    curves = [f"layer {la.spec.index} attention KL at key cache R: "
+    names = {"next_token_kl": "next-token KL", "attention_kl": "attention KL"}
+    curves = [f"layer {la.spec.index} {names[la.curve_loss]} at key cache R: "
               + ", ".join(f"{r}: {v:.4g}" for r, v in sorted(la.loss_curve.items()))
               for la in result.layers if la.loss_curve is not None]
     _emit(result.to_dict(), json_path, lambda: [analysis_table(result, show_module=_console().width >= 120),
@@ -306,7 +308,8 @@ def compress(
                                "sequences (needs `calibrate --keep-sequences N`).")] = 0,
     budget: Annotated[Optional[float], typer.Option(
         "--budget", help="Total key cache over all layers as a fraction of the original's, in (0, 1]: allocated "
-                         "across layers by the attention KL measured on the kept calibration sequences "
+                         "across layers by a loss measured on the kept calibration sequences (rotary causal LMs: "
+                         "the model's next-token KL with one layer compressed at a time; else attention KL) "
                          "(needs --calibration with `calibrate --keep-sequences N`).")] = None,
     heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
                              "(next-token distributions; embeddings for encoders) on the kept calibration sequences "

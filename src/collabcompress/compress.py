@@ -35,7 +35,8 @@ from .refine import RefineResult, refine_factors
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
                      write_safetensors)
 
-__all__ = ["CompressOptions", "compress", "loss_curves", "parse_layers", "MANIFEST_NAME", "FORMAT", "collab_names"]
+__all__ = ["CompressOptions", "compress", "curve_loss", "loss_curves", "parse_layers", "MANIFEST_NAME", "FORMAT",
+           "collab_names"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,7 +68,7 @@ class CompressOptions:
         if self.budget is not None and not (0.0 < self.budget <= 1.0):
             raise BadInputError(f"--budget must be in (0, 1], got {self.budget}")
         if self.budget is not None and not self.calibration:
-            raise BadInputError("--budget allocates by the attention loss measured on kept calibration sequences: "
+            raise BadInputError("--budget allocates by the loss measured on kept calibration sequences: "
                                 "pass --calibration statistics made with `calibrate --keep-sequences N`")
         if self.rank is not None and self.rank < 1:
             raise BadInputError(f"--rank must be at least 1, got {self.rank}")
@@ -135,7 +136,8 @@ class _Layer:
     removed: list[str] = field(default_factory=list)
     refined: RefineResult | Any = None  # RotaryRefineResult for a rotary layer
     plain_error: float = 0.0
-    curve: dict[int, float] | None = None  # --budget: candidate R -> attention KL
+    curve: dict[int, float] | None = None  # --budget: candidate R -> loss
+    curve_loss: str = "attention_kl"  # what the curve measures (curve_loss)
 
 
 def _content_bias(w_key: torch.Tensor, b_query: torch.Tensor | None, n_head: int) -> torch.Tensor:
@@ -419,10 +421,10 @@ def _refine_record(layer: _Layer) -> dict[str, Any] | None:
 
 
 def _allocation_record(layer: _Layer) -> dict[str, Any] | None:
-    """``--budget``: the measured loss curve (key cache R -> attention KL) and the loss at the chosen R."""
+    """``--budget``: the measured loss curve (key cache R -> loss) and the loss at the chosen R."""
     if layer.curve is None:
         return None
-    return {"loss": "attention_kl", "losses": {str(r): round(v, 8) for r, v in sorted(layer.curve.items())},
+    return {"loss": layer.curve_loss, "losses": {str(r): round(v, 8) for r, v in sorted(layer.curve.items())},
             "chosen_loss": round(layer.curve[layer.shared_dim], 8)}
 
 
@@ -499,10 +501,98 @@ def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compress
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
 
 
+CURVE_WINDOWS = 1  # kept windows the next-token KL curves are measured on (one forward each per rung and layer)
+CURVE_TOKENS = 256  # leading tokens of each
+CURVE_STEPS = 8  # about this many candidate key caches per rotary layer
+
+
+def curve_loss(ckpt: Checkpoint, specs: list[AttentionSpec], refine_steps: int = 0) -> str:
+    """What the ``--budget`` curves measure: ``next_token_kl`` (the whole model's, with one layer
+    compressed at a time) for a rotary causal LM that can be run (a model directory with
+    config.json) and no refinement, else ``attention_kl`` (each layer's own attention KL).
+
+    Measured on SmolLM2 (lee_background.cor, 8 kept windows): without refinement the
+    next-token KL allocates better (half the key cache: perplexity 42.13 against 42.48 by
+    attention KL, 43.38 uniform); with ``--refine-steps 100`` worse (half: 36.17 against 35.98;
+    a third: 45.21 against 41.82): it gives the sensitive early layers their full key cache and
+    starves the later ones, whose losses refinement would have recovered.
+    """
+    import importlib.util
+
+    runnable = ckpt.config is not None and (ckpt.directory / "config.json").is_file() \
+        and importlib.util.find_spec("transformers") is not None
+    return "next_token_kl" if runnable and not refine_steps and all(s.rotary for s in specs) else "attention_kl"
+
+
+def _model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, moments: dict[str, Any],
+                  energies: dict[str, Any], ids: torch.Tensor, lengths: torch.Tensor,
+                  progress: Progress | None) -> list[dict[int, float]]:
+    """Per rotary layer: key cache R -> the mean next-token KL(original || model) of the whole
+    model with only that layer's keys replaced by the calibrated fit at R (as k_proj weights,
+    :func:`collabcompress.rotary.key_projection`), on the first CURVE_TOKENS tokens of the first
+    CURVE_WINDOWS kept windows. Unlike each layer's attention KL, these add up to (about) the
+    model's loss: on SmolLM2 the next-token KL per unit of attention KL differs 50-fold between
+    layers (layer 0 is the most sensitive)."""
+    from .budget import rank_ladder
+    from .calibration import _find_modules
+    from .evaluate import _load_original, _quiet_transformers
+    from .extras import require_transformers
+    from .rotary import key_projection, rotary_factors
+
+    transformers = require_transformers("--budget on a causal LM")
+    with _quiet_transformers():
+        model = _load_original(ckpt.directory, transformers.AutoModelForCausalLM).float()
+    n = min(CURVE_WINDOWS, ids.shape[0])
+    t = min(CURVE_TOKENS, int(lengths[:n].min()))
+    x = ids[:n, :t]  # (n, t)
+
+    def log_probs() -> torch.Tensor:
+        return torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)  # (n, t, V)
+
+    curves = []
+    with torch.inference_mode():
+        target = log_probs()
+        for done, spec in enumerate(specs):
+            _, k_proj = _find_modules(model, ckpt, spec)
+            weight, bias = k_proj.weight.detach().clone(), None if k_proj.bias is None else k_proj.bias.detach().clone()
+            qk, _, weights, lower = _rotary_fit_inputs(ckpt, spec, moments.get(spec.module),
+                                                       energies.get(spec.module))
+            ladder = rank_ladder(spec.key_cache, options.multiple_of, even=True, steps=CURVE_STEPS)
+            curve = {spec.key_cache: 0.0}  # the exact layout is the original layer
+            for r in ladder[:-1]:
+                f = rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, r, weights=weights, lower=lower)
+                w_hat, b_hat = key_projection(f, spec.head_dim)
+                k_proj.weight.copy_(w_hat)
+                if bias is not None:
+                    k_proj.bias.copy_(b_hat)
+                curve[r] = float((target.exp() * (target - log_probs())).sum(-1).mean())
+            k_proj.weight.copy_(weight)
+            if bias is not None:
+                k_proj.bias.copy_(bias)
+            curves.append(dict(sorted(curve.items())))
+            if progress:
+                progress(f"loss curve {spec.module}", done + 1, len(specs))
+    return curves
+
+
+def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, whitening: dict[str, Any],
+                   sequences: dict[str, Any], energies: dict[str, Any], workers: int,
+                   progress: Progress | None) -> tuple[str, list[dict[int, float]]]:
+    """The loss :func:`curve_loss` names and its curves, one per layer."""
+    from .calibration import load_input_ids
+
+    loss = curve_loss(ckpt, specs, options.refine_steps)
+    if loss == "next_token_kl":
+        ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
+        return loss, _model_curves(ckpt, specs, options, whitening, energies, ids, lengths, progress)
+    return loss, _loss_curves(ckpt, specs, options, whitening, sequences, energies, workers, progress)
+
+
 def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path, *, multiple_of: int = 8,
-                seed: int = 0, workers: int = 1) -> list[dict[int, float]]:
-    """The curves ``--budget`` allocates by (candidate key cache R -> attention KL on the kept
-    calibration windows), one per layer of ``specs``; what ``analyze --calibration`` shows."""
+                seed: int = 0, workers: int = 1, refine_steps: int = 0) -> tuple[str, list[dict[int, float]]]:
+    """The loss ``--budget`` allocates by (:func:`curve_loss`) and its curves (candidate key cache
+    R -> loss on the kept calibration windows), one per layer of ``specs``; what
+    ``analyze --calibration`` shows (those of ``compress --budget`` without refinement)."""
     from .calibration import load_moments, load_query_energies, load_sequences, load_whitening
 
     plain, rotary = [s for s in specs if not s.rotary], [s for s in specs if s.rotary]
@@ -511,9 +601,11 @@ def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path,
     if rotary:
         whitening.update(load_moments(calibration, ckpt, rotary))
         energies = load_query_energies(calibration, ckpt, rotary)
-    sequences = load_sequences(calibration, ckpt, specs)
-    options = CompressOptions(rank=1, multiple_of=multiple_of, seed=seed, calibration=str(calibration))
-    return _loss_curves(ckpt, specs, options, whitening, sequences, energies, workers, None)
+    options = CompressOptions(rank=1, multiple_of=multiple_of, seed=seed, calibration=str(calibration),
+                              refine_steps=refine_steps)
+    attention = curve_loss(ckpt, specs, refine_steps) == "attention_kl"
+    sequences = load_sequences(calibration, ckpt, specs) if attention else {}
+    return _budget_curves(ckpt, specs, options, whitening, sequences, energies, workers, None)
 
 
 def _allocation(specs: list[AttentionSpec], curves: list[dict[int, float]], budget: float) -> dict[str, int]:
@@ -586,12 +678,12 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
     curves, ranks = None, None
     if options.budget is not None:
-        curves = _loss_curves(ckpt, specs, options, whitening, sequences, energies, workers, progress)
+        curve_name, curves = _budget_curves(ckpt, specs, options, whitening, sequences, energies, workers, progress)
         ranks = _allocation(specs, curves, options.budget)
     layers = _run_layers(ckpt, specs, options, out_dtype, whitening, sequences, workers, progress, energies, ranks)
     if curves is not None:
         for layer, curve in zip(layers, curves):
-            layer.curve = curve
+            layer.curve, layer.curve_loss = curve, curve_name
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
     if ckpt.config is not None:

@@ -117,7 +117,8 @@ def _rotary_analysis(qk: Any, spec: AttentionSpec) -> RotarySpectrum:
 class LayerAnalysis:
     spec: AttentionSpec
     spectrum: LayerSpectrum | RotarySpectrum
-    loss_curve: dict[int, float] | None = None  # with calibration: key cache R -> attention KL (--budget's curve)
+    loss_curve: dict[int, float] | None = None  # with calibration: key cache R -> loss (--budget's curve)
+    curve_loss: str | None = None  # what loss_curve measures (compress.curve_loss)
 
     def to_dict(self, energies: Sequence[float]) -> dict[str, Any]:
         sp = self.spectrum
@@ -139,8 +140,8 @@ class LayerAnalysis:
             "rank_at_key": {_key(t): sp.rank_at_sides(t)[1] for t in energies},
             "redundancy": {_key(t): round(sp.redundancy(t), 6) for t in energies},
             "head_effective_rank": {_key(t): sp.head_effective_rank(t) for t in energies},
-            **({"loss_curve": {str(r): round(v, 8) for r, v in sorted(self.loss_curve.items())}}
-               if self.loss_curve is not None else {}),
+            **({"loss_curve": {str(r): round(v, 8) for r, v in sorted(self.loss_curve.items())},
+                "curve_loss": self.curve_loss} if self.loss_curve is not None else {}),
         }
 
 
@@ -198,6 +199,6 @@ def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | Non
 
         from .compress import loss_curves
 
-        curves = loss_curves(ckpt, specs, Path(calibration), workers=workers or 1)
-        layers = [replace(la, loss_curve=c) for la, c in zip(layers, curves)]
+        loss, curves = loss_curves(ckpt, specs, Path(calibration), workers=workers or 1)
+        layers = [replace(la, loss_curve=c, curve_loss=loss) for la, c in zip(layers, curves)]
     return AnalysisResult(str(checkpoint), specs[0].family, tuple(layers), energies)

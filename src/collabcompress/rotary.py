@@ -37,6 +37,7 @@ __all__ = [
     "frequency_energy",
     "group_weights",
     "key_cache_at",
+    "key_projection",
     "key_whitening",
     "original_key_cache",
     "original_rotary_keys",
@@ -533,6 +534,24 @@ def _rotation(positions: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """e^{i p theta}, complex (N, n) for positions (N,) and frequencies (n,)."""
     phase = positions[:, None] * angle  # (N, n)
     return torch.polar(torch.ones_like(phase), phase)
+
+
+def key_projection(factors: RotaryFactors, head_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The k_proj weight ``(G*d, D)`` and bias ``(G*d,)`` or None whose keys are the shared
+    keys' ``sum_{r: j(r)=j} U_{g,r} c_r(y)`` (rotate_half layout, float64).
+
+    The rotation is one complex scalar per frequency, so a model whose k_proj holds these
+    weights computes exactly the compressed layer's scores; at the exact layout (R = G*d)
+    they are the source's k_proj, up to rounding.
+    """
+    half = _head_dim(head_dim) // 2
+    _check_freq(factors, half)
+    beta = factors.beta() if factors.key_bias is None else torch.cat([factors.beta(), factors.beta0()[:, None]], 1)
+    parts = factors.mixing_complex()[:, :, None] * beta  # (G, R/2, D')
+    keys = parts.new_zeros(factors.n_kv_head, half, beta.shape[1]).index_add_(1, factors.freq, parts)  # (G, d/2, D')
+    rows = torch.cat([keys.real, keys.imag], dim=1).reshape(factors.n_kv_head * head_dim, -1)  # (G*d, D')
+    d_model = factors.d_model
+    return rows[:, :d_model].contiguous(), (rows[:, d_model].contiguous() if factors.key_bias is not None else None)
 
 
 def original_rotary_keys(
