@@ -43,19 +43,18 @@ def collaborative_query_states(x: torch.Tensor, query_weight: torch.Tensor, mixi
 
     ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R), ``scale`` is s; e_h is the
     one-hot row of head h, which picks head h's content-bias term out of the shared key.
-    Written into one buffer (no concatenation) unless autograd needs the graph.
+    Two steps, no concatenation of activations: one linear map with H extra output rows of
+    weight 0 and bias 1 gives [U^T x, 1] (B, N, R+H), and one broadcast multiply by
+    s [m_h, e_h] (H, R+H) gives every head's query.
     """
-    qx = F.linear(x, query_weight).unsqueeze(-3)  # (B, 1, N, R)
     n_head, shared_dim = mixing.shape
-    mixing = (scale * mixing.to(qx.dtype)).unsqueeze(-2)  # (H, 1, R)
-    onehot = scale * torch.eye(n_head, dtype=qx.dtype, device=qx.device).unsqueeze(-2)  # (H, 1, H)
-    shape = (*qx.shape[:-3], n_head, qx.shape[-2])  # (B, H, N)
-    if torch.is_grad_enabled() and (qx.requires_grad or mixing.requires_grad):
-        return torch.cat([qx * mixing, onehot.expand(*shape, n_head)], dim=-1)
-    out = qx.new_empty(*shape, shared_dim + n_head)  # (B, H, N, R+H)
-    torch.mul(qx, mixing, out=out[..., :shared_dim])
-    out[..., shared_dim:] = onehot
-    return out
+    zeros = query_weight.new_zeros(n_head, query_weight.shape[1])
+    weight = torch.cat([query_weight, zeros])  # (R+H, D): [U^T ; 0]
+    bias = torch.cat([query_weight.new_zeros(shared_dim), query_weight.new_ones(n_head)])  # (R+H,): [0 ; 1]
+    qx = F.linear(x, weight, bias).unsqueeze(-3)  # (B, 1, N, R+H): [U^T x, 1]
+    eye = torch.eye(n_head, dtype=mixing.dtype, device=mixing.device)
+    mix = (scale * torch.cat([mixing, eye], dim=-1)).to(qx.dtype).unsqueeze(-2)  # (H, 1, R+H): s [m_h, e_h]
+    return qx * mix  # (B, H, N, R+H)
 
 
 def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_bias: torch.Tensor) -> torch.Tensor:
