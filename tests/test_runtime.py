@@ -4,7 +4,7 @@
   values) equals scores + biases + masks + softmax + values written out head by head, for
   boolean and additive masks, causal, cross-attention, position biases and grouped values;
   a query that sees no key gets zeros, as torch SDPA gives;
-- CollaborativeAttention's buffered query and cached key weight equal the concatenated
+- CollaborativeAttention's query (one linear map, one multiply) and cached key weight equal the concatenated
   reference, follow parameter changes, and train (gradients equal the reference's);
 - CollaborativeRotaryAttention's combined mix-rotate-scale equals rotary_rotate(rotary_query_states)
   and the shared key equals rotary_rotate(collab_key), with and without autograd;
@@ -119,7 +119,7 @@ def _reference_module_output(tensors, scale, x, v):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def test_buffered_query_equals_concatenation_and_the_key_weight_follows_the_parameters(float64):
+def test_query_equals_concatenation_and_the_key_weight_follows_the_parameters(float64):
     module, tensors = _module()
     x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
     v = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(3))

@@ -14,9 +14,9 @@ the content bias into one shared key,
 so q'_h . k' = s [(U^T x) . (m_h * (V^T y)) + c_h . y]. The key k' (R + H numbers per
 token, what a key cache holds, SPEC section 5) is the same for every head and is never
 copied per head: the scores of all heads are ONE batched matrix product
-(B, H*N, R+H) @ (B, R+H, M) (:func:`collaborative_attention`). q' is written into one
-buffer (a broadcast multiply and a small one-hot block, no concatenation), k' is one linear
-map with the weight [V^T ; C] built once. Carrying the content bias as H extra columns
+(B, H*N, R+H) @ (B, R+H, M) (:func:`collaborative_attention`). q' is one linear map giving
+[U^T x, 1] and one broadcast multiply by s [m_h, e_h] (no concatenation of activations), k'
+is one linear map with the weight [V^T ; C] built once. Carrying the content bias as H extra columns
 costs H/R more multiply-adds in the product but saves a pass over the (B, H, N, M) scores
 that adding it as a per-key bias would take (measured: about 1 ms of 9 ms at MiniLM's
 8 x 128, R = 192). Masks, causal attention, cross-attention and additive position biases
