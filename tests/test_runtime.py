@@ -208,8 +208,20 @@ def test_fused_sdpa_path_equals_the_reference(float64, case, groups):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_sdpa_path_pads_half_precision_widths(dtype):
+    """Width 7 is padded with zeros to 8 in half precision: the same scores, so the same output."""
+    from collabcompress.nn import _fused
+
+    query, key, value, mask, causal, bias = _case("bias+bool+causal", 2, seed=3)
+    got = _fused(query.to(dtype), key.to(dtype), value.to(dtype), mask, causal, bias.to(dtype), 0.0)
+    want, _ = _reference(query, key, value, mask, causal, bias)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("need_weights", [True, False])  # False: torch SDPA's fused kernel in float32
+@pytest.mark.parametrize("need_weights", [True, False])  # False: torch SDPA's fused kernel
 @pytest.mark.parametrize("case", ["plain", "bool", "causal", "bias+additive", "bias+bool+causal"])
 def test_kernel_on_cuda_equals_the_reference(case, need_weights):
     """The kernel on a GPU (float32): equal to the head-by-head reference there and to the CPU."""
@@ -236,6 +248,20 @@ def test_kernel_on_cuda_equals_the_reference(case, need_weights):
     on_cpu, _ = collaborative_attention(query, key, value, attention_mask=mask, is_causal="causal" in case,
                                         position_bias=bias)
     torch.testing.assert_close(out.cpu(), on_cpu, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("need_weights", [True, False])  # False: SDPA with the width padded to 208
+def test_half_precision_kernel_on_cuda(dtype, need_weights):
+    g = torch.Generator().manual_seed(4)
+    query, key = torch.randn(2, 12, 64, 204, generator=g) / 204 ** 0.5, torch.randn(2, 1, 64, 204, generator=g)
+    value, bias = torch.randn(2, 12, 64, 32, generator=g), torch.randn(1, 12, 64, 64, generator=g)
+    out, _ = collaborative_attention(*(t.cuda().to(dtype) for t in (query, key, value)), is_causal=True,
+                                     position_bias=bias.cuda().to(dtype), need_weights=need_weights)
+    want, _ = _reference(query, key, value, None, True, bias)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float().cpu(), want, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
