@@ -124,3 +124,26 @@ def rotary_checkpoints(tmp_path_factory) -> dict[str, Path]:
     built = {name: make_rotary_checkpoint(name, root / name) for name in rotary_names()}
     built["llama-noconfig"] = make_rotary_checkpoint("llama", root / "llama-noconfig", with_config=False)
     return built
+
+
+@pytest.fixture(scope="session")
+def rotary_stats(rotary_checkpoints, tmp_path_factory):
+    """name -> (tiny rotary checkpoint, calibration statistics with 3 kept 64-token windows), each
+    calibrated once per session on 60 short repetitive lines."""
+    pytest.importorskip("transformers")
+    from collabcompress.calibration import calibrate
+
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def stats_for(name: str) -> tuple[Path, Path]:
+        if name not in made:
+            root = tmp_path_factory.mktemp(f"stats-{name}")
+            texts = root / "texts.txt"
+            texts.write_text("\n".join(f"the cat {i} sat on the mat number {i * 7} and then it went home again"
+                                       for i in range(60)), encoding="utf-8")
+            stats = root / "stats.safetensors"
+            calibrate(rotary_checkpoints[name], texts, stats, max_tokens=400, max_length=64, keep_sequences=3)
+            made[name] = rotary_checkpoints[name], stats
+        return made[name]
+
+    return stats_for

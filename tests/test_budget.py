@@ -95,20 +95,9 @@ def test_refine_rotary_lowers_the_kl_and_is_seeded():
 
 # --------------------------------------------------------------------------- compress --budget, tiny models
 
-TEXTS = "\n".join(f"the cat {i} sat on the mat number {i * 7} and then it went home again" for i in range(60))
-
-
 @pytest.fixture(scope="module")
-def tiny_llama_stats(rotary_checkpoints, tmp_path_factory):
-    pytest.importorskip("transformers")
-    from collabcompress.calibration import calibrate
-
-    root = tmp_path_factory.mktemp("budget")
-    texts = root / "texts.txt"
-    texts.write_text(TEXTS, encoding="utf-8")
-    stats = root / "stats.safetensors"
-    calibrate(rotary_checkpoints["qwen2"], texts, stats, max_tokens=400, max_length=64, keep_sequences=3)
-    return rotary_checkpoints["qwen2"], stats
+def tiny_llama_stats(rotary_stats):
+    return rotary_stats("qwen2")
 
 
 def test_budget_allocates_and_records_the_curves(tiny_llama_stats, tmp_path):
@@ -164,12 +153,10 @@ def test_budget_bad_input_exits_3(tiny_llama_stats, tmp_path, cli, args, message
     assert not (tmp_path / "o").exists()
 
 
-def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tmp_path, cli):
-    pytest.importorskip("transformers")
+def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tiny_llama_stats, tmp_path, cli):
     from collabcompress.calibration import calibrate
 
-    texts = tmp_path / "t.txt"
-    texts.write_text(TEXTS, encoding="utf-8")
+    texts = tiny_llama_stats[1].parent / "texts.txt"  # the lines the shared statistics were made from
     calibrate(rotary_checkpoints["llama"], texts, tmp_path / "s.safetensors", max_tokens=200, max_length=64)
     result = cli("compress", rotary_checkpoints["llama"], "--out", tmp_path / "o", "--budget", "0.5",
                  "--calibration", tmp_path / "s.safetensors")

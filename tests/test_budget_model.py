@@ -48,20 +48,9 @@ def test_ladder_with_fewer_steps():
     assert rank_ladder(192, 8, even=True) == list(range(16, 193, 16))
 
 
-TEXTS = "\n".join(f"the cat {i} sat on the mat number {i * 7} and then it went home again" for i in range(60))
-
-
 @pytest.fixture(scope="module")
-def tiny_stats(rotary_checkpoints, tmp_path_factory):
-    pytest.importorskip("transformers")
-    from collabcompress.calibration import calibrate
-
-    root = tmp_path_factory.mktemp("budget-model")
-    texts = root / "texts.txt"
-    texts.write_text(TEXTS, encoding="utf-8")
-    stats = root / "stats.safetensors"
-    calibrate(rotary_checkpoints["llama"], texts, stats, max_tokens=400, max_length=64, keep_sequences=3)
-    return rotary_checkpoints["llama"], stats
+def tiny_stats(rotary_stats):
+    return rotary_stats("llama")
 
 
 def test_budget_on_a_causal_lm_allocates_by_next_token_kl(tiny_stats, tmp_path):
