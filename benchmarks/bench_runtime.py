@@ -241,16 +241,20 @@ def _profile(args, tmp: Path, before_hf) -> dict:
 
 def _table(results: dict) -> str:
     lines = ["| model | N | FLOP ratio | before | after |", "|---|---|---|---|---|"]
+    def cell(r: dict, digits: int) -> dict[str, str]:
+        return {k: f"{r[k]['ratio']:.{digits}f} ({r[k]['min']:.{digits}f}..{r[k]['max']:.{digits}f})"
+                for k in ("before", "after")}
+
     for r in results["encoders"]:
-        cell = {k: f"{r[k]['ratio']:.2f} ({r[k]['min']:.2f}..{r[k]['max']:.2f})" for k in ("before", "after")}
+        c = cell(r, 2)
         lines.append(f"| {r['model']} R = {r['rank']}, B = {r['batch']} | {r['seq_len']} | {r['flop_ratio']:.3f} | "
-                     f"{cell['before']} | {cell['after']} |")
+                     f"{c['before']} | {c['after']} |")
     lines += ["", "| decoder, batch 1 | context | step time before | step time after | key cache bytes "
                   "(original -> after) |", "|---|---|---|---|---|"]
     for r in results["decoders"]:
-        cell = {k: f"{r[k]['ratio']:.3f} ({r[k]['min']:.3f}..{r[k]['max']:.3f})" for k in ("before", "after")}
-        lines.append(f"| {r['model']} R = {r['rank']} | {r['prefill']} + {r['steps']} | {cell['before']} | "
-                     f"{cell['after']} | {r['original']['key_cache_bytes']:,} -> {r['after']['key_cache_bytes']:,} |")
+        c = cell(r, 3)
+        lines.append(f"| {r['model']} R = {r['rank']} | {r['prefill']} + {r['steps']} | {c['before']} | "
+                     f"{c['after']} | {r['original']['key_cache_bytes']:,} -> {r['after']['key_cache_bytes']:,} |")
     lines += ["", "| one attention module, MiniLM R = 192, 8 x 128 | ms | matmul | softmax | fused SDPA | copies and "
                   "element-wise | other |", "|---|---|---|---|---|---|---|"]
     for name, p in results["profile"].items():

@@ -78,3 +78,12 @@ def stored_tensor(directory: Path, name: str):
 
     with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
         return f.get_tensor(name)
+
+
+def budget_losses(manifest: dict, fraction: float) -> list[tuple[dict, dict[int, float]]]:
+    """Check that a ``--budget fraction`` manifest keeps at most that fraction of the full key
+    cache; (layer record, its allocation curve R -> loss) per layer."""
+    layers = manifest["layers"]
+    full = sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
+    assert sum(layer["shared_dim"] for layer in layers) <= fraction * full
+    return [(layer, {int(r): v for r, v in layer["allocation"]["losses"].items()}) for layer in layers]

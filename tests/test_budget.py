@@ -11,6 +11,7 @@ import torch
 from collabcompress.budget import allocate, rank_ladder
 from collabcompress.refine import RotaryKL, refine_rotary, rotary_collab_logits, rotary_original_logits
 from collabcompress.rotary import rotary_factors, rotary_scores
+from helpers import budget_losses
 
 
 def test_ladder_steps_and_ends():
@@ -105,11 +106,7 @@ def test_budget_allocates_and_records_the_curves(tiny_llama_stats, tmp_path):
 
     model, stats = tiny_llama_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats)))
-    layers = manifest["layers"]
-    full = sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
-    assert sum(layer["shared_dim"] for layer in layers) <= 0.5 * full
-    for layer in layers:
-        losses = {int(r): v for r, v in layer["allocation"]["losses"].items()}
+    for layer, losses in budget_losses(manifest, 0.5):
         assert layer["shared_dim"] in losses
         assert layer["allocation"]["chosen_loss"] == losses[layer["shared_dim"]]
         assert abs(losses[max(losses)]) < 1e-6  # the full key cache is the original layer

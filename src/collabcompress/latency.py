@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
                        DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP)
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .nn import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention
 
 __all__ = ["FORMAT", "LEVELS", "Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
            "measured_crossover", "outputs_sha256", "bench", "MEMORY_METHODS"]
@@ -248,8 +249,6 @@ def _value_projection(ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _collab_module(out, layer, spec) -> torch.nn.Module:
-    from .nn import CollaborativeAttention, CollaborativeRotaryAttention
-
     t = layer.tensors
     if layer.rotary:
         module = CollaborativeRotaryAttention(layer.d_model, layer.kv_heads, layer.shared_dim,
@@ -317,10 +316,11 @@ def _compressed_layer(la: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, tor
     if rope is None:
         return la.collab(x, v)[0]  # (B, H, N, d)
     cos, sin = rope
-    q = la.collab.query_states(_heads(F.linear(x, la.w_query, la.b_query), s.head_dim), cos, sin)  # (B, H, N, R)
-    k = la.collab.key_states(x, cos, sin)  # (B, 1, N, R), broadcast over the heads
-    v = v.repeat_interleave(s.n_head // s.n_kv_head, dim=1)  # (B, H, N, d)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.scale)
+    query = _heads(F.linear(x, la.w_query, la.b_query), s.head_dim)  # (B, H, N, d)
+    q = la.collab.query_states(query, cos, sin, s.scale)  # (B, H, N, R), scale included
+    k = la.collab.key_states(x, cos, sin)  # (B, 1, N, R), one key head for all
+    # the runtime's kernel, as the transformers adapter runs it (grouped values, no repeat)
+    return collaborative_attention(q, k, v, is_causal=True, need_weights=False)[0]  # (B, H, N, d)
 
 
 class _ModulePair:
@@ -412,14 +412,15 @@ class _ModelPair:
                 raise UnsupportedArchitectureError(f"{type(m).__name__} left its key/value cache empty after a "
                                                    f"{context}-token prefill: decoding cannot be measured")
         position = [context]  # the token both models take next
+        keys = cache_keyword(self.reference), cache_keyword(self.model)  # looked up once, not per timed step
 
         def original_step() -> None:
             i = position[0]
-            self.reference(input_ids=ids[:, i:i + 1], **{cache_keyword(self.reference): caches[0]}, use_cache=True)
+            self.reference(input_ids=ids[:, i:i + 1], **{keys[0]: caches[0]}, use_cache=True)
 
         def compressed_step() -> None:
             i = position[0]
-            self.model(input_ids=ids[:, i:i + 1], **{cache_keyword(self.model): caches[1]}, use_cache=True)
+            self.model(input_ids=ids[:, i:i + 1], **{keys[1]: caches[1]}, use_cache=True)
             position[0] += 1
 
         times_o, times_c = interleaved(original_step, compressed_step, warmup=warmup, repeats=steps, sync=sync)

@@ -62,8 +62,8 @@ key/query projections included); ``attention_flops_per_token_*`` the part that d
 sentences of the report, among them one whenever the compressed key/query side or the
 compressed model costs more FLOPs at a requested length. The FLOP figures are a model
 (SPEC section 5), not a time: ``measured`` puts the latency ratios of a
-``collabcompress bench --json`` record of the same directory (checked by the sha256 of its
-manifest, :func:`read_measured`) beside the FLOP model's ratios at the same lengths.
+``collabcompress bench --json`` record of the same directory (checked by its ``outputs_sha256``,
+:func:`read_measured`) beside the FLOP model's ratios at the same lengths.
 
 Reference: Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of
 Concatenate", arXiv 2006.16362.
