@@ -29,7 +29,6 @@ keeps |q|. ``compress`` weighs the shared-key fit with them (SPEC section 2).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -58,19 +57,12 @@ Progress = Callable[[str, int, int], None]
 
 
 def source_sha256(ckpt: Checkpoint) -> str:
-    """One digest over the weight files (and index) of a checkpoint."""
-    files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
-    return _digest_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-
-
-@functools.lru_cache(maxsize=8)
-def _digest_files(files: tuple[tuple[str, int, int], ...]) -> str:
-    # keyed by path, size and mtime: compress reads the statistics twice (whitening and
-    # refinement sequences) and must not hash a multi-GB checkpoint twice
+    """One digest over the weight files (and index) of a checkpoint (each file hashed once per
+    version: compress reads the statistics twice and must not hash a multi-GB checkpoint twice)."""
     h = hashlib.sha256()
-    for name, _, _ in files:
-        h.update(Path(name).name.encode())
-        h.update(sha256_file(Path(name)).encode())
+    for f in ckpt.files + ([ckpt.index_file] if ckpt.index_file else []):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 

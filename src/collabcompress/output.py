@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -50,10 +51,19 @@ _TEMP_NAME = re.compile(r"\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<token>[0-9a-f]{16
 _MANIFEST_LIMIT = 64 << 20
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, hex. Remembered per file version: a file is hashed again only when its
+    device, inode, size, mtime or ctime changed (any write changes ctime, which no user can set
+    back), so checking a model's weights several times in one process reads them once."""
+    st = path.stat()
+    return _sha256(str(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, version: tuple[int, ...]) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
 
