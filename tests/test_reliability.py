@@ -11,8 +11,10 @@ regular file, after damaging what the case damages, and asserts:
   every directory of the workspace (hidden temporary directories included) are the same
   before and after.
 
-The interruption tests at the end send SIGINT to a real ``compress`` process, in the
-decomposition and in the writing phase, and measure how long it takes to stop.
+The interruption tests at the end send SIGINT, SIGTERM or SIGKILL to a real ``compress``
+process (tests/signal_child.py, forked from a server that imported torch once), in the
+decomposition and in the writing phase, and check that it stops without waiting for its work
+and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import errno
 import hashlib
 import json
 import math
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import pathlib
 import shutil
@@ -29,7 +33,6 @@ import signal
 import stat
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
+import signal_child
 
 from collabcompress.compress import CompressOptions, compress
 from helpers import write_stats
@@ -625,79 +630,53 @@ def test_case_table_is_large_and_covers_every_command():
 
 # ---------------------------------------------------------------------------- interruption
 
-# Runs the CLI with one phase made slow, and touches a marker file when that phase starts, so
-# that the signal lands where the test wants it without guessing from wall time.
-_HARNESS = r"""
-import os, pathlib, sys, time
-
-marker = pathlib.Path(os.environ["CC_TEST_MARKER"])
-import collabcompress.compress as c
-
-if os.environ["CC_TEST_PHASE"] == "decompose":
-    def cp_als(*args, **kwargs):  # a layer whose decomposition never ends: only abandoning it stops the run
-        import torch
-        marker.touch()
-        x = torch.randn(256, 256)
-        while True:
-            x = torch.tanh(x @ x.T / 256)
-
-    c.cp_als = cp_als
-else:
-    real_write = c.write_safetensors
-
-    def write_safetensors(path, entries, metadata):  # a slow disk: 50 ms per tensor
-        def slow(load):
-            def read():
-                marker.touch()
-                time.sleep(0.05)
-                return load()
-            return read
-        return real_write(path, [(n, s, d, slow(load)) for n, s, d, load in entries], metadata)
-
-    c.write_safetensors = write_safetensors
-
-from collabcompress.cli import main
-
-sys.argv = ["collabcompress", *sys.argv[1:]]
-main()
-"""
+# The CLI runs in a child of a fork server (tests/signal_child.py): a real process, without
+# paying the import of torch for every test.
 GUARD_S = 60  # only a guard against a hang: a run that waits for its layer never exits
 
 
-def _default_signals() -> None:
-    """In the child: default dispositions, so a parent shell that ignores SIGINT does not matter."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+@pytest.fixture(scope="module")
+def server():
+    """The fork server; stopped and waited for after the module, so that its CPU time and its
+    children's count in the suite's (``/usr/bin/time`` sees only waited-for processes)."""
+    context = multiprocessing.get_context("forkserver")
+    # what the server imports once; it does not see the tests' sys.path, so not signal_child itself
+    context.set_forkserver_preload(["torch", "collabcompress.cli", "collabcompress.compress"])
+    yield context
+    multiprocessing.forkserver._forkserver._stop()  # noqa: SLF001 - no public way to wait for it
 
 
-def _start(ws: Path, phase: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+def _start(server, ws: Path, phase: str, *extra: str) -> tuple[multiprocessing.process.BaseProcess, Path]:
+    """``compress`` of the workspace's source with ``phase`` made slow, once that phase started."""
     marker = ws / "started"
-    env = {**os.environ, "CC_TEST_MARKER": str(marker), "CC_TEST_PHASE": phase, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _HARNESS, "compress", str(ws / "src"), "--out", str(ws / "out"),
-                             "--rank", "4", "--max-iter", "2", *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_signals)
+    argv = ["compress", str(ws / "src"), "--out", str(ws / "out"), "--rank", "4", "--max-iter", "2", *extra]
+    proc = server.Process(target=signal_child.run, args=(argv, str(marker), phase, str(_stderr_file(ws))))
+    proc.start()
     deadline = time.monotonic() + 60
     while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if not proc.is_alive() or time.monotonic() > deadline:
             proc.kill()
-            _, err = proc.communicate()
-            pytest.fail(f"the {phase} phase never started: {err.decode(errors='replace')[-2000:]}")
+            proc.join()
+            pytest.fail(f"the {phase} phase never started: {_stderr_file(ws).read_text(errors='replace')[-2000:]}")
         time.sleep(0.01)
     time.sleep(0.2)  # well inside the phase
     return proc, marker
 
 
-def _interrupt(proc: subprocess.Popen, sig: int = signal.SIGINT) -> tuple[int, str]:
+def _stderr_file(ws: Path) -> Path:
+    return ws.parent / "child-stderr.txt"  # outside the workspace, whose listing the tests check
+
+
+def _interrupt(ws: Path, proc: multiprocessing.process.BaseProcess, sig: int = signal.SIGINT) -> tuple[int, str]:
     """Send ``sig``; -> (exit code, stderr). A process still running after the guard is killed
     and fails the test."""
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=GUARD_S)
-    except subprocess.TimeoutExpired:
+    os.kill(proc.pid, sig)
+    proc.join(GUARD_S)
+    if proc.exitcode is None:
         proc.kill()
-        proc.wait()
+        proc.join()
         pytest.fail(f"still running {GUARD_S} s after the signal: it waited for work it should abandon")
-    return proc.returncode, proc.stderr.read().decode(errors="replace")
+    return proc.exitcode, _stderr_file(ws).read_text(errors="replace")
 
 
 def _temp_dirs(ws: Path) -> list[Path]:
@@ -705,32 +684,31 @@ def _temp_dirs(ws: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigint_abandons_a_layer_in_decomposition(ws, workers):
+def test_sigint_abandons_a_layer_in_decomposition(server, ws, workers):
     """The layer being decomposed never finishes: the run must stop without waiting for it."""
-    proc, _ = _start(ws, "decompose", "--workers", workers)
-    code, stderr = _interrupt(proc)
+    proc, _ = _start(server, ws, "decompose", "--workers", workers)
+    code, stderr = _interrupt(ws, proc)
     assert code == 130, stderr
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr
     assert not (ws / "out").exists() and not _temp_dirs(ws)
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_while_writing_removes_the_temporary_directory(ws, sig, code, word):
-    proc, _ = _start(ws, "write")
+def test_signal_while_writing_removes_the_temporary_directory(server, ws, sig, code, word):
+    proc, _ = _start(server, ws, "write")
     assert len(list(ws.glob(".out.tmp-*"))) == 1, "the signal should land while the output is being written"
-    got, stderr = _interrupt(proc, sig)
+    got, stderr = _interrupt(ws, proc, sig)
     assert got == code, stderr
     assert stderr.strip() == word and "Traceback" not in stderr
     assert not (ws / "out").exists() and not _temp_dirs(ws)
     assert sorted(p.name for p in ws.iterdir()) == ["afile", "comp", "llama", "src", "started", "texts.txt"]
 
 
-def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(ws):
+def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(server, ws):
     before = snapshot(ws / "src")
-    proc, _ = _start(ws, "write")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    proc, _ = _start(server, ws, "write")
+    proc.kill()
+    proc.join()
     stale = list(ws.glob(".out.tmp-*"))
     assert len(stale) == 1 and not (ws / "out").exists()
     compress(ws / "src", ws / "out", CompressOptions(rank=4, max_iter=2), workers=1)

@@ -1,0 +1,55 @@
+"""The process the interruption tests of test_reliability.py signal: ``collabcompress compress``
+with one phase made slow, which touches a marker file when that phase starts, so that the
+signal lands where the test wants it without guessing from wall time.
+
+Started by a fork server that imported torch and the package once (``multiprocessing``'s
+"forkserver"): each run is a real, separate process with its own
+signal dispositions, set here as a fresh interpreter has them, without paying the 2 s of
+importing torch again.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import torch
+
+import collabcompress.compress as c
+from collabcompress import cli
+
+
+def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
+    """Run the CLI with ``argv`` in this process; stderr goes to the file ``stderr``."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent that ignores SIGINT does not matter
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    torch.set_num_threads(1)
+    flag = pathlib.Path(marker)
+    if phase == "decompose":
+        def cp_als(*args, **kwargs):  # a layer whose decomposition never ends: only abandoning it stops the run
+            flag.touch()
+            x = torch.randn(256, 256)
+            while True:
+                x = torch.tanh(x @ x.T / 256)
+
+        c.cp_als = cp_als
+    else:
+        real_write = c.write_safetensors
+
+        def write_safetensors(path, entries, metadata):  # a slow disk: 50 ms per tensor
+            def slow(load):
+                def read():
+                    flag.touch()
+                    time.sleep(0.05)
+                    return load()
+                return read
+            return real_write(path, [(n, s, d, slow(load)) for n, s, d, load in entries], metadata)
+
+        c.write_safetensors = write_safetensors
+    sys.argv = ["collabcompress", *argv]
+    cli.main()
