@@ -329,6 +329,17 @@ def test_kernel_on_cuda_equals_the_reference(case, need_weights):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("need_weights", [True, False])  # False: the mixed query goes to torch SDPA
+def test_shared_query_with_mixing_on_cuda(need_weights):
+    shared, mixing, full, key, value, mask, causal, bias = _shared_case("bias+bool+causal", 2, 6)
+    out, _ = collaborative_attention(shared.cuda(), key.cuda(), value.cuda(), mixing=mixing.cuda(),
+                                     attention_mask=mask.cuda(), is_causal=causal, position_bias=bias.cuda(),
+                                     need_weights=need_weights)
+    want, _ = _reference(full, key, value, mask, causal, bias)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("need_weights", [True, False])  # False: SDPA with the width padded to 208
 def test_half_precision_kernel_on_cuda(dtype, need_weights):
