@@ -162,7 +162,9 @@ def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 # CUDA dtypes for which collaborative_attention uses torch SDPA's fused kernel without weights
 _FUSED_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# bytes of mixed queries and scores per block of batch elements in collaborative_attention (L2-sized)
+# bytes of mixed queries and scores per block of batch elements in collaborative_attention, L2-sized:
+# measured (MiniLM R = 192, 1 thread, under load), 256 KiB to 4 MiB took about the same time at 8 x 128
+# and 8 x 512, one block for the whole batch 11 % (8 x 128) to 30 % (8 x 512) longer
 _BLOCK_BYTES = 1 << 20
 
 
