@@ -211,14 +211,16 @@ def _decoders(args, tmp: Path, before_hf) -> list[dict]:
     return rows
 
 
-def _breakdown(module, args_, kwargs, repeats: int) -> dict[str, float]:
-    """Share of self CPU time per category over ``repeats`` calls."""
+def _breakdown(module, args_, kwargs, repeats: int, op_rows: int = 0) -> dict[str, float]:
+    """Share of self CPU time per category over ``repeats`` calls; the ``op_rows`` costliest ops to stderr."""
     with torch.inference_mode():
         for _ in range(2):
             module(*args_, **kwargs)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(repeats):
                 module(*args_, **kwargs)
+    if op_rows:
+        _log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=op_rows))
     totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
     for event in prof.key_averages():
         category = next((c for c, ops in CATEGORIES.items() if event.key in ops), "other")
@@ -234,7 +236,7 @@ def _profile(args, tmp: Path, before_hf) -> dict:
     result = {}
     for name, model in models.items():
         layer = model.encoder.layer[0].attention.self
-        result[name] = _breakdown(layer, (x,), {}, 5 if args.quick else 20)
+        result[name] = _breakdown(layer, (x,), {}, 5 if args.quick else 20, args.op_table)
         _log(f"profile {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in result[name].items()))
     return result
 
@@ -279,6 +281,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["encoders", "decoders", "profile"])
     parser.add_argument("--encoder-cases", nargs="+", default=["MiniLM:192", "MiniLM:96", "MPNet-sized:384"],
                         help="model:R pairs of part (a)")
+    parser.add_argument("--op-table", type=int, default=0, metavar="ROWS",
+                        help="print the profile's costliest ROWS ops per model (stderr)")
     parser.add_argument("--quick", action="store_true", help="smoke run: few rounds, short sequences")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

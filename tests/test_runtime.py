@@ -4,8 +4,10 @@
   values) equals scores + biases + masks + softmax + values written out head by head, for
   boolean and additive masks, causal, cross-attention, position biases and grouped values;
   a query that sees no key gets zeros, as torch SDPA gives;
-- CollaborativeAttention's query (one linear map, one multiply) and cached key weight equal the concatenated
-  reference, follow parameter changes, and train (gradients equal the reference's);
+- with ``mixing`` the kernel mixes the shared query block by block of batch elements (any block
+  size) into the same result, writes token-major output, and copies no activations (profiler);
+- CollaborativeAttention's query (one linear map, one multiply), cached mixing and cached key weight
+  equal the concatenated reference, follow parameter changes, and train (gradients equal the reference's);
 - CollaborativeRotaryAttention's combined mix-rotate-scale equals rotary_rotate(rotary_query_states)
   and the shared key equals rotary_rotate(collab_key), with and without autograd;
 - the transformers adapters give the same outputs (and weights, eager) through the fast path
@@ -102,6 +104,82 @@ def test_a_query_that_sees_no_key_gets_zeros_as_sdpa_gives(float64):
     sdpa = F.scaled_dot_product_attention(query, key.expand(-1, 2, -1, -1), value, attn_mask=mask, scale=1.0)
     assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
     torch.testing.assert_close(out, sdpa, rtol=1e-10, atol=1e-10)
+
+
+def _shared_case(case: str, groups: int, n_query: int, batch: int = 3, seed: int = 2):
+    """(shared query (B, N, R), mixing (H, K), full query (B, H, N, K) written out, key, value, mask, causal, bias):
+    4 heads, R = 5 shared query columns and K - R = 2 constant ones; values strided as a projection's view."""
+    g = torch.Generator().manual_seed(seed)
+    n_key = n_query + 3
+    shared, mixing = torch.randn(batch, n_query, 5, generator=g), torch.randn(4, 7, generator=g)
+    full = torch.cat([shared.unsqueeze(1) * mixing[:, None, :5],
+                      mixing[:, None, 5:].expand(batch, -1, n_query, -1)], -1)
+    key = torch.randn(batch, 1, n_key, 7, generator=g)
+    value = torch.randn(batch, n_key, groups, 3, generator=g).transpose(1, 2)  # (B, G, M, d), not contiguous
+    mask = bias = None
+    if "bool" in case:
+        mask = torch.ones(batch, 1, 1, n_key, dtype=torch.bool)
+        mask[1, ..., -2:] = False
+    if "additive" in case:
+        mask = torch.zeros(batch, 1, n_query, n_key)
+        mask[0, :, :, -2:] = -1e9
+    if "bias" in case:
+        bias = torch.randn(1, 4, n_query, n_key, generator=g)
+    return shared, mixing, full, key, value, mask, "causal" in case, bias
+
+
+@pytest.mark.parametrize("block", ["one element", "two elements", "default"])
+@pytest.mark.parametrize("case", ["plain", "bool+causal", "bias+additive"])
+@pytest.mark.parametrize("groups,n_query", [(4, 6), (2, 6), (2, 1), (1, 1)])
+def test_kernel_mixes_the_shared_query_block_by_block(float64, monkeypatch, block, case, groups, n_query):
+    """With ``mixing`` the heads' queries are never stored whole: blocks of one, two (3 = 2 + 1)
+    or all batch elements give the reference, the output is token-major memory, and the
+    weights are those of the written-out query; N = 1 is a decoding step."""
+    import collabcompress.nn as cnn
+
+    shared, mixing, full, key, value, mask, causal, bias = _shared_case(case, groups, n_query)
+    per_element = 4 * n_query * (7 + key.shape[-2]) * 8
+    sizes = {"one element": 1, "two elements": 2 * per_element, "default": cnn._BLOCK_BYTES}
+    monkeypatch.setattr(cnn, "_BLOCK_BYTES", sizes[block])
+    want, probs = _reference(full, key, value, mask, causal, bias)
+    for need_weights in (True, False):
+        out, weights = collaborative_attention(shared, key, value, mixing=mixing, attention_mask=mask,
+                                               is_causal=causal, position_bias=bias, need_weights=need_weights)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+        assert out.transpose(1, 2).is_contiguous()  # (B, N, H, d) in memory: the adapters reshape it for free
+        if need_weights:
+            torch.testing.assert_close(weights, probs, rtol=1e-10, atol=1e-10)
+        else:
+            assert weights is None
+
+
+def test_kernel_copies_no_activations():
+    """The inference kernel reads strided values and writes token-major output: besides the
+    constant query columns (H x N x (K - R) numbers, once per call) nothing is copied."""
+    batch, n_query, n_head, width, shared, d_v = 2, 16, 4, 10, 8, 6
+    g = torch.Generator().manual_seed(3)
+    query, mixing = torch.randn(batch, n_query, shared, generator=g), torch.randn(n_head, width, generator=g)
+    key = torch.randn(batch, 1, n_query, width, generator=g)
+    value = torch.randn(batch, n_query, n_head * d_v, generator=g).view(batch, n_query, n_head, d_v).transpose(1, 2)
+    mask = torch.ones(batch, 1, 1, n_query, dtype=torch.bool)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out, _ = collaborative_attention(query, key, value, mixing=mixing, attention_mask=mask, need_weights=False)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert not {"aten::clone", "aten::contiguous", "aten::cat", "aten::_to_copy"} & set(ops)
+    assert ops.get("aten::copy_", 0) <= 1
+    assert out.transpose(1, 2).reshape(batch, n_query, -1).data_ptr() == out.data_ptr()
+
+
+def test_module_query_mixing_is_cached_and_follows_the_parameters(float64):
+    module, tensors = _module()
+    assert module.query_mixing().requires_grad  # training the mixing: built in the graph, not cached
+    with torch.no_grad():
+        first = module.query_mixing()
+        assert module.query_mixing() is first
+        torch.testing.assert_close(first, 0.4 * torch.cat([tensors[2], torch.eye(3)], -1))
+        module.collab_mixing.mul_(2.0)
+        module.scale = 0.5
+        torch.testing.assert_close(module.query_mixing(), 0.5 * torch.cat([2.0 * tensors[2], torch.eye(3)], -1))
 
 
 def _module(seed=0, d_model=12, n_head=3, shared_dim=6, scale=0.4):
@@ -248,6 +326,17 @@ def test_kernel_on_cuda_equals_the_reference(case, need_weights):
     on_cpu, _ = collaborative_attention(query, key, value, attention_mask=mask, is_causal="causal" in case,
                                         position_bias=bias)
     torch.testing.assert_close(out.cpu(), on_cpu, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("need_weights", [True, False])  # False: the mixed query goes to torch SDPA
+def test_shared_query_with_mixing_on_cuda(need_weights):
+    shared, mixing, full, key, value, mask, causal, bias = _shared_case("bias+bool+causal", 2, 6)
+    out, _ = collaborative_attention(shared.cuda(), key.cuda(), value.cuda(), mixing=mixing.cuda(),
+                                     attention_mask=mask.cuda(), is_causal=causal, position_bias=bias.cuda(),
+                                     need_weights=need_weights)
+    want, _ = _reference(full, key, value, mask, causal, bias)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -40,7 +40,7 @@ from .families import FAMILIES, Family, find_family
 from .io import Checkpoint, open_checkpoint, read_json
 from .manifest import MANIFEST_NAME, LayerRecord
 from .nn import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention, \
-    collaborative_query_states
+    collaborative_query_states, mixed_query
 
 __all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
            "rotary_module", "REMOTE_CODE_NAME"]
@@ -105,9 +105,11 @@ class _Adapter:
                 cache.is_updated[self.layer_idx] = True
         return key, value
 
-    def _attend(self, query, key, value, mask, dropout: float, **kwargs):
+    def _attend(self, query, key, value, mask, dropout: float, mixing=None, **kwargs):
         """Attention of the scaled query (B, H, N, K) on the shared key (B, 1, M, K) and values (B, G, M, d):
         (output (B, N, H, d), weights or None), as the model's eager or sdpa interface returns them.
+        With ``mixing`` (H, K), ``query`` is the shared query (B, N, R), mixed per head
+        (:func:`~collabcompress.nn.collaborative_attention`).
 
         Runs :func:`~collabcompress.nn.collaborative_attention` (one product for all heads, no
         per-head key copies) with the interface's own conventions (sdpa: causal when no mask is
@@ -125,11 +127,14 @@ class _Adapter:
                 causal = kwargs.get("is_causal")
                 causal = n_query > 1 and mask is None and (getattr(self, "is_causal", True) if causal is None
                                                             else causal)
-            out, weights = collaborative_attention(query, key, value, attention_mask=mask, is_causal=causal,
-                                                   position_bias=kwargs.get("position_bias"), dropout=dropout,
-                                                   need_weights=implementation == "eager")
-            return out.transpose(1, 2), weights  # (B, N, H, d)
+            out, weights = collaborative_attention(query, key, value, mixing=mixing, attention_mask=mask,
+                                                   is_causal=causal, position_bias=kwargs.get("position_bias"),
+                                                   dropout=dropout, need_weights=implementation == "eager")
+            return out.transpose(1, 2), weights  # (B, N, H, d), contiguous without autograd
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if mixing is not None:
+            query = mixed_query(query, mixing)  # (B, H, N, K)
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, type(self)._eager)
         key = key.expand(-1, value.shape[1], -1, -1)  # (B, G, M, K), no copy
@@ -168,9 +173,9 @@ class _BertSelf(_Adapter):
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
-        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        query = self.collab_query(hidden_states)  # (B, N, R), mixed per head by the kernel
         key, value = self._keys_values(hidden_states, None, cache, self.value, kwargs)
-        out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, **kwargs)
+        out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, self.query_mixing(), **kwargs)
         return out.reshape(*input_shape, -1).contiguous(), weights  # (B, N, H*d)
 
 
@@ -179,9 +184,9 @@ class _DistilBert(_Adapter):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
+        query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
         value = self._split_heads(self.v_lin(hidden_states))  # (B, H, N, d)
-        out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, **kwargs)
+        out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, self.query_mixing(), **kwargs)
         return self.out_lin(out.reshape(*input_shape, -1).contiguous()), weights
 
 
@@ -190,9 +195,10 @@ class _Albert(_Adapter):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
+        query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
         value = self._split_heads(self.value(hidden_states))  # (B, H, N, d)
-        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout.p, **kwargs)
+        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout.p, self.query_mixing(),
+                                    **kwargs)
         out = self.output_dropout(self.dense(out.reshape(*input_shape, -1).contiguous()))
         return self.LayerNorm(hidden_states + out), weights
 
@@ -203,9 +209,10 @@ class _ViT(_Adapter):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
+        query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
         value = self._split_heads(self.v_proj(hidden_states))  # (B, H, N, d)
-        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout, **kwargs)
+        out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout, self.query_mixing(),
+                                    **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
@@ -215,13 +222,13 @@ class _MPNet(_Adapter):
     _removed = ("q", "k")
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
-        query, key = self.query_states(hidden_states), self.key_states(hidden_states)  # (B,H,N,R+H), (B,1,N,R+H)
+        query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
         value = self._split_heads(self.v(hidden_states))  # (B, H, N, d)
-        out, probs = collaborative_attention(query, key, value, attention_mask=attention_mask,
-                                             position_bias=position_bias,
+        out, probs = collaborative_attention(query, key, value, mixing=self.query_mixing(),
+                                             attention_mask=attention_mask, position_bias=position_bias,
                                              dropout=self.dropout.p if self.training else 0.0,
                                              need_weights=bool(output_attentions))
-        c = out.permute(0, 2, 1, 3).contiguous()  # (B, N, H, d)
+        c = out.permute(0, 2, 1, 3).contiguous()  # (B, N, H, d), no copy without autograd
         o = self.o(c.view(*c.shape[:-2], -1))  # (B, N, D)
         return (o, probs) if output_attentions else (o,)
 
@@ -244,8 +251,9 @@ class _GPT2(_Adapter):
             key = key.expand(-1, value.shape[1], -1, -1)  # this path reshapes the head axis into the batch
             out, weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
-            query = self.query_states(hidden_states)  # (B, H, N, R+H), scale included
-            out, weights = self._attend(query, key, value, attention_mask, self.attn_dropout.p, **kwargs)
+            query = self.collab_query(hidden_states)  # (B, N, R), mixed per head (scale included) by the kernel
+            out, weights = self._attend(query, key, value, attention_mask, self.attn_dropout.p, self.query_mixing(),
+                                        **kwargs)
         out = self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
         return self.resid_dropout(out), weights
 
@@ -262,7 +270,7 @@ class _T5(_Adapter):
         input_shape = hidden_states.shape[:-1]
         past_seen = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
-        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        query = self.collab_query(hidden_states)  # (B, N, R), mixed per head by the kernel
         key, value = self._keys_values(hidden_states, key_value_states, cache, self.v, kwargs)
         if position_bias is None:
             key_length = key.shape[-2]
@@ -274,7 +282,8 @@ class _T5(_Adapter):
             else:
                 position_bias = self.compute_bias(input_shape[1], key_length, device=query.device,
                                                   past_seen_tokens=past_seen)
-        out, weights = self._attend(query, key, value, mask, self.dropout, position_bias=position_bias, **kwargs)
+        out, weights = self._attend(query, key, value, mask, self.dropout, self.query_mixing(),
+                                    position_bias=position_bias, **kwargs)
         out = self.o(out.reshape(*input_shape, -1).contiguous())
         return out, position_bias, weights
 
@@ -289,9 +298,9 @@ class _Bart(_Adapter):
     def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
-        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        query = self.collab_query(hidden_states)  # (B, N, R), mixed per head by the kernel
         key, value = self._keys_values(hidden_states, key_value_states, cache, self.v_proj, kwargs)
-        out, weights = self._attend(query, key, value, attention_mask, self.dropout, **kwargs)
+        out, weights = self._attend(query, key, value, attention_mask, self.dropout, self.query_mixing(), **kwargs)
         return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 

@@ -14,9 +14,11 @@ the content bias into one shared key,
 so q'_h . k' = s [(U^T x) . (m_h * (V^T y)) + c_h . y]. The key k' (R + H numbers per
 token, what a key cache holds, SPEC section 5) is the same for every head and is never
 copied per head: the scores of all heads are ONE batched matrix product
-(B, H*N, R+H) @ (B, R+H, M) (:func:`collaborative_attention`). q' is one linear map giving
-[U^T x, 1] and one broadcast multiply by s [m_h, e_h] (no concatenation of activations), k'
-is one linear map with the weight [V^T ; C] built once. Carrying the content bias as H extra columns
+(B, H*N, R+H) @ (B, R+H, M) (:func:`collaborative_attention`). The module hands the kernel
+the shared query U^T x (one linear map) and s [M, I] (:func:`collaborative_query_mixing`,
+built once); the kernel writes q' block by block of batch elements into a reused buffer
+(one multiply per block, the columns s e_h written once per call), so the (B, H, N, R+H)
+query is never stored whole. k' is one linear map with the weight [V^T ; C] built once. Carrying the content bias as H extra columns
 costs H/R more multiply-adds in the product but saves a pass over the (B, H, N, M) scores
 that adding it as a per-key bias would take (measured: about 1 ms of 9 ms at MiniLM's
 8 x 128, R = 192). Masks, causal attention, cross-attention and additive position biases
@@ -32,29 +34,44 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CollaborativeAttention", "collaborative_attention", "collaborative_query_states",
+           "collaborative_query_mixing", "mixed_query",
            "collaborative_key_states", "CollaborativeRotaryAttention", "rotary_query_states", "rotary_rotate"]
 
 MIXING_INITS = ("concatenate", "ones", "uniform")
+
+
+def collaborative_query_mixing(mixing: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """s [M, I] (H, R+H): row h is s [m_h, e_h], the ``mixing`` of :func:`collaborative_attention`
+    for the shared query U^T x (e_h: one-hot of head h, which picks head h's content-bias
+    term out of the shared key [V^T y, C y])."""
+    eye = torch.eye(mixing.shape[0], dtype=mixing.dtype, device=mixing.device)
+    return scale * torch.cat([mixing, eye], dim=-1)
+
+
+def mixed_query(query: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """Every head's query from the shared one: (B, N, R) and (H, K) -> (B, H, N, K), contiguous.
+
+    Head h's query is ``query * mixing[h, :R]`` followed by the constants ``mixing[h, R:]``
+    (the shared query padded with ones to width K, times row h of ``mixing``).
+    """
+    batch, n_query, shared = query.shape[0], query.shape[-2], query.shape[-1]
+    mixing = mixing.to(query.dtype)
+    head = query.reshape(batch, 1, n_query, shared) * mixing[:, None, :shared]  # (B, H, N, R)
+    if mixing.shape[-1] == shared:
+        return head
+    tail = mixing[:, None, shared:].expand(batch, -1, n_query, -1)  # (B, H, N, K-R)
+    return torch.cat([head, tail], dim=-1)
 
 
 def collaborative_query_states(x: torch.Tensor, query_weight: torch.Tensor, mixing: torch.Tensor,
                                scale: float = 1.0) -> torch.Tensor:
     """q'_h = s [m_h * U^T x, e_h] for every head: (B, N, D) -> (B, H, N, R+H), contiguous.
 
-    ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R), ``scale`` is s; e_h is the
-    one-hot row of head h, which picks head h's content-bias term out of the shared key.
-    Two steps, no concatenation of activations: one linear map with H extra output rows of
-    weight 0 and bias 1 gives [U^T x, 1] (B, N, R+H), and one broadcast multiply by
-    s [m_h, e_h] (H, R+H) gives every head's query.
+    ``query_weight`` is U^T (R, D), ``mixing`` is M (H, R), ``scale`` is s. The runtime
+    does not store this tensor: :func:`collaborative_attention` takes U^T x and
+    :func:`collaborative_query_mixing` and mixes the query block by block.
     """
-    n_head, shared_dim = mixing.shape
-    zeros = query_weight.new_zeros(n_head, query_weight.shape[1])
-    weight = torch.cat([query_weight, zeros])  # (R+H, D): [U^T ; 0]
-    bias = torch.cat([query_weight.new_zeros(shared_dim), query_weight.new_ones(n_head)])  # (R+H,): [0 ; 1]
-    qx = F.linear(x, weight, bias).unsqueeze(-3)  # (B, 1, N, R+H): [U^T x, 1]
-    eye = torch.eye(n_head, dtype=mixing.dtype, device=mixing.device)
-    mix = (scale * torch.cat([mixing, eye], dim=-1)).to(qx.dtype).unsqueeze(-2)  # (H, 1, R+H): s [m_h, e_h]
-    return qx * mix  # (B, H, N, R+H)
+    return mixed_query(F.linear(x, query_weight), collaborative_query_mixing(mixing, scale))
 
 
 def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_bias: torch.Tensor) -> torch.Tensor:
@@ -67,31 +84,46 @@ def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_
 
 
 def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                            attention_mask: torch.Tensor | None = None, is_causal: bool = False,
-                            position_bias: torch.Tensor | None = None, dropout: float = 0.0,
+                            mixing: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                            is_causal: bool = False, position_bias: torch.Tensor | None = None,
+                            dropout: float = 0.0,
                             need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(query . key + position_bias + mask) @ value with ONE key head for all query heads.
 
     Args:
-        query: (B, H, N, K), scale included (e.g. :func:`collaborative_query_states`).
+        query: (B, H, N, K), scale included (e.g. :func:`collaborative_query_states`); or,
+            with ``mixing``, the query shared by the heads, (B, N, R) with R <= K.
         key: the shared key, (B, M, K) or (B, 1, M, K); any strides (e.g. a cache tensor).
         value: (B, G, M, d_v) with G dividing H; query head h reads value head h // (H/G).
+        mixing: (H, K): head h's query is ``query * mixing[h, :R]`` followed by
+            ``mixing[h, R:]`` (:func:`mixed_query`); for a collaborative layer, query = U^T x
+            and mixing = s [M, I] (:func:`collaborative_query_mixing`), so head h's query is
+            s [m_h * U^T x, e_h].
         attention_mask: broadcastable to (B, H, N, M); boolean (True = attend) or additive float.
         is_causal: query i sees keys 0..i (top-left aligned, as torch SDPA).
         position_bias: additive bias broadcastable to (B, H, N, M).
         dropout: dropout probability on the attention weights (pass 0 in eval mode).
-        need_weights: return the weights; ``False`` lets a CUDA float32 call use torch SDPA's
-            fused kernel (weights ``None``).
+        need_weights: return the weights; ``False`` lets a CUDA call use torch SDPA's fused
+            kernel (weights ``None``).
 
     Returns:
-        ``(output, weights)``: (B, H, N, d_v) and (B, H, N, M), or ``None`` without ``need_weights``.
+        ``(output, weights)``: (B, H, N, d_v) and (B, H, N, M), or ``None`` without
+        ``need_weights``. Without autograd the output is a view of a token-major
+        (B, N, H, d_v) tensor: ``output.transpose(1, 2).reshape(B, N, H * d_v)`` is free.
 
-    The scores of all heads are one batched matrix product (B, H*N, K) @ (B, K, M), the key
-    never copied per head; biases and masks are added in place, softmax runs in place, and
-    the weights times the values are one product per value head, (B, G, (H/G)*N, M) @
-    (B, G, M, d_v), without repeating the values. This is SDPA's math path without its
-    broadcast copies. Rule: torch SDPA has a fused CPU kernel only when K equals d_v, and
-    for a collaborative layer K > d_v (R + H or R against d), where SDPA falls back to its
+    Without autograd (inference) the work runs in blocks of batch elements whose mixed
+    queries and scores fit in about ``_BLOCK_BYTES`` (L2-sized): per block, one multiply
+    mixes the shared query into a reused buffer (the constant columns ``mixing[:, R:]`` are
+    written once per call), one batched product (c, H*N, K) @ (c, K, M) gives the scores
+    of all heads, the key never copied per head; biases and masks are added in place,
+    softmax runs in place, and the weights times the values are written straight into the
+    token-major output, reading the values where they are (strided views of the value
+    projection or the cache; no copy into head-major layout), one product per batch
+    element and value head group. With autograd the same formula runs on whole tensors,
+    out of place where the graph needs it.
+
+    Rule: torch SDPA has a fused CPU kernel only when K equals d_v, and for a
+    collaborative layer K > d_v (R + H or R against d), where SDPA falls back to its
     math path and broadcasts the key per head. Measured on this machine class (1 thread,
     MiniLM shapes, R 96 and 192, B x N = 1 x 128, 8 x 32, 8 x 128, 8 x 512), SDPA with
     width-R queries and the content bias as a mask was slower than this product in 7 of 8
@@ -104,37 +136,111 @@ def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     then 0.1x to 1.2x this product's time (3.7x faster at 8 x 2048, 9.5x at a causal 1 x 4096;
     unpadded, SDPA fell back to its math path and took 3 to 4x the product's time).
     """
-    if not need_weights and query.device.type == "cuda" and query.dtype in _FUSED_CUDA_DTYPES:
+    fused = not need_weights and query.device.type == "cuda" and query.dtype in _FUSED_CUDA_DTYPES
+    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                            (query, key, value, mixing, attention_mask, position_bias))
+    if mixing is not None and (fused or graph):
+        query, mixing = mixed_query(query, mixing), None
+    if fused:
         return _fused(query, key, value, attention_mask, is_causal, position_bias, dropout), None
-    batch, n_head, n_query, width = query.shape
-    n_key = key.shape[-2]
-    key = key.reshape(key.shape[0], n_key, width)  # (B, M, K), a view for a (B, 1, M, K) key
-    scores = torch.bmm(query.reshape(batch, n_head * n_query, width), key.transpose(-1, -2))  # (B, H*N, M)
-    scores = scores.view(batch, n_head, n_query, n_key)  # (B, H, N, M)
-    if position_bias is not None:
-        scores += position_bias
-    filled = is_causal or (attention_mask is not None and attention_mask.dtype == torch.bool)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores.masked_fill_(attention_mask.logical_not(), float("-inf"))
-        else:
-            scores += attention_mask
-    if is_causal:
-        future = torch.ones(n_query, n_key, dtype=torch.bool, device=scores.device).triu(1)  # (N, M)
-        scores.masked_fill_(future, float("-inf"))
-    weights = scores.softmax(-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
-    if filled:  # a query that sees no key attends to nothing (zeros), as torch SDPA does
-        empty = weights[..., :1].isnan()  # (B, H, N, 1): such a row is all NaN
-        if empty.any():
-            weights = weights.masked_fill(empty, 0.0)
-    probs = F.dropout(weights, p=dropout) if dropout > 0.0 else weights
-    groups = value.shape[1]
-    out = probs.view(batch, groups, -1, n_key) @ value  # (B, G, (H/G)*N, d_v)
-    return out.view(batch, n_head, n_query, value.shape[-1]), (weights if need_weights else None)
+    batch, n_key = key.shape[0], key.shape[-2]
+    n_head, n_query, width = (mixing.shape[0] if mixing is not None else query.shape[1]), query.shape[-2], key.shape[-1]
+    key = key.reshape(batch, n_key, width)  # (B, M, K), a view for a (B, 1, M, K) key
+    blocked = None
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        blocked, attention_mask = attention_mask.logical_not(), None  # at the mask's own (broadcast) shape
+    future = torch.ones(n_query, n_key, dtype=torch.bool, device=key.device).triu(1) if is_causal else None
+    masks = (position_bias, attention_mask, blocked, future)
+    if graph:
+        scores = torch.bmm(query.reshape(batch, n_head * n_query, width), key.transpose(-1, -2))  # (B, H*N, M)
+        weights = _masked_softmax_(scores.view(batch, n_head, n_query, n_key), *masks, in_place=False)
+        probs = F.dropout(weights, p=dropout) if dropout > 0.0 else weights
+        out = probs.view(batch, value.shape[1], -1, n_key) @ value  # (B, G, (H/G)*N, d_v)
+        return out.view(batch, n_head, n_query, value.shape[-1]), (weights if need_weights else None)
+    return _blocks(query, key, value, mixing, masks, dropout, need_weights)
 
 
 # CUDA dtypes for which collaborative_attention uses torch SDPA's fused kernel without weights
 _FUSED_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# bytes of mixed queries and scores per block of batch elements in collaborative_attention, L2-sized:
+# measured (MiniLM R = 192, 1 thread, under load), 256 KiB to 4 MiB took about the same time at 8 x 128
+# and 8 x 512, one block for the whole batch 11 % (8 x 128) to 30 % (8 x 512) longer
+_BLOCK_BYTES = 1 << 20
+
+
+def _masked_softmax_(scores, position_bias, attention_mask, blocked, future, *, in_place):
+    """softmax(scores + position_bias + attention_mask, keys ``blocked`` or ``future`` at -inf) over the
+    last axis, (c, H, N, M); biases and masks (broadcastable) are added in place; the softmax too
+    when ``in_place``. A query that sees no key attends to nothing (zeros), as torch SDPA does."""
+    if position_bias is not None:
+        scores += position_bias
+    if attention_mask is not None:
+        scores += attention_mask
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
+    if future is not None:
+        scores.masked_fill_(future, float("-inf"))
+    weights = torch.softmax(scores, -1, out=scores) if in_place else scores.softmax(-1)
+    if blocked is not None or future is not None:
+        empty = weights[..., :1].isnan()  # (c, H, N, 1): such a row is all NaN
+        if empty.any():
+            weights = weights.masked_fill_(empty, 0.0) if in_place else weights.masked_fill(empty, 0.0)
+    return weights
+
+
+def _blocks(query, key, value, mixing, masks, dropout, need_weights):
+    """collaborative_attention without autograd, block by block of batch elements (see there)."""
+    batch, n_key, width = key.shape
+    n_query, groups, d_v = query.shape[-2], value.shape[1], value.shape[-1]
+    n_head = mixing.shape[0] if mixing is not None else query.shape[1]
+    per_element = n_head * n_query * (width + n_key) * query.element_size()
+    chunk = max(1, min(batch, _BLOCK_BYTES // per_element))
+    out = query.new_empty(batch, n_query, n_head, d_v).transpose(1, 2)  # (B, H, N, d_v), token-major memory
+    weights = query.new_empty(batch, n_head, n_query, n_key) if need_weights else None
+    buffer = None if need_weights else query.new_empty(chunk, n_head, n_query, n_key)
+    if mixing is not None:
+        shared = query.shape[-1]
+        query = query.reshape(batch, 1, n_query, shared)
+        mixing = mixing.to(query.dtype)
+        mixed = query.new_empty(chunk, n_head, n_query, width)
+        mixed[..., shared:] = mixing[:, None, shared:]  # constant columns (e_h): once per call
+        head_mixing = mixing[:, None, :shared]  # (H, 1, R)
+    shape = (batch, n_head, n_query, n_key)
+    masks = [None if m is None else m.expand(shape) for m in masks]  # views
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        size = stop - start
+        if mixing is not None:
+            q = mixed[:size]
+            torch.mul(query[start:stop], head_mixing, out=q[..., :shared])
+        else:
+            q = query[start:stop]
+        scores = weights[start:stop] if need_weights else buffer[:size]
+        torch.bmm(q.reshape(size, n_head * n_query, width), key[start:stop].transpose(-1, -2),
+                  out=scores.view(size, n_head * n_query, n_key))
+        probs = _masked_softmax_(scores, *[None if m is None else m[start:stop] for m in masks], in_place=True)
+        if dropout > 0.0:
+            probs = F.dropout(probs, p=dropout)
+        _weighted_values(probs, value[start:stop], out[start:stop])
+    return out, weights
+
+
+def _weighted_values(probs: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
+    """out = probs @ value of each head's group, written into ``out`` (c, H, N, d_v), any strides:
+    probs (c, H, N, M), value (c, G, M, d_v) with any strides (torch.bmm reads strided batches)."""
+    n_head, n_query = probs.shape[1:3]
+    groups = value.shape[1]
+    per_group = n_head // groups
+    for b in range(probs.shape[0]):
+        if groups == n_head:
+            torch.bmm(probs[b], value[b], out=out[b])
+        elif n_query == 1:  # decoding: the heads of a group are the rows of one product
+            torch.bmm(probs[b].view(groups, per_group, -1), value[b],
+                      out=out[b, :, 0].view(groups, per_group, -1))
+        else:
+            for g in range(groups):
+                heads = slice(g * per_group, (g + 1) * per_group)
+                torch.bmm(probs[b, heads], value[b, g].expand(per_group, -1, -1), out=out[b, heads])
 
 
 def _fused(query, key, value, attention_mask, is_causal, position_bias, dropout) -> torch.Tensor:
@@ -282,7 +388,20 @@ class CollaborativeAttention(nn.Module):
 
     def query_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """q'_h = s [m_h * U^T x, e_h], scale included: (B, N, D) -> (B, H, N, R+H)."""
-        return collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing, self.scale)
+        return mixed_query(self.collab_query(hidden_states), self.query_mixing())
+
+    def query_mixing(self) -> torch.Tensor:
+        """s [M, I] (H, R+H), the ``mixing`` of :func:`collaborative_attention` for the shared
+        query U^T x (``collab_query``); cached while neither M nor s changes (not while training M)."""
+        mixing = self.collab_mixing
+        if torch.is_grad_enabled() and mixing.requires_grad:
+            return collaborative_query_mixing(mixing, self.scale)
+        stamp = (mixing.data_ptr(), mixing._version, mixing.dtype, self.scale)
+        cached = self.__dict__.get("_collab_query_mixing")
+        if cached is None or cached[0] != stamp:
+            cached = self.__dict__["_collab_query_mixing"] = (stamp, collaborative_query_mixing(mixing, self.scale)
+                                                              .detach())
+        return cached[1]
 
     def key_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """k' = [V^T y, C y], one for all heads: (B, M, D) -> (B, 1, M, R+H), what a key cache holds.
@@ -328,9 +447,10 @@ class CollaborativeAttention(nn.Module):
         Returns:
             ``(output, weights)``: output (B, H, N, d_v); weights (B, H, N, M) or ``None``.
         """
-        query = self.query_states(hidden_states)  # (B, H, N, R+H)
+        query = self.collab_query(hidden_states)  # (B, N, R): U^T x, mixed per head by the kernel
         key = self.key_states(hidden_states if key_value_states is None else key_value_states)  # (B, 1, M, R+H)
-        out, weights = collaborative_attention(query, key, value_states, attention_mask=attention_mask,
+        out, weights = collaborative_attention(query, key, value_states, mixing=self.query_mixing(),
+                                               attention_mask=attention_mask,
                                                is_causal=is_causal and query.shape[-2] > 1,
                                                position_bias=position_bias,
                                                dropout=dropout if self.training else 0.0, need_weights=need_weights)
