@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 from collabcompress.compress import CompressOptions, compress  # noqa: E402
 from collabcompress.errors import BadInputError, MissingExtraError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.hf import collaborative_modules, from_pretrained, write_remote_code  # noqa: E402
+from collabcompress.hf import cache_keyword, collaborative_modules, from_pretrained, write_remote_code  # noqa: E402
 from collabcompress.nn import CollaborativeAttention  # noqa: E402
 from collabcompress.verify import collaborative_scores  # noqa: E402
 
@@ -221,7 +221,7 @@ def test_key_cache_holds_r_plus_h_numbers_per_token(built, name, cls):
     key = "input_ids" if name == "gpt2" else "decoder_input_ids"
     with torch.no_grad():
         first = model(**encoder, **{key: ids}, use_cache=True)
-        cached = model(**encoder, **{key: step}, cache=first.past_key_values, use_cache=True)
+        cached = model(**encoder, **{key: step}, **{cache_keyword(model): first.past_key_values}, use_cache=True)
         full = model(**encoder, **{key: torch.cat([ids, step], 1)}, use_cache=False)
     torch.testing.assert_close(cached.logits[:, -1], full.logits[:, -1], rtol=0, atol=1e-4)
     cache = cached.past_key_values

@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
 from collabcompress.families import FAMILIES, Family, register  # noqa: E402
-from collabcompress.hf import collaborative_modules, from_pretrained, rotary_module  # noqa: E402
+from collabcompress.hf import cache_keyword, collaborative_modules, from_pretrained, rotary_module  # noqa: E402
 from collabcompress.manifest import LayerRecord, LayerTensors  # noqa: E402
 from collabcompress.nn import CollaborativeRotaryAttention  # noqa: E402
 
@@ -141,7 +141,8 @@ def test_full_rank_layout_is_the_original(name, attn):
         # with cache: prefill, then one token at a time
         cache, got = None, []
         for start, stop in ((0, 6), (6, 7), (7, 8), (8, 10)):
-            out = collab(ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache, use_cache=True)
+            out = collab(ids[:, start:stop], attention_mask=mask[:, :stop], **{cache_keyword(collab): cache},
+                         use_cache=True)
             cache = out.past_key_values
             got.append(out.logits)
         torch.testing.assert_close(torch.cat(got, dim=1)[mask.bool()], want[mask.bool()], rtol=0, atol=1e-5)
@@ -224,7 +225,7 @@ def test_cached_step_equals_cache_free_forward(name, attn):
     with torch.no_grad():
         want = model(ids).logits[:, -1]
         past = model(ids[:, :-1], use_cache=True).past_key_values
-        got = model(ids[:, -1:], cache=past, use_cache=True).logits[:, -1]
+        got = model(ids[:, -1:], **{cache_keyword(model): past}, use_cache=True).logits[:, -1]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
-from .extras import require_transformers
+from .extras import require_transformers, unreadable_model_errors
 from .io import Checkpoint, open_checkpoint, read_texts, regular_file
 from .lm import DEFAULT_WINDOW, leading_ids, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
@@ -227,7 +227,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     tokenizer = load_tokenizer([Path(model_dir)])
     try:
         model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
-    except (OSError, ValueError, KeyError) as e:
+    except unreadable_model_errors() as e:
         raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
     max_length = min(max_length, position_limit(model.config, tokenizer))
     special = 0 if family.rotary else tokenizer.num_special_tokens_to_add()

@@ -28,7 +28,7 @@ import torch
 
 from . import lm
 from .errors import BadInputError, UnsupportedArchitectureError
-from .extras import require_transformers
+from .extras import require_transformers, unreadable_model_errors
 from .io import open_checkpoint, read_texts
 from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
 
@@ -67,7 +67,7 @@ def _load_original(directory: Path, model_class: type):
     try:
         model, info = model_class.from_pretrained(str(directory), local_files_only=True, output_loading_info=True,
                                                   use_safetensors=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (*unreadable_model_errors(), RuntimeError) as e:
         raise BadInputError(f"cannot load the original model {directory}: {str(e).splitlines()[0]}") from e
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would have initialised them randomly

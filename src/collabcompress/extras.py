@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import MissingExtraError
 
-__all__ = ["require_transformers", "require_matplotlib"]
+__all__ = ["require_transformers", "require_matplotlib", "unreadable_model_errors"]
 
 
 def require_transformers(purpose: str = "this") -> Any:
@@ -19,6 +19,17 @@ def require_transformers(purpose: str = "this") -> Any:
     except ImportError as e:
         raise MissingExtraError(f"{purpose} needs transformers: pip install 'collabcompress[hf]'") from e
     return transformers
+
+
+def unreadable_model_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises on a model directory it cannot read, a bad input rather than a
+    bug: OSError, ValueError, KeyError, and huggingface_hub's strict-dataclass errors (with
+    which transformers 5.1x refuses a config field of the wrong type, e.g. ``architectures``)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (OSError, ValueError, KeyError)
+    return (OSError, ValueError, KeyError, StrictDataclassError)
 
 
 def require_matplotlib() -> Any:

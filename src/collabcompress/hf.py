@@ -35,7 +35,7 @@ from torch import nn
 from . import manifest as _mf
 from .dtypes import to_torch
 from .errors import BadInputError, UnsupportedArchitectureError
-from .extras import require_transformers
+from .extras import require_transformers, unreadable_model_errors
 from .families import FAMILIES, Family, find_family
 from .io import Checkpoint, open_checkpoint, read_json
 from .manifest import MANIFEST_NAME, LayerRecord
@@ -635,7 +635,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except unreadable_model_errors() as e:
         raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
     cls = _model_class(transformers, config, model_class)
     manifest, out = _mf.open_output(directory)
@@ -781,7 +781,10 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     loadable_family(manifest.source.architecture, directory)
     config = _read_config(directory)
     transformers = _transformers()
-    cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except unreadable_model_errors() as e:
+        raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
     base = _follow_weights(transformers, cfg, _model_class(transformers, cfg, None), _weight_names(directory)).__name__
     code = directory / REMOTE_CODE_NAME
     module = REMOTE_CODE_NAME.removesuffix(".py")
