@@ -55,3 +55,16 @@ def test_same_seed_same_tensors(tiny_pair):
     _, _, a = _healed(tiny_pair, steps=4, lr=1e-2, check_every=2)
     _, _, b = _healed(tiny_pair, steps=4, lr=1e-2, check_every=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_targets_are_the_references_next_token_log_probabilities(tiny_pair):
+    from collabcompress.heal import _Targets
+
+    reference, _, ids, lengths = tiny_pair
+    targets = _Targets(reference, causal=True)
+    assert targets.split
+    x = ids[1, : int(lengths[1])]
+    want = torch.log_softmax(reference(input_ids=x[None]).logits.float(), -1)
+    for _ in range(2):  # computed, then from the cache
+        assert torch.allclose(targets(1, x), want, atol=1e-5)
+    assert list(targets.cache) == [1]

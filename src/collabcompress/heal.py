@@ -60,6 +60,30 @@ def _loss(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor,
     return 1.0 - torch.nn.functional.cosine_similarity(pooled, target).mean()
 
 
+class _Targets:
+    """The reference's targets per training window, computed once: for a causal LM its last
+    hidden states (T, D), turned into next-token log-probabilities by its output layer at each
+    use (a (T, V) table per window would take 100 MB at SmolLM2's vocabulary), else the pooled
+    embedding."""
+
+    def __init__(self, reference: torch.nn.Module, causal: bool) -> None:
+        self.reference, self.causal, self.cache = reference, causal, {}
+        head, body = reference.get_output_embeddings(), getattr(reference, "base_model", None)
+        self.split = causal and head is not None and body is not None and body is not reference
+
+    @torch.no_grad()
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.causal:
+            if i not in self.cache:
+                self.cache[i] = self.reference(input_ids=x[None]).last_hidden_state.float().mean(1)  # (1, D)
+            return self.cache[i]
+        if not self.split:
+            return torch.log_softmax(self.reference(input_ids=x[None]).logits.float(), -1)
+        if i not in self.cache:
+            self.cache[i] = self.reference.base_model(input_ids=x[None]).last_hidden_state  # (1, T, D)
+        return torch.log_softmax(self.reference.get_output_embeddings()(self.cache[i]).float(), -1)  # (1, T, V)
+
+
 def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
          steps: int, causal: bool, lr: float = 1e-3, seed: int = 0, check_every: int = 5,
          progress: Callable[[int, int, float], None] | None = None) -> HealResult:
@@ -99,6 +123,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))}
                             for p in params])
     n_train, held = ids.shape[0] - 1, int(lengths[-1])
+    targets = _Targets(reference, causal)
     with torch.no_grad():
         x = ids[-1, :held][None]
         target = torch.log_softmax(reference(input_ids=x).logits.float(), -1) if causal \
@@ -114,7 +139,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     for step in range(steps):
         i = int(order[step])
         opt.zero_grad(set_to_none=True)
-        _loss(reference, model, ids[i], int(lengths[i]), causal).backward()
+        _loss(reference, model, ids[i], int(lengths[i]), causal, targets(i, ids[i, : int(lengths[i])])).backward()
         opt.step()
         pending += 1
         if pending == check_every or step + 1 == steps:
