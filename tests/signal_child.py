@@ -2,10 +2,11 @@
 with one phase made slow, which touches a marker file when that phase starts, so that the
 signal lands where the test wants it without guessing from wall time.
 
-Started by a fork server that imported torch and the package once (``multiprocessing``'s
-"forkserver"): each run is a real, separate process with its own
-signal dispositions, set here as a fresh interpreter has them, without paying the 2 s of
-importing torch again.
+Forked from the test process, which imported torch and the package already
+(``multiprocessing``'s "fork"): each run is a real, separate process with its own signal
+dispositions and standard streams, set here as a fresh interpreter has them, without paying
+the 2 s of importing torch again. Torch runs on one thread in the child (a forked OpenMP pool
+must not be reused).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # not the parent's capture
     torch.set_num_threads(1)
     flag = pathlib.Path(marker)
     if phase == "decompose":

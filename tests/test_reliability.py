@@ -12,7 +12,7 @@ regular file, after damaging what the case damages, and asserts:
   before and after.
 
 The interruption tests at the end send SIGINT, SIGTERM or SIGKILL to a real ``compress``
-process (tests/signal_child.py, forked from a server that imported torch once), in the
+process (tests/signal_child.py, forked from the test process, which imported torch already), in the
 decomposition and in the writing phase, and check that it stops without waiting for its work
 and leaves nothing behind.
 """
@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import pathlib
 import shutil
@@ -630,27 +629,23 @@ def test_case_table_is_large_and_covers_every_command():
 
 # ---------------------------------------------------------------------------- interruption
 
-# The CLI runs in a child of a fork server (tests/signal_child.py): a real process, without
-# paying the import of torch for every test.
+# The CLI runs in a forked child of the test process (tests/signal_child.py): a real process
+# with its own signal dispositions, without paying the import of torch again. Each test joins
+# its child, so the child's CPU time counts in the suite's (``/usr/bin/time``).
 GUARD_S = 60  # only a guard against a hang: a run that waits for its layer never exits
 
 
 @pytest.fixture(scope="module")
-def server():
-    """The fork server; stopped and waited for after the module, so that its CPU time and its
-    children's count in the suite's (``/usr/bin/time`` sees only waited-for processes)."""
-    context = multiprocessing.get_context("forkserver")
-    # what the server imports once; it does not see the tests' sys.path, so not signal_child itself
-    context.set_forkserver_preload(["torch", "collabcompress.cli", "collabcompress.compress"])
-    yield context
-    multiprocessing.forkserver._forkserver._stop()  # noqa: SLF001 - no public way to wait for it
+def forked():
+    """The multiprocessing context the children are forked from."""
+    return multiprocessing.get_context("fork")
 
 
-def _start(server, ws: Path, phase: str, *extra: str) -> tuple[multiprocessing.process.BaseProcess, Path]:
+def _start(forked, ws: Path, phase: str, *extra: str) -> tuple[multiprocessing.process.BaseProcess, Path]:
     """``compress`` of the workspace's source with ``phase`` made slow, once that phase started."""
     marker = ws / "started"
     argv = ["compress", str(ws / "src"), "--out", str(ws / "out"), "--rank", "4", "--max-iter", "2", *extra]
-    proc = server.Process(target=signal_child.run, args=(argv, str(marker), phase, str(_stderr_file(ws))))
+    proc = forked.Process(target=signal_child.run, args=(argv, str(marker), phase, str(_stderr_file(ws))))
     proc.start()
     deadline = time.monotonic() + 60
     while not marker.exists():
@@ -684,9 +679,9 @@ def _temp_dirs(ws: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigint_abandons_a_layer_in_decomposition(server, ws, workers):
+def test_sigint_abandons_a_layer_in_decomposition(forked, ws, workers):
     """The layer being decomposed never finishes: the run must stop without waiting for it."""
-    proc, _ = _start(server, ws, "decompose", "--workers", workers)
+    proc, _ = _start(forked, ws, "decompose", "--workers", workers)
     code, stderr = _interrupt(ws, proc)
     assert code == 130, stderr
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr
@@ -694,8 +689,8 @@ def test_sigint_abandons_a_layer_in_decomposition(server, ws, workers):
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_while_writing_removes_the_temporary_directory(server, ws, sig, code, word):
-    proc, _ = _start(server, ws, "write")
+def test_signal_while_writing_removes_the_temporary_directory(forked, ws, sig, code, word):
+    proc, _ = _start(forked, ws, "write")
     assert len(list(ws.glob(".out.tmp-*"))) == 1, "the signal should land while the output is being written"
     got, stderr = _interrupt(ws, proc, sig)
     assert got == code, stderr
@@ -704,9 +699,9 @@ def test_signal_while_writing_removes_the_temporary_directory(server, ws, sig, c
     assert sorted(p.name for p in ws.iterdir()) == ["afile", "comp", "llama", "src", "started", "texts.txt"]
 
 
-def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(server, ws):
+def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(forked, ws):
     before = snapshot(ws / "src")
-    proc, _ = _start(server, ws, "write")
+    proc, _ = _start(forked, ws, "write")
     proc.kill()
     proc.join()
     stale = list(ws.glob(".out.tmp-*"))
