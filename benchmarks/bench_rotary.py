@@ -16,8 +16,9 @@ One run, side by side (SPEC section 2, "Rotary decoders"):
   computed from shapes);
 - issue 14's variants (``--variants``): ``--refine-steps``, ``--heal-steps`` and ``--budget``,
   calibrated with ``--keep-windows`` kept windows of the first ``--variant-tokens`` tokens of
-  ``lee_background.cor`` (healing holds the last one out), each with its perplexity and the time
-  of its phases (fit + refine, heal);
+  ``lee_background.cor`` (healing holds the last one out), each with its perplexity on lee.cor
+  and on the bundled texts (``sample_texts.txt``, all of it) and the time of its phases
+  (fit + refine, heal);
 - the wall time of ``calibrate`` and of each ``compress`` (in-process library calls, so
   without the interpreter's start-up).
 
@@ -129,7 +130,7 @@ def main() -> int:
     from collabcompress.calibration import calibrate
     from collabcompress.compress import CompressOptions, compress
     from collabcompress.lm import leading_ids, perplexity
-    from collabcompress.texts import lee_corpus, load_tokenizer
+    from collabcompress.texts import lee_corpus, load_tokenizer, sample_texts
 
     model_dir = args.model or cache_dir() / "smollm2-135m-instruct"
     lee = cache_dir() / "lee"
@@ -147,9 +148,12 @@ def main() -> int:
     def ppl(model) -> float:
         return perplexity(model, tokenizer, held_out, max_tokens=args.eval_tokens, window=args.window)["ppl"]
 
+    def ppl_bundled(model) -> float:  # all of the bundled texts (about 1,200 tokens)
+        return perplexity(model, tokenizer, sample_texts(), max_tokens=1 << 30, window=args.window)["ppl"]
+
     original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    result["original_ppl"] = ppl(original)
-    _log(f"original perplexity {result['original_ppl']:.4f}")
+    result["original_ppl"], result["original_ppl_bundled"] = ppl(original), ppl_bundled(original)
+    _log(f"original perplexity {result['original_ppl']:.4f}, bundled texts {result['original_ppl_bundled']:.4f}")
     with tempfile.TemporaryDirectory(prefix="bench-rotary-") as tmp:
         tmp = Path(tmp)
         texts = tmp / "background.txt"
@@ -183,12 +187,13 @@ def main() -> int:
             manifest = compress(model_dir, out, CompressOptions(calibration=str(kept), **_options(variant)))
             seconds = time.perf_counter() - start
             heal = manifest.get("heal") or {}
-            row = {"variant": variant, "ppl": ppl(hf.from_pretrained(out)), "seconds": seconds,
+            model = hf.from_pretrained(out)
+            row = {"variant": variant, "ppl": ppl(model), "ppl_bundled": ppl_bundled(model), "seconds": seconds,
                    "heal_seconds": heal.get("seconds", 0.0), "heal_accepted": heal.get("accepted"),
                    "key_cache": sum(layer["shared_dim"] for layer in manifest["layers"]),
                    "full_key_cache": sum(layer["kv_heads"] * layer["head_dim"] for layer in manifest["layers"])}
             result["variants"].append(row)
-            _log(f"{variant}: perplexity {row['ppl']:.4f} in {seconds:.1f} s")
+            _log(f"{variant}: perplexity {row['ppl']:.4f}, bundled texts {row['ppl_bundled']:.4f} in {seconds:.1f} s")
         prefix, _ = leading_ids(tokenizer, background, args.context)
         result["decode"] = {"context": int(prefix.numel()), "steps": args.steps, "runs": args.runs,
                             "original": decode(original, prefix, args.steps, args.runs)}
@@ -224,11 +229,14 @@ def _print(result: dict) -> None:
     if result["variants"]:
         print(f"\nissue 14 variants (calibrated on {result['variant_tokens']:,} tokens, {result['keep_windows']} kept "
               f"{result['window']}-token windows, the last held out for healing)")
-        print("| compress options | key cache, all layers | perplexity | fit + refine s | heal s (steps kept) |")
-        print("|---|---|---|---|---|")
+        print(f"(bundled texts: all of sample_texts.txt, original {result['original_ppl_bundled']:.2f})")
+        print("| compress options | key cache, all layers | perplexity | bundled texts | fit + refine s | "
+              "heal s (steps kept) |")
+        print("|---|---|---|---|---|---|")
         for row in result["variants"]:
             heal = f"{row['heal_seconds']:.0f} ({row['heal_accepted']})" if row["heal_accepted"] is not None else "-"
             print(f"| {row['variant']} | {row['key_cache']:,} of {row['full_key_cache']:,} | {_change(row['ppl'], base)} | "
+                  f"{_change(row['ppl_bundled'], result['original_ppl_bundled'])} | "
                   f"{row['seconds'] - row['heal_seconds']:.0f} | {heal} |")
     d = result["decode"]
     o, c = d["original"], d["compressed"]
