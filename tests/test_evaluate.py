@@ -162,9 +162,10 @@ def test_sample_texts():
 
 @pytest.mark.real
 def test_real_minilm_acceptance(minilm_dir, minilm_r192, minilm_r384):
-    """Data-free R = 192 keeps a mean cosine >= 0.94 on the bundled texts; R = 384 is exact."""
-    figures = {rank: evaluate(minilm_dir, out, lee=False) for rank, (out, _) in ((192, minilm_r192),
-                                                                               (384, minilm_r384))}
+    """Data-free R = 192 keeps a mean cosine >= 0.94 on the bundled texts; R = 384 is exact
+    (checked on the first 16 of them: exactness needs no more)."""
+    figures = {192: evaluate(minilm_dir, minilm_r192[0], lee=False),
+               384: evaluate(minilm_dir, minilm_r384[0], sample_texts()[:16], lee=False)}
     assert figures[192]["cosine_mean"] >= 0.94, figures[192]
     assert figures[384]["cosine_mean"] >= 0.99999, figures[384]
     assert figures[384]["nn_agreement"] == 1.0
