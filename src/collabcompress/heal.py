@@ -16,15 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LR_CAUSAL", "LR_ENCODER", "HealResult", "heal"]
+__all__ = ["HealResult", "heal"]
 
 TRAINED = ("collab_query", "collab_key", "collab_mixing")  # parameter name prefixes that healing trains
-# Adam step size relative to each tensor's RMS. Causal LMs: SmolLM2 at 128 of 192 (refined),
-# 40 steps: 1e-3 gave 33.46 (15 steps kept), 6e-4 33.43 (30 kept), 3e-4 33.46 (40 kept),
-# unhealed 33.48. Encoders:
-# MiniLM --budget 0.25 reached 0.9751 mean cosine at 1e-3.
-LR_CAUSAL = 6e-4
-LR_ENCODER = 1e-3
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ class _Targets:
 
 
 def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
-         steps: int, causal: bool, lr: float | None = None, seed: int = 0, check_every: int = 5,
+         steps: int, causal: bool, lr: float = 1e-3, seed: int = 0, check_every: int = 5,
          progress: Callable[[int, int, float], None] | None = None) -> HealResult:
     """Distil ``reference`` into the collaborative tensors of ``model`` (changed in place).
 
@@ -102,7 +96,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
             last is held out.
         steps: Adam steps, one training window each (seeded order).
         causal: next-token KL (causal LM) or 1 - cosine of mean-pooled hidden states (encoder).
-        lr: Adam step size relative to each tensor's RMS (default LR_CAUSAL or LR_ENCODER).
+        lr: Adam step size relative to each tensor's RMS.
         check_every: steps between held-out checks; the steps since the last check are undone
             together when the held-out loss is worse than the best so far (one noisy window per
             step can worsen it alone while a few steps together improve it).
@@ -115,7 +109,6 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     if ids.shape[0] < 2:
         raise ValueError("healing needs at least two kept windows (one is held out)")
-    lr = (LR_CAUSAL if causal else LR_ENCODER) if lr is None else lr
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     params = list(trainable(model).values())
