@@ -77,11 +77,11 @@ def minilm_r384(minilm_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def minilm_calibration(minilm_dir, lee_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """(texts, statistics, summary): `calibrate` of MiniLM on the first 24 Lee documents,
+    """(texts, statistics, summary): `calibrate` of MiniLM on the first 12 Lee documents,
     128-token windows, 4 kept sequences."""
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("calibration")
-    lines = (lee_dir / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()[:24]
+    lines = (lee_dir / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()[:12]
     texts = root / "calib.txt"
     texts.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = root / "stats.safetensors"

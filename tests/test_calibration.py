@@ -19,7 +19,7 @@ from helpers import write_stats
 pytest.importorskip("transformers")
 
 
-# The real `calibrate` run (24 Lee documents, 128-token windows, 4 kept sequences) is made once
+# The real `calibrate` run (12 Lee documents, 128-token windows, 4 kept sequences) is made once
 # per session (conftest.py); checks of compress's own refusals use synthetic statistics.
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def stats(minilm_calibration) -> Path:
 
 def test_statistics_file_contents(stats, minilm_dir, texts, minilm_calibration):
     summary = minilm_calibration[2]
-    assert summary["texts"] == 24 and summary["tokens"] > 2000 and summary["kept_sequences"] == 4
+    assert summary["texts"] == 12 and summary["tokens"] > 2000 and summary["kept_sequences"] == 4
     with safe_open(str(stats), "pt") as f:
         meta = f.metadata()
         assert meta["format"] == STATS_FORMAT
@@ -133,7 +133,7 @@ def test_kept_sequences_come_from_the_texts_used(minilm_dir, texts, tmp_path, cl
                  "--batch-size", "4", "--keep-sequences", "3", "--json", "-")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["texts"] < 24 and summary["kept_sequences"] == 3
+    assert summary["texts"] < 12 and summary["kept_sequences"] == 3
     with safe_open(str(out), "pt") as f:
         assert f.get_tensor("encoder.layer.0.attention.self.sequences").shape[0] == 3
 
