@@ -44,18 +44,12 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _loss(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, length: int, causal: bool,
-          target: torch.Tensor | None = None) -> torch.Tensor:
+def _loss(model: torch.nn.Module, ids: torch.Tensor, length: int, causal: bool, target: torch.Tensor) -> torch.Tensor:
+    """The distillation loss of one window against the reference's ``target`` (:class:`_Targets`)."""
     x = ids[:length][None]  # (1, T)
     if causal:
-        if target is None:
-            with torch.no_grad():
-                target = torch.log_softmax(reference(input_ids=x).logits.float(), -1)  # (1, T, V)
         log_q = torch.log_softmax(model(input_ids=x).logits.float(), -1)
         return (target.exp() * (target - log_q)).sum(-1).mean()
-    if target is None:
-        with torch.no_grad():
-            target = reference(input_ids=x).last_hidden_state.float().mean(1)  # (1, D)
     pooled = model(input_ids=x).last_hidden_state.float().mean(1)
     return 1.0 - torch.nn.functional.cosine_similarity(pooled, target).mean()
 
@@ -125,12 +119,10 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     n_train, held = ids.shape[0] - 1, int(lengths[-1])
     targets = _Targets(reference, causal)
     with torch.no_grad():
-        x = ids[-1, :held][None]
-        target = torch.log_softmax(reference(input_ids=x).logits.float(), -1) if causal \
-            else reference(input_ids=x).last_hidden_state.float().mean(1)
+        target = targets(n_train, ids[-1, :held])  # the held-out window, never a training one
 
         def held_out() -> float:
-            return float(_loss(reference, model, ids[-1], held, causal, target))
+            return float(_loss(model, ids[-1], held, causal, target))
 
         best = before = held_out()
     accepted, pending = 0, 0
@@ -139,7 +131,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     for step in range(steps):
         i = int(order[step])
         opt.zero_grad(set_to_none=True)
-        _loss(reference, model, ids[i], int(lengths[i]), causal, targets(i, ids[i, : int(lengths[i])])).backward()
+        _loss(model, ids[i], int(lengths[i]), causal, targets(i, ids[i, : int(lengths[i])])).backward()
         opt.step()
         pending += 1
         if pending == check_every or step + 1 == steps:
