@@ -633,19 +633,14 @@ def test_case_table_is_large_and_covers_every_command():
 # with its own signal dispositions, without paying the import of torch again. Each test joins
 # its child, so the child's CPU time counts in the suite's (``/usr/bin/time``).
 GUARD_S = 60  # only a guard against a hang: a run that waits for its layer never exits
+FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(scope="module")
-def forked():
-    """The multiprocessing context the children are forked from."""
-    return multiprocessing.get_context("fork")
-
-
-def _start(forked, ws: Path, phase: str, *extra: str) -> tuple[multiprocessing.process.BaseProcess, Path]:
+def _start(ws: Path, phase: str, *extra: str) -> tuple[multiprocessing.process.BaseProcess, Path]:
     """``compress`` of the workspace's source with ``phase`` made slow, once that phase started."""
     marker = ws / "started"
     argv = ["compress", str(ws / "src"), "--out", str(ws / "out"), "--rank", "4", "--max-iter", "2", *extra]
-    proc = forked.Process(target=signal_child.run, args=(argv, str(marker), phase, str(_stderr_file(ws))))
+    proc = FORK.Process(target=signal_child.run, args=(argv, str(marker), phase, str(_stderr_file(ws))))
     proc.start()
     deadline = time.monotonic() + 60
     while not marker.exists():
@@ -679,9 +674,9 @@ def _temp_dirs(ws: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigint_abandons_a_layer_in_decomposition(forked, ws, workers):
+def test_sigint_abandons_a_layer_in_decomposition(ws, workers):
     """The layer being decomposed never finishes: the run must stop without waiting for it."""
-    proc, _ = _start(forked, ws, "decompose", "--workers", workers)
+    proc, _ = _start(ws, "decompose", "--workers", workers)
     code, stderr = _interrupt(ws, proc)
     assert code == 130, stderr
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr
@@ -689,8 +684,8 @@ def test_sigint_abandons_a_layer_in_decomposition(forked, ws, workers):
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_while_writing_removes_the_temporary_directory(forked, ws, sig, code, word):
-    proc, _ = _start(forked, ws, "write")
+def test_signal_while_writing_removes_the_temporary_directory(ws, sig, code, word):
+    proc, _ = _start(ws, "write")
     assert len(list(ws.glob(".out.tmp-*"))) == 1, "the signal should land while the output is being written"
     got, stderr = _interrupt(ws, proc, sig)
     assert got == code, stderr
@@ -699,9 +694,9 @@ def test_signal_while_writing_removes_the_temporary_directory(forked, ws, sig, c
     assert sorted(p.name for p in ws.iterdir()) == ["afile", "comp", "llama", "src", "started", "texts.txt"]
 
 
-def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(forked, ws):
+def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(ws):
     before = snapshot(ws / "src")
-    proc, _ = _start(forked, ws, "write")
+    proc, _ = _start(ws, "write")
     proc.kill()
     proc.join()
     stale = list(ws.glob(".out.tmp-*"))
