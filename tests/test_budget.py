@@ -118,7 +118,7 @@ def test_without_budget_the_manifest_has_no_new_keys(tiny_llama_stats, tmp_path)
 
     model, stats = tiny_llama_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats)))
-    assert "budget" not in manifest["settings"] and "heal_steps" not in manifest["settings"]
+    assert not {"budget", "heal_steps", "heal_dtype"} & set(manifest["settings"])
     assert all("allocation" not in layer for layer in manifest["layers"])
 
 
@@ -165,6 +165,7 @@ def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tiny_llama_st
 def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, tmp_path):
     from collabcompress import hf
     from collabcompress.compress import CompressOptions, compress
+    from collabcompress.dtypes import compute_dtype
     from collabcompress.io import open_checkpoint
 
     model, stats = tiny_llama_stats
@@ -173,6 +174,7 @@ def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, 
     heal = manifest["heal"]
     assert heal["steps"] == 4 and 0 <= heal["accepted"] <= 4
     assert heal["held_out_after"] <= heal["held_out_before"]
+    assert manifest["settings"]["heal_dtype"] == "auto" and heal["dtype"] == compute_dtype("auto")
     again = compress(model, tmp_path / "b", opts)
     weights = lambda m: [o["sha256"] for o in m["outputs"] if o["name"] == "model.safetensors"]
     assert weights(manifest) == weights(again)

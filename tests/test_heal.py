@@ -1,4 +1,4 @@
-"""heal(): held-out checks every few steps, undoing a whole block of steps that made it worse."""
+"""heal(): held-out checks every few steps, undoing a whole block of steps that made it worse; its arithmetic."""
 
 from __future__ import annotations
 
@@ -68,3 +68,30 @@ def test_cached_targets_are_the_references_next_token_log_probabilities(tiny_pai
     for _ in range(2):  # computed, then from the cache
         assert torch.allclose(targets(1, x), want, atol=1e-5)
     assert list(targets.cache) == [1]
+
+
+def test_bfloat16_arithmetic_is_seeded_keeps_float32_tensors_and_never_worsens_held_out(tiny_pair):
+    runs = [_healed(tiny_pair, steps=6, lr=1e-2, check_every=2, compute=torch.bfloat16) for _ in range(2)]
+    (result, start, end), (_, _, again) = runs
+    assert result.held_out_after <= result.held_out_before
+    assert all(t.dtype == torch.float32 for t in end.values())
+    assert all(torch.equal(end[k], again[k]) for k in end)
+    float32, _, plain = _healed(tiny_pair, steps=6, lr=1e-2, check_every=2)
+    assert result.held_out_before != float32.held_out_before  # the passes really ran in bfloat16
+    assert abs(result.held_out_before - float32.held_out_before) < 0.05 * float32.held_out_before
+
+
+def test_healing_computes_in_float32_or_bfloat16_only(tiny_pair):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        _healed(tiny_pair, steps=1, compute=torch.float16)
+
+
+def test_auto_arithmetic_is_bfloat16_only_where_the_cpu_has_bfloat16_units(monkeypatch):
+    from collabcompress.dtypes import COMPUTE_NAMES, compute_dtype
+
+    assert [compute_dtype(name) for name in COMPUTE_NAMES] == list(COMPUTE_NAMES)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert compute_dtype("auto") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert compute_dtype("auto") == "bfloat16"

@@ -32,6 +32,7 @@ from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT
                        DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP, DEFAULT_ENERGIES,
                        DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN, DEFAULT_TOL)
 from .display import safe_renderable, safe_text
+from .dtypes import COMPUTE_NAMES
 from .errors import BadInputError, CollabError
 
 
@@ -285,6 +286,9 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+HealDType = Enum("HealDType", {name: name for name in ("auto", *COMPUTE_NAMES)}, type=str)  # compress --heal-dtype
+
+
 @app.command()
 def compress(
     checkpoint: CheckpointArg,
@@ -314,6 +318,9 @@ def compress(
     heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
                              "(next-token distributions; embeddings for encoders) on the kept calibration sequences "
                              "into the new tensors (needs --calibration; hf extra).")] = 0,
+    heal_dtype: Annotated[HealDType, typer.Option("--heal-dtype", help="Arithmetic of healing's passes (auto: bfloat16 on "
+                             "a CPU with bfloat16 matrix units, AVX512-BF16 or AMX, where a step takes half the time; "
+                             "else float32). The tensors and the optimiser stay float32.")] = HealDType.auto,
     heads: HeadsOpt = None,
     kv_heads: KvHeadsOpt = None,
     arch: ArchOpt = None,
@@ -336,7 +343,8 @@ def compress(
                               multiple_of=multiple_of, method=method.value,
                               max_iter=max_iter, tol=tol, seed=seed, device=device, dtype=dtype.value,
                               layers=layers, calibration=str(calibration) if calibration else None,
-                              refine_steps=refine_steps, budget=budget, heal_steps=heal_steps)
+                              refine_steps=refine_steps, budget=budget, heal_steps=heal_steps,
+                              heal_dtype=heal_dtype.value)
     progress, step = _progress("compressing", json_path != "-")
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,

@@ -25,7 +25,7 @@ from .arch import AttentionSpec, detect, load_query_key, load_value_output
 from .costs import qk_params, rotary_key_params, stored_qk_params
 from .decompose import CPFactors, concatenated, cp_als, relative_error
 from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
-from .dtypes import OUTPUT_NAMES, dtype_name, to_torch
+from .dtypes import COMPUTE_NAMES, OUTPUT_NAMES, compute_dtype, dtype_name, to_torch
 from .errors import BadInputError
 from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from . import manifest as _mf
@@ -61,6 +61,7 @@ class CompressOptions:
     refine_steps: int = 0
     budget: float | None = None
     heal_steps: int = 0
+    heal_dtype: str = "auto"
 
     def check(self) -> None:
         if sum(v is not None for v in (self.rank, self.energy, self.budget)) != 1:
@@ -91,6 +92,8 @@ class CompressOptions:
         if (self.refine_steps or self.heal_steps) and not self.calibration:
             raise BadInputError("--refine-steps and --heal-steps need --calibration statistics made with "
                                 "`calibrate --keep-sequences N`")
+        if self.heal_dtype != "auto" and self.heal_dtype not in COMPUTE_NAMES:
+            raise BadInputError(f"unknown --heal-dtype {self.heal_dtype!r}; choose auto, {', '.join(COMPUTE_NAMES)}")
         if self.method != "cp-als":
             raise BadInputError(f"unknown --method {self.method!r}; available: cp-als")
         if self.dtype != "auto" and self.dtype not in OUTPUT_NAMES:
@@ -737,8 +740,9 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
         reference = _load_original(checkpoint, original).float()
     step = (lambda i, n, loss: progress(f"healing (held-out loss {loss:.4f})", i, n)) if progress else None
     torch.manual_seed(options.seed)
+    arithmetic = compute_dtype(options.heal_dtype)  # healing runs on the CPU
     result = heal(reference, model, ids, lengths, steps=options.heal_steps, causal=causal, seed=options.seed,
-                  progress=step)
+                  compute=to_torch(arithmetic), progress=step)
     healed = {name: p.detach() for name, p in trainable(model).items()}
     for layer in layers:
         for name in list(layer.tensors):
@@ -746,6 +750,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
             if len(match) == 1:
                 layer.tensors[name] = match[0].to(out_dtype).contiguous()
     return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
+            "dtype": arithmetic,
             "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
             "seconds": round(result.seconds, 2)}
 
@@ -784,8 +789,9 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
         calibration = {"file": str(Path(options.calibration).resolve()), "sha256": sha256_file(Path(options.calibration))}
     settings = asdict(options)
     settings["calibration"] = calibration
-    for key, unset in (("budget", None), ("heal_steps", 0)):  # recorded only when used: older manifests stay as they were
-        if settings[key] == unset:
+    healing = options.heal_steps > 0  # recorded only when used: older manifests stay as they were
+    for key, used in (("budget", options.budget is not None), ("heal_steps", healing), ("heal_dtype", healing)):
+        if not used:
             del settings[key]
     if kv_heads is not None:
         settings["kv_heads"] = kv_heads

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FLOATS", "OUTPUT_NAMES", "ELEMENT_SIZE", "dtype_name", "st_name", "to_torch"]
+__all__ = ["FLOATS", "OUTPUT_NAMES", "COMPUTE_NAMES", "ELEMENT_SIZE", "dtype_name", "st_name", "to_torch", "compute_dtype"]
 
 # safetensors dtype -> (torch attribute name, bytes per element)
 _TABLE = {
@@ -21,6 +21,7 @@ _ST_BY_NAME = {name: st for st, (name, _) in _TABLE.items()}
 
 FLOATS = frozenset({"F32", "F16", "BF16", "F64"})  # safetensors dtypes of weights the tool decomposes
 OUTPUT_NAMES = ("float32", "float16", "bfloat16")  # choices of ``compress --dtype`` (besides "auto")
+COMPUTE_NAMES = ("float32", "bfloat16")  # choices of ``compress --heal-dtype`` (besides "auto")
 # bytes per element, by safetensors dtype and by name
 ELEMENT_SIZE = {**{st: size for st, (_, size) in _TABLE.items()}, **{name: size for name, size in _TABLE.values()}}
 
@@ -45,3 +46,19 @@ def to_torch(dtype: str) -> Any:
     import torch
 
     return getattr(torch, name, None)
+
+
+def compute_dtype(name: str, device: str = "cpu") -> str:
+    """The arithmetic of a training loop: ``name`` itself, or for ``"auto"`` ``"bfloat16"`` where
+    ``device`` multiplies bfloat16 matrices natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU
+    that supports bfloat16) and ``"float32"`` elsewhere (emulated bfloat16 is slower than float32)."""
+    if name != "auto":
+        return name
+    import torch
+
+    if device.startswith("cuda"):
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        native = any(bool(probe()) for probe in probes if probe is not None)
+    return "bfloat16" if native else "float32"

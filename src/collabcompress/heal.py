@@ -5,11 +5,15 @@ After every layer is compressed, a seeded Adam loop trains only the collaborativ
 model's next-token distributions (causal LMs: KL(p_original || p_compressed) per token) or
 pooled embeddings (encoders: 1 - cosine) match the original's on the kept calibration
 windows. The last kept window is held out: steps that make its loss worse are undone.
+The compressed model's passes may run in bfloat16 arithmetic (``torch.autocast``; the
+tensors, the optimiser and the reference's targets stay float32): on a CPU with bfloat16
+matrix units a step of SmolLM2 takes half the time, and the steps are as good.
 Models in, models out; no I/O; deterministic on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +84,7 @@ class _Targets:
 
 def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
          steps: int, causal: bool, lr: float = 1e-3, seed: int = 0, check_every: int = 5,
+         compute: torch.dtype = torch.float32,
          progress: Callable[[int, int, float], None] | None = None) -> HealResult:
     """Distil ``reference`` into the collaborative tensors of ``model`` (changed in place).
 
@@ -103,6 +108,8 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     if ids.shape[0] < 2:
         raise ValueError("healing needs at least two kept windows (one is held out)")
+    if compute not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"healing computes in float32 or bfloat16, not {compute}")
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     params = list(trainable(model).values())
@@ -118,11 +125,19 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
                             for p in params])
     n_train, held = ids.shape[0] - 1, int(lengths[-1])
     targets = _Targets(reference, causal)
+    device = params[0].device.type
+
+    def arithmetic():
+        if compute == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device, dtype=compute)
+
     with torch.no_grad():
         target = targets(n_train, ids[-1, :held])  # the held-out window, never a training one
 
         def held_out() -> float:
-            return float(_loss(model, ids[-1], held, causal, target))
+            with arithmetic():
+                return float(_loss(model, ids[-1], held, causal, target))
 
         best = before = held_out()
     accepted, pending = 0, 0
@@ -131,7 +146,10 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     for step in range(steps):
         i = int(order[step])
         opt.zero_grad(set_to_none=True)
-        _loss(model, ids[i], int(lengths[i]), causal, targets(i, ids[i, : int(lengths[i])])).backward()
+        target_i = targets(i, ids[i, : int(lengths[i])])
+        with arithmetic():
+            loss = _loss(model, ids[i], int(lengths[i]), causal, target_i)
+        loss.backward()
         opt.step()
         pending += 1
         if pending == check_every or step + 1 == steps:
