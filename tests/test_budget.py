@@ -187,6 +187,52 @@ def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, 
     assert all(torch.equal(a.load(n), c.load(n)) for n in untouched)
 
 
+def _rewritten(stats: Path, out: Path, change) -> Path:
+    """A copy of a statistics file whose tensors ``change(tensors)`` edited in place (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(stats), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(tensors)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_llama_stats, tmp_path):
+    from safetensors import safe_open
+
+    from collabcompress.arch import detect
+    from collabcompress.calibration import load_input_ids, load_window_ids
+    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.errors import BadInputError
+    from collabcompress.io import open_checkpoint
+
+    model, stats = tiny_llama_stats
+    ckpt = open_checkpoint(model)
+    specs = detect(ckpt)
+    ids, lengths, kept = load_window_ids(stats, ckpt, specs)
+    kept_ids, kept_lengths = load_input_ids(stats, ckpt, specs)
+    with safe_open(str(stats), framework="pt") as f:
+        assert ids.shape[0] == int(f.metadata()["windows"]) > kept.numel() == 3
+    for i, w in enumerate(kept.tolist()):  # the kept windows are among them, where the index says
+        assert torch.equal(ids[w, : lengths[w]], kept_ids[i, : kept_lengths[i]])
+    heal = lambda path, out: compress(model, tmp_path / out, CompressOptions(rank=4, calibration=str(path),
+                                                                              heal_steps=1))["heal"]
+    assert heal(stats, "all")["windows"] == int((lengths >= 2).sum()) - 1
+    older = _rewritten(stats, tmp_path / "older.safetensors",
+                       lambda t: [t.pop(k) for k in ("window_ids", "window_lengths", "kept_windows")])
+    assert load_window_ids(older, ckpt, specs) is None
+    assert heal(older, "older")["windows"] == 2  # a file from before: the kept windows, one held out
+    for name, change in (("out of range", lambda t: t["kept_windows"].fill_(ids.shape[0])),
+                         ("disagrees", lambda t: t["kept_windows"].copy_(kept.roll(1))),
+                         ("repeated", lambda t: t["kept_windows"].fill_(int(kept[0])))):
+        bad = _rewritten(stats, tmp_path / "bad.safetensors", change)
+        with pytest.raises(BadInputError, match="windows' token ids are malformed"):
+            heal(bad, f"bad-{name.replace(' ', '-')}")
+        assert not (tmp_path / f"bad-{name.replace(' ', '-')}").exists()
+
+
 def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli):
     model, stats = tiny_llama_stats
     result = cli("analyze", model, "--calibration", stats, "--json", "-")

@@ -9,7 +9,10 @@ the Cholesky factors used by the whitened CP-ALS; ``load_moments`` gives the raw
 The statistics file is a safetensors file: per module ``{M}.second_moment`` (D, D) float64,
 ``{M}.mean`` (D,), and for cross-attention ``{M}.key_second_moment`` / ``{M}.key_mean``;
 optionally ``{M}.sequences`` (N, T, D) float32 with ``{M}.lengths`` (N,) (kept inputs for
-refinement; ``{M}.key_sequences`` for cross-attention). Metadata: ``format``,
+refinement; ``{M}.key_sequences`` for cross-attention), the kept windows' token ids
+``input_ids`` (N, T) int64 with ``input_lengths`` (N,), and the token ids of every window
+run, ``window_ids`` (W, T) with ``window_lengths`` (W,) and ``kept_windows`` (N,) (which of
+them was kept; healing trains on all of them). Metadata: ``format``,
 ``source_sha256`` (of the weight files), ``texts_sha256``, ``tokens``, ``texts``,
 ``windows``, ``max_length``, ``tool_version``, ``modules`` (JSON list), ``architecture``.
 
@@ -49,8 +52,8 @@ from .lm import DEFAULT_WINDOW, leading_ids, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
 from .texts import load_tokenizer, position_limit
 
-__all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "load_query_energies", "read_texts",
-           "causal_windows", "STATS_FORMAT"]
+__all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "load_input_ids", "load_window_ids",
+           "load_query_energies", "read_texts", "causal_windows", "STATS_FORMAT"]
 
 STATS_FORMAT = "collabcompress-stats/1"
 Progress = Callable[[str, int, int], None]
@@ -245,6 +248,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     kept_keys: dict[str, dict[int, torch.Tensor]] = {}
     energy: dict[str, torch.Tensor] = {}  # rotary module -> sum over tokens of |q_{h,j}|^2, (H, d/2)
     kept_ids: dict[int, torch.Tensor] = {}  # reservoir slot -> the kept window's token ids, for --heal-steps
+    kept_index: dict[int, int] = {}  # reservoir slot -> the kept window's index among all windows run
+    window_ids: list[torch.Tensor] = []  # every window's token ids (when windows are kept): healing trains on them
     handles = []
 
     def hook(spec: AttentionSpec, side: str):
@@ -290,7 +295,9 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 state["mask"] = mask
                 state["keep"] = _reservoir(seen, ids.shape[0], keep_sequences, g)
                 for b, slot in state["keep"]:
-                    kept_ids[slot] = ids[b, : int(mask[b].sum())].clone()
+                    kept_ids[slot], kept_index[slot] = ids[b, : int(mask[b].sum())].clone(), seen + b
+                if keep_sequences:
+                    window_ids.extend(ids[b, : int(mask[b].sum())].clone() for b in range(ids.shape[0]))
                 inputs = {"input_ids": ids, "attention_mask": mask}
                 if encoder_decoder:
                     inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
@@ -329,11 +336,10 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 tensors[f"{module}.{key}"] = padded
                 tensors[f"{module}.lengths"] = lengths
     if kept_ids:
-        lengths = torch.tensor([kept_ids[slot].numel() for slot in sorted(kept_ids)])
-        ids_padded = torch.zeros(len(kept_ids), int(lengths.max()), dtype=torch.int64)  # (N, T)
-        for i, slot in enumerate(sorted(kept_ids)):
-            ids_padded[i, : lengths[i]] = kept_ids[slot]
-        tensors["input_ids"], tensors["input_lengths"] = ids_padded, lengths
+        slots = sorted(kept_ids)
+        tensors["input_ids"], tensors["input_lengths"] = _padded([kept_ids[slot] for slot in slots])
+        tensors["window_ids"], tensors["window_lengths"] = _padded(window_ids)
+        tensors["kept_windows"] = torch.tensor([kept_index[slot] for slot in slots], dtype=torch.int64)
     metadata = {
         "format": STATS_FORMAT, "tool_version": __version__, "source_sha256": source_sha256(ckpt),
         "texts_sha256": sha256_file(Path(texts_file)), "tokens": str(tokens), "texts": str(used),
@@ -351,6 +357,15 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             tmp.unlink(missing_ok=True)
     return {"file": str(out), "tokens": tokens, "texts": used, "windows": seen, "max_length": max_length,
             "modules": [s.module for s in specs], "kept_sequences": min(keep_sequences, seen)}
+
+
+def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> (N, T) int64 zero-padded on the right, and their lengths (N,)."""
+    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.int64)
+    out = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out, lengths
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
@@ -464,6 +479,32 @@ def load_input_ids(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> 
             or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()):
         raise BadInputError(f"calibration statistics {path}: the kept token ids are malformed")
     return ids, lengths.long()
+
+
+def load_window_ids(path: Path, ckpt: Checkpoint,
+                    specs: list[AttentionSpec]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The token ids of every calibration window run, (W, T) int64 zero-padded, their lengths
+    (W,), and the index among them of each kept window (N,, in the order of
+    :func:`load_input_ids`); ``None`` for a file from before they were stored.
+
+    Raises:
+        BadInputError: the tensors are malformed or disagree with the kept windows' ids.
+    """
+    f, names, _ = _open_stats(path, ckpt, specs)
+    if not {"window_ids", "window_lengths", "kept_windows"} <= names:
+        return None
+    kept_ids, kept_lengths = load_input_ids(path, ckpt, specs)
+    ids, lengths, kept = f.get_tensor("window_ids"), f.get_tensor("window_lengths"), f.get_tensor("kept_windows")
+    bad = ids.dim() != 2 or ids.dtype != torch.int64 or lengths.shape != (ids.shape[0],) or lengths.dtype != torch.int64 \
+        or bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()) \
+        or kept.shape != (kept_ids.shape[0],) or kept.dtype != torch.int64 or bool((kept < 0).any()) \
+        or bool((kept >= ids.shape[0]).any()) or kept.unique().numel() != kept.numel()
+    if not bad:
+        bad = any(int(lengths[w]) != int(n) or not torch.equal(ids[w, :n], kept_ids[i, :n])
+                  for i, (w, n) in enumerate(zip(kept.tolist(), kept_lengths.tolist())))
+    if bad:
+        raise BadInputError(f"calibration statistics {path}: the windows' token ids are malformed")
+    return ids, lengths, kept
 
 
 def load_query_energies(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, torch.Tensor]:

@@ -722,9 +722,12 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
 def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], options: CompressOptions,
           specs: list[AttentionSpec], out_dtype: torch.dtype, progress: Progress | None) -> dict[str, Any]:
     """``--heal-steps``: load the written model, distil the original into its new tensors on the
-    kept calibration windows (:func:`collabcompress.heal.heal`), and put them back into ``layers``."""
+    calibration windows (:func:`collabcompress.heal.heal`), and put them back into ``layers``.
+
+    It trains on every window the statistics ran (files from before they stored them: the kept
+    windows) except the last kept one, which is held out."""
     from . import hf
-    from .calibration import load_input_ids
+    from .calibration import load_input_ids, load_window_ids
     from .evaluate import _load_original, _quiet_transformers
     from .heal import heal, trainable
 
@@ -733,6 +736,12 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
     if ids.shape[0] < 2:
         raise BadInputError("--heal-steps holds one kept window out: run `calibrate --keep-sequences N` with N >= 2")
+    windows = load_window_ids(Path(options.calibration), ckpt, specs)
+    if windows is not None:  # every window but the held-out one trains, the held-out one stays last
+        all_ids, all_lengths, kept = windows
+        held = int(kept[-1])
+        order = [w for w in range(all_ids.shape[0]) if w != held and int(all_lengths[w]) >= 2] + [held]
+        ids, lengths = all_ids[order], all_lengths[order]
     causal = bool(specs[0].rotary)
     with _quiet_transformers():
         model = hf.from_pretrained(tmp).float()
@@ -750,7 +759,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
             if len(match) == 1:
                 layer.tensors[name] = match[0].to(out_dtype).contiguous()
     return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
-            "dtype": arithmetic,
+            "dtype": arithmetic, "windows": int(ids.shape[0]) - 1,
             "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
             "seconds": round(result.seconds, 2)}
 

@@ -3,8 +3,8 @@
 After every layer is compressed, a seeded Adam loop trains only the collaborative tensors
 (shared keys and mixing; for encoders also the shared queries) so that the compressed
 model's next-token distributions (causal LMs: KL(p_original || p_compressed) per token) or
-pooled embeddings (encoders: 1 - cosine) match the original's on the kept calibration
-windows. The last kept window is held out: steps that make its loss worse are undone.
+pooled embeddings (encoders: 1 - cosine) match the original's on the calibration
+windows. The last window is held out: steps that make its loss worse are undone.
 The compressed model's passes may run in bfloat16 arithmetic (``torch.autocast``; the
 tensors, the optimiser and the reference's targets stay float32): on a CPU with bfloat16
 matrix units a step of SmolLM2 takes half the time, and the steps are as good.
@@ -91,7 +91,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     Args:
         reference: the original model (not changed).
         model: the compressed model (``collabcompress.hf.from_pretrained``).
-        ids, lengths: kept calibration windows, (N, T) token ids and (N,) lengths, N >= 2; the
+        ids, lengths: calibration windows, (N, T) token ids and (N,) lengths, N >= 2; the
             last is held out.
         steps: Adam steps, one training window each (seeded order).
         causal: next-token KL (causal LM) or 1 - cosine of mean-pooled hidden states (encoder).
