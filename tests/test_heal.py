@@ -95,3 +95,26 @@ def test_auto_arithmetic_is_bfloat16_only_where_the_cpu_has_bfloat16_units(monke
     assert compute_dtype("auto") == "float32"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert compute_dtype("auto") == "bfloat16"
+
+
+def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tiny_pair, monkeypatch):
+    from collabcompress import hf
+    from collabcompress.heal import _loss, _Targets, held_out_count
+
+    assert [held_out_count(n) for n in (2, 3, 7, 8, 15, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    reference, out, ids, lengths = tiny_pair
+    with pytest.raises(ValueError, match="needs one more to train on"):
+        _healed(tiny_pair, steps=1, held_out=4)
+    result, _, _ = _healed(tiny_pair, steps=0, held_out=2)
+
+    model, targets = hf.from_pretrained(out).float(), _Targets(reference, causal=True)
+    with torch.no_grad():
+        losses = [float(_loss(model, ids[i], int(lengths[i]), True, targets(i, ids[i, : int(lengths[i])])))
+                  for i in (2, 3)]
+    want = (losses[0] * 24 + losses[1] * 18) / 42
+    assert result.held_out_before == pytest.approx(want, rel=1e-6)
+    # training touches windows 0 and 1 only: the held-out ones never get a target computed for training
+    seen, original = [], _Targets.__call__
+    monkeypatch.setattr(_Targets, "__call__", lambda self, i, x: seen.append(i) or original(self, i, x))
+    _healed(tiny_pair, steps=4, held_out=2)
+    assert seen[:2] == [2, 3] and set(seen[2:]) == {0, 1}

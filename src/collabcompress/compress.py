@@ -725,22 +725,24 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     calibration windows (:func:`collabcompress.heal.heal`), and put them back into ``layers``.
 
     It trains on every window the statistics ran (files from before they stored them: the kept
-    windows) except the last kept one, which is held out."""
+    windows) except the last few kept ones (:func:`collabcompress.heal.held_out_count`), which
+    are held out."""
     from . import hf
     from .calibration import load_input_ids, load_window_ids
     from .evaluate import _load_original, _quiet_transformers
-    from .heal import heal, trainable
+    from .heal import heal, held_out_count, trainable
 
     if ckpt.config is None or not checkpoint.is_dir():
         raise BadInputError("--heal-steps runs the model: pass a model directory with config.json")
     ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
     if ids.shape[0] < 2:
         raise BadInputError("--heal-steps holds one kept window out: run `calibrate --keep-sequences N` with N >= 2")
+    held = held_out_count(ids.shape[0])
     windows = load_window_ids(Path(options.calibration), ckpt, specs)
-    if windows is not None:  # every window but the held-out one trains, the held-out one stays last
+    if windows is not None:  # every window but the held-out ones trains; those stay last
         all_ids, all_lengths, kept = windows
-        held = int(kept[-1])
-        order = [w for w in range(all_ids.shape[0]) if w != held and int(all_lengths[w]) >= 2] + [held]
+        held_windows = kept[-held:].tolist()
+        order = [w for w in range(all_ids.shape[0]) if w not in held_windows and int(all_lengths[w]) >= 2] + held_windows
         ids, lengths = all_ids[order], all_lengths[order]
     causal = bool(specs[0].rotary)
     with _quiet_transformers():
@@ -751,7 +753,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     torch.manual_seed(options.seed)
     arithmetic = compute_dtype(options.heal_dtype)  # healing runs on the CPU
     result = heal(reference, model, ids, lengths, steps=options.heal_steps, causal=causal, seed=options.seed,
-                  compute=to_torch(arithmetic), progress=step)
+                  held_out=held, compute=to_torch(arithmetic), progress=step)
     healed = {name: p.detach() for name, p in trainable(model).items()}
     for layer in layers:
         for name in list(layer.tensors):
@@ -759,7 +761,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
             if len(match) == 1:
                 layer.tensors[name] = match[0].to(out_dtype).contiguous()
     return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
-            "dtype": arithmetic, "windows": int(ids.shape[0]) - 1,
+            "dtype": arithmetic, "windows": int(ids.shape[0]) - held, "held_out_windows": held,
             "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
             "seconds": round(result.seconds, 2)}
 

@@ -4,7 +4,7 @@ After every layer is compressed, a seeded Adam loop trains only the collaborativ
 (shared keys and mixing; for encoders also the shared queries) so that the compressed
 model's next-token distributions (causal LMs: KL(p_original || p_compressed) per token) or
 pooled embeddings (encoders: 1 - cosine) match the original's on the calibration
-windows. The last window is held out: steps that make its loss worse are undone.
+windows. The last few windows are held out: steps that make their loss worse are undone.
 The compressed model's passes may run in bfloat16 arithmetic (``torch.autocast``; the
 tensors, the optimiser and the reference's targets stay float32): on a CPU with bfloat16
 matrix units a step of SmolLM2 takes half the time, and the steps are as good.
@@ -20,9 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HealResult", "heal"]
+__all__ = ["HealResult", "heal", "held_out_count"]
 
 TRAINED = ("collab_query", "collab_key", "collab_mixing")  # parameter name prefixes that healing trains
+HELD_OUT = 4  # windows held out (a quarter of the kept ones when fewer than 16 are kept, at least one)
+
+
+def held_out_count(kept: int) -> int:
+    """How many of ``kept`` (>= 2) kept windows healing holds out: one 512-token window misled
+    it (SmolLM2 at half the key cache: its loss kept falling while perplexity rose)."""
+    return max(1, min(HELD_OUT, kept // 4))
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class _Targets:
 
 
 def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
-         steps: int, causal: bool, lr: float = 1e-3, seed: int = 0, check_every: int = 5,
+         steps: int, causal: bool, lr: float = 1e-3, seed: int = 0, check_every: int = 5, held_out: int = 1,
          compute: torch.dtype = torch.float32,
          progress: Callable[[int, int, float], None] | None = None) -> HealResult:
     """Distil ``reference`` into the collaborative tensors of ``model`` (changed in place).
@@ -91,14 +98,15 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     Args:
         reference: the original model (not changed).
         model: the compressed model (``collabcompress.hf.from_pretrained``).
-        ids, lengths: calibration windows, (N, T) token ids and (N,) lengths, N >= 2; the
-            last is held out.
+        ids, lengths: calibration windows, (N, T) token ids and (N,) lengths; the last
+            ``held_out`` are held out, at least one is left to train on.
         steps: Adam steps, one training window each (seeded order).
         causal: next-token KL (causal LM) or 1 - cosine of mean-pooled hidden states (encoder).
         lr: Adam step size relative to each tensor's RMS.
         check_every: steps between held-out checks; the steps since the last check are undone
             together when the held-out loss is worse than the best so far (one noisy window per
             step can worsen it alone while a few steps together improve it).
+        held_out: windows held out; their loss is the token-weighted mean of their losses.
         progress: called with (step, steps, best held-out loss) after each step.
 
     Returns:
@@ -106,8 +114,8 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
-    if ids.shape[0] < 2:
-        raise ValueError("healing needs at least two kept windows (one is held out)")
+    if held_out < 1 or ids.shape[0] <= held_out:
+        raise ValueError(f"healing holds {held_out} window(s) out and needs one more to train on, got {ids.shape[0]}")
     if compute not in (torch.float32, torch.bfloat16):
         raise ValueError(f"healing computes in float32 or bfloat16, not {compute}")
     start = time.perf_counter()
@@ -123,7 +131,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))}
                             for p in params])
-    n_train, held = ids.shape[0] - 1, int(lengths[-1])
+    n_train = ids.shape[0] - held_out
     targets = _Targets(reference, causal)
     device = params[0].device.type
 
@@ -133,13 +141,16 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         return torch.autocast(device_type=device, dtype=compute)
 
     with torch.no_grad():
-        target = targets(n_train, ids[-1, :held])  # the held-out window, never a training one
+        held = [(i, int(lengths[i])) for i in range(n_train, ids.shape[0])]  # never training windows
+        held_targets = [targets(i, ids[i, :n]) for i, n in held]
+        weights = [n / sum(n for _, n in held) for _, n in held]
 
-        def held_out() -> float:
+        def held_out_loss() -> float:
             with arithmetic():
-                return float(_loss(model, ids[-1], held, causal, target))
+                return sum(w * float(_loss(model, ids[i], n, causal, t))
+                           for (i, n), t, w in zip(held, held_targets, weights))
 
-        best = before = held_out()
+        best = before = held_out_loss()
     accepted, pending = 0, 0
     kept = [p.detach().clone() for p in params]  # the tensors at the best held-out loss so far
     order = torch.cat([torch.randperm(n_train, generator=g) for _ in range(steps // n_train + 1)])
@@ -154,7 +165,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         pending += 1
         if pending == check_every or step + 1 == steps:
             with torch.no_grad():
-                now = held_out()
+                now = held_out_loss()
                 if now <= best:
                     best, accepted = now, accepted + pending
                     for k, p in zip(kept, params):
