@@ -16,7 +16,8 @@ One run, side by side (SPEC section 2, "Rotary decoders"):
   computed from shapes);
 - issue 14's variants (``--variants``): ``--refine-steps``, ``--heal-steps`` and ``--budget``,
   calibrated with ``--keep-windows`` kept windows of the first ``--variant-tokens`` tokens of
-  ``lee_background.cor`` (healing holds the last one out), each with its perplexity on lee.cor
+  ``lee_background.cor`` (healing trains on all their windows and holds the last four kept
+  ones out), each with its perplexity on lee.cor
   and on the bundled texts (``sample_texts.txt``, all of it) and the time of its phases
   (fit + refine, heal);
 - the wall time of ``calibrate`` and of each ``compress`` (in-process library calls, so
@@ -43,8 +44,8 @@ from _common import cache_dir
 # SPEC section 2: perplexity at each key cache (data-free, calibrated); original 32.04
 BASELINE = {"original": 32.04, 128: (806.0, 35.77), 96: (880.0, 43.33), 64: (1219.0, 86.64)}
 # issue 14: CompressOptions of each variant, as "key=value,..."
-VARIANTS = ["budget=0.667,refine_steps=100", "budget=0.667,refine_steps=100,heal_steps=40",
-            "budget=0.5,refine_steps=100,heal_steps=40", "budget=0.333,refine_steps=100,heal_steps=40"]
+VARIANTS = ["rank=128,refine_steps=100", "rank=128,refine_steps=100,heal_steps=200",
+            "budget=0.5,refine_steps=100,heal_steps=200", "budget=0.333,refine_steps=100,heal_steps=200"]
 QUICK = ["rank=128,refine_steps=10", "budget=0.5,heal_steps=2"]
 
 
@@ -190,6 +191,7 @@ def main() -> int:
             model = hf.from_pretrained(out)
             row = {"variant": variant, "ppl": ppl(model), "ppl_bundled": ppl_bundled(model), "seconds": seconds,
                    "heal_seconds": heal.get("seconds", 0.0), "heal_accepted": heal.get("accepted"),
+                   "heal_dtype": heal.get("dtype"),
                    "key_cache": sum(layer["shared_dim"] for layer in manifest["layers"]),
                    "full_key_cache": sum(layer["kv_heads"] * layer["head_dim"] for layer in manifest["layers"])}
             result["variants"].append(row)
@@ -228,13 +230,14 @@ def _print(result: dict) -> None:
               f"{_change(row['calibrated'], base)} | {spec_cal} |")
     if result["variants"]:
         print(f"\nissue 14 variants (calibrated on {result['variant_tokens']:,} tokens, {result['keep_windows']} kept "
-              f"{result['window']}-token windows, the last held out for healing)")
+              f"{result['window']}-token windows; healing trains on every window, the last four kept held out)")
         print(f"(bundled texts: all of sample_texts.txt, original {result['original_ppl_bundled']:.2f})")
         print("| compress options | key cache, all layers | perplexity | bundled texts | fit + refine s | "
-              "heal s (steps kept) |")
+              "heal s (steps kept, arithmetic) |")
         print("|---|---|---|---|---|---|")
         for row in result["variants"]:
-            heal = f"{row['heal_seconds']:.0f} ({row['heal_accepted']})" if row["heal_accepted"] is not None else "-"
+            heal = f"{row['heal_seconds']:.0f} ({row['heal_accepted']}, {row['heal_dtype']})" \
+                if row["heal_accepted"] is not None else "-"
             print(f"| {row['variant']} | {row['key_cache']:,} of {row['full_key_cache']:,} | {_change(row['ppl'], base)} | "
                   f"{_change(row['ppl_bundled'], result['original_ppl_bundled'])} | "
                   f"{row['seconds'] - row['heal_seconds']:.0f} | {heal} |")
