@@ -150,6 +150,19 @@ def test_budget_bad_input_exits_3(tiny_llama_stats, tmp_path, cli, args, message
     assert not (tmp_path / "o").exists()
 
 
+def test_heal_dtype_reaches_the_manifest_and_a_wrong_one_is_refused(tiny_llama_stats, tmp_path, cli):
+    import json
+
+    model, stats = tiny_llama_stats
+    base = ["compress", model, "--rank", "4", "--calibration", stats, "--heal-steps", "1"]
+    result = cli(*base, "--out", tmp_path / "o", "--heal-dtype", "float32", "--json", "-")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["settings"]["heal_dtype"] == manifest["heal"]["dtype"] == "float32"
+    result = cli(*base, "--out", tmp_path / "p", "--heal-dtype", "float16")
+    assert result.exit_code == 2 and "float16" in result.stderr and not (tmp_path / "p").exists()
+
+
 def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tiny_llama_stats, tmp_path, cli):
     from collabcompress.calibration import calibrate
 
