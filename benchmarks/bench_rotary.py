@@ -50,9 +50,10 @@ QUICK = ["rank=128,refine_steps=10", "budget=0.5,heal_steps=2"]
 
 
 def _options(variant: str) -> dict:
-    """``"budget=0.5,refine_steps=100"`` -> ``{"budget": 0.5, "refine_steps": 100}``."""
+    """``"budget=0.5,refine_steps=100,heal_dtype=float32"`` -> ``{"budget": 0.5, "refine_steps": 100, "heal_dtype": "float32"}``."""
+    kinds = {"budget": float, "heal_dtype": str}
     pairs = (item.split("=", 1) for item in variant.split(","))
-    return {k: float(v) if k == "budget" else int(v) for k, v in pairs}
+    return {k: kinds.get(k, int)(v) for k, v in pairs}
 
 
 def _log(msg: str) -> None:

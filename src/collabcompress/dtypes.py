@@ -48,17 +48,13 @@ def to_torch(dtype: str) -> Any:
     return getattr(torch, name, None)
 
 
-def compute_dtype(name: str, device: str = "cpu") -> str:
-    """The arithmetic of a training loop: ``name`` itself, or for ``"auto"`` ``"bfloat16"`` where
-    ``device`` multiplies bfloat16 matrices natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU
-    that supports bfloat16) and ``"float32"`` elsewhere (emulated bfloat16 is slower than float32)."""
+def compute_dtype(name: str) -> str:
+    """The arithmetic of a training loop on the CPU: ``name`` itself, or for ``"auto"``
+    ``"bfloat16"`` where the CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX) and
+    ``"float32"`` elsewhere (emulated bfloat16 is slower than float32)."""
     if name != "auto":
         return name
     import torch
 
-    if device.startswith("cuda"):
-        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    else:
-        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        native = any(bool(probe()) for probe in probes if probe is not None)
-    return "bfloat16" if native else "float32"
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(bool(probe()) for probe in probes if probe is not None) else "float32"
