@@ -316,8 +316,9 @@ def compress(
                          "the model's next-token KL with one layer compressed at a time; else attention KL) "
                          "(needs --calibration with `calibrate --keep-sequences N`).")] = None,
     heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
-                             "(next-token distributions; embeddings for encoders) on the calibration windows, a few "
-                             "kept ones held out, into the new tensors (needs --calibration; hf extra).")] = 0,
+                             "(next-token distributions; embeddings for encoders) on the calibration windows (causal "
+                             "LMs: also on the same sentences shuffled), a few held out, into the new tensors "
+                             "(needs --calibration; hf extra).")] = 0,
     heal_dtype: Annotated[HealDType, typer.Option("--heal-dtype", help="Arithmetic of healing's passes (auto: bfloat16 on "
                              "a CPU with bfloat16 matrix units, AVX512-BF16 or AMX, where a step takes half the time; "
                              "else float32). The tensors and the optimiser stay float32.")] = HealDType.auto,
