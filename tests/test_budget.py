@@ -216,7 +216,7 @@ def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_ll
     from safetensors import safe_open
 
     from collabcompress.arch import detect
-    from collabcompress.calibration import load_input_ids, load_shuffled_ids, load_window_ids
+    from collabcompress.calibration import load_input_ids, load_window_ids
     from collabcompress.compress import CompressOptions, compress
     from collabcompress.errors import BadInputError
     from collabcompress.io import open_checkpoint
@@ -232,17 +232,13 @@ def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_ll
         assert torch.equal(ids[w, : lengths[w]], kept_ids[i, : kept_lengths[i]])
     heal = lambda path, out: compress(model, tmp_path / out, CompressOptions(rank=4, calibration=str(path),
                                                                               heal_steps=1))["heal"]
-    shuffled, _ = load_shuffled_ids(stats, ckpt, specs)
-    healed = heal(stats, "all")  # every window and every shuffled one, but one of each held out
-    assert healed["shuffled_windows"] == shuffled.shape[0] - 1 > 0 and healed["held_out_windows"] == 2
+    healed = heal(stats, "all")  # every window but one (and their sentences shuffled, where there are any)
     assert healed["windows"] == int((lengths >= 2).sum()) - 1 + healed["shuffled_windows"]
-    unshuffled = _rewritten(stats, tmp_path / "unshuffled.safetensors",
-                            lambda t: [t.pop(k) for k in ("shuffled_ids", "shuffled_lengths")])
-    assert heal(unshuffled, "unshuffled")["windows"] == int((lengths >= 2).sum()) - 1
-    older = _rewritten(unshuffled, tmp_path / "older.safetensors",
+    older = _rewritten(stats, tmp_path / "older.safetensors",
                        lambda t: [t.pop(k) for k in ("window_ids", "window_lengths", "kept_windows")])
     assert load_window_ids(older, ckpt, specs) is None
-    assert heal(older, "older")["windows"] == 2  # a file from before: the kept windows, one held out
+    healed = heal(older, "older")  # a file from before: the kept windows, one held out
+    assert healed["windows"] == 2 + healed["shuffled_windows"]
     for name, change in (("out of range", lambda t: t["kept_windows"].fill_(ids.shape[0])),
                          ("disagrees", lambda t: t["kept_windows"].copy_(kept.roll(1))),
                          ("repeated", lambda t: t["kept_windows"].fill_(int(kept[0])))):
@@ -250,32 +246,33 @@ def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_ll
         with pytest.raises(BadInputError, match="windows' token ids are malformed"):
             heal(bad, f"bad-{name.replace(' ', '-')}")
         assert not (tmp_path / f"bad-{name.replace(' ', '-')}").exists()
-    for name, change in (("negative", lambda t: t["shuffled_ids"].fill_(-1)),
-                         ("too long", lambda t: t["shuffled_lengths"].fill_(10**6))):
-        bad = _rewritten(stats, tmp_path / "bad.safetensors", change)
-        with pytest.raises(BadInputError, match="shuffled windows' token ids are malformed"):
-            heal(bad, f"bad-{name.replace(' ', '-')}")
-        assert not (tmp_path / f"bad-{name.replace(' ', '-')}").exists()
 
 
-def test_shuffled_windows_are_the_documents_sentences_in_a_seeded_order(rotary_checkpoints):
-    from collabcompress.calibration import shuffled_windows
+def test_healing_also_trains_on_each_sides_sentences_shuffled(rotary_stats, tmp_path, monkeypatch):
+    import collabcompress.heal
+    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.lm import shuffled_sentences
     from collabcompress.texts import load_tokenizer
 
-    tokenizer = load_tokenizer([rotary_checkpoints["llama"]])
-    documents = [f"Story {d} begins here today. It goes on for a while! Does story {d} end? Yes, it ends. Dr. No."
-                 for d in range(30)]
-    one = shuffled_windows(tokenizer, documents, 4, 32, seed=0)
-    assert len(one) == 4 and all(w.numel() == 32 for w in one)
-    assert all(torch.equal(a, b) for a, b in zip(one, shuffled_windows(tokenizer, documents, 4, 32, seed=0)))
-    assert not all(torch.equal(a, b) for a, b in zip(one, shuffled_windows(tokenizer, documents, 4, 32, seed=1)))
-    everything = shuffled_windows(tokenizer, documents, 10**6, 16, seed=0)
-    lines = tokenizer.decode(torch.cat(everything)).lower().split("\n")[1:-1]  # the ends may be cut
-    sentences = [s.lower() for d in range(30) for s in (f"Story {d} begins here today.", "It goes on for a while!",
-                                                        f"Does story {d} end?")]  # 3 words or fewer: no sentence
-    assert lines and all(line in sentences for line in lines) and len(lines) > 60
-    assert lines != sorted(lines, key=sentences.index)  # not in the documents' order
-    assert shuffled_windows(tokenizer, ["no"], 4, 32, seed=0) == []
+    model, stats = rotary_stats("llama")  # its character tokenizer decodes with spaces (qwen2's fixture drops them)
+    seen = {}
+    real = collabcompress.heal.heal
+
+    def spy(reference, compressed, ids, lengths, **kwargs):
+        seen.update(rows=[ids[i, : lengths[i]] for i in range(ids.shape[0])], held=kwargs["held_out"])
+        return real(reference, compressed, ids, lengths, **kwargs)
+
+    monkeypatch.setattr(collabcompress.heal, "heal", spy)
+    heal = compress(model, tmp_path / "o", CompressOptions(rank=4, calibration=str(stats), heal_steps=1))["heal"]
+    rows, held = seen["rows"], seen["held"]
+    assert heal["held_out_windows"] == held and heal["windows"] == len(rows) - held and heal["shuffled_windows"] > 0
+    plain = heal["windows"] - heal["shuffled_windows"]  # the calibration windows trained on, then their sentences
+    held_plain = 1  # one of 3 kept windows held out
+    shuffle = lambda part: shuffled_sentences(load_tokenizer([model]), part, window=64, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(rows[plain:len(rows) - held], shuffle(rows[:plain]), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(rows[len(rows) - held + held_plain:],
+                                                 shuffle(rows[len(rows) - held: len(rows) - held + held_plain]),
+                                                 strict=True))
 
 
 def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collabcompress.lm import join_documents, perplexity, token_ids, token_windows, window_nll
+from collabcompress.lm import join_documents, padded_rows, perplexity, shuffled_sentences, token_ids, token_windows, window_nll
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,6 +36,29 @@ def test_token_windows():
 def test_join_documents():
     assert join_documents(["a b", "c"]) == "a b\nc"
     assert join_documents("a b\nc") == "a b\nc"
+
+
+def test_padded_rows():
+    ids, lengths = padded_rows([torch.tensor([5, 6, 7]), torch.tensor([8])])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1] and ids.dtype == torch.int64
+
+
+def test_shuffled_sentences_are_the_windows_sentences_in_a_seeded_order(tiny):
+    _, tok = tiny
+    sentences = [s for d in range(30) for s in (f"Story {d} begins here today.", "It goes on for a while!",
+                                                f"Does story {d} end?")]
+    text = "\n".join(f"{a} {b} {c} Yes, it ends. Dr. No." for a, b, c in zip(*[iter(sentences)] * 3))
+    windows = token_windows(token_ids(tok, text), max_tokens=10**6, window=50)
+    one = shuffled_sentences(tok, windows, window=32, seed=0)
+    assert all(w.numel() == 32 for w in one[:-1]) and 2 <= one[-1].numel() <= 32
+    assert all(torch.equal(a, b) for a, b in zip(one, shuffled_sentences(tok, windows, window=32, seed=0)))
+    assert not all(torch.equal(a, b) for a, b in zip(one, shuffled_sentences(tok, windows, window=32, seed=1)))
+    # each window's pieces: whole sentences, or the ends of one cut by the windows; 3 words or fewer are left out
+    lines = tok.decode(torch.cat(one)).lower().split("\n")
+    whole = [line for line in lines if line in {s.lower() for s in sentences}]
+    assert len(whole) > len(sentences) // 2 and "yes, it ends." not in lines and "dr. no." not in lines
+    assert whole != sorted(whole, key=[s.lower() for s in sentences].index)  # not in the text's order
+    assert shuffled_sentences(tok, [token_ids(tok, "no")], window=32, seed=0) == []
 
 
 def test_token_ids_add_no_special_tokens(tiny):

@@ -12,9 +12,7 @@ optionally ``{M}.sequences`` (N, T, D) float32 with ``{M}.lengths`` (N,) (kept i
 refinement; ``{M}.key_sequences`` for cross-attention), the kept windows' token ids
 ``input_ids`` (N, T) int64 with ``input_lengths`` (N,), and the token ids of every window
 run, ``window_ids`` (W, T) with ``window_lengths`` (W,) and ``kept_windows`` (N,) (which of
-them was kept; healing trains on all of them), and for a causal LM ``shuffled_ids`` (S, T)
-with ``shuffled_lengths`` (S,): as many windows of the same documents' sentences in a seeded
-random order (:func:`shuffled_windows`), which healing also trains on. Metadata: ``format``,
+them was kept; healing trains on all of them). Metadata: ``format``,
 ``source_sha256`` (of the weight files), ``texts_sha256``, ``tokens``, ``texts``,
 ``windows``, ``max_length``, ``tool_version``, ``modules`` (JSON list), ``architecture``.
 
@@ -37,7 +35,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,13 +48,12 @@ from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers, unreadable_model_errors
 from .io import Checkpoint, open_checkpoint, read_texts, regular_file
-from .lm import DEFAULT_WINDOW, DOCUMENT_SEPARATOR, leading_ids, token_ids, token_windows
+from .lm import DEFAULT_WINDOW, leading_ids, padded_rows, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
 from .texts import load_tokenizer, position_limit
 
 __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "load_input_ids", "load_window_ids",
-           "load_shuffled_ids", "load_query_energies", "read_texts", "causal_windows", "shuffled_windows",
-           "STATS_FORMAT"]
+           "load_query_energies", "read_texts", "causal_windows", "STATS_FORMAT"]
 
 STATS_FORMAT = "collabcompress-stats/1"
 Progress = Callable[[str, int, int], None]
@@ -164,27 +160,6 @@ def causal_windows(tokenizer, texts: list[str], max_tokens: int, max_length: int
         batches.append((torch.arange(start, start + n), ids_batch, torch.ones_like(ids_batch)))
         start += n
     return batches, used
-
-
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-MIN_SENTENCE_WORDS = 4  # shorter pieces are mostly abbreviations cut off ("Mr.", "U.S."), not sentences
-
-
-def shuffled_windows(tokenizer, documents: list[str], count: int, max_length: int, seed: int) -> list[torch.Tensor]:
-    """At most ``count`` windows of ``max_length`` token ids: the documents' sentences (split
-    after ".", "!" or "?"; pieces of at least :data:`MIN_SENTENCE_WORDS` words) in a seeded
-    random order, joined as documents are (:data:`collabcompress.lm.DOCUMENT_SEPARATOR`).
-
-    Healing a causal LM on these as well as on the text as it comes teaches it contexts that
-    change topic every sentence (as a stream of short texts does) without other data: at two
-    thirds of SmolLM2's key cache the bundled short texts came out 20.90 instead of 20.95.
-    """
-    sentences = [s for d in documents for s in SENTENCE_END.split(d) if len(s.split()) >= MIN_SENTENCE_WORDS]
-    if not sentences:
-        return []
-    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
-    ids = token_ids(tokenizer, DOCUMENT_SEPARATOR.join(sentences[i] for i in order))  # (N,)
-    return [w for w in torch.split(ids, max_length) if w.numel() == max_length][:count]
 
 
 def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list[tuple[int, int]]:
@@ -362,12 +337,9 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 tensors[f"{module}.lengths"] = lengths
     if kept_ids:
         slots = sorted(kept_ids)
-        tensors["input_ids"], tensors["input_lengths"] = _padded([kept_ids[slot] for slot in slots])
-        tensors["window_ids"], tensors["window_lengths"] = _padded(window_ids)
+        tensors["input_ids"], tensors["input_lengths"] = padded_rows([kept_ids[slot] for slot in slots])
+        tensors["window_ids"], tensors["window_lengths"] = padded_rows(window_ids)
         tensors["kept_windows"] = torch.tensor([kept_index[slot] for slot in slots], dtype=torch.int64)
-        shuffled = shuffled_windows(tokenizer, texts[:used], seen, max_length, seed) if family.rotary else []
-        if shuffled:
-            tensors["shuffled_ids"], tensors["shuffled_lengths"] = _padded(shuffled)
     metadata = {
         "format": STATS_FORMAT, "tool_version": __version__, "source_sha256": source_sha256(ckpt),
         "texts_sha256": sha256_file(Path(texts_file)), "tokens": str(tokens), "texts": str(used),
@@ -385,15 +357,6 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             tmp.unlink(missing_ok=True)
     return {"file": str(out), "tokens": tokens, "texts": used, "windows": seen, "max_length": max_length,
             "modules": [s.module for s in specs], "kept_sequences": min(keep_sequences, seen)}
-
-
-def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows -> (N, T) int64 zero-padded on the right, and their lengths (N,)."""
-    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.int64)
-    out = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out, lengths
 
 
 def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
@@ -503,17 +466,10 @@ def load_input_ids(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> 
         raise BadInputError(f"calibration statistics {path} keep no token ids; run `calibrate --keep-sequences N` "
                             "again with this version for --heal-steps (and --budget on a causal LM)")
     ids, lengths = f.get_tensor("input_ids"), f.get_tensor("input_lengths")
-    if not _token_rows(ids, lengths, shortest=2):
+    if ids.dim() != 2 or ids.dtype != torch.int64 or lengths.shape != (ids.shape[0],) or bool((lengths < 2).any()) \
+            or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()):
         raise BadInputError(f"calibration statistics {path}: the kept token ids are malformed")
     return ids, lengths.long()
-
-
-def _token_rows(ids: torch.Tensor, lengths: torch.Tensor, shortest: int) -> bool:
-    """Whether ``ids`` (N, T) int64 and ``lengths`` (N,) int64 are well-formed zero-padded token
-    rows of at least ``shortest`` tokens."""
-    return ids.dim() == 2 and ids.dtype == torch.int64 and lengths.shape == (ids.shape[0],) \
-        and lengths.dtype == torch.int64 and not bool((lengths < shortest).any()) \
-        and not bool((lengths > ids.shape[1]).any()) and not bool((ids < 0).any())
 
 
 def load_window_ids(path: Path, ckpt: Checkpoint,
@@ -530,7 +486,9 @@ def load_window_ids(path: Path, ckpt: Checkpoint,
         return None
     kept_ids, kept_lengths = load_input_ids(path, ckpt, specs)
     ids, lengths, kept = f.get_tensor("window_ids"), f.get_tensor("window_lengths"), f.get_tensor("kept_windows")
-    bad = not _token_rows(ids, lengths, shortest=1) or kept.shape != (kept_ids.shape[0],) or kept.dtype != torch.int64 or bool((kept < 0).any()) \
+    bad = ids.dim() != 2 or ids.dtype != torch.int64 or lengths.shape != (ids.shape[0],) or lengths.dtype != torch.int64 \
+        or bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()) \
+        or kept.shape != (kept_ids.shape[0],) or kept.dtype != torch.int64 or bool((kept < 0).any()) \
         or bool((kept >= ids.shape[0]).any()) or kept.unique().numel() != kept.numel()
     if not bad:
         bad = any(int(lengths[w]) != int(n) or not torch.equal(ids[w, :n], kept_ids[i, :n])
@@ -538,24 +496,6 @@ def load_window_ids(path: Path, ckpt: Checkpoint,
     if bad:
         raise BadInputError(f"calibration statistics {path}: the windows' token ids are malformed")
     return ids, lengths, kept
-
-
-def load_shuffled_ids(path: Path, ckpt: Checkpoint,
-                      specs: list[AttentionSpec]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The token ids of the sentence-shuffled windows (:func:`shuffled_windows`), (S, T) int64
-    zero-padded, and their lengths (S,); ``None`` where the file has none (an encoder, or a
-    file from before they were stored).
-
-    Raises:
-        BadInputError: the tensors are malformed.
-    """
-    f, names, _ = _open_stats(path, ckpt, specs)
-    if not {"shuffled_ids", "shuffled_lengths"} <= names:
-        return None
-    ids, lengths = f.get_tensor("shuffled_ids"), f.get_tensor("shuffled_lengths")
-    if not _token_rows(ids, lengths, shortest=2):
-        raise BadInputError(f"calibration statistics {path}: the shuffled windows' token ids are malformed")
-    return ids, lengths
 
 
 def load_query_energies(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, torch.Tensor]:

@@ -726,10 +726,13 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
 
     It trains on every window the statistics ran (files from before they stored them: the kept
     windows) except the last few kept ones (:func:`collabcompress.heal.held_out_count`), which
-    are held out, and on the sentence-shuffled windows of a causal LM's statistics
-    (:func:`collabcompress.calibration.shuffled_windows`) except as many last ones, also held out."""
+    are held out. A causal LM also trains on the training windows' sentences shuffled
+    (:func:`collabcompress.lm.shuffled_sentences`) and holds out the held-out windows' sentences
+    shuffled, so no sentence is on both sides."""
     from . import hf
-    from .calibration import load_input_ids, load_shuffled_ids, load_window_ids
+    from .calibration import load_input_ids, load_window_ids
+    from .lm import padded_rows, shuffled_sentences
+    from .texts import load_tokenizer
     from .evaluate import _load_original, _quiet_transformers
     from .heal import heal, held_out_count, trainable
 
@@ -745,16 +748,17 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
         held_windows = kept[-held:].tolist()
         order = [w for w in range(all_ids.shape[0]) if w not in held_windows and int(all_lengths[w]) >= 2] + held_windows
         ids, lengths = all_ids[order], all_lengths[order]
-    shuffled = load_shuffled_ids(Path(options.calibration), ckpt, specs) if windows is not None else None
-    mixed = 0  # sentence-shuffled windows trained on
-    if shuffled is not None and shuffled[0].shape[0] > held:  # train, held out, shuffled train, shuffled held out
-        (s_ids, s_lengths), n = shuffled, ids.shape[0] - held
-        width = max(ids.shape[1], s_ids.shape[1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
-        ids = torch.cat([pad(ids[:n]), pad(s_ids[:-held]), pad(ids[n:]), pad(s_ids[-held:])])
-        lengths = torch.cat([lengths[:n], s_lengths[:-held], lengths[n:], s_lengths[-held:]])
-        mixed, held = s_ids.shape[0] - held, 2 * held
     causal = bool(specs[0].rotary)
+    shuffled = 0  # windows of shuffled sentences trained on
+    if causal:
+        rows = [ids[i, : int(lengths[i])] for i in range(ids.shape[0])]
+        tokenizer = load_tokenizer([checkpoint])
+        more = [shuffled_sentences(tokenizer, part, window=ids.shape[1], seed=options.seed)
+                for part in (rows[:-held], rows[-held:])]
+        if all(more):  # training windows, shuffled ones, held-out windows, shuffled ones
+            rows = rows[:-held] + more[0] + rows[-held:] + more[1]
+            shuffled, held = len(more[0]), held + len(more[1])
+            ids, lengths = padded_rows(rows)
     with _quiet_transformers():
         model = hf.from_pretrained(tmp).float()
         original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
@@ -771,7 +775,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
             if len(match) == 1:
                 layer.tensors[name] = match[0].to(out_dtype).contiguous()
     return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
-            "dtype": arithmetic, "windows": int(ids.shape[0]) - held, "shuffled_windows": mixed, "held_out_windows": held,
+            "dtype": arithmetic, "windows": int(ids.shape[0]) - held, "shuffled_windows": shuffled, "held_out_windows": held,
             "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
             "seconds": round(result.seconds, 2)}
 

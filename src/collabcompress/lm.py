@@ -18,14 +18,18 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import re
+
 import torch
 
 from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
 
-__all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids", "token_windows", "window_logits",
+__all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids", "token_windows", "padded_rows", "shuffled_sentences", "window_logits",
            "window_nll", "perplexity", "compare_windows", "greedy_agreement"]
 
 DOCUMENT_SEPARATOR = "\n"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # after ".", "!" or "?", and where documents meet
+MIN_SENTENCE_WORDS = 4  # shorter pieces are mostly abbreviations cut off ("Mr.", "U.S."), not sentences
 DEFAULT_MAX_TOKENS = DEFAULT_LM_TOKENS
 DEFAULT_WINDOW = DEFAULT_LM_WINDOW
 
@@ -84,6 +88,31 @@ def token_windows(ids: torch.Tensor, *, max_tokens: int = DEFAULT_MAX_TOKENS, wi
     if not windows:
         raise ValueError(f"the text has {ids.numel()} token(s): at least 2 are needed to predict one")
     return windows
+
+
+def padded_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> (N, T) int64 zero-padded on the right, and their lengths (N,)."""
+    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.int64)
+    out = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out, lengths
+
+
+def shuffled_sentences(tokenizer: Any, windows: Sequence[torch.Tensor], *, window: int, seed: int) -> list[torch.Tensor]:
+    """The sentences of token ``windows`` in a seeded random order, as windows of ``window`` tokens.
+
+    The windows are decoded, split into sentences (:data:`SENTENCE_END`; pieces of fewer than
+    :data:`MIN_SENTENCE_WORDS` words are dropped), shuffled, joined with
+    :data:`DOCUMENT_SEPARATOR`, tokenised again and cut as :func:`token_windows` cuts (the last
+    window may be shorter); no windows when fewer than 2 tokens remain. Text that changes topic
+    every sentence, as a stream of short texts does, made from the same text.
+    """
+    text = (tokenizer.decode(w.reshape(-1).tolist()) for w in windows)
+    sentences = [s for t in text for s in SENTENCE_END.split(t) if len(s.split()) >= MIN_SENTENCE_WORDS]
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = token_ids(tokenizer, DOCUMENT_SEPARATOR.join(sentences[i] for i in order))
+    return token_windows(ids, max_tokens=ids.numel(), window=window) if ids.numel() >= 2 else []
 
 
 @torch.inference_mode()
