@@ -275,6 +275,20 @@ def test_healing_also_trains_on_each_sides_sentences_shuffled(rotary_stats, tmp_
                                                  strict=True))
 
 
+def test_healing_without_a_tokenizer_trains_on_the_windows_alone(rotary_stats, tmp_path):
+    import shutil
+
+    from collabcompress.compress import CompressOptions, compress
+
+    model, stats = rotary_stats("llama")
+    bare = shutil.copytree(model, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    with pytest.warns(UserWarning, match="calibration windows only"):
+        heal = compress(bare, tmp_path / "o", CompressOptions(rank=4, calibration=str(stats), heal_steps=1))["heal"]
+    assert heal["shuffled_windows"] == 0 and heal["held_out_windows"] == 1
+
+
 def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli):
     model, stats = tiny_llama_stats
     result = cli("analyze", model, "--calibration", stats, "--json", "-")

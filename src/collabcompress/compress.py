@@ -12,6 +12,7 @@ import datetime as _dt
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -731,10 +732,10 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     shuffled, so no sentence is on both sides."""
     from . import hf
     from .calibration import load_input_ids, load_window_ids
-    from .lm import padded_rows, shuffled_sentences
-    from .texts import load_tokenizer
     from .evaluate import _load_original, _quiet_transformers
     from .heal import heal, held_out_count, trainable
+    from .lm import padded_rows, shuffled_sentences
+    from .texts import load_tokenizer
 
     if ckpt.config is None or not checkpoint.is_dir():
         raise BadInputError("--heal-steps runs the model: pass a model directory with config.json")
@@ -750,9 +751,14 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
         ids, lengths = all_ids[order], all_lengths[order]
     causal = bool(specs[0].rotary)
     shuffled = 0  # windows of shuffled sentences trained on
-    if causal:
+    try:
+        tokenizer = load_tokenizer([checkpoint]) if causal else None
+    except BadInputError as e:
+        warnings.warn(f"healing trains on the calibration windows only, without their sentences shuffled: {e}",
+                      stacklevel=2)
+        tokenizer = None
+    if tokenizer is not None:
         rows = [ids[i, : int(lengths[i])] for i in range(ids.shape[0])]
-        tokenizer = load_tokenizer([checkpoint])
         more = [shuffled_sentences(tokenizer, part, window=ids.shape[1], seed=options.seed)
                 for part in (rows[:-held], rows[-held:])]
         if all(more):  # training windows, shuffled ones, held-out windows, shuffled ones
