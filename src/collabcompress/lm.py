@@ -15,10 +15,9 @@ any transformers tokenizer; this module imports neither transformers nor the mod
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import re
 
 import torch
 
