@@ -16,8 +16,8 @@ One run, side by side (SPEC section 2, "Rotary decoders"):
   computed from shapes);
 - issue 14's variants (``--variants``): ``--refine-steps``, ``--heal-steps`` and ``--budget``,
   calibrated with ``--keep-windows`` kept windows of the first ``--variant-tokens`` tokens of
-  ``lee_background.cor`` (healing trains on all their windows and holds the last four kept
-  ones out), each with its perplexity on lee.cor
+  ``lee_background.cor`` (healing trains on all their windows and their sentences shuffled, and
+  holds the last four kept ones and their sentences out), each with its perplexity on lee.cor
   and on the bundled texts (``sample_texts.txt``, all of it) and the time of its phases
   (fit + refine, heal);
 - the wall time of ``calibrate`` and of each ``compress`` (in-process library calls, so
@@ -232,7 +232,8 @@ def _print(result: dict) -> None:
               f"{_change(row['calibrated'], base)} | {spec_cal} |")
     if result["variants"]:
         print(f"\nissue 14 variants (calibrated on {result['variant_tokens']:,} tokens, {result['keep_windows']} kept "
-              f"{result['window']}-token windows; healing trains on every window, the last four kept held out)")
+              f"{result['window']}-token windows; healing trains on every window and its sentences shuffled, "
+              "the last four kept and theirs held out)")
         print(f"(bundled texts: all of sample_texts.txt, original {result['original_ppl_bundled']:.2f})")
         print("| compress options | key cache, all layers | perplexity | bundled texts | fit + refine s | "
               "heal s (steps kept, arithmetic) |")

@@ -251,6 +251,7 @@ def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_ll
 def test_healing_also_trains_on_each_sides_sentences_shuffled(rotary_stats, tmp_path, monkeypatch):
     import collabcompress.heal
     from collabcompress.compress import CompressOptions, compress
+    from collabcompress.heal import held_out_count
     from collabcompress.lm import shuffled_sentences
     from collabcompress.texts import load_tokenizer
 
@@ -267,7 +268,7 @@ def test_healing_also_trains_on_each_sides_sentences_shuffled(rotary_stats, tmp_
     rows, held = seen["rows"], seen["held"]
     assert heal["held_out_windows"] == held and heal["windows"] == len(rows) - held and heal["shuffled_windows"] > 0
     plain = heal["windows"] - heal["shuffled_windows"]  # the calibration windows trained on, then their sentences
-    held_plain = 1  # one of 3 kept windows held out
+    held_plain = held_out_count(3)  # of the 3 kept windows
     shuffle = lambda part: shuffled_sentences(load_tokenizer([model]), part, window=64, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(rows[plain:len(rows) - held], shuffle(rows[:plain]), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(rows[len(rows) - held + held_plain:],

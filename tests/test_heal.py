@@ -118,4 +118,3 @@ def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tin
     monkeypatch.setattr(_Targets, "__call__", lambda self, i, x: seen.append(i) or original(self, i, x))
     _healed(tiny_pair, steps=4, held_out=2)
     assert seen[:2] == [2, 3] and set(seen[2:]) == {0, 1}
-

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from collabcompress.lm import join_documents, padded_rows, perplexity, shuffled_sentences, token_ids, token_windows, window_nll
+from collabcompress.lm import (join_documents, padded_rows, perplexity, shuffled_sentences, token_ids, token_windows,
+                               window_nll)
 
 transformers = pytest.importorskip("transformers")
 

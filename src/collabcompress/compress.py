@@ -781,7 +781,8 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
             if len(match) == 1:
                 layer.tensors[name] = match[0].to(out_dtype).contiguous()
     return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
-            "dtype": arithmetic, "windows": int(ids.shape[0]) - held, "shuffled_windows": shuffled, "held_out_windows": held,
+            "dtype": arithmetic, "windows": int(ids.shape[0]) - held, "shuffled_windows": shuffled,
+            "held_out_windows": held,
             "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
             "seconds": round(result.seconds, 2)}
 

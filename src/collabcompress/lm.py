@@ -23,8 +23,9 @@ import torch
 
 from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
 
-__all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids", "token_windows", "padded_rows", "shuffled_sentences", "window_logits",
-           "window_nll", "perplexity", "compare_windows", "greedy_agreement"]
+__all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids",
+           "token_windows", "padded_rows", "shuffled_sentences", "window_logits", "window_nll", "perplexity",
+           "compare_windows", "greedy_agreement"]
 
 DOCUMENT_SEPARATOR = "\n"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # after ".", "!" or "?", and where documents meet
@@ -98,7 +99,8 @@ def padded_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return out, lengths
 
 
-def shuffled_sentences(tokenizer: Any, windows: Sequence[torch.Tensor], *, window: int, seed: int) -> list[torch.Tensor]:
+def shuffled_sentences(tokenizer: Any, windows: Sequence[torch.Tensor], *, window: int,
+                       seed: int) -> list[torch.Tensor]:
     """The sentences of token ``windows`` in a seeded random order, as windows of ``window`` tokens.
 
     The windows are decoded, split into sentences (:data:`SENTENCE_END`; pieces of fewer than
