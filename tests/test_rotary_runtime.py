@@ -229,6 +229,21 @@ def test_cached_step_equals_cache_free_forward(name, attn):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_trains_after_inference_mode():
+    """Run under torch.inference_mode, then trained (as healing does after an evaluation): the
+    cached frequency index must not be an inference tensor that autograd cannot save."""
+    model = _compressed(_tiny("llama"), shared=LOW_RANK, seed=5)
+    ids = _ids(length=9, seed=6)
+    with torch.inference_mode():
+        want = model(ids).logits
+    key = model.model.layers[0].self_attn.collab_key.weight
+    key.requires_grad_(True)
+    out = model(ids).logits
+    out.square().mean().backward()
+    assert key.grad is not None and bool(key.grad.abs().sum() > 0)
+    torch.testing.assert_close(out.detach(), want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-mha"])
 def test_generate_caches_one_key_head_of_width_r(name):
     original = _tiny(name, "sdpa")

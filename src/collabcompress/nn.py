@@ -577,9 +577,10 @@ class CollaborativeRotaryAttention(nn.Module):
         return _complex_mul(self.collab_key(hidden_states).unsqueeze(-3), cos, sin)  # (B, 1, M, R)
 
     def _freq_index(self, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(j(r) (R/2,), [j(r) | j(r) + d/2] (R,)), rebuilt only when collab_key_freq changes."""
+        """(j(r) (R/2,), [j(r) | j(r) + d/2] (R,)), rebuilt only when collab_key_freq changes (or
+        inference mode does: one built under ``torch.inference_mode`` cannot be saved for backward)."""
         freq = self.collab_key_freq
-        stamp = (freq.data_ptr(), freq._version, half)
+        stamp = (freq.data_ptr(), freq._version, half, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_collab_freq_index")
         if cached is None or cached[0] != stamp:
             cached = self.__dict__["_collab_freq_index"] = (stamp, (freq, torch.cat([freq, freq + half])))
