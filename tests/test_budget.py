@@ -248,11 +248,11 @@ def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_ll
         assert not (tmp_path / f"bad-{name.replace(' ', '-')}").exists()
 
 
-def test_healing_also_trains_on_each_sides_sentences_shuffled(rotary_stats, tmp_path, monkeypatch):
+def test_healing_also_trains_on_shuffled_sentences_and_the_originals_text(rotary_stats, tmp_path, monkeypatch):
     import collabcompress.heal
     from collabcompress.compress import CompressOptions, compress
-    from collabcompress.heal import held_out_count
-    from collabcompress.lm import shuffled_sentences
+    from collabcompress.heal import GENERATED, PROMPT_TOKENS, held_out_count
+    from collabcompress.lm import sentences, shuffled_sentences, token_ids
     from collabcompress.texts import load_tokenizer
 
     model, stats = rotary_stats("llama")  # its character tokenizer decodes with spaces (qwen2's fixture drops them)
@@ -264,16 +264,28 @@ def test_healing_also_trains_on_each_sides_sentences_shuffled(rotary_stats, tmp_
         return real(reference, compressed, ids, lengths, **kwargs)
 
     monkeypatch.setattr(collabcompress.heal, "heal", spy)
-    heal = compress(model, tmp_path / "o", CompressOptions(rank=4, calibration=str(stats), heal_steps=1))["heal"]
+    options = CompressOptions(rank=4, calibration=str(stats), heal_steps=1)
+    heal = compress(model, tmp_path / "o", options)["heal"]
     rows, held = seen["rows"], seen["held"]
     assert heal["held_out_windows"] == held and heal["windows"] == len(rows) - held and heal["shuffled_windows"] > 0
-    plain = heal["windows"] - heal["shuffled_windows"]  # the calibration windows trained on, then their sentences
+    own = heal["generated_windows"]
+    # rows: the calibration windows trained on, their sentences shuffled, the original's text, then the held-out
+    # windows and their sentences shuffled
+    plain = heal["windows"] - heal["shuffled_windows"] - own
     held_plain = held_out_count(3)  # of the 3 kept windows
-    shuffle = lambda part: shuffled_sentences(load_tokenizer([model]), part, window=64, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(rows[plain:len(rows) - held], shuffle(rows[:plain]), strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(rows[len(rows) - held + held_plain:],
-                                                 shuffle(rows[len(rows) - held: len(rows) - held + held_plain]),
+    tok = load_tokenizer([model])
+    shuffle = lambda part: shuffled_sentences(tok, part, window=64, seed=0)
+    trained = len(rows) - held
+    assert all(torch.equal(a, b) for a, b in zip(rows[plain:trained - own], shuffle(rows[:plain]), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(rows[trained + held_plain:], shuffle(rows[trained: trained + held_plain]),
                                                  strict=True))
+    starts = {tuple(token_ids(tok, s)[:PROMPT_TOKENS].tolist()) for s in sentences(tok, rows[:plain])}
+    assert own == min(GENERATED, len(starts)) > 0
+    assert all(r.numel() == 64 and tuple(r[:PROMPT_TOKENS].tolist()) in starts for r in rows[trained - own:trained])
+    again = {}
+    monkeypatch.setattr(collabcompress.heal, "heal", lambda *a, **k: (again.update(ids=a[2]), real(*a, **k))[1])
+    compress(model, tmp_path / "again", options)
+    assert torch.equal(again["ids"][trained - own:trained], torch.stack(rows[trained - own:trained]))  # seeded
 
 
 def test_healing_without_a_tokenizer_trains_on_the_windows_alone(rotary_stats, tmp_path):
@@ -287,7 +299,7 @@ def test_healing_without_a_tokenizer_trains_on_the_windows_alone(rotary_stats, t
         (bare / name).unlink()
     with pytest.warns(UserWarning, match="calibration windows only"):
         heal = compress(bare, tmp_path / "o", CompressOptions(rank=4, calibration=str(stats), heal_steps=1))["heal"]
-    assert heal["shuffled_windows"] == 0 and heal["held_out_windows"] == 1
+    assert heal["shuffled_windows"] == heal["generated_windows"] == 0 and heal["held_out_windows"] == 1
 
 
 def test_analyze_with_calibration_shows_the_budget_curves(tiny_llama_stats, cli):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from collabcompress.lm import (join_documents, padded_rows, perplexity, shuffled_sentences, token_ids, token_windows,
-                               window_nll)
+from collabcompress.lm import (_nucleus, join_documents, padded_rows, perplexity, sampled_continuations,
+                               shuffled_sentences, token_ids, token_windows, window_nll)
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,6 +60,33 @@ def test_shuffled_sentences_are_the_windows_sentences_in_a_seeded_order(tiny):
     assert len(whole) > len(sentences) // 2 and "yes, it ends." not in lines and "dr. no." not in lines
     assert whole != sorted(whole, key=[s.lower() for s in sentences].index)  # not in the text's order
     assert shuffled_sentences(tok, [token_ids(tok, "no")], window=32, seed=0) == []
+
+
+def test_nucleus_draws_only_from_the_most_likely_tokens_that_reach_top_p():
+    logits = torch.tensor([[0.1, 0.6, 0.3]]).log().expand(400, 3)
+    g = torch.Generator().manual_seed(0)
+    drawn = _nucleus(logits, 0.85, g)  # 0.6 + 0.3 reach it: token 0 (0.1) is never drawn
+    assert drawn.shape == (400, 1) and set(drawn.flatten().tolist()) == {1, 2}
+    assert 0.55 < float((drawn == 1).float().mean()) < 0.78  # renormalised: 2/3 and 1/3
+    assert _nucleus(logits, 0.5, g).flatten().tolist() == [1] * 400  # the most likely alone reaches it
+
+
+def test_sampled_continuations_are_seeded_and_start_with_their_prompts(tiny):
+    model, _ = tiny
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    one = sampled_continuations(model, prompts, length=12, seed=0)
+    assert [r.shape for r in one] == [(12,), (12,)] and all(r.dtype == torch.int64 for r in one)
+    assert torch.equal(torch.stack(one)[:, :3], prompts)
+    assert all(torch.equal(a, b) for a, b in zip(one, sampled_continuations(model, prompts, length=12, seed=0)))
+    assert not all(torch.equal(a, b) for a, b in zip(one, sampled_continuations(model, prompts, length=12, seed=1)))
+    # a tiny top_p keeps the most likely token alone: the greedy continuation
+    greedy = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                            max_new_tokens=9, min_new_tokens=9)
+    assert torch.equal(torch.stack(sampled_continuations(model, prompts, length=12, seed=3, top_p=1e-6)), greedy)
+    with pytest.raises(ValueError, match="prompts must be"):
+        sampled_continuations(model, prompts, length=2, seed=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sampled_continuations(model, prompts, length=12, seed=0, top_p=0.0)
 
 
 def test_token_ids_add_no_special_tokens(tiny):

@@ -728,7 +728,8 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     It trains on every window the statistics ran (files from before they stored them: the kept
     windows) except the last few kept ones (:func:`collabcompress.heal.held_out_count`), which
     are held out. A causal LM also trains on the training windows' sentences shuffled
-    (:func:`collabcompress.lm.shuffled_sentences`) and holds out the held-out windows' sentences
+    (:func:`collabcompress.lm.shuffled_sentences`) and on text the original samples from their
+    sentences' starts (:func:`_own_text`), and holds out the held-out windows' sentences
     shuffled, so no sentence is on both sides."""
     from . import hf
     from .calibration import load_input_ids, load_window_ids
@@ -750,25 +751,31 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
         order = [w for w in range(all_ids.shape[0]) if w not in held_windows and int(all_lengths[w]) >= 2] + held_windows
         ids, lengths = all_ids[order], all_lengths[order]
     causal = bool(specs[0].rotary)
-    shuffled = 0  # windows of shuffled sentences trained on
+    with _quiet_transformers():
+        model = hf.from_pretrained(tmp).float()
+        original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+        reference = _load_original(checkpoint, original).float()
+    shuffled = generated = 0  # windows of shuffled sentences and of the original's own text trained on
+    sampling = 0.0  # seconds
     try:
         tokenizer = load_tokenizer([checkpoint]) if causal else None
     except BadInputError as e:
-        warnings.warn(f"healing trains on the calibration windows only, without their sentences shuffled: {e}",
+        warnings.warn(f"healing trains on the calibration windows only (no shuffled sentences, no sampled text): {e}",
                       stacklevel=2)
         tokenizer = None
     if tokenizer is not None:
         rows = [ids[i, : int(lengths[i])] for i in range(ids.shape[0])]
         more = [shuffled_sentences(tokenizer, part, window=ids.shape[1], seed=options.seed)
                 for part in (rows[:-held], rows[-held:])]
-        if all(more):  # training windows, shuffled ones, held-out windows, shuffled ones
-            rows = rows[:-held] + more[0] + rows[-held:] + more[1]
-            shuffled, held = len(more[0]), held + len(more[1])
+        if all(more):  # training windows, shuffled ones, the original's text, held-out windows, shuffled ones
+            if progress:
+                progress("healing: sampling the original's text", 0, 1)
+            start = time.perf_counter()
+            own = _own_text(reference, tokenizer, rows[:-held], window=ids.shape[1], seed=options.seed)
+            sampling = time.perf_counter() - start
+            rows = rows[:-held] + more[0] + own + rows[-held:] + more[1]
+            shuffled, generated, held = len(more[0]), len(own), held + len(more[1])
             ids, lengths = padded_rows(rows)
-    with _quiet_transformers():
-        model = hf.from_pretrained(tmp).float()
-        original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
-        reference = _load_original(checkpoint, original).float()
     step = (lambda i, n, loss: progress(f"healing (held-out loss {loss:.4f})", i, n)) if progress else None
     torch.manual_seed(options.seed)
     arithmetic = compute_dtype(options.heal_dtype)  # healing runs on the CPU
@@ -782,9 +789,28 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
                 layer.tensors[name] = match[0].to(out_dtype).contiguous()
     return {"steps": result.steps, "accepted": result.accepted, "loss": "next_token_kl" if causal else "1-cosine",
             "dtype": arithmetic, "windows": int(ids.shape[0]) - held, "shuffled_windows": shuffled,
-            "held_out_windows": held,
+            "generated_windows": generated, "held_out_windows": held,
             "held_out_before": round(result.held_out_before, 8), "held_out_after": round(result.held_out_after, 8),
-            "seconds": round(result.seconds, 2)}
+            "seconds": round(result.seconds + sampling, 2)}
+
+
+def _own_text(reference: torch.nn.Module, tokenizer: Any, windows: list[torch.Tensor], *, window: int,
+              seed: int) -> list[torch.Tensor]:
+    """The original's own text to heal on: :data:`collabcompress.heal.GENERATED` windows of
+    ``window`` tokens sampled from it (:func:`collabcompress.lm.sampled_continuations`), each
+    from the first :data:`~collabcompress.heal.PROMPT_TOKENS` tokens of a seeded choice of the
+    training ``windows``' sentences; none when they have no sentence."""
+    from .heal import GENERATED, PROMPT_TOKENS, TOP_P
+    from .lm import sampled_continuations, sentences, token_ids
+
+    found = sentences(tokenizer, windows)
+    starts = [token_ids(tokenizer, s)[:PROMPT_TOKENS] for s in found]
+    starts = [s for s in starts if s.numel() == PROMPT_TOKENS]
+    if not starts:
+        return []
+    pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed))[:GENERATED].tolist()
+    return sampled_continuations(reference, torch.stack([starts[i] for i in pick]), length=window, seed=seed,
+                                 top_p=TOP_P)
 
 
 def _qk_after(layer: _Layer, ckpt: Checkpoint) -> int:

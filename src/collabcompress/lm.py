@@ -24,8 +24,8 @@ import torch
 from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
 
 __all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids",
-           "token_windows", "padded_rows", "shuffled_sentences", "window_logits", "window_nll", "perplexity",
-           "compare_windows", "greedy_agreement"]
+           "token_windows", "padded_rows", "sentences", "shuffled_sentences", "sampled_continuations", "window_logits",
+           "window_nll", "perplexity", "compare_windows", "greedy_agreement"]
 
 DOCUMENT_SEPARATOR = "\n"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # after ".", "!" or "?", and where documents meet
@@ -99,21 +99,62 @@ def padded_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return out, lengths
 
 
+def sentences(tokenizer: Any, windows: Sequence[torch.Tensor]) -> list[str]:
+    """The sentences of token ``windows`` in their order: the windows decoded and split at
+    :data:`SENTENCE_END`; pieces of fewer than :data:`MIN_SENTENCE_WORDS` words are dropped."""
+    text = (tokenizer.decode(w.reshape(-1).tolist()) for w in windows)
+    return [s for t in text for s in SENTENCE_END.split(t) if len(s.split()) >= MIN_SENTENCE_WORDS]
+
+
 def shuffled_sentences(tokenizer: Any, windows: Sequence[torch.Tensor], *, window: int,
                        seed: int) -> list[torch.Tensor]:
-    """The sentences of token ``windows`` in a seeded random order, as windows of ``window`` tokens.
+    """The sentences of token ``windows`` (:func:`sentences`) in a seeded random order, as
+    windows of ``window`` tokens.
 
-    The windows are decoded, split into sentences (:data:`SENTENCE_END`; pieces of fewer than
-    :data:`MIN_SENTENCE_WORDS` words are dropped), shuffled, joined with
-    :data:`DOCUMENT_SEPARATOR`, tokenised again and cut as :func:`token_windows` cuts (the last
-    window may be shorter); no windows when fewer than 2 tokens remain. Text that changes topic
-    every sentence, as a stream of short texts does, made from the same text.
+    Joined with :data:`DOCUMENT_SEPARATOR`, tokenised again and cut as :func:`token_windows`
+    cuts (the last window may be shorter); no windows when fewer than 2 tokens remain. Text
+    that changes topic every sentence, as a stream of short texts does, made from the same text.
     """
-    text = (tokenizer.decode(w.reshape(-1).tolist()) for w in windows)
-    sentences = [s for t in text for s in SENTENCE_END.split(t) if len(s.split()) >= MIN_SENTENCE_WORDS]
-    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
-    ids = token_ids(tokenizer, DOCUMENT_SEPARATOR.join(sentences[i] for i in order))
+    found = sentences(tokenizer, windows)
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = token_ids(tokenizer, DOCUMENT_SEPARATOR.join(found[i] for i in order))
     return token_windows(ids, max_tokens=ids.numel(), window=window) if ids.numel() >= 2 else []
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V), drawn from the smallest set of most likely tokens
+    whose probability reaches ``top_p`` (renormalised): (B, 1) int64."""
+    probs, order = torch.softmax(logits.float(), -1).sort(-1, descending=True)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the most likely token always stays
+    return order.gather(-1, torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def sampled_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, length: int, seed: int,
+                          top_p: float = 0.9) -> list[torch.Tensor]:
+    """The model's own text: each prompt continued to ``length`` tokens by nucleus sampling.
+
+    ``prompts`` is (N, P) token ids (one length, no padding). All are run as one batch with
+    the model's cache; each new token comes from the most likely tokens that reach ``top_p``
+    of the probability (:func:`_nucleus`), drawn with a generator seeded by ``seed``, so the
+    text is the same for the same model, prompts and seed on one machine. Returns N (length,)
+    int64 rows, each starting with its prompt.
+    """
+    if prompts.dim() != 2 or not 1 <= prompts.shape[1] <= length:
+        raise ValueError(f"prompts must be (N, P) with 1 <= P <= length ({length}), got {tuple(prompts.shape)}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    from .hf import cache_keyword  # imports no transformers
+
+    g = torch.Generator().manual_seed(seed)
+    device, keyword = next(model.parameters()).device, cache_keyword(model)
+    tokens = [prompts.cpu()]
+    out, new = model(input_ids=prompts.to(device), use_cache=True), length - prompts.shape[1]
+    for i in range(new):
+        tokens.append(_nucleus(out.logits[:, -1].cpu(), top_p, g))  # (N, 1)
+        if i + 1 < new:
+            out = model(input_ids=tokens[-1].to(device), **{keyword: out.past_key_values}, use_cache=True)
+    return list(torch.cat(tokens, 1))
 
 
 @torch.inference_mode()
