@@ -16,8 +16,9 @@ One run, side by side (SPEC section 2, "Rotary decoders"):
   computed from shapes);
 - issue 14's variants (``--variants``): ``--refine-steps``, ``--heal-steps`` and ``--budget``,
   calibrated with ``--keep-windows`` kept windows of the first ``--variant-tokens`` tokens of
-  ``lee_background.cor`` (healing trains on all their windows and their sentences shuffled, and
-  holds the last four kept ones and their sentences out), each with its perplexity on lee.cor
+  ``lee_background.cor`` (healing trains on all their windows, their sentences shuffled and 16
+  windows of text the original samples, and holds the last four kept ones and their sentences
+  out), each with its perplexity on lee.cor
   and on the bundled texts (``sample_texts.txt``, all of it) and the time of its phases
   (fit + refine, heal);
 - the wall time of ``calibrate`` and of each ``compress`` (in-process library calls, so
@@ -45,8 +46,7 @@ from _common import cache_dir
 BASELINE = {"original": 32.04, 128: (806.0, 35.77), 96: (880.0, 43.33), 64: (1219.0, 86.64)}
 # issue 14: CompressOptions of each variant, as "key=value,..."
 VARIANTS = ["rank=128,refine_steps=100", "rank=128,refine_steps=100,heal_steps=80",
-            "rank=128,refine_steps=100,heal_steps=200",
-            "budget=0.5,refine_steps=100,heal_steps=200", "budget=0.333,refine_steps=100,heal_steps=200"]
+            "budget=0.5,refine_steps=100,heal_steps=80", "budget=0.333,refine_steps=100,heal_steps=80"]
 QUICK = ["rank=128,refine_steps=10", "budget=0.5,heal_steps=2"]
 
 

@@ -153,7 +153,7 @@ def sampled_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, leng
     for i in range(new):
         tokens.append(_nucleus(out.logits[:, -1].cpu(), top_p, g))  # (N, 1)
         if i + 1 < new:
-            out = model(input_ids=tokens[-1].to(device), **{keyword: out.past_key_values}, use_cache=True)
+            out = model(input_ids=tokens[-1].to(device), **{keyword: getattr(out, keyword)}, use_cache=True)
     return list(torch.cat(tokens, 1))
 
 
