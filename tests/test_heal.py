@@ -57,17 +57,59 @@ def test_same_seed_same_tensors(tiny_pair):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cached_targets_are_the_references_next_token_log_probabilities(tiny_pair):
+def _plain_kl(reference, model, x):
+    """KL(p_original || q_model) per token, averaged, from whole (T, V) logits."""
+    log_p = torch.log_softmax(reference(input_ids=x[None]).logits.float(), -1)
+    log_q = torch.log_softmax(model(input_ids=x[None]).logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("slice_elements", [None, 1])
+def test_sliced_output_layer_loss_and_gradient_are_the_whole_logits_ones(tiny_pair, monkeypatch, slice_elements):
+    from collabcompress import hf
+    from collabcompress.heal import _Targets, trainable
+
+    if slice_elements:  # one token per slice
+        monkeypatch.setattr("collabcompress.heal.SLICE_ELEMENTS", slice_elements)
+    reference, out, ids, lengths = tiny_pair
+    model = hf.from_pretrained(out).float()
+    x = ids[1, : int(lengths[1])]
+    targets = _Targets(reference, causal=True, model=model, probe=x)
+    assert targets.split
+    for _ in range(2):  # computed, then from the cache: the original's last hidden states
+        assert torch.allclose(targets(1, x), reference.base_model(input_ids=x[None]).last_hidden_state[0])
+    assert list(targets.cache) == [1]
+    params = list(trainable(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    got = targets.loss(model, 1, x)
+    got_grads = torch.autograd.grad(got, params)
+    want = _plain_kl(reference, model, x)
+    want_grads = torch.autograd.grad(want, params)
+    assert float(want.detach()) > 0 and float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+
+
+def test_a_model_whose_logits_are_not_its_output_layer_of_its_body_gets_whole_logits(tiny_pair, monkeypatch):
+    from collabcompress import hf
     from collabcompress.heal import _Targets
 
-    reference, _, ids, lengths = tiny_pair
-    targets = _Targets(reference, causal=True)
-    assert targets.split
+    reference, out, ids, lengths = tiny_pair
+    model = hf.from_pretrained(out).float()
+    forward = type(model).forward
+
+    def capped(self, *a, **kw):  # logits soft-capped after the output layer, as some families do
+        result = forward(self, *a, **kw)
+        result.logits = 3.0 * torch.tanh(result.logits / 3.0)
+        return result
+
+    monkeypatch.setattr(type(model), "forward", capped)
     x = ids[1, : int(lengths[1])]
-    want = torch.log_softmax(reference(input_ids=x[None]).logits.float(), -1)
-    for _ in range(2):  # computed, then from the cache
-        assert torch.allclose(targets(1, x), want, atol=1e-5)
-    assert list(targets.cache) == [1]
+    targets = _Targets(reference, causal=True, model=model, probe=x)
+    assert not targets.split
+    with torch.no_grad():
+        assert float(targets.loss(model, 1, x)) == pytest.approx(float(_plain_kl(reference, model, x)), rel=1e-5)
 
 
 def test_bfloat16_arithmetic_is_seeded_keeps_float32_tensors_and_never_worsens_held_out(tiny_pair):
@@ -99,7 +141,7 @@ def test_auto_arithmetic_is_bfloat16_only_where_the_cpu_has_bfloat16_units(monke
 
 def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tiny_pair, monkeypatch):
     from collabcompress import hf
-    from collabcompress.heal import _loss, _Targets, held_out_count
+    from collabcompress.heal import _Targets, held_out_count
 
     assert [held_out_count(n) for n in (2, 3, 7, 8, 15, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
     reference, out, ids, lengths = tiny_pair
@@ -109,12 +151,12 @@ def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tin
 
     model, targets = hf.from_pretrained(out).float(), _Targets(reference, causal=True)
     with torch.no_grad():
-        losses = [float(_loss(model, ids[i], int(lengths[i]), True, targets(i, ids[i, : int(lengths[i])])))
-                  for i in (2, 3)]
+        losses = [float(targets.loss(model, i, ids[i, : int(lengths[i])])) for i in (2, 3)]
     want = (losses[0] * 24 + losses[1] * 18) / 42
     assert result.held_out_before == pytest.approx(want, rel=1e-6)
-    # training touches windows 0 and 1 only: the held-out ones never get a target computed for training
-    seen, original = [], _Targets.__call__
-    monkeypatch.setattr(_Targets, "__call__", lambda self, i, x: seen.append(i) or original(self, i, x))
+    # training touches windows 0 and 1 only: the held-out ones are only ever judged, without gradients
+    seen, original = [], _Targets.loss
+    monkeypatch.setattr(_Targets, "loss", lambda self, m, i, x: seen.append((i, torch.is_grad_enabled()))
+                        or original(self, m, i, x))
     _healed(tiny_pair, steps=4, held_out=2)
-    assert seen[:2] == [2, 3] and set(seen[2:]) == {0, 1}
+    assert {i for i, grad in seen if grad} == {0, 1} and {i for i, grad in seen if not grad} == {2, 3}
