@@ -284,3 +284,15 @@ def test_input_untouched_on_failure(cli, source):
     before = _digest(source)
     _assert_clean_failure(cli("analyze", source, "--heads", "5"), 3)
     assert _digest(source) == before
+
+
+def test_a_reader_that_closes_stdout_early_gets_a_quiet_exit_141():
+    import subprocess
+
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "all-MiniLM-L6-v2-attention"
+    proc = subprocess.Popen([sys.executable, "-c", "from collabcompress.cli import main; main()", "analyze", str(sample)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "COLUMNS": "80", "PYTHONUNBUFFERED": "1"})  # writes fail at once
+    proc.stdout.close()  # as `| head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

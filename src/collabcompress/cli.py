@@ -3,8 +3,8 @@
 One error boundary (:class:`_Boundary`, the command group every command runs in) turns
 the library's :class:`CollabError` into a plain ``error: ...`` line on stderr and the exit
 code of SPEC.md section 3, an ``OSError`` on a named file into exit 3, Ctrl-C into exit
-130 and SIGTERM into exit 143 (temporary outputs are removed on the way out), and anything
-else into exit 1 with a short "internal error" line. ``--debug`` or
+130 and SIGTERM into exit 143 (temporary outputs are removed on the way out), a closed
+stdout (``| head``) into a quiet exit 141, and anything else into exit 1 with a short "internal error" line. ``--debug`` or
 ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks. Everything printed that comes from a file is
 escaped (:mod:`collabcompress.display`).
 """
@@ -63,6 +63,9 @@ class _Boundary(TyperGroup):
             _stop("interrupted", 130)
         except CollabError as e:
             _fail(str(e), e.exit_code)
+        except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as a pipeline's writer does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            raise typer.Exit(141) from None
         except OSError as e:
             if not e.filename:  # not about a file the user named: a bug
                 _internal(e)
@@ -101,10 +104,15 @@ _state = {"debug": os.environ.get("COLLABCOMPRESS_DEBUG", "") not in ("", "0")}
 _NOT_A_TERMINAL_WIDTH = 100_000  # a file or pipe gets every column and every digit
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich would exit 1 (a bug's code): the error boundary's exit 141 instead
+        raise BrokenPipeError
+
+
 def _console(stderr: bool = False) -> Console:
     """A console for stdout or stderr as it is now (CliRunner swaps them): no markup, and no
     width limit when it is not a terminal."""
-    console = Console(stderr=stderr, markup=False, highlight=False, emoji=False, soft_wrap=False)
+    console = _Console(stderr=stderr, markup=False, highlight=False, emoji=False, soft_wrap=False)
     if not console.is_terminal:
         console.width = _NOT_A_TERMINAL_WIDTH
     return console
