@@ -74,11 +74,15 @@ class _HeadKL(torch.autograd.Function):
     model's next-token distribution from its last hidden state h_t and p_t the original's from
     its own (g_t, W', b'): formed a slice of tokens at a time, so no (T, V) tensor exists. The
     output layers are frozen, so the gradient w.r.t. h is formed with the loss and only scaled
-    in the backward pass."""
+    in the backward pass. ``compute``: the dtype of the compressed model's output layer under
+    ``torch.autocast`` (cast once, not once per slice: autocast re-casts a frozen weight at
+    every use), or ``None``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):  # (T, D), (V, D), (V,) | None ...
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, compute):  # (T, D), (V, D), (V,) | None
         tokens, vocab = hidden.shape[0], weight.shape[0]
+        if compute is not None:
+            weight, bias = weight.to(compute), None if bias is None else bias.to(compute)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32)
         step = max(1, SLICE_ELEMENTS // vocab)
@@ -97,7 +101,7 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream):
         (grad,) = ctx.saved_tensors
-        return grad * upstream, None, None, None, None, None
+        return grad * upstream, None, None, None, None, None, None
 
 
 def _splits(model: torch.nn.Module) -> bool:
@@ -117,8 +121,9 @@ class _Targets:
     encoder the pooled embedding (1, D)."""
 
     def __init__(self, reference: torch.nn.Module, causal: bool, model: torch.nn.Module | None = None,
-                 probe: torch.Tensor | None = None) -> None:
+                 probe: torch.Tensor | None = None, compute: torch.dtype = torch.float32) -> None:
         self.reference, self.causal, self.cache = reference, causal, {}
+        self.compute = None if compute == torch.float32 else compute
         self.split = causal and _splits(reference) and (model is None or _splits(model))
         if self.split and model is not None and probe is not None:
             self.split = all(self._logits_are_head_of_body(m, probe[:8]) for m in (reference, model))
@@ -153,7 +158,7 @@ class _Targets:
             return (target.exp() * (target - log_q)).sum(-1).mean()
         head, ref_head = model.get_output_embeddings(), self.reference.get_output_embeddings()
         hidden = model.base_model(input_ids=x[None]).last_hidden_state[0]  # (T, D)
-        return _HeadKL.apply(hidden, head.weight, head.bias, target, ref_head.weight, ref_head.bias)
+        return _HeadKL.apply(hidden, head.weight, head.bias, target, ref_head.weight, ref_head.bias, self.compute)
 
 
 def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, *,
@@ -200,7 +205,7 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))}
                             for p in params])
     n_train = ids.shape[0] - held_out
-    targets = _Targets(reference, causal, model, ids[-1, : int(lengths[-1])])
+    targets = _Targets(reference, causal, model, ids[-1, : int(lengths[-1])], compute)
     device = params[0].device.type
 
     def arithmetic():

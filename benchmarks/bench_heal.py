@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""One healing step of the real SmolLM2-135M-Instruct: the output layer in slices against whole logits.
+
+Side by side in one run, on the model compressed data-free at ``--rank`` (the time of a step
+does not depend on how good the fit is) and ``--windows`` seeded random ``--length``-token
+windows:
+
+- the distillation loss of a window with its gradient (forward and backward pass of the
+  compressed model; the original's last hidden states cached, as healing caches them) and
+  without (a held-out window's check), median of ``--repeats`` runs after one warm-up, with
+  the loss through :class:`collabcompress.heal._HeadKL` (slices of
+  :data:`collabcompress.heal.SLICE_ELEMENTS` floats) and through whole (T, V) logits of both
+  models, as healing computed it before;
+- the largest relative difference between the two losses and between their gradients.
+
+    python scripts/fetch_data.py            # once: SmolLM2
+    python benchmarks/bench_heal.py [--threads 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import cache_dir
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=None, help="default: SmolLM2 in the data cache")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heal-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="arithmetic of the passes (torch.autocast), as compress --heal-dtype")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or cache_dir() / "smollm2-135m-instruct"
+    if not (model_dir / "model.safetensors").is_file():
+        print(f"needs SmolLM2 in {model_dir}: run python scripts/fetch_data.py")
+        return 2
+    import transformers
+
+    from collabcompress import hf
+    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.heal import SLICE_ELEMENTS, _Targets, trainable
+
+    transformers.logging.set_verbosity_error()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).float().eval()
+    with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
+        compress(model_dir, Path(tmp) / "c", CompressOptions(rank=args.rank))
+        model = hf.from_pretrained(Path(tmp) / "c").float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(trainable(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, reference.config.vocab_size, (args.windows, args.length), generator=g)
+    compute = torch.bfloat16 if args.heal_dtype == "bfloat16" else torch.float32
+    sliced = _Targets(reference, causal=True, model=model, probe=ids[0], compute=compute)
+    assert sliced.split, "SmolLM2's logits are its output layer of its last hidden states"
+    for i in range(args.windows):
+        sliced(i, ids[i])  # the original's last hidden states, cached as healing caches them
+    head = reference.get_output_embeddings()
+
+    def whole_loss(i: int) -> torch.Tensor:  # the previous code: (T, V) log-probabilities of both models
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the original's targets in float32
+            log_p = torch.log_softmax(head(sliced.cache[i][None]).float(), -1)
+        log_q = torch.log_softmax(model(input_ids=ids[i][None]).logits.float(), -1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    losses = {"whole (T, V) logits": whole_loss, "slices": lambda i: sliced.loss(model, i, ids[i])}
+    rows, worst_loss, worst_grad = {}, 0.0, 0.0
+
+    def arithmetic():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.heal_dtype == "bfloat16")
+
+    for name, loss in losses.items():
+        def step(loss=loss):
+            for i in range(args.windows):
+                with arithmetic():
+                    value = loss(i)
+                value.backward()
+
+        def check(loss=loss):
+            with torch.no_grad(), arithmetic():
+                for i in range(args.windows):
+                    loss(i)
+
+        rows[name] = {"step_s": _median_seconds(step, args.repeats) / args.windows,
+                      "check_s": _median_seconds(check, args.repeats) / args.windows}
+    for i in range(args.windows):
+        with arithmetic():
+            got = [loss(i) for loss in losses.values()]
+        grads = [torch.autograd.grad(value, params) for value in got]
+        worst_loss = max(worst_loss, abs(float(got[0].detach() - got[1].detach())) / float(got[0].detach()))
+        for a, b in zip(*grads):
+            worst_grad = max(worst_grad, float((a - b).abs().max() / a.abs().max().clamp(min=1e-30)))
+    result = {"model": str(model_dir), "rank": args.rank, "length": args.length, "threads": args.threads,
+              "heal_dtype": args.heal_dtype,
+              "slice_elements": SLICE_ELEMENTS, "rows": rows, "max_rel_loss_diff": worst_loss,
+              "max_rel_grad_diff": worst_grad}
+    base = rows["whole (T, V) logits"]
+    print(f"SmolLM2-135M-Instruct, one {args.length}-token window, rank {args.rank}, {args.threads} threads, "
+          f"{args.heal_dtype}, median of {args.repeats} over {args.windows} windows")
+    print("| output layer and KL | loss + gradient (training step) | loss alone (held-out check) |")
+    print("|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['step_s']:.2f} s ({row['step_s'] / base['step_s']:.2f}x) | "
+              f"{row['check_s']:.2f} s ({row['check_s'] / base['check_s']:.2f}x) |")
+    print(f"largest relative difference: loss {worst_loss:.1e}, gradient {worst_grad:.1e}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
