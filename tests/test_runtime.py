@@ -298,6 +298,65 @@ def test_fused_sdpa_path_pads_half_precision_widths(dtype):
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 
+
+def _spy_fused(monkeypatch) -> list[tuple]:
+    """Record the shapes of the queries and values collaborative_attention hands to torch SDPA."""
+    import collabcompress.nn as cnn
+
+    calls, fused = [], cnn._fused
+    monkeypatch.setattr(cnn, "_fused", lambda q, k, v, *rest: calls.append((q.shape, v.shape)) or fused(q, k, v, *rest))
+    return calls
+
+
+@pytest.mark.parametrize("groups", [4, 2, 1])
+@pytest.mark.parametrize("width,d_v", [(7, 4), (6, 6), (3, 5)])  # keys wider than, as wide as, narrower than values
+@pytest.mark.parametrize("mixed", [False, True])
+def test_causal_prefill_runs_sdpa_flash_on_the_cpu(monkeypatch, groups, width, d_v, mixed):
+    """A causal prefill without other masks and K <= 2 d_v runs torch SDPA's fused CPU kernel, the narrower
+    side zero-padded: the reference's output and, with autograd, its gradients (float32: the kernel's dtypes)."""
+    calls = _spy_fused(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    query, key = torch.randn(2, 4, 9, width, generator=g), torch.randn(2, 1, 9, width, generator=g)
+    value = torch.randn(2, groups, 9, d_v, generator=g)
+    mixing = torch.randn(4, width, generator=g) if mixed else None
+    shared = query[:, 0] if mixed else query  # (B, N, K): mixed per head by ``mixing``
+    full = shared.unsqueeze(1) * mixing[:, None] if mixed else query
+    want, _ = _reference(full, key, value, causal=True)
+    out, weights = collaborative_attention(shared, key, value, mixing=mixing, is_causal=True, need_weights=False)
+    assert weights is None and calls == [((2, 4, 9, width), (2, groups, 9, d_v))]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    leaves = [t.clone().requires_grad_() for t in (shared, key, value)]
+    out, _ = collaborative_attention(*leaves, mixing=mixing, is_causal=True, need_weights=False)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref = [t.clone().requires_grad_() for t in (shared, key, value)]
+    full = ref[0].unsqueeze(1) * mixing[:, None] if mixed else ref[0]
+    want_grads = torch.autograd.grad(_reference(full, ref[1], ref[2], causal=True)[0].square().sum(), ref)
+    assert len(calls) == 2
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["wide keys", "mask", "bias", "decoding step", "weights", "not causal", "float64"])
+def test_other_cpu_attention_keeps_the_product(monkeypatch, case):
+    """Keys wider than twice the values, any mask or bias, a one-token step, weights asked for, no causality
+    or a dtype the kernel lacks: the product path (the reference's output either way)."""
+    calls = _spy_fused(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    n_query = 1 if case == "decoding step" else 6
+    dtype = torch.float64 if case == "float64" else torch.float32
+    width = 9 if case == "wide keys" else 6
+    query, key = torch.randn(1, 4, n_query, width, generator=g), torch.randn(1, 1, 6, width, generator=g)
+    value = torch.randn(1, 2, 6, 4, generator=g)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    mask = torch.ones(1, 1, 1, 6, dtype=torch.bool) if case == "mask" else None
+    bias = torch.randn(1, 4, n_query, 6, generator=g, dtype=dtype) if case == "bias" else None
+    causal = case != "not causal"
+    out, _ = collaborative_attention(query, key, value, attention_mask=mask, is_causal=causal, position_bias=bias,
+                                     need_weights=case == "weights")
+    assert calls == []
+    torch.testing.assert_close(out, _reference(query, key, value, mask, causal, bias)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("need_weights", [True, False])  # False: torch SDPA's fused kernel
 @pytest.mark.parametrize("case", ["plain", "bool", "causal", "bias+additive", "bias+bool+causal"])

@@ -127,7 +127,10 @@ def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     math path and broadcasts the key per head. Measured on this machine class (1 thread,
     MiniLM shapes, R 96 and 192, B x N = 1 x 128, 8 x 32, 8 x 128, 8 x 512), SDPA with
     width-R queries and the content bias as a mask was slower than this product in 7 of 8
-    cases (1.8x at 8 x 512), so the product is used on the CPU (README, "How it runs").
+    cases (1.8x at 8 x 512), so the product is used on the CPU (README, "How it runs"), except
+    for a causal prefill without other masks and K <= 2 d_v (rotary layers up to R = 2d), where
+    SDPA's fused CPU kernel with zero-padded values skips the blocks above the diagonal and
+    wins (:func:`_cpu_flash`).
     On CUDA (H200, measured with H = 12, K = 204, d_v = 32, B x N = 8 x 128 to 1 x 4096) SDPA's
     fused memory-efficient kernel is used whenever the weights are not needed: the scores are
     never stored (8 x 2048: 24 MiB instead of 1,560 in float32, 97 instead of 780 in float16).
@@ -136,7 +139,9 @@ def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     then 0.1x to 1.2x this product's time (3.7x faster at 8 x 2048, 9.5x at a causal 1 x 4096;
     unpadded, SDPA fell back to its math path and took 3 to 4x the product's time).
     """
-    fused = not need_weights and query.device.type == "cuda" and query.dtype in _FUSED_CUDA_DTYPES
+    fused = not need_weights and query.dtype in _FUSED_DTYPES and (
+        query.device.type == "cuda" or _cpu_flash(key, value, attention_mask, is_causal, position_bias, dropout,
+                                                  n_query=query.shape[-2]))
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                             (query, key, value, mixing, attention_mask, position_bias))
     if mixing is not None and (fused or graph):
@@ -160,8 +165,26 @@ def collaborative_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return _blocks(query, key, value, mixing, masks, dropout, need_weights)
 
 
-# CUDA dtypes for which collaborative_attention uses torch SDPA's fused kernel without weights
-_FUSED_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# dtypes for which collaborative_attention uses torch SDPA's fused kernel without weights
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cpu_flash(key, value, attention_mask, is_causal, position_bias, dropout, *, n_query: int) -> bool:
+    """Whether collaborative_attention runs torch SDPA's fused (flash) CPU kernel: a causal prefill
+    (N > 1) with no other mask, bias or dropout, and keys at most twice as wide as the values.
+
+    The kernel wants one width for queries, keys and values, so the values are padded with
+    zeros to the key width K (the extra output columns are zeros, dropped); it skips the
+    blocks above the diagonal and never stores the scores, so its products cost about
+    N^2 K against N^2 (K + d_v) for the product here. Measured (2 threads, AMD EPYC with AVX2,
+    float32, H = 9, G = 3, d_v = 64, causal, B x N = 1 x 32 to 4 x 512; ``benchmarks/bench_runtime.py``
+    for the whole model): K = 64 and 128 (SmolLM2 at a third and two thirds of the key cache)
+    0.5x to 0.95x this product's time without autograd and 0.35x to 1.0x with it (forward and
+    backward), 0.45x at N = 1,024; K = 192 (3 d_v) about 1.0x without autograd and up to 1.5x
+    slower with it, hence the limit of 2 d_v. Decoding steps (N = 1) stay with the product.
+    """
+    return (is_causal and n_query > 1 and attention_mask is None and position_bias is None and dropout == 0.0
+            and key.shape[-1] <= 2 * value.shape[-1])
 # bytes of mixed queries and scores per block of batch elements in collaborative_attention, L2-sized:
 # measured (MiniLM R = 192, 1 thread, under load), 256 KiB to 4 MiB took about the same time at 8 x 128
 # and 8 x 512, one block for the whole batch 11 % (8 x 128) to 30 % (8 x 512) longer
@@ -247,13 +270,20 @@ def _fused(query, key, value, attention_mask, is_causal, position_bias, dropout)
     """torch SDPA on the shared key broadcast to the query heads (a view); one mask for
     the bias, the mask and causality; value heads repeated only for grouped values. In half
     precision the query/key width is padded with zeros to a multiple of 8 (same scores), the
-    alignment SDPA's fused kernels ask for."""
+    alignment SDPA's fused kernels ask for; on the CPU, whose fused kernel wants one width
+    for all three, the narrower side is padded with zeros too (same scores, extra output
+    columns zero and dropped)."""
     batch, n_head, n_query, width = query.shape
-    n_key = key.shape[-2]
+    n_key, d_v = key.shape[-2], value.shape[-1]
     key = key.reshape(batch, 1, n_key, width)
-    if query.dtype in (torch.float16, torch.bfloat16) and width % 8:
-        query, key = F.pad(query, (0, -width % 8)), F.pad(key, (0, -width % 8))
-        width += -width % 8
+    target = width + (-width % 8 if query.dtype in (torch.float16, torch.bfloat16) else 0)
+    if query.device.type == "cpu":
+        target = max(target, d_v)
+        if target > d_v:
+            value = F.pad(value, (0, target - d_v))
+    if target > width:
+        query, key = F.pad(query, (0, target - width)), F.pad(key, (0, target - width))
+        width = target
     key = key.expand(batch, n_head, n_key, width)
     if value.shape[1] != n_head:
         value = value.repeat_interleave(n_head // value.shape[1], dim=1)  # (B, H, M, d_v)
@@ -271,8 +301,9 @@ def _fused(query, key, value, attention_mask, is_causal, position_bias, dropout)
         mask = mask & ~future if mask.dtype == torch.bool else mask.masked_fill(future, float("-inf"))
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(query.dtype)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                          scale=1.0)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                         scale=1.0)
+    return out[..., :d_v] if out.shape[-1] != d_v else out
 
 
 class CollaborativeAttention(nn.Module):
