@@ -19,16 +19,13 @@ windows:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from _common import cache_dir
+from _common import smollm2_pair, smollm2_parser
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -42,38 +39,19 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="default: SmolLM2 in the data cache")
-    ap.add_argument("--rank", type=int, default=128)
+    ap = smollm2_parser(__doc__, repeats=3)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--windows", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heal-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="arithmetic of the passes (torch.autocast), as compress --heal-dtype")
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model_dir = args.model or cache_dir() / "smollm2-135m-instruct"
-    if not (model_dir / "model.safetensors").is_file():
-        print(f"needs SmolLM2 in {model_dir}: run python scripts/fetch_data.py")
+    loaded = smollm2_pair(args)
+    if loaded is None:
         return 2
-    import transformers
-
-    from collabcompress import hf
-    from collabcompress.compress import CompressOptions, compress
+    model_dir, reference, model = loaded
     from collabcompress.heal import SLICE_ELEMENTS, _Targets, trainable
 
-    transformers.logging.set_verbosity_error()
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).float().eval()
-    with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
-        compress(model_dir, Path(tmp) / "c", CompressOptions(rank=args.rank))
-        model = hf.from_pretrained(Path(tmp) / "c").float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = list(trainable(model).values())
-    for p in params:
-        p.requires_grad_(True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, reference.config.vocab_size, (args.windows, args.length), generator=g)
     compute = torch.bfloat16 if args.heal_dtype == "bfloat16" else torch.float32

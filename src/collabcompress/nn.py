@@ -176,12 +176,13 @@ def _cpu_flash(key, value, attention_mask, is_causal, position_bias, dropout, *,
     The kernel wants one width for queries, keys and values, so the values are padded with
     zeros to the key width K (the extra output columns are zeros, dropped); it skips the
     blocks above the diagonal and never stores the scores, so its products cost about
-    N^2 K against N^2 (K + d_v) for the product here. Measured (2 threads, AMD EPYC with AVX2,
-    float32, H = 9, G = 3, d_v = 64, causal, B x N = 1 x 32 to 4 x 512; ``benchmarks/bench_runtime.py``
-    for the whole model): K = 64 and 128 (SmolLM2 at a third and two thirds of the key cache)
-    0.5x to 0.95x this product's time without autograd and 0.35x to 1.0x with it (forward and
-    backward), 0.45x at N = 1,024; K = 192 (3 d_v) about 1.0x without autograd and up to 1.5x
-    slower with it, hence the limit of 2 d_v. Decoding steps (N = 1) stay with the product.
+    N^2 K against N^2 (K + d_v) for the product here. Measured on one layer (2 threads, AMD
+    EPYC with AVX2, float32, H = 9, G = 3, d_v = 64, causal, B x N = 1 x 32 to 1 x 1,024 and
+    4 x 512; a ``/tmp`` script): K = 64 and 128 (SmolLM2 at a third and two thirds of the key
+    cache) 0.3x to 0.8x this product's time without autograd and 0.2x to 1.0x with it
+    (forward and backward; the least at N = 1,024); K = 192 (3 d_v) 0.5x to 1.16x without and
+    0.7x to 1.36x with it, hence the limit of 2 d_v. The whole model:
+    ``benchmarks/bench_prefill.py``. Decoding steps (N = 1) stay with the product.
     """
     return (is_causal and n_query > 1 and attention_mask is None and position_bias is None and dropout == 0.0
             and key.shape[-1] <= 2 * value.shape[-1])
