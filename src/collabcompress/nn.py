@@ -186,6 +186,8 @@ def _cpu_flash(key, value, attention_mask, is_causal, position_bias, dropout, *,
     """
     return (is_causal and n_query > 1 and attention_mask is None and position_bias is None and dropout == 0.0
             and key.shape[-1] <= 2 * value.shape[-1])
+
+
 # bytes of mixed queries and scores per block of batch elements in collaborative_attention, L2-sized:
 # measured (MiniLM R = 192, 1 thread, under load), 256 KiB to 4 MiB took about the same time at 8 x 128
 # and 8 x 512, one block for the whole batch 11 % (8 x 128) to 30 % (8 x 512) longer
