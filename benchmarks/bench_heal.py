@@ -7,7 +7,9 @@ windows:
 
 - the distillation loss of a window with its gradient (forward and backward pass of the
   compressed model; the original's last hidden states cached, as healing caches them) and
-  without (a held-out window's check), median of ``--repeats`` runs after one warm-up, with
+  without (a held-out window's check), ``--repeats`` rounds after one warm-up, the two ways
+  interleaved (:func:`collabcompress.latency.interleaved`; medians, and the median of the
+  per-round ratios), with
   the loss through :class:`collabcompress.heal._HeadKL` (slices of
   :data:`collabcompress.heal.SLICE_ELEMENTS` floats) and through whole (T, V) logits of both
   models, as healing computed it before;
@@ -21,21 +23,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
 from _common import smollm2_pair, smollm2_parser
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -50,6 +41,7 @@ def main() -> int:
         return 2
     model_dir, reference, model = loaded
     from collabcompress.heal import SLICE_ELEMENTS, _Targets, trainable
+    from collabcompress.latency import interleaved, pair_ratio
 
     params = list(trainable(model).values())
     g = torch.Generator().manual_seed(0)
@@ -73,20 +65,24 @@ def main() -> int:
     def arithmetic():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.heal_dtype == "bfloat16")
 
-    for name, loss in losses.items():
-        def step(loss=loss):
+    def step(loss):
+        for i in range(args.windows):
+            with arithmetic():
+                value = loss(i)
+            value.backward()
+
+    def check(loss):
+        with torch.no_grad(), arithmetic():
             for i in range(args.windows):
-                with arithmetic():
-                    value = loss(i)
-                value.backward()
+                loss(i)
 
-        def check(loss=loss):
-            with torch.no_grad(), arithmetic():
-                for i in range(args.windows):
-                    loss(i)
-
-        rows[name] = {"step_s": _median_seconds(step, args.repeats) / args.windows,
-                      "check_s": _median_seconds(check, args.repeats) / args.windows}
+    names = list(losses)
+    for kind, run in (("step", step), ("check", check)):
+        times = interleaved(*[lambda loss=losses[name]: run(loss) for name in names], warmup=1, repeats=args.repeats)
+        ratio = pair_ratio(*times).median
+        for name, t in zip(names, times):
+            rows.setdefault(name, {})[f"{kind}_s"] = statistics.median(t) / args.windows
+            rows[name][f"{kind}_ratio"] = 1.0 if name == names[0] else ratio
     for i in range(args.windows):
         with arithmetic():
             got = [loss(i) for loss in losses.values()]
@@ -98,14 +94,13 @@ def main() -> int:
               "heal_dtype": args.heal_dtype,
               "slice_elements": SLICE_ELEMENTS, "rows": rows, "max_rel_loss_diff": worst_loss,
               "max_rel_grad_diff": worst_grad}
-    base = rows["whole (T, V) logits"]
     print(f"SmolLM2-135M-Instruct, one {args.length}-token window, rank {args.rank}, {args.threads} threads, "
           f"{args.heal_dtype}, median of {args.repeats} over {args.windows} windows")
     print("| output layer and KL | loss + gradient (training step) | loss alone (held-out check) |")
     print("|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['step_s']:.2f} s ({row['step_s'] / base['step_s']:.2f}x) | "
-              f"{row['check_s']:.2f} s ({row['check_s'] / base['check_s']:.2f}x) |")
+        print(f"| {name} | {row['step_s']:.2f} s ({row['step_ratio']:.2f}x) | "
+              f"{row['check_s']:.2f} s ({row['check_ratio']:.2f}x) |")
     print(f"largest relative difference: loss {worst_loss:.1e}, gradient {worst_grad:.1e}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

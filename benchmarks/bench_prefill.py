@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """A causal prefill of the real SmolLM2-135M-Instruct: torch SDPA's flash kernel against the product.
 
-One run, side by side, interleaved (original, compressed with the product path, compressed
-with the flash path in turn, ``--repeats`` rounds after one warm-up), batch 1, N in
+One run, side by side, interleaved (:func:`collabcompress.latency.interleaved`: original,
+compressed with the product path, compressed with the flash path in turn, ``--repeats`` rounds
+after one warm-up), batch 1, N in
 ``--lengths``, ``--threads`` threads, float32, on the model compressed data-free at ``--rank``
 (the time does not depend on how good the fit is):
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
@@ -40,6 +40,7 @@ def main() -> int:
         return 2
     model_dir, original, model = loaded
     import collabcompress.nn as cnn
+    from collabcompress.latency import interleaved
 
     flash_rule = cnn._cpu_flash
 
@@ -68,13 +69,7 @@ def main() -> int:
             runs = {"product": lambda: run(model, False), "flash": lambda: run(model, True)}
             if kind == "forward":
                 runs = {"original": lambda: run(original), **runs}
-            times = {name: [] for name in runs}
-            for i in range(args.repeats + 1):
-                for name, fn in runs.items():
-                    start = time.perf_counter()
-                    fn()
-                    if i:  # the first round warms up
-                        times[name].append(time.perf_counter() - start)
+            times = dict(zip(runs, interleaved(*runs.values(), warmup=1, repeats=args.repeats)))
             model.zero_grad(set_to_none=True)
             row[kind] = {name: statistics.median(t) for name, t in times.items()}
             row[kind]["flash_over_product"] = statistics.median(

@@ -5,8 +5,8 @@ the library's :class:`CollabError` into a plain ``error: ...`` line on stderr an
 code of SPEC.md section 3, an ``OSError`` on a named file into exit 3, Ctrl-C into exit
 130 and SIGTERM into exit 143 (temporary outputs are removed on the way out), a closed
 stdout (``| head``) into a quiet exit 141, and anything else into exit 1 with a short
-"internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks. Everything printed that comes from a file is
-escaped (:mod:`collabcompress.display`).
+"internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.
+Everything printed that comes from a file is escaped (:mod:`collabcompress.display`).
 """
 
 from __future__ import annotations

@@ -100,19 +100,19 @@ def spread(values: Sequence[float]) -> Spread:
     return Spread(statistics.median(data), q1, q3, data[0], data[-1])
 
 
-def interleaved(first: Run, second: Run, *, warmup: int, repeats: int,
-                sync: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
-    """Run ``first`` and ``second`` alternately: ``warmup`` untimed pairs, then ``repeats`` timed ones.
+def interleaved(*runs: Run, warmup: int, repeats: int,
+                sync: Callable[[], None] | None = None) -> tuple[list[float], ...]:
+    """Run ``runs`` (at least two) in turn: ``warmup`` untimed rounds, then ``repeats`` timed ones.
 
-    Returns the wall times in seconds, ``(first's, second's)``, pair by pair. ``sync`` (e.g.
-    ``torch.cuda.synchronize``) is called before and after each timed run.
+    Returns the wall times in seconds, one list per run in the order given, round by round.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before and after each timed run.
     """
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    if warmup < 0 or repeats < 1 or len(runs) < 2:
+        raise ValueError(f"need two or more runs, warmup >= 0 and repeats >= 1, got {len(runs)}, {warmup}, {repeats}")
     sync = sync or (lambda: None)
-    times: tuple[list[float], list[float]] = ([], [])
+    times: tuple[list[float], ...] = tuple([] for _ in runs)
     for i in range(warmup + repeats):
-        for fn, out in ((first, times[0]), (second, times[1])):
+        for fn, out in zip(runs, times):
             sync()
             start = time.perf_counter()
             fn()
