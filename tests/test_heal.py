@@ -155,8 +155,46 @@ def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tin
     want = (losses[0] * 24 + losses[1] * 18) / 42
     assert result.held_out_before == pytest.approx(want, rel=1e-6)
     # training touches windows 0 and 1 only: the held-out ones are only ever judged, without gradients
-    seen, original = [], _Targets.loss
+    seen, trained, judged = [], _Targets.loss, _Targets.judge
     monkeypatch.setattr(_Targets, "loss", lambda self, m, i, x: seen.append((i, torch.is_grad_enabled()))
-                        or original(self, m, i, x))
+                        or trained(self, m, i, x))
+    monkeypatch.setattr(_Targets, "judge", lambda self, m, i, x: seen.append((i, "judged")) or judged(self, m, i, x))
     _healed(tiny_pair, steps=4, held_out=2)
-    assert {i for i, grad in seen if grad} == {0, 1} and {i for i, grad in seen if not grad} == {2, 3}
+    assert {i for i, how in seen if how is True} == {0, 1} and {i for i, how in seen if how == "judged"} == {2, 3}
+    assert all(how in (True, "judged") for _, how in seen)
+
+
+@pytest.mark.parametrize("slice_elements", [None, 1])
+def test_a_held_out_check_from_the_originals_moments_is_the_kl(tiny_pair, monkeypatch, slice_elements):
+    from collabcompress import hf
+    from collabcompress.heal import _Targets
+
+    if slice_elements:
+        monkeypatch.setattr("collabcompress.heal.SLICE_ELEMENTS", slice_elements)
+    reference, out, ids, lengths = tiny_pair
+    model = hf.from_pretrained(out).float()
+    with torch.no_grad():  # a compressed model nudged off its fit: the KL is not small
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x = ids[3, : int(lengths[3])]
+    targets = _Targets(reference, causal=True, model=model, probe=x)
+    with torch.no_grad():
+        want = float(_plain_kl(reference, model, x))
+    for _ in range(2):  # computed, then from the cache; the original's hidden states are not kept
+        assert targets.judge(model, 3, x) == pytest.approx(want, rel=1e-5)
+    assert list(targets.moments) == [3] and not targets.cache
+    a, c = targets.moments[3]
+    assert a.shape == (18, reference.config.hidden_size) and c.shape == (18,)
+    assert _Targets(reference, causal=True).judge(model, 3, x) == pytest.approx(want, rel=1e-5)
+
+
+def test_kl_moments_with_an_output_bias_and_two_output_layers():
+    from collabcompress.heal import _kl_from_moments, _kl_moments
+
+    g = torch.Generator().manual_seed(0)
+    ref_hidden, hidden = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    ref_w, ref_b, w, b = (torch.randn(*s, generator=g) for s in ((11, 5), (11,), (11, 5), (11,)))
+    log_p = torch.log_softmax(ref_hidden @ ref_w.T + ref_b, -1)
+    log_q = torch.log_softmax(hidden @ w.T + b, -1)
+    want = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert _kl_from_moments(hidden, w, b, *_kl_moments(ref_hidden, ref_w, ref_b, w, b), None) == pytest.approx(want, rel=1e-5)

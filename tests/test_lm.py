@@ -71,6 +71,21 @@ def test_nucleus_draws_only_from_the_most_likely_tokens_that_reach_top_p():
     assert _nucleus(logits, 0.5, g).flatten().tolist() == [1] * 400  # the most likely alone reaches it
 
 
+@pytest.mark.parametrize("candidates", [3, 64, 4096])
+def test_nucleus_from_the_most_likely_candidates_draws_as_from_the_whole_sorted_row(monkeypatch, candidates):
+    def whole(logits, top_p, generator):  # every token sorted
+        probs, order = torch.softmax(logits.float(), -1).sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        return order.gather(-1, torch.multinomial(probs, 1, generator=generator))
+
+    monkeypatch.setattr("collabcompress.lm.NUCLEUS_CANDIDATES", candidates)
+    logits = torch.randn(8, 5000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 8, 8)[:, None]
+    for top_p in (0.3, 0.9, 1.0):
+        got, want = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        for _ in range(20):
+            assert torch.equal(_nucleus(logits, top_p, got), whole(logits, top_p, want))
+
+
 def test_sampled_continuations_are_seeded_and_start_with_their_prompts(tiny):
     model, _ = tiny
     prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
