@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
-from .extras import require_transformers, unreadable_model_errors
+from .extras import require_transformers
 from .io import Checkpoint, open_checkpoint, read_texts, regular_file
 from .lm import DEFAULT_WINDOW, leading_ids, padded_rows, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
@@ -225,13 +225,15 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
     if max_length is None:
         max_length = DEFAULT_WINDOW if family.rotary else 128
-    tf = _transformers()
+    _transformers()
 
     tokenizer = load_tokenizer([Path(model_dir)])
-    try:
-        model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
-    except unreadable_model_errors() as e:
-        raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
+    from . import hf
+
+    # every weight from the file or a documented tie (a tied head stored as lm_head.weight alone
+    # is the embedding), or a refusal naming the missing ones: never a random initialisation
+    model = hf.load_model(model_dir)
+    run = model.base_model  # the body: hidden states, not a head's logits over the vocabulary
     max_length = min(max_length, position_limit(model.config, tokenizer))
     special = 0 if family.rotary else tokenizer.num_special_tokens_to_add()
     if max_length <= special:
@@ -301,7 +303,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 inputs = {"input_ids": ids, "attention_mask": mask}
                 if encoder_decoder:
                     inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
-                model(**inputs)
+                run(**inputs)
                 tokens += int(mask.sum())
                 seen += ids.shape[0]
                 used = causal_used or int(owners[-1]) + 1

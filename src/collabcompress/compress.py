@@ -539,13 +539,14 @@ def _model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compres
     layers (layer 0 is the most sensitive)."""
     from .budget import rank_ladder
     from .calibration import _find_modules
-    from .evaluate import _load_original, _quiet_transformers
+    from . import hf
+    from .evaluate import _quiet_transformers
     from .extras import require_transformers
     from .rotary import key_projection, rotary_factors
 
     transformers = require_transformers("--budget on a causal LM")
     with _quiet_transformers():
-        model = _load_original(ckpt.directory, transformers.AutoModelForCausalLM).float()
+        model = hf.load_model(ckpt.directory, model_class=transformers.AutoModelForCausalLM).float()
     n = min(CURVE_WINDOWS, ids.shape[0])
     t = min(CURVE_TOKENS, int(lengths[:n].min()))
     x = ids[:n, :t]  # (n, t)
@@ -733,7 +734,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     shuffled, so no sentence is on both sides."""
     from . import hf
     from .calibration import load_input_ids, load_window_ids
-    from .evaluate import _load_original, _quiet_transformers
+    from .evaluate import _quiet_transformers
     from .heal import heal, held_out_count, trainable
     from .lm import padded_rows, shuffled_sentences
     from .texts import load_tokenizer
@@ -754,7 +755,7 @@ def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[_Layer], o
     with _quiet_transformers():
         model = hf.from_pretrained(tmp).float()
         original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
-        reference = _load_original(checkpoint, original).float()
+        reference = hf.load_model(checkpoint, model_class=original).float()
     shuffled = generated = 0  # windows of shuffled sentences and of the original's own text trained on
     sampling = 0.0  # seconds
     try:

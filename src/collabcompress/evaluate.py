@@ -28,8 +28,8 @@ import torch
 
 from . import lm
 from .errors import BadInputError, UnsupportedArchitectureError
-from .extras import require_transformers, unreadable_model_errors
-from .io import open_checkpoint, read_texts
+from .extras import require_transformers
+from .io import read_texts
 from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
 
 __all__ = ["evaluate", "evaluate_causal", "read_texts", "pooled_embeddings", "PROMPT_TOKENS"]
@@ -55,25 +55,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _load_original(directory: Path, model_class: type):
-    """The uncompressed model, refusing silently re-initialised weights."""
-    from . import hf
-
-    if hf.is_compressed(directory):
-        return hf.from_pretrained(directory, model_class=model_class)
-    open_checkpoint(directory).close()  # the reading rules, before transformers opens anything
-    try:
-        model, info = model_class.from_pretrained(str(directory), local_files_only=True, output_loading_info=True,
-                                                  use_safetensors=True)
-    except (*unreadable_model_errors(), RuntimeError) as e:
-        raise BadInputError(f"cannot load the original model {directory}: {str(e).splitlines()[0]}") from e
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers would have initialised them randomly
-        raise BadInputError(f"the original model {directory} lacks weights of {model_class.__name__}: "
-                            f"{', '.join(missing[:5])}")
-    return model.eval()
 
 
 def _encoder(model):
@@ -138,7 +119,7 @@ def _models(original: Path, compressed: Path):
 
     with _quiet_transformers():
         model = hf.from_pretrained(compressed)
-        reference = _load_original(original, type(model))
+        reference = hf.load_model(original, model_class=type(model))
     if reference.config.model_type != model.config.model_type:
         raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
                             f"from a {model.config.model_type!r} model")

@@ -36,12 +36,12 @@ from .dtypes import to_torch
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers, unreadable_model_errors
 from .families import FAMILIES, Family, find_family
-from .io import Checkpoint, open_checkpoint, read_json
+from .io import Checkpoint, open_checkpoint, read_json, staged
 from .manifest import MANIFEST_NAME, LayerRecord
 from .nn import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention, \
     collaborative_query_states, mixed_query
 
-__all__ = ["from_pretrained", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
+__all__ = ["from_pretrained", "load_model", "write_remote_code", "is_compressed", "collaborative_modules", "loadable_family",
            "rotary_module", "REMOTE_CODE_NAME"]
 
 REMOTE_CODE_NAME = "modeling_collabcompress.py"
@@ -485,21 +485,69 @@ def _named_model_class(transformers, name: Any) -> type | None:
     return found if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel) else None
 
 
-def _model_class(transformers, config, model_class):
+def _of_config(cls: type, config, directory: Path, what: str) -> type:
+    """``cls``, refused unless it is a model class of ``config``'s type (not a class of another family)."""
+    expected = getattr(cls, "config_class", None)
+    if isinstance(expected, type) and not isinstance(config, expected):
+        raise BadInputError(f"{what} {cls.__name__} is a model class for {getattr(expected, 'model_type', '') or expected.__name__!r} "
+                            f"configs, but {directory / 'config.json'} has model_type {config.model_type!r}")
+    return cls
+
+
+# Task classes tried, in order, when config.json names no architecture: the model type's LM heads.
+_HEAD_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM")
+
+
+def _head_names(cls: type, config) -> set[str]:
+    """The parameters of task class ``cls`` outside its base model that no tie derives from a base
+    model weight (a tied LM head is held by the embedding it shares), nor transformers lets go missing."""
+    prefix = getattr(cls, "base_model_prefix", "") or ""
+    with torch.device("meta"):  # names and ties only: no memory, no initialisation cost
+        task = cls(config)
+    tied = _tied_names(task)
+    _, ignore_missing = _ignored_patterns(task)
+    inside = f"{prefix}."
+    return {n for n, _ in task.named_parameters(remove_duplicate=False)
+            if not n.startswith(inside) and not any(t.startswith(inside) for t in tied.get(n, ()))
+            and not (ignore_missing and ignore_missing.search(n))}
+
+
+def _model_class(transformers, config, model_class, names, directory: Path) -> type:
+    """The class to build: ``model_class`` as given; else config.json's ``architectures``, or its
+    base model class when the weights hold none of the named class's head (a sentence-transformers
+    export names ``BertForMaskedLM`` but holds the bare ``BertModel``); else, without
+    ``architectures``, the weights decide: the model type's LM head class whose head is in the
+    weights or tied to them, else its base model class. Never a guess: weights that fit none of
+    these are refused when they are loaded."""
     if model_class is not None:
         found = _named_model_class(transformers, model_class) if isinstance(model_class, str) else model_class
+        mapping = getattr(found, "_model_mapping", None)  # an Auto class: its class for this config
+        if isinstance(found, type) and mapping is not None and found.__module__.startswith("transformers."):
+            found = mapping.get(type(config), None)
+            if found is None:
+                raise BadInputError(f"{directory}: transformers has no {model_class.__name__} class for "
+                                    f"model_type {config.model_type!r}")
         if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
             raise BadInputError(f"{str(model_class)[:80]!r} is not a transformers model class")
-        return found
+        return _of_config(found, config, directory, "model_class")
+    base = transformers.AutoModel._model_mapping.get(type(config), None)
+    if base is None:
+        raise UnsupportedArchitectureError(f"transformers has no model class for model_type {config.model_type!r}")
+    names = set(names)
     architectures = getattr(config, "architectures", None)
     for name in architectures if isinstance(architectures, list) else []:
         if (found := _named_model_class(transformers, name)) is not None:
-            return found
-    try:
-        return transformers.AutoModel._model_mapping[type(config)]
-    except KeyError as e:
-        raise UnsupportedArchitectureError(f"transformers has no model class for model_type "
-                                           f"{config.model_type!r}") from e
+            cls = _of_config(found, config, directory, "architectures names")
+            if getattr(cls, "base_model_prefix", "") and cls is not base:
+                head = _head_names(cls, config)
+                if head and not head & names:
+                    return base
+            return cls
+    for auto in _HEAD_AUTO_CLASSES:
+        cls = getattr(transformers, auto)._model_mapping.get(type(config), None)
+        if cls is not None and cls is not base and _head_names(cls, config) <= names:
+            return cls
+    return base
 
 
 def _renamer(model: nn.Module):
@@ -558,50 +606,19 @@ def _short(names) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _follow_weights(transformers, config, cls: type, names) -> type:
-    """``cls``, or its base model class when the weights hold no task head (as ``AutoModel`` does).
-
-    A config may name a task class (``BertForMaskedLM``) while its weights are the bare base
-    model (sentence-transformers exports). Decided from the tensor names before the model is
-    built: the head is the task class's parameters outside its base model prefix that are not
-    tied to a base model weight (a tied LM head is held by the embedding it shares).
-    """
-    prefix = getattr(cls, "base_model_prefix", "") or ""
-    base = transformers.AutoModel._model_mapping.get(type(config), None)
-    if not prefix or base is None or cls is base:
-        return cls
-    with torch.device("meta"):  # names and ties only: no memory, no initialisation cost
-        task = cls(config)
-    inside = f"{prefix}."
-    tied = _tied_names(task)
-    _, ignore_missing = _ignored_patterns(task)
-    head = {n for n, _ in task.named_parameters(remove_duplicate=False)
-            if not n.startswith(inside) and not any(t.startswith(inside) for t in tied.get(n, ()))
-            and not (ignore_missing and ignore_missing.search(n))}
-    return base if head and not head & set(names) else cls
-
-
-def _weight_names(directory: Path) -> list[str]:
-    ckpt = open_checkpoint(directory)
-    try:
-        return ckpt.names()
-    finally:
-        ckpt.close()
-
-
 def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | None = None,
                     dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
                     device: torch.device | str = "cpu") -> nn.Module:
     """Load a ``compress`` output directory as a transformers model with collaborative attention.
 
-    Builds the model class named in ``config.json`` (``architectures``; else the ``AutoModel``
-    class of its ``model_type``), or its base model class when the weights hold no task head
-    (as ``AutoModel`` does: a sentence-transformers export names ``BertForMaskedLM`` but holds
-    the bare ``BertModel`` with its pooler), replaces every attention module listed in the manifest with
-    a collaborative one (an instance of the original attention class and of
-    :class:`~collabcompress.nn.CollaborativeAttention`), and loads every tensor of the
-    directory; a tensor the model does not take, or a model weight the directory lacks
-    (other than weights tied to a loaded one), is an error.
+    Builds the class :func:`_model_class` chooses (config.json's ``architectures``, or its base
+    model class when the weights hold no task head, as a sentence-transformers export that names
+    ``BertForMaskedLM`` but holds the bare ``BertModel``; without ``architectures``, the LM head
+    class whose head is in the weights or tied to them, else the base class), replaces every
+    attention module listed in the manifest with a collaborative one (an instance of the original
+    attention class and of :class:`~collabcompress.nn.CollaborativeAttention`), and loads every
+    tensor of the directory; a tensor the model does not take, or a model weight the directory
+    lacks (other than weights tied to a loaded one, under either name), is an error.
 
     Args:
         directory: output directory of ``collabcompress compress``.
@@ -626,46 +643,25 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     manifest = _mf.read(directory)
     family = loadable_family(manifest.source.architecture, directory)
     _read_config(directory)
-    if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
-        raise BadInputError(f"attn_implementation {attn_implementation!r} is not supported with collaborative "
-                            f"attention (query/key width differs from the value width); use "
-                            f"{' or '.join(_ATTN_IMPLEMENTATIONS)}")
     transformers = _transformers()
-    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **kw)
-    except unreadable_model_errors() as e:
-        raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
-    cls = _model_class(transformers, config, model_class)
-    manifest, out = _mf.open_output(directory)
+    dtype, device = _torch_dtype(dtype), _torch_device(device)
+    manifest, out = _mf.open_output(directory)  # every output file checked against its recorded hash
     try:
         tensors = _load_tensors(out)
     finally:
         out.close()
-    if model_class is None:
-        cls = _follow_weights(transformers, config, cls, tensors)
-    layers = manifest.layers
+    config = _auto_config(transformers, directory, attn_implementation)
+    if family.model_types and config.model_type not in family.model_types:
+        raise BadInputError(f"{directory / 'config.json'} has model_type {config.model_type!r}, but the manifest "
+                            f"records the {family.name} family ({', '.join(family.model_types)})")
+    cls = _model_class(transformers, config, model_class, tensors, directory)
     if dtype is None:
         dtype = _DTYPES.get(manifest.source.dtype) if manifest.source.dtype else None
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise BadInputError(f"unknown dtype {dtype!r}; choose {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    try:
-        with torch.device(device), _skip_init():
-            model = cls(config)
-        model.tie_weights()  # part of the initialisation transformers 5 skipped
-    except (ValueError, ImportError) as e:  # e.g. an attn_implementation the model class does not offer
-        raise BadInputError(f"transformers cannot build {cls.__name__} from {directory / 'config.json'}: "
-                            f"{str(e).splitlines()[0]}") from e
-    if dtype is not None:
-        model = model.to(dtype)
-    if model.config._attn_implementation not in _ATTN_IMPLEMENTATIONS:  # e.g. flash kernels from config.json
-        model.config._attn_implementation = "eager"
+    model = _build(cls, config, dtype, device, directory)
     rename = _renamer(model)
     plain_names = dict.fromkeys(model.state_dict(), True)
     memory_module: dict[str, str] = {}
-    for layer in layers:
+    for layer in manifest.layers:
         file_module = layer.module
         query_name = layer.removed[0] if layer.removed else f"{file_module}.query.weight"
         in_memory = rename(query_name, plain_names)
@@ -676,11 +672,114 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         memory_module[file_module] = mem
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
-        new = rotary_module(old, layer) if layer.rotary else _collaborative_module(old, layer, mem, family)
+        try:
+            new = rotary_module(old, layer) if layer.rotary else _collaborative_module(old, layer, mem, family)
+        except UnsupportedArchitectureError as e:  # the family was loadable: config.json contradicts the manifest
+            raise BadInputError(f"{directory / 'config.json'} (model_type {config.model_type!r}) does not build the "
+                                f"{family.name} family the manifest records: {e}") from e
         setattr(model.get_submodule(parent) if parent else model, child, new)
     _load_state(model, tensors, memory_module, rename, directory)
     _check_rotary_frequencies(model, directory)
     model.eval()
+    return model
+
+
+def load_model(directory: str | os.PathLike, *, model_class: type | str | None = None,
+               dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """Load a model directory, compressed or not, under the same rules as :func:`from_pretrained`.
+
+    An uncompressed directory (``config.json`` and safetensors weights) is read through
+    :mod:`collabcompress.io` and built as the class :func:`from_pretrained` would choose: every
+    weight of the model comes from the file or from a tie transformers documents (a tied LM head
+    stored as ``lm_head.weight`` alone is the embedding), and a weight missing or left over is an
+    error naming it, never a random initialisation. ``dtype`` defaults to the weights' own.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        BadInputError: unreadable files, weights that do not fit the model, bad ``dtype`` or
+            ``device``; MissingExtraError: transformers is not installed.
+    """
+    directory = Path(directory)
+    if is_compressed(directory):
+        return from_pretrained(directory, model_class=model_class, dtype=dtype,
+                               attn_implementation=attn_implementation, device=device)
+    transformers = _transformers()
+    dtype, device = _torch_dtype(dtype), _torch_device(device)
+    if not (directory / "config.json").is_file() and not (directory / "config.json").is_symlink():
+        raise BadInputError(f"{directory} has no config.json: a transformers model cannot be built from it")
+    ckpt = open_checkpoint(directory)
+    try:
+        tensors = _load_tensors(ckpt)
+    finally:
+        ckpt.close()
+    config = _auto_config(transformers, directory, attn_implementation)
+    cls = _model_class(transformers, config, model_class, tensors, directory)
+    if dtype is None:
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        dtype = max(set(floats), key=floats.count) if floats else None
+    model = _build(cls, config, dtype, device, directory)
+    _load_state(model, tensors, {}, _renamer(model), directory)
+    return model.eval()
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (``None``: the weights' own), refusing what a model cannot take."""
+    if dtype is None or dtype == "auto":
+        return None
+    found = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if found not in _DTYPES.values():
+        raise BadInputError(f"dtype {str(dtype)[:80]!r} is not supported; choose {', '.join(_DTYPES)} or 'auto'")
+    return found
+
+
+def _torch_device(device: Any) -> torch.device:
+    """``device`` as a torch device where weights can be loaded (not ``meta``), or a clear error."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise BadInputError(f"device {str(device)[:80]!r} is not a device: {str(e).splitlines()[0]}") from e
+    if found.type == "meta":
+        raise BadInputError("device 'meta' holds no weights; load on 'cpu' or 'cuda'")
+    if found.type != "cpu":
+        module = getattr(torch, found.type, None)
+        if module is None or not module.is_available():
+            raise BadInputError(f"device {str(found)!r} is not available on this machine")
+        if found.index is not None and found.index >= module.device_count():
+            raise BadInputError(f"device {str(found)!r} does not exist ({module.device_count()} available)")
+    return found
+
+
+def _auto_config(transformers, directory: Path, attn_implementation: str | None):
+    """transformers' config of ``directory``, read from a checked copy of its config.json."""
+    if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
+        raise BadInputError(f"attn_implementation {str(attn_implementation)[:40]!r} is not supported with "
+                            f"collaborative attention (query/key width differs from the value width); use "
+                            f"{' or '.join(_ATTN_IMPLEMENTATIONS)}")
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with staged(directory, ("config.json",)) as copy:
+        try:
+            return transformers.AutoConfig.from_pretrained(str(copy), local_files_only=True, **kw)
+        except unreadable_model_errors() as e:
+            message = str(e).splitlines()[0].replace(str(copy), str(directory)) if str(e) else type(e).__name__
+            raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {message}") from e
+
+
+def _build(cls: type, config, dtype: torch.dtype | None, device: torch.device, directory: Path) -> nn.Module:
+    """An instance of ``cls`` with its ties made and no random initialisation (every weight is loaded next)."""
+    try:
+        with torch.device(device), _skip_init():
+            model = cls(config)
+        model.tie_weights()  # part of the initialisation transformers 5 skipped
+    except (ValueError, ImportError, TypeError, AttributeError) as e:  # e.g. an attn_implementation the class lacks
+        raise BadInputError(f"transformers cannot build {cls.__name__} from {directory / 'config.json'}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if dtype is not None:
+        model = model.to(dtype)
+    if model.config._attn_implementation not in _ATTN_IMPLEMENTATIONS:  # e.g. flash kernels from config.json
+        model.config._attn_implementation = "eager"
     return model
 
 
@@ -775,11 +874,13 @@ def write_remote_code(directory: str | os.PathLike) -> Path:
     loadable_family(manifest.source.architecture, directory)
     config = _read_config(directory)
     transformers = _transformers()
+    cfg = _auto_config(transformers, directory, None)
+    out = open_checkpoint(directory)
     try:
-        cfg = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except unreadable_model_errors() as e:
-        raise BadInputError(f"transformers cannot read {directory / 'config.json'}: {e}") from e
-    base = _follow_weights(transformers, cfg, _model_class(transformers, cfg, None), _weight_names(directory)).__name__
+        names = out.names()
+    finally:
+        out.close()
+    base = _model_class(transformers, cfg, None, names, directory).__name__
     code = directory / REMOTE_CODE_NAME
     module = REMOTE_CODE_NAME.removesuffix(".py")
     try:

@@ -6,12 +6,16 @@ touching the data. Every failure a user can cause becomes a :class:`BadInputErro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import stat
 import struct
 import sys
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from .dtypes import to_torch
 from .errors import BadInputError
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "regular_file"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "regular_file", "staged"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
@@ -56,6 +60,30 @@ def regular_file(path: Path, root: Path | None = None, what: str = "file") -> Pa
         raise BadInputError(f"{what} {str(path)[:200]} is {kind}, not a regular file; collabcompress reads only "
                             "regular files")
     return resolved
+
+
+@contextlib.contextmanager
+def staged(directory: Path, names: Iterable[str]) -> Iterator[Path]:
+    """A private temporary directory holding copies of the files ``names`` of ``directory``
+    (those that exist), each checked by :func:`regular_file` inside ``directory`` first.
+
+    transformers opens config and tokenizer files itself, following symbolic links; given the
+    staged copies instead, it reads only what the reading rule let through.
+
+    Raises:
+        BadInputError: a file that is not regular or points outside ``directory``.
+    """
+    with tempfile.TemporaryDirectory(prefix="collabcompress-") as tmp:
+        for name in names:
+            path = directory / name
+            if not (path.exists() or path.is_symlink()):
+                continue
+            source = regular_file(path, directory, name)
+            try:
+                shutil.copyfile(source, Path(tmp) / name)
+            except OSError as e:
+                raise BadInputError(f"cannot read {path}: {e.strerror or e}") from e
+        yield Path(tmp)
 
 
 def read_json(path: Path, what: str, root: Path | None = None) -> Any:

@@ -448,11 +448,11 @@ class _NoTokenizer:
 def _load_models(original: Path, compressed: Path, device: torch.device):
     """(original model, compressed model): evaluate's loaders, one model type."""
     from . import hf
-    from .evaluate import _load_original, _quiet_transformers
+    from .evaluate import _quiet_transformers
 
     with _quiet_transformers():
         model = hf.from_pretrained(compressed, device=device)
-        reference = _load_original(original, type(model)).to(device)
+        reference = hf.load_model(original, model_class=type(model), device=device)
     if reference.config.model_type != model.config.model_type:
         raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
                             f"from a {model.config.model_type!r} model")

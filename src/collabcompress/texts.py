@@ -72,25 +72,36 @@ def lee_corpus(directory: str | os.PathLike | None = None) -> LeeCorpus | None:
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model", "tokenizer.model")
+# every file transformers' AutoTokenizer may open in a model directory (besides _TOKENIZER_FILES)
+_TOKENIZER_READS = _TOKENIZER_FILES + ("config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                                       "chat_template.jinja", "chat_template.json", "normalizer.json", "source.spm",
+                                       "target.spm", "bpe.codes", "prophetnet.tokenizer")
 
 
 def load_tokenizer(directories: Sequence[Path]):
     """The first tokenizer that loads from ``directories`` (GPT-2 style ones get a pad token).
 
+    Only regular files inside each directory are read (a link out of it is refused): the
+    tokenizer is built from checked copies (:func:`collabcompress.io.staged`).
+
     Raises:
-        BadInputError: none of them holds a usable tokenizer.
+        BadInputError: none of them holds a usable tokenizer, or one of its files points outside
+            its directory or is not a regular file.
     """
     from transformers import AutoTokenizer
 
+    from .io import staged
+
     errors = []
     for d in directories:
-        if not any((d / name).is_file() for name in _TOKENIZER_FILES):
+        if not any((d / name).is_file() or (d / name).is_symlink() for name in _TOKENIZER_FILES):
             continue
-        try:
-            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            errors.append(f"{d}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            continue
+        with staged(d, _TOKENIZER_READS) as copies:
+            try:
+                tok = AutoTokenizer.from_pretrained(str(copies), local_files_only=True)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                errors.append(f"{d}: {str(e).splitlines()[0].replace(str(copies), str(d)) if str(e) else type(e).__name__}")
+                continue
         if len(tok) <= len(tok.all_special_tokens) + 1:  # transformers 5 builds an empty one from nothing
             errors.append(f"{d}: the tokenizer has no vocabulary")
             continue
