@@ -1,0 +1,193 @@
+"""Inputs that are each well-formed but inconsistent must never give a broken model with exit 0.
+
+Refused with a one- or two-line message (exit 3), the inputs unchanged and nothing left behind:
+
+* calibration statistics whose values are finite but extreme (second moments near 1e300 or
+  1e-300, overflowing query energies, token ids beyond the vocabulary), and any new tensor
+  that would still come out NaN or Inf (checked before the output is renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from families import make_checkpoint  # noqa: E402
+from helpers import assert_clean_failure, digest, write_stats  # noqa: E402
+
+pytest.importorskip("transformers")
+
+LLAMA = "model.layers.{i}.self_attn"
+BERT = "encoder.layer.{i}.attention.self"
+PROPERTY = settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    """A tiny BERT (D = 32, 4 heads, 2 layers) with config.json; never modified."""
+    return make_checkpoint("bert", tmp_path_factory.mktemp("bert") / "bert")
+
+
+@pytest.fixture(scope="module")
+def bert_stats(bert, tmp_path_factory) -> Path:
+    return write_stats(bert, tmp_path_factory.mktemp("bert-stats") / "stats.safetensors", 2000)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _refused(cli, code: int, inputs: list[Path], args: list, *needles: str) -> str:
+    """Run the CLI; exit ``code`` with a clean message holding the needles, the inputs unchanged,
+    and nothing new beside the output (no output directory, no temporary one)."""
+    before = {p: digest(p) if p.is_dir() else _sha(p) for p in inputs}
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+    siblings = set(out.parent.iterdir()) if out is not None else set()
+    stderr = assert_clean_failure(cli(*args), code, *needles)
+    assert {p: digest(p) if p.is_dir() else _sha(p) for p in inputs} == before
+    if out is not None:
+        assert not out.exists() and set(out.parent.iterdir()) == siblings
+    return stderr
+
+
+def _tampered(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of the statistics file ``src`` with ``edit`` applied to its tensors (metadata kept)."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _new_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(directory / "model.safetensors")).items() if ".collab_" in k}
+
+
+# --------------------------------------------------------------------------- 1. statistics out of range
+
+def _scale(name: str, factor: float):
+    def edit(t):
+        t[name] = t[name] * factor
+    return edit
+
+
+def _fill(name: str, value: float):
+    def edit(t):
+        t[name] = torch.full_like(t[name], value)
+    return edit
+
+
+L0, B0 = LLAMA.format(i=0), BERT.format(i=0)
+EXTREME = {
+    "llama-second-1e300": ("llama", f"{L0}.second_moment", _scale(f"{L0}.second_moment", 1e300)),
+    "llama-second-1e150": ("llama", f"{L0}.second_moment", _scale(f"{L0}.second_moment", 1e150)),
+    "llama-second-1e-300": ("llama", f"{L0}.second_moment", _scale(f"{L0}.second_moment", 1e-300)),
+    "llama-mean-1e300": ("llama", f"{L0}.mean", _scale(f"{L0}.mean", 1e300)),
+    "llama-energy-1e300": ("llama", f"{L0}.query_energy", _scale(f"{L0}.query_energy", 1e300)),
+    "llama-energy-max": ("llama", f"{L0}.query_energy", _fill(f"{L0}.query_energy", 1.7e308)),
+    "bert-second-1e150": ("bert", f"{B0}.second_moment", _scale(f"{B0}.second_moment", 1e150)),
+    "bert-second-1e-300": ("bert", f"{B0}.second_moment", _scale(f"{B0}.second_moment", 1e-300)),
+}
+
+
+@pytest.mark.parametrize("case", EXTREME)
+def test_extreme_statistics_are_refused(cli, tmp_path, bert, bert_stats, rotary_stats, case):
+    family, tensor, edit = EXTREME[case]
+    model, stats = rotary_stats("llama") if family == "llama" else (bert, bert_stats)
+    bad = _tampered(stats, tmp_path / "stats.safetensors", edit)
+    rank = "4" if family == "llama" else "8"
+    _refused(cli, 3, [model, bad], ["compress", model, "--out", tmp_path / "out", "--rank", rank,
+                                    "--calibration", bad], "stats.safetensors", tensor)
+
+
+@PROPERTY
+@given(exponent=st.integers(-320, 308), dtype=st.sampled_from(["auto", "float16"]))
+@example(exponent=0, dtype="auto")
+@example(exponent=-11, dtype="float16")
+def test_statistics_at_any_scale_give_a_finite_model_or_a_clean_refusal(cli, tmp_path, bert, bert_stats,
+                                                                        exponent, dtype):
+    """Scaling the moments by 10**exponent (the mean by its square root) never writes NaN or Inf:
+    compress exits 0 with finite new tensors, or 3 with nothing written; ordinary scales work."""
+    factor = 10.0 ** exponent
+
+    def edit(t):
+        for name in list(t):
+            t[name] = t[name] * (factor if name.endswith("second_moment") else math.sqrt(factor))
+
+    stats = _tampered(bert_stats, tmp_path / f"stats{exponent}.safetensors", edit)
+    out = tmp_path / f"out{exponent}{dtype}"
+    result = cli("compress", bert, "--out", out, "--rank", "8", "--calibration", stats, "--dtype", dtype)
+    if result.exit_code == 0:
+        assert all(bool(torch.isfinite(t.float()).all()) for t in _new_tensors(out).values())
+        shutil.rmtree(out)
+    else:
+        assert_clean_failure(result, 3)
+        assert not out.exists()
+    if abs(exponent) <= 4:
+        assert result.exit_code == 0, result.stderr
+
+
+def test_non_finite_new_tensor_is_never_written(cli, tmp_path, bert, bert_stats):
+    """Statistics within bounds but small (mean square input 1e-11) make the whitened factors too
+    large for float16: refused before the output is renamed into place, naming the tensor."""
+    stats = _tampered(bert_stats, tmp_path / "small.safetensors",
+                      lambda t: t.update({k: v * (1e-11 if k.endswith("second_moment") else math.sqrt(1e-11))
+                                          for k, v in t.items()}))
+    stderr = _refused(cli, 3, [bert, stats], ["compress", bert, "--out", tmp_path / "out", "--rank", "8",
+                                              "--calibration", stats, "--dtype", "float16"],
+                      "NaN or Inf", ".collab_", "float16", "small.safetensors")
+    assert "nothing was written" in stderr
+
+
+def _kept_window_id(value: int):
+    """input_ids[0, 0] and the same token of its window in window_ids set to ``value``."""
+    def edit(t):
+        kept = int(t["kept_windows"][0])
+        t["input_ids"], t["window_ids"] = t["input_ids"].clone(), t["window_ids"].clone()
+        t["input_ids"][0, 0] = value
+        t["window_ids"][kept, 0] = value
+    return edit
+
+
+def _unkept_window_id(value: int):
+    def edit(t):
+        kept = set(t["kept_windows"].tolist())
+        free = next(w for w in range(t["window_ids"].shape[0]) if w not in kept)
+        t["window_ids"] = t["window_ids"].clone()
+        t["window_ids"][free, 0] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,option,tensor", [
+    (_kept_window_id(10 ** 6), ["--heal-steps", "1", "--rank", "4"], "input_ids"),
+    (_kept_window_id(64), ["--budget", "0.5"], "input_ids"),
+    (_unkept_window_id(10 ** 6), ["--heal-steps", "1", "--rank", "4"], "window_ids"),
+], ids=["heal-kept", "budget-kept-vocab-size", "heal-unkept"])
+def test_token_ids_beyond_the_vocabulary_are_bad_input(cli, tmp_path, rotary_stats, edit, option, tensor):
+    model, stats = rotary_stats("llama")
+    bad = _tampered(stats, tmp_path / "stats.safetensors", edit)
+    _refused(cli, 3, [model, bad], ["compress", model, "--out", tmp_path / "out", "--calibration", bad, *option],
+             tensor, "vocab_size 64", "stats.safetensors")
+
+
+def test_consistent_inputs_still_work(cli, tmp_path, rotary_stats):
+    """The checks refuse nothing real: the calibrated tiny llama compresses with every new tensor finite."""
+    model, stats = rotary_stats("llama")
+    result = cli("compress", model, "--out", tmp_path / "out", "--rank", "4", "--calibration", stats)
+    assert result.exit_code == 0, result.stderr
+    assert all(bool(torch.isfinite(t).all()) for t in _new_tensors(tmp_path / "out").values())
