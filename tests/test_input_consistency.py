@@ -1,15 +1,21 @@
 """Inputs that are each well-formed but inconsistent must never give a broken model with exit 0.
 
-Refused with a one- or two-line message (exit 3), the inputs unchanged and nothing left behind:
+Refused with a one- or two-line message (exit 3, or 4 for an unknown rope type), the inputs
+unchanged and nothing left behind:
 
 * calibration statistics whose values are finite but extreme (second moments near 1e300 or
   1e-300, overflowing query energies, token ids beyond the vocabulary), and any new tensor
-  that would still come out NaN or Inf (checked before the output is renamed into place).
+  that would still come out NaN or Inf (checked before the output is renamed into place);
+* a config.json that contradicts the weights (layer count, width, q/k biases, a layer with a
+  query but no key weight) or gives unusable rotary settings, refused by ``analyze``,
+  ``compress`` and ``calibrate`` before any work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -27,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from families import make_checkpoint  # noqa: E402
 from helpers import assert_clean_failure, digest, write_stats  # noqa: E402
+
+from collabcompress.arch import detect  # noqa: E402
+from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
+from collabcompress.io import open_checkpoint  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -191,3 +201,140 @@ def test_consistent_inputs_still_work(cli, tmp_path, rotary_stats):
     result = cli("compress", model, "--out", tmp_path / "out", "--rank", "4", "--calibration", stats)
     assert result.exit_code == 0, result.stderr
     assert all(bool(torch.isfinite(t).all()) for t in _new_tensors(tmp_path / "out").values())
+
+
+# --------------------------------------------------------------------------- 2. config against weights
+
+def _variant(src: Path, dst: Path, config: Callable[[dict], None] | None = None,
+             weights: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Path:
+    """A copy of the model directory ``src`` with its config.json and/or weights edited."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    if weights is not None:
+        tensors = load_file(str(dst / "model.safetensors"))
+        weights(tensors)
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _set(**values):
+    return lambda cfg: cfg.update(values)
+
+
+def _rope(**values):
+    return lambda cfg: cfg["rope_parameters"].update(values)
+
+
+def _drop(name: str):
+    return lambda t: t.pop(name)
+
+
+def _qk_biases(t: dict[str, torch.Tensor]) -> None:
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        for p in "qk":
+            w = t[f"{LLAMA.format(i=i)}.{p}_proj.weight"]
+            t[f"{LLAMA.format(i=i)}.{p}_proj.bias"] = 0.2 * torch.randn(w.shape[0], generator=g)
+
+
+# name -> (fixture, config edit, weights edit, exit code, needles)
+CONTRADICTIONS = {
+    "llama-layers-3": ("llama", _set(num_hidden_layers=3), None, 3, ["num_hidden_layers", "q_proj.weight"]),
+    "llama-layers-1": ("llama", _set(num_hidden_layers=1), None, 3, ["num_hidden_layers", "q_proj.weight"]),
+    "llama-layers-string": ("llama", _set(num_hidden_layers="2"), None, 3, ["num_hidden_layers", "positive integer"]),
+    "llama-hidden-size": ("llama", _set(hidden_size=48), None, 3, ["hidden_size", f"{L0}.q_proj.weight"]),
+    "llama-no-k_proj-layer-1": ("llama", None, _drop(f"{LLAMA.format(i=1)}.k_proj.weight"), 3,
+                                [f"{LLAMA.format(i=1)}.q_proj.weight", f"{LLAMA.format(i=1)}.k_proj.weight"]),
+    "llama-no-k_proj-layer-0": ("llama", None, _drop(f"{L0}.k_proj.weight"), 3, [f"{L0}.k_proj.weight"]),
+    "llama-no-q_proj-layer-1": ("llama", None, _drop(f"{LLAMA.format(i=1)}.q_proj.weight"), 3,
+                                [f"{LLAMA.format(i=1)}.q_proj.weight"]),
+    "llama-biases-without-attention_bias": ("llama", None, _qk_biases, 3, ["attention_bias", f"{L0}.q_proj.bias"]),
+    "mistral-biases": ("mistral", None, _qk_biases, 3, ["mistral", f"{L0}.q_proj.bias"]),
+    "rope_theta-string": ("llama", _rope(rope_theta="10000"), None, 3, ["rope_parameters.rope_theta", "10000"]),
+    "rope_theta-nan": ("llama", _rope(rope_theta=math.nan), None, 3, ["rope_parameters.rope_theta", "NaN"]),
+    "rope_theta-top-level-string": ("llama", _set(rope_theta="10000"), None, 3, ["rope_theta", "10000"]),
+    "rope_scaling-factor-string": ("llama", _set(rope_scaling={"rope_type": "linear", "factor": "2.0"}), None, 3,
+                                   ["rope_scaling.factor", "2.0"]),
+    "partial_rotary_factor-string": ("llama", _rope(partial_rotary_factor="0.5"), None, 3,
+                                     ["partial_rotary_factor", "0.5"]),
+    "rope-type-made-up": ("llama", _rope(rope_type="made-up"), None, 4, ["rope type", "made-up"]),
+    "rope_scaling-type-made-up": ("llama", _set(rope_scaling={"type": "made-up", "factor": 2.0}), None, 4,
+                                  ["made-up"]),
+    "bert-layers-3": ("bert", _set(num_hidden_layers=3), None, 3, ["num_hidden_layers", "query.weight"]),
+    "bert-hidden-size": ("bert", _set(hidden_size=48), None, 3, ["hidden_size", f"{B0}.query.weight"]),
+    "bert-no-key-layer-1": ("bert", None, _drop(f"{BERT.format(i=1)}.key.weight"), 3,
+                            [f"{BERT.format(i=1)}.key.weight"]),
+    "bert-no-query-layer-1": ("bert", None, _drop(f"{BERT.format(i=1)}.query.weight"), 3,
+                              [f"{BERT.format(i=1)}.query.weight"]),
+}
+
+
+@pytest.fixture(scope="module")
+def contradictions(tmp_path_factory, bert, rotary_checkpoints) -> dict[str, Path]:
+    """Every checkpoint of CONTRADICTIONS, built once; never modified."""
+    root = tmp_path_factory.mktemp("contradictions")
+    sources = {"bert": bert, **rotary_checkpoints}
+    return {name: _variant(sources[src], root / name, config, weights)
+            for name, (src, config, weights, _, _) in CONTRADICTIONS.items()}
+
+
+@pytest.mark.parametrize("command", ["analyze", "compress", "calibrate"])
+@pytest.mark.parametrize("case", CONTRADICTIONS)
+def test_config_contradicting_the_weights_is_refused_before_any_work(cli, tmp_path, contradictions, case, command):
+    model, (_, _, _, code, needles) = contradictions[case], CONTRADICTIONS[case]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a short text\n", encoding="utf-8")
+    args = {"analyze": ["analyze", model],
+            "compress": ["compress", model, "--out", tmp_path / "out", "--rank", "4"],
+            "calibrate": ["calibrate", model, "--texts", texts, "--out", tmp_path / "out"]}[command]
+    _refused(cli, code, [model, texts], args, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def _with_config(ckpt, change: Callable[[dict], None]):
+    cfg = json.loads(json.dumps(ckpt.config))
+    change(cfg)
+    return dataclasses.replace(ckpt, config=cfg)
+
+
+_JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 2 ** 70), st.floats(allow_nan=True),
+                         st.text(max_size=6), st.lists(st.integers(0, 3), max_size=2))
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and v > 0
+
+
+@settings(PROPERTY, max_examples=150)
+@given(field=st.sampled_from(["num_hidden_layers", "hidden_size", "rope_theta", "factor", "partial_rotary_factor"]),
+       value=_JSON_VALUES)
+@example(field="num_hidden_layers", value=2)
+@example(field="hidden_size", value=32)
+@example(field="rope_theta", value=500000.0)
+@example(field="partial_rotary_factor", value=0.5)
+def test_any_config_value_is_accepted_only_when_consistent(rotary_checkpoints, field, value):
+    """Property over detect (what analyze, compress and calibrate run first): a config value is
+    accepted exactly when it agrees with the weights (2 layers, width 32) or is a usable rotary
+    setting; anything else is a CollabError (a partial rotary factor below 1: unsupported)."""
+    ckpt = open_checkpoint(rotary_checkpoints["llama"])
+    if field in ("num_hidden_layers", "hidden_size"):
+        change, good = _set(**{field: value}), value is None or (
+            type(value) is int and value == {"num_hidden_layers": 2, "hidden_size": 32}[field])
+    elif field == "factor":
+        change = _set(rope_scaling={"rope_type": "linear", "factor": value})
+        good = value is None or _positive(value)
+    else:
+        change, good = _rope(**{field: value}), value is None or (
+            _positive(value) and (field != "partial_rotary_factor" or value <= 1))
+    try:
+        specs = detect(_with_config(ckpt, change))
+    except UnsupportedArchitectureError:
+        assert field == "partial_rotary_factor" and good and value < 1
+    except BadInputError:
+        assert not good, value
+    else:
+        assert good and len(specs) == 2, value
+        assert field != "partial_rotary_factor" or value is None or value == 1
