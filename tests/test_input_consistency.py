@@ -1,14 +1,15 @@
 """Inputs that are each well-formed but inconsistent must never give a broken model with exit 0.
 
-Refused with a one- or two-line message (exit 3, or 4 for an unknown rope type), the inputs
-unchanged and nothing left behind:
+Three classes, each refused with a one- or two-line message (exit 3, or 4 for an unknown rope
+type), the inputs unchanged and nothing left behind:
 
 * calibration statistics whose values are finite but extreme (second moments near 1e300 or
   1e-300, overflowing query energies, token ids beyond the vocabulary), and any new tensor
   that would still come out NaN or Inf (checked before the output is renamed into place);
 * a config.json that contradicts the weights (layer count, width, q/k biases, a layer with a
   query but no key weight) or gives unusable rotary settings, refused by ``analyze``,
-  ``compress`` and ``calibrate`` before any work.
+  ``compress`` and ``calibrate`` before any work;
+* numbers too long for Python's ``int`` (``--layers 0,99...9``, tensor names), exit 3 not 1.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from families import make_checkpoint  # noqa: E402
 from helpers import assert_clean_failure, digest, write_stats  # noqa: E402
 
 from collabcompress.arch import detect  # noqa: E402
+from collabcompress.compress import parse_layers  # noqa: E402
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
 from collabcompress.io import open_checkpoint  # noqa: E402
 
@@ -42,6 +44,7 @@ pytest.importorskip("transformers")
 
 LLAMA = "model.layers.{i}.self_attn"
 BERT = "encoder.layer.{i}.attention.self"
+HUGE = "9" * 5000  # more digits than Python's int() converts
 PROPERTY = settings(max_examples=25, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -338,3 +341,38 @@ def test_any_config_value_is_accepted_only_when_consistent(rotary_checkpoints, f
     else:
         assert good and len(specs) == 2, value
         assert field != "partial_rotary_factor" or value is None or value == 1
+
+
+# --------------------------------------------------------------------------- 3. numbers too long for int()
+
+@pytest.mark.parametrize("layers", [f"0,{HUGE}", f"0-{HUGE}", HUGE, f"{'0' * 5000}1"])
+def test_layers_with_huge_numbers_are_bad_input(cli, tmp_path, bert, layers):
+    args = ["compress", bert, "--out", tmp_path / "out", "--rank", "8", "--layers", layers]
+    if layers.endswith("01"):  # leading zeros only: layer 1
+        result = cli(*args)
+        assert result.exit_code == 0, result.stderr
+        assert json.loads((tmp_path / "out" / "collab_manifest.json").read_text())["layers"][0]["index"] == 1
+        return
+    stderr = _refused(cli, 3, [bert], args, "--layers", "attention layers 0 to 1")
+    assert len(stderr) < 300
+
+
+@settings(PROPERTY, max_examples=300)
+@given(text=st.one_of(st.text(alphabet="0123456789,- ", max_size=30),
+                      st.lists(st.sampled_from(["0", "1", "5", HUGE, "-", ",", "00"]), max_size=6).map("".join)),
+       n_layers=st.integers(1, 12))
+def test_any_layers_spec_parses_or_is_bad_input(text, n_layers):
+    try:
+        chosen = parse_layers(text, n_layers)
+    except BadInputError as e:
+        assert len(str(e)) < 200
+    else:
+        assert chosen <= set(range(n_layers))
+
+
+def test_tensor_name_with_a_huge_number_is_bad_input(cli, tmp_path, bert):
+    model = _variant(bert, tmp_path / "model", weights=lambda t: t.update(
+        {k.replace("encoder.layer.1.", f"encoder.layer.{HUGE}."): t.pop(k) for k in list(t)
+         if k.startswith("encoder.layer.1.")}))
+    _refused(cli, 3, [model], ["analyze", model], "5000 digits")
+    _refused(cli, 3, [model], ["compress", model, "--out", tmp_path / "out", "--rank", "8"], "5000 digits")

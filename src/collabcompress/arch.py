@@ -40,6 +40,7 @@ _ROPE_POSITIVE = ("rope_theta", "factor", "partial_rotary_factor", "original_max
 _ROPE_LISTS = ("short_factor", "long_factor")
 # rope types known without importing transformers; any other is looked up in transformers' table
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+_MAX_LAYER_DIGITS = 9  # a longer number in a module name is damage, not a layer index (int() refuses > 4300)
 _QK_NORM = re.compile(r"(?:^|\.)(?:q_norm|k_norm|query_norm|key_norm|q_layernorm|k_layernorm)(?:\.|$)")
 
 
@@ -242,6 +243,16 @@ def _short(name: str) -> str:
     return name if len(name) <= 100 else f"{name[:60]}...{name[-30:]}"
 
 
+def _check_layer_numbers(found: list[tuple[str, str]]) -> None:
+    """Refuse module names with absurdly long numbers: no model has a billion layers, and
+    Python refuses to convert numbers of more than 4,300 digits."""
+    for module, qname in found:
+        run = max(re.findall(r"\d+", module), key=len, default="")
+        if len(run) > _MAX_LAYER_DIGITS:
+            raise BadInputError(f"tensor {_short(qname)}: its name holds a number of {len(run)} digits, not a "
+                                "layer index; the checkpoint is damaged")
+
+
 def _incomplete(family: Family, names: list[str]) -> tuple[str, str] | None:
     """(a query or key weight, its missing counterpart) of a module holding only one of the two."""
     if family.key_pattern is None:
@@ -442,6 +453,7 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
     if kv_heads is not None and kv_heads < 1:
         raise BadInputError(f"--kv-heads must be a positive integer, got {kv_heads}")
     family, found = _detect_family(names, arch, rotary, whole_model)
+    _check_layer_numbers(found)
     name_set = set(names)
     specs = []
     for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0], family))):

@@ -109,15 +109,19 @@ def parse_layers(spec: str | None, n_layers: int) -> set[int]:
     """``"0,2,4-5"`` -> {0, 2, 4, 5}; ``None`` -> every layer."""
     if spec is None:
         return set(range(n_layers))
+    shown = repr(spec if len(spec) <= 40 else f"{spec[:40]}...")
     chosen: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not m:
-            raise BadInputError(f"--layers {spec!r}: expected indices and ranges like 0,2,4-5")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            raise BadInputError(f"--layers {shown}: expected indices and ranges like 0,2,4-5")
+        lo_text, hi_text = (g.lstrip("0") or "0" for g in m.groups(m.group(1)))
+        if max(len(lo_text), len(hi_text)) > 9:  # out of range, and int() refuses numbers of > 4,300 digits
+            raise BadInputError(f"--layers {shown}: the model has attention layers 0 to {n_layers - 1}")
+        lo, hi = int(lo_text), int(hi_text)
         if lo > hi or hi >= n_layers:
-            raise BadInputError(f"--layers {spec!r}: the model has attention layers 0 to {n_layers - 1}")
+            raise BadInputError(f"--layers {shown}: the model has attention layers 0 to {n_layers - 1}")
         chosen.update(range(lo, hi + 1))
     return chosen
 
