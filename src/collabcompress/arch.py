@@ -9,6 +9,7 @@ head are refused with the reason.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,16 @@ _ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "
                 "rotary_emb_fraction", "partial_rotary_factor")
 _INTERLEAVE_KEYS = ("rope_interleave", "rope_interleaved", "rotary_interleave", "rotary_interleaved",
                     "interleaved_rope")
+# Numeric rotary settings (top level, in rope_parameters or rope_scaling): finite numbers, the
+# first four positive; transformers would otherwise compute NaN or nonsense frequencies.
+_ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
+                 "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim")
+_ROPE_POSITIVE = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings")
+_ROPE_LISTS = ("short_factor", "long_factor")
+# rope types known without importing transformers; any other is looked up in transformers' table
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+_MAX_LAYER_DIGITS = 9  # a longer number in a module name is damage, not a layer index (int() refuses > 4300)
 _QK_NORM = re.compile(r"(?:^|\.)(?:q_norm|k_norm|query_norm|key_norm|q_layernorm|k_layernorm)(?:\.|$)")
 
 
@@ -177,43 +188,200 @@ def _looks_rotary(names: list[str]) -> bool:
     return any((m := _LLAMA_SIBLINGS.match(n)) and m.group("layer") in with_query for n in names)
 
 
+def _config_section(config: dict[str, Any], family: Family, module: str) -> tuple[str, dict[str, Any]]:
+    """The part of config.json that describes ``module``: CLIP/Owl-style composite configs give
+    each tower a sub-config; timm's ``model_args`` overrides the top level. Returns
+    (its name as a prefix for messages, e.g. ``"text_config."``, the settings)."""
+    label, cfg = "", config
+    for tower, sub in (("text_model", "text_config"), ("vision_model", "vision_config")):
+        if (module.startswith(tower) or f".{tower}." in f".{module}") and isinstance(config.get(sub), dict):
+            label, cfg = f"{sub}.", config[sub]
+    if family.config_section is not None and isinstance(cfg.get(family.config_section), dict):
+        cfg = {**cfg, **cfg[family.config_section]}
+    return label, cfg
+
+
+def _side_keys(keys: tuple[str, str] | None, module: str) -> tuple[str, ...]:
+    """The (encoder, decoder) key that applies to ``module``, or none."""
+    if keys is None:
+        return ()
+    return (keys[1] if re.search(r"(?:^|\.)decoder\.", module) else keys[0],)
+
+
+def _config_int(cfg: dict[str, Any], keys: tuple[str, ...], label: str = "",
+                hint: str = "fix config.json") -> tuple[str, int] | None:
+    """(key, value) of the first of ``keys`` that ``cfg`` holds, or ``None``; a value that is not
+    a positive integer below 2**63 is refused, naming ``label + key``."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2 ** 63:
+            shown = json.dumps(value)[:40] if not isinstance(value, int) or value < 2 ** 63 else "a huge number"
+            raise BadInputError(f"config.json gives {label}{key} = {shown}, not a positive integer; {hint}")
+        return key, value
+    return None
+
+
 def _config_heads(config: dict[str, Any] | None, family: Family, module: str) -> int | None:
     if not config:
         return None
-    cfg = config
-    # CLIP/Owl-style composite configs: the sub-config named after the tower.
-    for tower, sub in (("text_model", "text_config"), ("vision_model", "vision_config")):
-        if module.startswith(tower) or f".{tower}." in f".{module}":
-            if isinstance(config.get(sub), dict):
-                cfg = config[sub]
-    if family.side_head_keys is not None:
-        decoder = re.search(r"(?:^|\.)decoder\.", module) is not None
-        side = family.side_head_keys[1] if decoder else family.side_head_keys[0]
-        if (n := _head_count(cfg, side)) is not None:
-            return n
-    if family.config_section is not None and isinstance(cfg.get(family.config_section), dict):
-        cfg = {**cfg, **cfg[family.config_section]}
-    for key in family.head_keys:
-        if (n := _head_count(cfg, key)) is not None:
-            return n
-    return None
+    label, cfg = _config_section(config, family, module)
+    found = _config_int(cfg, (*_side_keys(family.side_head_keys, module), *family.head_keys), label,
+                        "fix config.json or pass --heads N")
+    return None if found is None else found[1]
 
 
 def _head_count(cfg: dict[str, Any], key: str) -> int | None:
     """``cfg[key]`` as a head count; ``None`` when absent; a value that is not a positive integer is refused."""
-    value = cfg.get(key)
-    if value is None:
+    found = _config_int(cfg, (key,), hint="fix config.json or pass --heads N")
+    return None if found is None else found[1]
+
+
+def _short(name: str) -> str:
+    """A tensor name shortened for a one-line message."""
+    return name if len(name) <= 100 else f"{name[:60]}...{name[-30:]}"
+
+
+def _check_layer_numbers(found: list[tuple[str, str]]) -> None:
+    """Refuse module names with absurdly long numbers: no model has a billion layers, and
+    Python refuses to convert numbers of more than 4,300 digits."""
+    for module, qname in found:
+        run = max(re.findall(r"\d+", module), key=len, default="")
+        if len(run) > _MAX_LAYER_DIGITS:
+            raise BadInputError(f"tensor {_short(qname)}: its name holds a number of {len(run)} digits, not a "
+                                "layer index; the checkpoint is damaged")
+
+
+def _incomplete(family: Family, names: list[str]) -> tuple[str, str] | None:
+    """(a query or key weight, its missing counterpart) of a module holding only one of the two."""
+    if family.key_pattern is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInputError(f"config.json gives {key} = {json.dumps(value)[:40]}, not a positive integer head count; "
-                            "fix config.json or pass --heads N")
-    return value
+    name_set = set(names)
+    for n in names:
+        for pattern, other in ((family.pattern, family.key), (family.key_pattern, family.query)):
+            if (m := pattern.match(n)) and f"{m.group('m')}.{other}.weight" not in name_set:
+                return n, f"{m.group('m')}.{other}.weight"
+    return None
 
 
-def _detect_family(names: list[str], arch: str | None,
-                   rotary: Family | None = None) -> tuple[Family, list[tuple[str, str]]]:
+def _refuse_incomplete(family: Family, names: list[str]) -> None:
+    if (pair := _incomplete(family, names)) is not None:
+        raise BadInputError(f"{_short(pair[0])} has no matching {_short(pair[1])}: its layer cannot be compressed; "
+                            "the checkpoint is incomplete")
+
+
+def _number(value: Any) -> bool:
+    """A finite real number (not a bool, not a string), as float() sees it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _rope_places(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Where rotary settings live: the top level, ``rope_parameters`` and ``rope_scaling`` (and
+    their per-layer-type sub-dicts), each with its name as a prefix for messages."""
+    places = [("", cfg)]
+    for key in ("rope_parameters", "rope_scaling"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise BadInputError(f"config.json gives {key} = {json.dumps(value)[:40]}, not an object; fix config.json")
+        places.append((f"{key}.", value))
+        places += [(f"{key}.{k}.", v) for k, v in value.items() if isinstance(v, dict)]
+    return places
+
+
+def _check_rope_settings(config: dict[str, Any] | None) -> None:
+    """Refuse rotary settings transformers would turn into wrong frequencies: a numeric setting
+    that is not a finite number (``"10000"``, NaN) or not positive, a ``partial_rotary_factor``
+    above 1 (exit 3), and a rope type transformers does not know (exit 4)."""
+    for where, place in _rope_places(config or {}):
+        for key in (*_ROPE_NUMBERS, *_ROPE_LISTS):
+            value = place.get(key)
+            if value is None:
+                continue
+            if key in _ROPE_LISTS:
+                ok = isinstance(value, list) and bool(value) and all(_number(v) and v > 0 for v in value)
+            else:
+                ok = _number(value) and (key not in _ROPE_POSITIVE or value > 0)
+                ok = ok and (key != "partial_rotary_factor" or value <= 1)
+            if not ok:
+                want = {"partial_rotary_factor": "a number in (0, 1]"}.get(
+                    key, "a list of positive numbers" if key in _ROPE_LISTS else
+                    "a positive finite number" if key in _ROPE_POSITIVE else "a finite number")
+                raise BadInputError(f"config.json gives {where}{key} = {json.dumps(value)[:40]}, not {want}; "
+                                    "fix config.json")
+        if not where:
+            continue
+        kind = place.get("rope_type", place.get("type"))
+        if kind is None or kind in _ROPE_TYPES:
+            continue
+        if not isinstance(kind, str):
+            raise BadInputError(f"config.json gives {where}rope_type = {json.dumps(kind)[:40]}, not a name; "
+                                "fix config.json")
+        known = _transformers_rope_types()
+        if kind not in known:
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture: rope type {kind[:40]!r} ({where}rope_type in config.json) is not one "
+                f"transformers knows; known: {', '.join(sorted(known))}")
+
+
+def _transformers_rope_types() -> set[str]:
+    """The rope types of the installed transformers' rope initialisation (only :data:`_ROPE_TYPES`
+    without it), imported only for a type outside those."""
+    try:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    except ImportError:
+        return set(_ROPE_TYPES)
+    return set(_ROPE_TYPES) | set(ROPE_INIT_FUNCTIONS)
+
+
+def _check_against_config(config: dict[str, Any] | None, family: Family, specs: list[AttentionSpec],
+                          whole_model: bool) -> None:
+    """Refuse a config.json that contradicts the weights: the input width D, the number of layers
+    (``whole_model``: the checkpoint holds every layer) and, for the rotary families, q/k biases
+    that transformers' attention class would not load."""
+    if not config:
+        return
+    # transformers builds the class of config.json's model_type, whatever --arch says
+    bias_rule = (family_of_model_type(config.get("model_type")) or family).attention_bias if family.rotary else None
+    layers: dict[tuple[str, str, int], list[AttentionSpec]] = {}
+    for spec in specs:
+        label, cfg = _config_section(config, family, spec.module)
+        width = _config_int(cfg, family.width_keys, label)
+        if width is not None and width[1] != spec.d_model:
+            raise BadInputError(f"config.json gives {label}{width[0]} = {width[1]}, but {_short(spec.query)} takes "
+                                f"inputs of width {spec.d_model}; the config and the weights are of different models")
+        bias = spec.query_bias or spec.key_bias
+        if bias and bias_rule is False:
+            raise BadInputError(f"the weights hold {_short(bias)}, but {config.get('model_type') or family.name} "
+                                "attention has no query/key biases: transformers would ignore them")
+        if bias and isinstance(bias_rule, str) and cfg.get(bias_rule) is not True:
+            raise BadInputError(f"the weights hold {_short(bias)}, but config.json gives {label}{bias_rule} = "
+                                f"{json.dumps(cfg.get(bias_rule))[:20]}: transformers would ignore the biases; "
+                                "set it to true")
+        if whole_model and not family.is_cross(spec.module):
+            keys = (*_side_keys(family.side_layer_keys, spec.module), *family.layer_keys)
+            if (found := _config_int(cfg, keys, label)) is not None:
+                layers.setdefault((label, *found), []).append(spec)
+    for (label, key, count), group in layers.items():
+        if count != len(group):
+            raise BadInputError(f"config.json gives {label}{key} = {count}, but the weights hold {len(group)} "
+                                f"attention layers ({_short(group[0].query)} to {_short(group[-1].query)}); "
+                                "the config and the weights are of different models")
+
+
+def _detect_family(names: list[str], arch: str | None, rotary: Family | None = None,
+                   whole_model: bool = True) -> tuple[Family, list[tuple[str, str]]]:
     """-> (family, [(module prefix, query weight name)]). Rotary families are tried only when
-    the checkpoint was found rotary (``rotary``): BART-style names look alike."""
+    the checkpoint was found rotary (``rotary``): BART-style names look alike. With
+    ``whole_model``, a module of the family holding its query weight without its key weight
+    (or the reverse) is refused rather than left out."""
     if rotary is not None:
         candidates = [rotary]
     elif arch is not None:
@@ -230,6 +398,8 @@ def _detect_family(names: list[str], arch: str | None,
             found = [(m, n) for m, n in found if f"{m}.{family.key}.weight" in names]
         if found and (best is None or len(found) > len(best[1])):
             best = (family, found)
+    if whole_model and (best is not None or len(candidates) == 1):
+        _refuse_incomplete(best[0] if best is not None else candidates[0], names)
     if best is None:
         if arch is not None or rotary is not None:
             raise BadInputError(f"no attention tensors of family {candidates[0].name!r} found (expected names like "
@@ -241,7 +411,7 @@ def _detect_family(names: list[str], arch: str | None,
 
 
 def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = None,
-           kv_heads: int | None = None) -> list[AttentionSpec]:
+           kv_heads: int | None = None, whole_model: bool = True) -> list[AttentionSpec]:
     """Find every attention module of ``ckpt`` that the tool can compress.
 
     Args:
@@ -251,6 +421,9 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
         kv_heads: key/value head count of a rotary family (``--kv-heads``), else from
             ``config.json`` (``num_key_value_heads``, default the head count), else from the
             key rows; a value that contradicts the key rows is refused.
+        whole_model: ``ckpt`` holds the whole model, so every layer config.json counts must be
+            there with both its query and key weights; ``False`` for a part of a model (the
+            uncompressed layers of a ``compress --layers`` output).
 
     Returns:
         One :class:`AttentionSpec` per module, encoder before decoder, in layer order.
@@ -259,13 +432,17 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
         UnsupportedArchitectureError: rotary or grouped-query outside the rotary families, q/k-norm,
             partial or interleaved rotary, or an unknown family.
         BadInputError: no head count, a head count that does not divide the width,
-            inconsistent shapes, non-float weights, an already compressed checkpoint.
+            inconsistent shapes, non-float weights, an already compressed checkpoint, a layer
+            with a query but no key weight (or the reverse), a config.json that contradicts
+            the weights (layer count, width, biases) or gives unusable rotary settings.
     """
     names = ckpt.names()
     if any(n.endswith(COLLAB_SUFFIXES) for n in names):
         raise BadInputError(f"{ckpt.path} is already compressed by collabcompress (it holds collab_* tensors); "
                             "use the original checkpoint")
     rotary = _rotary_family(names, ckpt.config, arch)
+    if rotary is not None:
+        _check_rope_settings(ckpt.config)
     reasons = _refusal_reasons(names, ckpt.config, rotary)
     if reasons:
         model_type = (ckpt.config or {}).get("model_type")
@@ -275,12 +452,14 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
         raise BadInputError(f"--heads must be a positive integer, got {heads}")
     if kv_heads is not None and kv_heads < 1:
         raise BadInputError(f"--kv-heads must be a positive integer, got {kv_heads}")
-    family, found = _detect_family(names, arch, rotary)
+    family, found = _detect_family(names, arch, rotary, whole_model)
+    _check_layer_numbers(found)
     name_set = set(names)
     specs = []
     for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0], family))):
         spec = _spec(ckpt, family, module, qname, index, heads, name_set, rotary=family.rotary)
         specs.append(_rotary_spec(ckpt, spec, kv_heads) if family.rotary else spec)
+    _check_against_config(ckpt.config, family, specs, whole_model)
     return specs
 
 

@@ -387,18 +387,60 @@ def _open_stats(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]):
     return f, names, meta
 
 
+# Statistics of real activations stay far inside these bounds: inputs to attention come from a
+# normalisation and are O(1) to O(1e3), so their moments are at most about 1e6. A value beyond
+# STATS_LIMIT (activations of 1e6) is a damaged file; bounded so, squares and sums over any width
+# stay finite in float64 (and in float32 for the kept sequences). A mean square input below
+# STATS_FLOOR would make the whitening's inverse overflow.
+STATS_LIMIT = 1e12
+STATS_FLOOR = 1e-12
+
+
 def _checked(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """``t`` as float64, refused unless every value is finite and at most STATS_LIMIT in magnitude."""
     t = t.double()
     if not bool(torch.isfinite(t).all()):
         raise BadInputError(f"calibration statistics {path}: {name} contains NaN or Inf")
+    if t.numel() and float(t.abs().max()) > STATS_LIMIT:
+        raise BadInputError(f"calibration statistics {path}: {name} holds values up to {float(t.abs().max()):.3g}, "
+                            f"beyond {STATS_LIMIT:.0e}: not statistics of real activations; run `calibrate` again")
     return t
+
+
+def _second_moment(f, name: str, path: Path) -> torch.Tensor:
+    """A second moment E[x x^T] (D, D), checked: finite, bounded, a non-negative diagonal whose mean
+    (the mean square input) is at least STATS_FLOOR."""
+    second = _checked(f.get_tensor(name), name, path)
+    diagonal = second.diagonal()
+    if bool((diagonal < 0).any()) or float(diagonal.mean()) < STATS_FLOOR:
+        raise BadInputError(f"calibration statistics {path}: {name} has a negative diagonal or a mean square "
+                            f"input below {STATS_FLOOR:.0e}: not statistics of real activations; run `calibrate` again")
+    return second
+
+
+def _vocabulary(ckpt: Checkpoint) -> int | None:
+    """config.json's ``vocab_size`` (of the text tower of a composite config), if it gives one."""
+    cfg = ckpt.config or {}
+    for where in (cfg, cfg.get("text_config")):
+        value = where.get("vocab_size") if isinstance(where, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _check_ids(ids: torch.Tensor, what: str, path: Path, ckpt: Checkpoint) -> None:
+    """Refuse token ids the model cannot embed (beyond config.json's ``vocab_size``)."""
+    vocab = _vocabulary(ckpt)
+    if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+        raise BadInputError(f"calibration statistics {path}: {what} holds token id {int(ids.max())}, beyond the "
+                            f"model's vocabulary (config.json vocab_size {vocab}); run `calibrate` on this model")
 
 
 def load_moments(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per module (mean (D,), second moment (D, D)) of the query-side inputs."""
     f, _, _ = _open_stats(path, ckpt, specs)
     return {s.module: (_checked(f.get_tensor(f"{s.module}.mean"), f"{s.module}.mean", path),
-                       _checked(f.get_tensor(f"{s.module}.second_moment"), f"{s.module}.second_moment", path))
+                       _second_moment(f, f"{s.module}.second_moment", path))
             for s in specs}
 
 
@@ -420,9 +462,9 @@ def load_whitening(path: Path, ckpt: Checkpoint,
     out = {}
     for s in specs:
         m = s.module
-        second = _checked(f.get_tensor(f"{m}.second_moment"), f"{m}.second_moment", path)
+        second = _second_moment(f, f"{m}.second_moment", path)
         if f"{m}.key_second_moment" in names:
-            key_second = _checked(f.get_tensor(f"{m}.key_second_moment"), f"{m}.key_second_moment", path)
+            key_second = _second_moment(f, f"{m}.key_second_moment", path)
             key_mean = _checked(f.get_tensor(f"{m}.key_mean"), f"{m}.key_mean", path)
         else:
             key_second, key_mean = second, _checked(f.get_tensor(f"{m}.mean"), f"{m}.mean", path)
@@ -471,6 +513,7 @@ def load_input_ids(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> 
     if ids.dim() != 2 or ids.dtype != torch.int64 or lengths.shape != (ids.shape[0],) or bool((lengths < 2).any()) \
             or bool((lengths > ids.shape[1]).any()) or bool((ids < 0).any()):
         raise BadInputError(f"calibration statistics {path}: the kept token ids are malformed")
+    _check_ids(ids, "input_ids", path, ckpt)
     return ids, lengths.long()
 
 
@@ -497,6 +540,7 @@ def load_window_ids(path: Path, ckpt: Checkpoint,
                   for i, (w, n) in enumerate(zip(kept.tolist(), kept_lengths.tolist())))
     if bad:
         raise BadInputError(f"calibration statistics {path}: the windows' token ids are malformed")
+    _check_ids(ids, "window_ids", path, ckpt)
     return ids, lengths, kept
 
 

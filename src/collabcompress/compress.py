@@ -109,15 +109,19 @@ def parse_layers(spec: str | None, n_layers: int) -> set[int]:
     """``"0,2,4-5"`` -> {0, 2, 4, 5}; ``None`` -> every layer."""
     if spec is None:
         return set(range(n_layers))
+    shown = repr(spec if len(spec) <= 40 else f"{spec[:40]}...")
     chosen: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not m:
-            raise BadInputError(f"--layers {spec!r}: expected indices and ranges like 0,2,4-5")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            raise BadInputError(f"--layers {shown}: expected indices and ranges like 0,2,4-5")
+        lo_text, hi_text = (g.lstrip("0") or "0" for g in m.groups(m.group(1)))
+        if max(len(lo_text), len(hi_text)) > 9:  # out of range, and int() refuses numbers of > 4,300 digits
+            raise BadInputError(f"--layers {shown}: the model has attention layers 0 to {n_layers - 1}")
+        lo, hi = int(lo_text), int(hi_text)
         if lo > hi or hi >= n_layers:
-            raise BadInputError(f"--layers {spec!r}: the model has attention layers 0 to {n_layers - 1}")
+            raise BadInputError(f"--layers {shown}: the model has attention layers 0 to {n_layers - 1}")
         chosen.update(range(lo, hi + 1))
     return chosen
 
@@ -432,11 +436,26 @@ def _allocation_record(layer: _Layer) -> dict[str, Any] | None:
             "chosen_loss": round(layer.curve[layer.shared_dim], 8)}
 
 
-def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path) -> list[Path]:
+def _check_finite(layers: list[_Layer], options: CompressOptions) -> None:
+    """Refuse to write a new tensor holding NaN or Inf (a broken model), naming the likely cause."""
+    for layer in layers:
+        for name, t in layer.tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                causes = [f"values beyond the range of {str(t.dtype).removeprefix('torch.')} (try --dtype float32)"] \
+                    if t.dtype in (torch.float16, torch.bfloat16) else []
+                causes.append(f"extreme calibration statistics in {options.calibration}" if options.calibration
+                              else "extreme values in the source weights")
+                raise BadInputError(f"compress computed NaN or Inf in {name}; nothing was written. "
+                                    f"Likely cause: {' or '.join(causes)}")
+
+
+def _write_weights(ckpt: Checkpoint, layers: list[_Layer], tmp: Path, options: CompressOptions) -> list[Path]:
     """Every source tensor except the removed ones, plus the new ones; same shard layout as the source.
 
-    Tensors are streamed one at a time, so memory stays bounded by the largest tensor.
+    Tensors are streamed one at a time, so memory stays bounded by the largest tensor. New
+    tensors that are not finite are refused first (:func:`_check_finite`).
     """
+    _check_finite(layers, options)
     removed = {n for layer in layers for n in layer.removed}
     new_by_file: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in ckpt.files}
     for layer in layers:
@@ -670,7 +689,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     rotary = [s for s in specs if s.rotary]
     whitening, sequences, energies = {}, {}, {}
     if options.calibration:
-        from .calibration import load_moments, load_query_energies, load_sequences, load_whitening
+        from .calibration import (load_input_ids, load_moments, load_query_energies, load_sequences,
+                                  load_whitening, load_window_ids)
 
         plain = [s for s in specs if not s.rotary]
         whitening = load_whitening(Path(options.calibration), ckpt, plain) if plain else {}
@@ -679,6 +699,9 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             energies = load_query_energies(Path(options.calibration), ckpt, rotary)
         if options.refine_steps or options.budget is not None or options.heal_steps:
             sequences = load_sequences(Path(options.calibration), ckpt, specs)
+        if options.heal_steps:  # the token ids healing trains on, checked before any work
+            load_input_ids(Path(options.calibration), ckpt, specs)
+            load_window_ids(Path(options.calibration), ckpt, specs)
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
     curves, ranks = None, None
@@ -694,7 +717,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     if ckpt.config is not None:
         source_files.append(config_path)
     with atomic_directory(out, force=force) as tmp:
-        outputs = _write_weights(ckpt, layers, tmp)
+        outputs = _write_weights(ckpt, layers, tmp, options)
         if ckpt.config is not None:
             config = dict(ckpt.config)
             config["collaborative_attention"] = _config_block(layers, specs[0].family)
@@ -707,7 +730,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         _mf.write(tmp, manifest)
         if options.heal_steps:
             healed = _heal(ckpt, Path(checkpoint), tmp, layers, options, specs, out_dtype, progress)
-            _write_weights(ckpt, layers, tmp)
+            _write_weights(ckpt, layers, tmp, options)
             manifest = _manifest(ckpt, checkpoint, specs, layers, options, source_files, outputs, tmp, heads, arch,
                                  kv_heads, healed)
             _mf.write(tmp, manifest)

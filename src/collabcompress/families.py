@@ -18,12 +18,15 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = ["Family", "FAMILIES", "register", "find_family", "family_of_model_type", "HEAD_KEYS",
-           "REFUSED_ROTARY_MODEL_TYPES", "KV_HEAD_KEYS"]
+           "REFUSED_ROTARY_MODEL_TYPES", "KV_HEAD_KEYS", "LAYER_KEYS", "WIDTH_KEYS"]
 
 # config.json keys giving the head count, in the order they are tried.
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")
 # config.json keys giving the key/value head count of a grouped-query (rotary) family.
 KV_HEAD_KEYS = ("num_key_value_heads",)
+# config.json keys giving the number of layers and the width D of the attention input (most families).
+LAYER_KEYS = ("num_hidden_layers",)
+WIDTH_KEYS = ("hidden_size",)
 
 # Rotary model types whose attention the tool cannot yet re-parametrize (refused with exit code 4):
 # the registered rotary families (``Family.model_types``) are the exceptions.
@@ -71,6 +74,14 @@ class Family:
         rotary: rotary position embeddings with grouped-query attention (SPEC section 2,
             "Rotary decoders"): the key side is compressed into shared rotary keys.
         model_types: config.json ``model_type`` values that select the family.
+        layer_keys: config.json keys giving the number of layers (attention modules that are
+            not cross-attention), tried in order; ``()``: not checked.
+        side_layer_keys: (encoder, decoder) keys tried first, by the module's side.
+        width_keys: config.json keys giving D, the input width of the query and key
+            projections; ``()``: not checked (timm configs describe hierarchical models too).
+        attention_bias: whether a rotary family's q/k projections may have biases: ``True``
+            (Qwen2), ``False`` (Mistral: never), or the config.json key saying so (LLaMA's
+            ``attention_bias``, default false); ``None`` for the other families.
     """
 
     name: str
@@ -95,11 +106,19 @@ class Family:
     shared_layers: bool = False
     rotary: bool = False
     model_types: tuple[str, ...] = ()
+    layer_keys: tuple[str, ...] = LAYER_KEYS
+    side_layer_keys: tuple[str, str] | None = None
+    width_keys: tuple[str, ...] = WIDTH_KEYS
+    attention_bias: bool | str | None = None
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    key_pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pattern = re.compile(rf"^(?P<m>(?:.*?){self.module})\.{re.escape(self.query)}\.weight$")
         object.__setattr__(self, "pattern", pattern)
+        key = None if self.key is None else \
+            re.compile(rf"^(?P<m>(?:.*?){self.module})\.{re.escape(self.key)}\.weight$")
+        object.__setattr__(self, "key_pattern", key)
 
     def scale(self, head_dim: int) -> float:
         """The score scale s of SPEC section 2."""
@@ -146,7 +165,7 @@ register(Family(
     hf_classes=("MPNetSelfAttention",), hf_adapter="_MPNet"))
 register(Family(
     "distilbert", "DistilBERT", r"transformer\.layer\.\d+\.attention", "q_lin", "k_lin",
-    "transformer.layer.{i}.attention.{q_lin,k_lin}",
+    "transformer.layer.{i}.attention.{q_lin,k_lin}", layer_keys=("n_layers",), width_keys=("dim",),
     value="{m}.v_lin.weight", output="{m}.out_lin.weight",
     feeding_norms=("{p}transformer.layer.{prev}.output_layer_norm", "{p}embeddings.LayerNorm"),
     hf_classes=("DistilBertSelfAttention",), hf_adapter="_DistilBert"))
@@ -155,7 +174,7 @@ register(Family(
     "encoder.albert_layer_groups.{g}.albert_layers.{j}.attention.{query,key}", note="one block shared by all layers",
     value="{m}.value.weight", output="{m}.dense.weight",
     feeding_norms=("{p}encoder.albert_layer_groups.{g}.albert_layers.{j}.full_layer_layer_norm",),
-    hf_classes=("AlbertAttention",), hf_adapter="_Albert", shared_layers=True))
+    hf_classes=("AlbertAttention",), hf_adapter="_Albert", shared_layers=True, layer_keys=()))
 register(Family(
     "vit", "HF ViT, DeiT", r"encoder\.layer\.\d+\.attention\.attention", "query", "key",
     "encoder.layer.{i}.attention.attention.{query,key}",
@@ -164,23 +183,26 @@ register(Family(
     hf_classes=("ViTAttention", "DeiTAttention"), hf_adapter="_ViT", text=False))
 register(Family(
     "gpt2", "GPT-2", r"h\.\d+\.attn", "c_attn", None, "h.{i}.attn.c_attn", fused="conv1d",
-    note="fused, Conv1D layout (in, 3*out)",
+    note="fused, Conv1D layout (in, 3*out)", layer_keys=("n_layer",), width_keys=("n_embd",),
     output="{m}.c_proj.weight", feeding_norms=("{p}h.{i}.ln_1",),
     hf_classes=("GPT2Attention",), hf_adapter="_GPT2"))
 register(Family(
     "timm-vit", "timm ViT", r"blocks\.\d+\.attn", "qkv", None, "blocks.{i}.attn.qkv", fused="linear",
     note="fused, Linear layout (3*out, in); heads from --heads or config",
-    config_section="model_args", output="{m}.proj.weight", feeding_norms=("{p}blocks.{i}.norm1",), text=False))
+    config_section="model_args", output="{m}.proj.weight", feeding_norms=("{p}blocks.{i}.norm1",), text=False,
+    layer_keys=(), width_keys=()))
 register(Family(
     "t5", "T5", r"(?:encoder|decoder)\.block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)", "q", "k",
     "{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,EncDecAttention}.{q,k}",
     scale_one=True, note="no bias, scale 1", cross=r"EncDecAttention",
+    layer_keys=(), side_layer_keys=("num_layers", "num_decoder_layers"), width_keys=("d_model",),
     value="{m}.v.weight", output="{m}.o.weight", feeding_norms=("{p}{side}.block.{i}.layer.{j}.layer_norm",),
     hf_classes=("T5Attention", "MT5Attention"), hf_adapter="_T5"))
 register(Family(
     "bart", "BART, Marian, Whisper, CLIP", r"(?:self_attn|encoder_attn)", "q_proj", "k_proj",
     "...{self_attn,encoder_attn}.{q_proj,k_proj}", note="per-side head counts from config",
     side_head_keys=("encoder_attention_heads", "decoder_attention_heads"), cross=r"encoder_attn",
+    side_layer_keys=("encoder_layers", "decoder_layers"), width_keys=("d_model", "hidden_size"),
     value="{m}.v_proj.weight", output="{m}.out_proj.weight",
     feeding_norms=("{p}{side}.layers.{i}.self_attn_layer_norm", "{p}{side}.layers.{i}.layer_norm1",
                    "{p}{side}.layers.{prev}.final_layer_norm", "{p}{side}.layernorm_embedding"),
@@ -192,14 +214,17 @@ register(Family(
     "llama", "LLaMA 1-3, SmolLM/SmolLM2, TinyLlama", _ROTARY_MODULE, "q_proj", "k_proj",
     "model.layers.{i}.self_attn.{q_proj,k_proj}", note="rotary, grouped-query (shared rotary keys)",
     value="{m}.v_proj.weight", output="{m}.o_proj.weight", feeding_norms=_ROTARY_NORMS,
-    hf_classes=("LlamaAttention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("llama",)))
+    hf_classes=("LlamaAttention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("llama",),
+    attention_bias="attention_bias"))
 register(Family(
     "mistral", "Mistral", _ROTARY_MODULE, "q_proj", "k_proj",
     "model.layers.{i}.self_attn.{q_proj,k_proj}", note="rotary, grouped-query, sliding window",
     value="{m}.v_proj.weight", output="{m}.o_proj.weight", feeding_norms=_ROTARY_NORMS,
-    hf_classes=("MistralAttention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("mistral",)))
+    hf_classes=("MistralAttention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("mistral",),
+    attention_bias=False))
 register(Family(
     "qwen2", "Qwen2, Qwen2.5", _ROTARY_MODULE, "q_proj", "k_proj",
     "model.layers.{i}.self_attn.{q_proj,k_proj}", note="rotary, grouped-query, q/k/v biases",
     value="{m}.v_proj.weight", output="{m}.o_proj.weight", feeding_norms=_ROTARY_NORMS,
-    hf_classes=("Qwen2Attention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("qwen2",)))
+    hf_classes=("Qwen2Attention",), hf_adapter="_LlamaRotary", rotary=True, model_types=("qwen2",),
+    attention_bias=True))

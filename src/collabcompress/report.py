@@ -344,7 +344,7 @@ def _uncompressed_layers(out: Checkpoint, manifest: dict[str, Any]) -> list[Laye
     if family is None or not any(family.pattern.match(n) for n in names):
         return []
     view = dataclasses.replace(out, weight_map=names)  # the output without its collab tensors
-    specs = detect(view, arch=family.name, **_overrides(manifest))
+    specs = detect(view, arch=family.name, whole_model=False, **_overrides(manifest))
     done = {layer["module"] for layer in manifest["layers"]}
     return [LayerCost(s.module, None, s.n_head, s.head_dim, s.d_model, None, None, stored_qk_params(s, view.numel))
             for s in specs if s.module not in done]
