@@ -1,0 +1,114 @@
+"""Refuse before allocating: inputs whose size would exhaust the machine are refused with exit 3
+and the figures, before the allocation, and a hang-up ends a run as SIGTERM does.
+
+Classes: safetensors headers claiming tensors larger than the file, D x D matrices (Gram,
+calibration accumulators) and attention scores beyond the memory available, bench sizes beyond
+the model's positions, the memory and the cores, ``evaluate --new-tokens`` beyond the positions,
+texts tokenised beyond what ``--max-tokens`` needs, and SIGHUP. Every case uses tiny synthetic
+checkpoints; none measures wall time. Inputs are hashed before and after, and nothing may be
+left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import assert_clean_failure  # noqa: E402
+
+from collabcompress.errors import BadInputError  # noqa: E402
+from collabcompress.io import open_checkpoint  # noqa: E402
+
+PROPERTY = settings(max_examples=int(os.environ.get("COLLABCOMPRESS_FUZZ_EXAMPLES", "50")), deadline=None,
+                    database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def listing(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (hidden ones included), and every directory."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def write_safetensors_raw(path: Path, header: dict, data: bytes) -> Path:
+    """A safetensors file with exactly this header and data (no checks: crafted files)."""
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+# ---------------------------------------------------------------------------- 5a: headers larger than the file
+
+QUERY = "encoder.layer.0.attention.self.query.weight"
+KEY = "encoder.layer.0.attention.self.key.weight"
+
+
+def _crafted(tmp_path: Path, query: dict) -> Path:
+    """A BERT-named checkpoint (with config.json) whose query tensor's header entry is ``query``."""
+    header = {KEY: {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, QUERY: query}
+    directory = tmp_path / "crafted"
+    write_safetensors_raw(directory / "model.safetensors", header, bytes(32))
+    (directory / "config.json").write_text(json.dumps({"model_type": "bert", "num_attention_heads": 1}))
+    return directory
+
+
+@pytest.mark.parametrize("command", ["analyze", "compress"])
+@pytest.mark.parametrize("query, words", [
+    ({"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [16, 16 + 4 * 10 ** 12]},
+     ["truncated", "4,000,000,000,016", "holds 32"]),
+    ({"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [16, 32]}, ["damaged", "span 16"]),
+    ({"dtype": "BF16", "shape": [2, 2], "data_offsets": [16, 32]}, ["damaged", "needs 8 bytes", "span 16"]),
+], ids=["beyond-the-file", "shape-larger-than-offsets", "offsets-larger-than-shape"])
+def test_a_header_claiming_more_than_the_file_is_refused_naming_file_and_tensor(cli, tmp_path, command, query,
+                                                                                   words):
+    directory = _crafted(tmp_path, query)
+    before = listing(tmp_path)
+    argv = [command, directory] + (["--out", tmp_path / "out", "--rank", "1"] if command == "compress" else [])
+    assert_clean_failure(cli(*argv), 3, "model.safetensors", QUERY, *words)
+    assert listing(tmp_path) == before
+
+
+_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@PROPERTY
+@given(dtype=st.sampled_from(sorted(_ELEMENT)),
+       shape=st.lists(st.one_of(st.integers(0, 6), st.integers(0, 10 ** 12)), max_size=4),
+       span=st.one_of(st.integers(0, 64), st.integers(0, 10 ** 15)),
+       slack=st.integers(-16, 16))
+@example(dtype="F32", shape=[10 ** 6, 10 ** 6], span=4 * 10 ** 12, slack=0)
+@example(dtype="F32", shape=[10 ** 6, 10 ** 6], span=16, slack=0)
+@example(dtype="F32", shape=[3], span=12, slack=0)
+def test_open_checkpoint_refuses_every_tensor_that_does_not_fit_its_file(tmp_path_factory, dtype, shape, span,
+                                                                         slack):
+    """Property: a tensor entry is opened only when its offsets span exactly shape x dtype bytes
+    inside the file; anything else is a BadInputError naming the file and the tensor, raised
+    from the header alone (the data is at most 64 bytes, whatever the header claims)."""
+    fits = math.prod(shape) * _ELEMENT[dtype] == span
+    data = min(max(8, 8 + span + slack), 8 + 64)  # 8 bytes of a valid tensor first
+    header = {"ok": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "w": {"dtype": dtype, "shape": shape, "data_offsets": [8, 8 + span]}}
+    path = write_safetensors_raw(tmp_path_factory.mktemp("hdr") / "x.safetensors", header, bytes(data))
+    if fits and data == 8 + span:
+        assert open_checkpoint(path).shape("w") == tuple(shape)
+        return
+    with pytest.raises(BadInputError) as e:
+        open_checkpoint(path)
+    if not fits or 8 + span > data:
+        assert "'w'" in str(e.value) and "x.safetensors" in str(e.value), str(e.value)
