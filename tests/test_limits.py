@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import signal
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import signal_child  # noqa: E402
+from families import make_checkpoint  # noqa: E402
 from helpers import assert_clean_failure  # noqa: E402
 
 from collabcompress.errors import BadInputError  # noqa: E402
@@ -112,3 +117,38 @@ def test_open_checkpoint_refuses_every_tensor_that_does_not_fit_its_file(tmp_pat
         open_checkpoint(path)
     if not fits or 8 + span > data:
         assert "'w'" in str(e.value) and "x.safetensors" in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------- 6: SIGHUP ends like SIGTERM
+
+FORK = multiprocessing.get_context("fork")
+
+
+def test_sighup_while_writing_exits_129_and_removes_the_temporary_directory(tmp_path):
+    ws = tmp_path / "ws"
+    src = make_checkpoint("bert", ws / "src")
+    before = listing(src)
+    marker, stderr = tmp_path / "started", tmp_path / "stderr.txt"
+    argv = ["compress", str(src), "--out", str(ws / "out"), "--rank", "4", "--max-iter", "2"]
+    proc = FORK.Process(target=signal_child.run, args=(argv, str(marker), "write", str(stderr)))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            proc.join()
+            pytest.fail(f"the write phase never started: {stderr.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.01)
+    time.sleep(0.2)  # well inside the phase
+    assert len(list(ws.glob(".out.tmp-*"))) == 1, "the signal should land while the output is being written"
+    os.kill(proc.pid, signal.SIGHUP)
+    proc.join(60)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        pytest.fail("still running 60 s after SIGHUP")
+    text = stderr.read_text(errors="replace")
+    assert proc.exitcode == 129, text
+    assert text.strip() == "hung up" and "Traceback" not in text
+    assert sorted(p.name for p in ws.iterdir()) == ["src"]  # no output, no temporary directory
+    assert listing(src) == before

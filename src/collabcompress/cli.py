@@ -3,9 +3,9 @@
 One error boundary (:class:`_Boundary`, the command group every command runs in) turns
 the library's :class:`CollabError` into a plain ``error: ...`` line on stderr and the exit
 code of SPEC.md section 3, an ``OSError`` on a named file into exit 3, Ctrl-C into exit
-130 and SIGTERM into exit 143 (temporary outputs are removed on the way out), a closed
-stdout (``| head``) into a quiet exit 141, and anything else into exit 1 with a short
-"internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.
+130, SIGTERM into exit 143 and SIGHUP into exit 129 (temporary outputs are removed on the
+way out), a closed stdout (``| head``) into a quiet exit 141, and anything else into exit 1
+with a short "internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.
 Everything printed that comes from a file is escaped (:mod:`collabcompress.display`).
 """
 
@@ -37,7 +37,11 @@ from .errors import BadInputError, CollabError
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (cleanup included)."""
+    """SIGTERM or SIGHUP, raised in the main thread so that it unwinds like Ctrl-C (cleanup included)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _stop(message: str, code: int) -> None:
@@ -57,8 +61,8 @@ class _Boundary(TyperGroup):
             return super().invoke(ctx)
         except (typer.exceptions.TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exits
             raise
-        except _Terminated:
-            _stop("terminated", 143)
+        except _Terminated as e:
+            _stop("hung up" if e.signum == signal.SIGHUP else "terminated", 128 + e.signum)
         except KeyboardInterrupt:
             _stop("interrupted", 130)
         except CollabError as e:
@@ -571,12 +575,15 @@ def archs(json_path: JsonOpt = None) -> None:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
 
 
 def main() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C (exit 143, outputs cleaned up)."""
+    """Console-script entry point: SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C (exit 143
+    and 129, outputs cleaned up); a SIGHUP ignored by the parent (``nohup``) stays ignored."""
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminate)
     app()
 
 
