@@ -20,6 +20,7 @@ import signal
 import struct
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,98 @@ def test_sighup_while_writing_exits_129_and_removes_the_temporary_directory(tmp_
     assert text.strip() == "hung up" and "Traceback" not in text
     assert sorted(p.name for p in ws.iterdir()) == ["src"]  # no output, no temporary directory
     assert listing(src) == before
+
+
+# ---------------------------------------------------------------------------- shared tiny models
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models, built once and never changed: ``wide`` (BERT names, one head, query and key
+    of shape (1, 10**6): d_model = 10**6 in 4 MB, with a character tokenizer), ``bert`` (the
+    tiny BERT of families.py with a character tokenizer, 64 positions) and its compression
+    ``bert-r4``, ``llama`` (the tiny rotary decoder, 64 positions) and ``llama-r8``."""
+    pytest.importorskip("transformers")
+    from families import make_char_tokenizer, make_rotary_checkpoint
+    from safetensors.torch import save_file
+
+    from collabcompress.compress import CompressOptions, compress
+
+    root = tmp_path_factory.mktemp("limits")
+    wide = root / "wide"
+    wide.mkdir()
+    w = torch.zeros(1, 10 ** 6, dtype=torch.float16)
+    save_file({QUERY: w, KEY: w.clone()}, str(wide / "model.safetensors"))
+    (wide / "config.json").write_text(json.dumps({"model_type": "bert", "num_attention_heads": 1}))
+    make_char_tokenizer(wide)
+    bert = make_checkpoint("bert", root / "bert")
+    make_char_tokenizer(bert)
+    llama = make_rotary_checkpoint("llama", root / "llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the data-free rotary warning
+        compress(bert, root / "bert-r4", CompressOptions(rank=4, max_iter=2), workers=1)
+        compress(llama, root / "llama-r8", CompressOptions(rank=8, max_iter=2), workers=1)
+    return {"root": root, "wide": wide, "bert": bert, "bert-r4": root / "bert-r4", "llama": llama,
+            "llama-r8": root / "llama-r8"}
+
+
+@pytest.fixture
+def unchanged(models, tmp_path):
+    """The models are hashed before and after the test, and the test's directory may hold only
+    its inputs afterwards (texts.txt, a copied model)."""
+    before = listing(models["root"])
+    yield
+    assert listing(models["root"]) == before, "an input changed"
+    assert {p.name for p in tmp_path.iterdir()} <= {"texts.txt", "bert"}, "something was left behind"
+
+
+def _texts(tmp_path: Path, text: str = "the first text.\na second text about attention heads.\n") -> Path:
+    path = tmp_path / "texts.txt"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- 5b: D x D matrices and scores
+
+@pytest.mark.parametrize("command", ["analyze", "compress", "calibrate"])
+def test_d_model_of_a_million_is_refused_before_allocating(cli, models, tmp_path, unchanged, command):
+    """Query and key of shape (1, 10**6): the D x D Gram matrices (or calibration
+    accumulators) would take 8 TB; before, the allocator failed (exit 1) or the kernel killed us."""
+    texts = _texts(tmp_path)
+    argv = {"analyze": ["analyze", models["wide"]],
+            "compress": ["compress", models["wide"], "--out", tmp_path / "out", "--rank", "1"],
+            "calibrate": ["calibrate", models["wide"], "--texts", texts, "--out", tmp_path / "s.safetensors"]}[command]
+    err = assert_clean_failure(cli(*argv), 3, "d_model 1,000,000", "memory", "available")
+    assert "GiB" in err
+
+
+def test_a_config_claiming_d_model_of_a_million_is_refused(cli, models, tmp_path, unchanged):
+    """config.json says hidden_size 10**6, the tensors 32: refused before transformers builds the model
+    (before: transformers' size-mismatch RuntimeError, exit 1)."""
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    for f in models["bert"].iterdir():
+        (bert / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "hidden_size": 10 ** 6}))
+    before = listing(bert)
+    assert_clean_failure(cli("calibrate", bert, "--texts", _texts(tmp_path), "--out", tmp_path / "s.safetensors"), 3,
+                         "hidden size 1,000,000", "d_model 32")
+    assert listing(bert) == before and not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_evaluate_refuses_scores_beyond_the_memory(cli, models, tmp_path, unchanged, monkeypatch, model):
+    """With 64 KiB free, the scores of the first batch (embeddings) or window (causal LM) do not fit."""
+    from collabcompress import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda device="cpu": 64 * 1024)
+    assert_clean_failure(cli("evaluate", models[model], models[f"{model}-r{4 if model == 'bert' else 8}"],
+                             "--texts", _texts(tmp_path)), 3, "memory", "64.0 KiB is available")
+
+
+def test_the_memory_figure_is_memavailable():
+    from collabcompress.limits import available_memory
+
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert abs(available_memory() - kib * 1024) < 2 ** 30  # read a moment apart

@@ -48,6 +48,7 @@ from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers, unreadable_model_errors
 from .io import Checkpoint, open_checkpoint, read_texts, regular_file
+from .limits import check_memory
 from .lm import DEFAULT_WINDOW, leading_ids, padded_rows, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
 from .texts import load_tokenizer, position_limit
@@ -174,6 +175,14 @@ def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list
     return keep
 
 
+def _accumulator_bytes(specs: list[AttentionSpec], family: Any) -> tuple[int, str]:
+    """The float64 accumulators :func:`calibrate` holds for the whole run (one or, for
+    cross-attention, two :class:`_Accumulator` per module), and what they are."""
+    needed = sum(8 * (s.d_model ** 2 + s.d_model) * (2 if family.is_cross(s.module) else 1) for s in specs)
+    modules = f"{len(specs)} attention module{'s' if len(specs) > 1 else ''}"
+    return needed, f"the D x D calibration accumulators of {modules} (d_model {max(s.d_model for s in specs):,})"
+
+
 class _Accumulator:
     def __init__(self, d_model: int) -> None:
         self.second = torch.zeros(d_model, d_model, dtype=torch.float64)
@@ -223,14 +232,20 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     family = find_family(specs[0].family)
     if not family.text:
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
+    check_memory(*_accumulator_bytes(specs, family))
     if max_length is None:
         max_length = DEFAULT_WINDOW if family.rotary else 128
     tf = _transformers()
 
     tokenizer = load_tokenizer([Path(model_dir)])
     try:
-        model = tf.AutoModel.from_pretrained(str(model_dir)).eval()
-    except unreadable_model_errors() as e:
+        config = tf.AutoConfig.from_pretrained(str(model_dir))
+        hidden = getattr(config, "hidden_size", None)
+        if isinstance(hidden, int) and all(s.d_model != hidden for s in specs):
+            raise BadInputError(f"config.json of {model_dir} gives hidden size {hidden:,}, but its attention tensors "
+                                f"have d_model {specs[0].d_model:,}; fix config.json")
+        model = tf.AutoModel.from_pretrained(str(model_dir), config=config).eval()
+    except (*unreadable_model_errors(), RuntimeError) as e:  # RuntimeError: weights of other shapes than config's
         raise BadInputError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0]}") from e
     max_length = min(max_length, position_limit(model.config, tokenizer))
     special = 0 if family.rotary else tokenizer.num_special_tokens_to_add()

@@ -30,6 +30,7 @@ from . import lm
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers, unreadable_model_errors
 from .io import open_checkpoint, read_texts
+from .limits import check_memory, forward_bytes
 from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
 
 __all__ = ["evaluate", "evaluate_causal", "read_texts", "pooled_embeddings", "PROMPT_TOKENS"]
@@ -201,6 +202,9 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
     max_length = min(max_length, position_limit(reference.config, tokenizer))
     batches = _batches(tokenizer, texts, max_length, batch_size)
     lee_batches = _batches(tokenizer, corpus.documents, max_length, batch_size) if corpus else []
+    rows, length = max((tuple(b["input_ids"].shape) for b in batches + lee_batches), key=lambda s: s[0] * s[1] ** 2)
+    check_memory(forward_bytes(manifest.layers, rows, length), f"the attention scores and activations of a batch of "
+                 f"{rows:,} texts of {length:,} tokens (--batch-size, --max-length)")
     total = 2 * (len(batches) + len(lee_batches))
     done = [0]
 
@@ -305,6 +309,11 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
     except ValueError as e:
         raise BadInputError(f"evaluate: {e}") from e
     starts = [p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts) if p.numel()][:prompts]
+    vocab = int(getattr(reference.config, "vocab_size", 0) or 0)
+    longest_window = max(w.numel() for w in windows)
+    # compare_windows holds both models' logits as float64 log-probabilities, several times over
+    check_memory(forward_bytes(manifest.layers, 1, longest_window, vocab=vocab) + 7 * 8 * longest_window * vocab,
+                 f"the attention scores, activations and logits of a {longest_window:,}-token window (--window)")
     total, done = len(windows) + len(starts), [0]
 
     def tick(stage: str) -> None:
