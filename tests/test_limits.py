@@ -248,3 +248,37 @@ def test_the_memory_figure_is_memavailable():
     with open("/proc/meminfo") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     assert abs(available_memory() - kib * 1024) < 2 ** 30  # read a moment apart
+
+
+# ---------------------------------------------------------------------------- 5c: bench sizes
+
+@pytest.mark.parametrize("level, original, compressed", [("module", "bert", "bert-r4"), ("model", "llama", "llama-r8")])
+def test_bench_lengths_beyond_the_positions_are_refused(cli, models, unchanged, level, original, compressed):
+    """Both tiny models have 64 positions. Before: the module level ran any length (the module
+    has no position table, the model had), the model level skipped it with a note."""
+    assert_clean_failure(cli("bench", models[original], models[compressed], "--level", level, "--lengths", "8,65",
+                             "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--decode-steps", "1"),
+                         3, "--lengths 65", "64 positions")
+
+
+def test_bench_threads_beyond_the_cores_are_refused(cli, models, unchanged):
+    from collabcompress.limits import usable_cores
+
+    cores = usable_cores()
+    assert_clean_failure(cli("bench", models["bert"], models["bert-r4"], "--level", "module", "--lengths", "8",
+                             "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--threads", str(cores + 1)),
+                         3, f"--threads {cores + 1}", f"at most {cores}")
+
+
+def test_bench_batch_beyond_the_memory_is_refused(cli, models, unchanged):
+    """--batch-sizes 999999999: the inputs alone would take 1 TB (before: exit 1 from the allocator)."""
+    assert_clean_failure(cli("bench", models["bert"], models["bert-r4"], "--level", "module", "--lengths", "8",
+                             "--batch-sizes", "999999999", "--repeats", "1", "--warmup", "0"),
+                         3, "--batch-sizes 999,999,999", "memory", "available")
+
+
+def test_bench_within_every_cap_runs(cli, models, unchanged):
+    result = cli("bench", models["bert"], models["bert-r4"], "--level", "module", "--lengths", "64", "--batch-sizes",
+                 "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert [(r["seq_len"], r["batch_size"]) for r in json.loads(result.stdout)["forward"]] == [(64, 2)]

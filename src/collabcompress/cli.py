@@ -477,7 +477,7 @@ def bench(
         ",".join(map(str, DEFAULT_BENCH_LENGTHS)),
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Forward batch sizes, comma-separated.")] =
         ",".join(map(str, DEFAULT_BENCH_BATCH_SIZES)),
-    threads: Annotated[Optional[int], typer.Option("--threads", parser=_int("--threads"), help="torch intra-op threads while measuring (default: torch's current setting).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", parser=_int("--threads"), help="torch intra-op threads while measuring, at most the usable cores (default: torch's current setting).", show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", parser=_int("--warmup"), help="Untimed runs of each model before timing (decode: steps).")] = DEFAULT_BENCH_WARMUP,
     repeats: Annotated[int, typer.Option("--repeats", parser=_int("--repeats"), help="Timed runs of each model per setting, interleaved original/compressed.")] = DEFAULT_BENCH_REPEATS,
     context: Annotated[int, typer.Option("--context", parser=_int("--context"), help="Causal decoders: decode after a prefill of this many tokens (capped at the model's positions).")] = DEFAULT_BENCH_CONTEXT,

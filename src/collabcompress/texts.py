@@ -101,12 +101,22 @@ def load_tokenizer(directories: Sequence[Path]):
                         + " or ".join(str(d) for d in directories) + "".join(f"; {e}" for e in errors))
 
 
-def position_limit(config, tokenizer) -> int:
-    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)."""
-    limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None))
-              if isinstance(n, int) and n > 0]
-    if limits and config.model_type in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
-        limits = [n - config.pad_token_id - 1 for n in limits]
-    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
-        limits.append(tokenizer.model_max_length)
+def position_limit(config, tokenizer=None) -> int:
+    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)
+    and the tokenizer's ``model_max_length``; ``1 << 30`` when neither sets one.
+
+    ``config`` is a transformers config or the dict of a config.json (or ``None``).
+    """
+    def get(key: str):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    limits = [n for n in (get("max_position_embeddings"), get("n_positions"))
+              if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    pad = get("pad_token_id")
+    if limits and get("model_type") in ("roberta", "xlm-roberta", "camembert") and isinstance(pad, int):
+        limits = [n - pad - 1 for n in limits]
+    most = getattr(tokenizer, "model_max_length", None)
+    if isinstance(most, int) and most < 1_000_000:
+        limits.append(most)
     return min(limits) if limits else 1 << 30
+
