@@ -282,3 +282,13 @@ def test_bench_within_every_cap_runs(cli, models, unchanged):
                  "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", "-")
     assert result.exit_code == 0, result.stderr
     assert [(r["seq_len"], r["batch_size"]) for r in json.loads(result.stdout)["forward"]] == [(64, 2)]
+
+
+# ---------------------------------------------------------------------------- 5d: evaluate --new-tokens
+
+def test_evaluate_new_tokens_beyond_the_positions_are_refused(cli, models, tmp_path, unchanged):
+    """64 positions: a prompt and 64 new tokens do not fit (before: generated past the table; with
+    --new-tokens 1000000 it ran for hours)."""
+    assert_clean_failure(cli("evaluate", models["llama"], models["llama-r8"], "--texts", _texts(tmp_path),
+                             "--max-tokens", "32", "--window", "16", "--prompts", "1", "--new-tokens", "64"),
+                         3, "--new-tokens 64", "64 positions", "or fewer")

@@ -538,7 +538,7 @@ def evaluate(
     max_tokens: Annotated[int, typer.Option("--max-tokens", parser=_int("--max-tokens"), help="Causal LM: perplexity on the first N tokens of the texts, read as one stream.")] = DEFAULT_LM_TOKENS,
     window: Annotated[int, typer.Option("--window", parser=_int("--window"), help="Causal LM: tokens per perplexity window (each from an empty context).")] = DEFAULT_LM_WINDOW,
     prompts: Annotated[int, typer.Option("--prompts", parser=_int("--prompts"), help="Causal LM: greedy generation from the start of this many texts.")] = 4,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", parser=_int("--new-tokens"), help="Causal LM: tokens generated per prompt.")] = 32,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", parser=_int("--new-tokens"), help="Causal LM: tokens generated per prompt (the prompt and these must fit the model's positions).")] = 32,
     json_path: JsonOpt = None,
 ) -> None:
     """Compare the compressed model with the original on real text: embeddings, or for a causal LM

@@ -309,6 +309,12 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
     except ValueError as e:
         raise BadInputError(f"evaluate: {e}") from e
     starts = [p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts) if p.numel()][:prompts]
+    positions = position_limit(reference.config, tokenizer)
+    longest = max((p.numel() for p in starts), default=0)
+    if starts and longest + new_tokens > positions:
+        raise BadInputError(f"--new-tokens {new_tokens:,}: a prompt of {longest} tokens and {new_tokens:,} new tokens "
+                            f"exceed the model's {positions:,} positions; give --new-tokens {positions - longest:,} "
+                            "or fewer")
     vocab = int(getattr(reference.config, "vocab_size", 0) or 0)
     longest_window = max(w.numel() for w in windows)
     # compare_windows holds both models' logits as float64 log-probabilities, several times over
