@@ -292,3 +292,72 @@ def test_evaluate_new_tokens_beyond_the_positions_are_refused(cli, models, tmp_p
     assert_clean_failure(cli("evaluate", models["llama"], models["llama-r8"], "--texts", _texts(tmp_path),
                              "--max-tokens", "32", "--window", "16", "--prompts", "1", "--new-tokens", "64"),
                          3, "--new-tokens 64", "64 positions", "or fewer")
+
+
+# ---------------------------------------------------------------------------- 5e: never tokenise more than needed
+
+class _Spy:
+    """A tokenizer that records the characters of every text it is asked to tokenise."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer, self.sizes = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.sizes.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+BIG_LINE = "a few plain words " * 250_000  # 4.5 MB on one line
+
+
+@pytest.mark.parametrize("model", ["llama", "bert"])  # the causal stream and the encoder's windows
+def test_calibrate_tokenises_only_the_start_of_an_enormous_line(cli, models, tmp_path, unchanged, monkeypatch, model):
+    from collabcompress import calibration
+
+    spies = []
+
+    def load(directories):
+        spies.append(_Spy(real_load(directories)))
+        return spies[-1]
+
+    real_load = calibration.load_tokenizer
+    monkeypatch.setattr(calibration, "load_tokenizer", load)
+    texts = _texts(tmp_path, BIG_LINE + "\n")
+    result = cli("calibrate", models[model], "--texts", texts, "--out", tmp_path / "s.safetensors",
+                 "--max-tokens", "1000", "--max-length", "32", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    (spy,) = spies
+    assert json.loads(result.stdout)["tokens"] >= 1000
+    assert max(spy.sizes) <= 4 * 16 * 1000 and sum(spy.sizes) <= 16 * 16 * 1000, (max(spy.sizes), sum(spy.sizes))
+    (tmp_path / "s.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from families import make_char_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(make_char_tokenizer(tmp_path_factory.mktemp("tok"))))
+
+
+_WORDS = st.lists(st.sampled_from(["a", "bb", "word", "x" * 40, " ", "  ", "\n", "\t", "z" * 700]), max_size=400)
+
+
+@PROPERTY
+@given(pieces=_WORDS, repeat=st.sampled_from([1, 1, 50]), max_tokens=st.integers(1, 300))
+@example(pieces=["z" * 700], repeat=50, max_tokens=1)  # 35,000 characters without a space
+def test_token_ids_reads_a_bounded_prefix_and_gives_the_same_tokens(char_tokenizer, pieces, repeat, max_tokens):
+    """Property: with max_tokens, token_ids gives the first max_tokens tokens of the whole text,
+    and tokenises at most a small multiple of 16 characters per token wanted, however long the text."""
+    from collabcompress.lm import token_ids
+
+    text = "".join(pieces) * repeat
+    spy = _Spy(char_tokenizer)
+    got = token_ids(spy, text, max_tokens=max_tokens)
+    whole = char_tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    assert got.tolist() == whole
+    assert sum(spy.sizes) <= 5 * 16 * max_tokens + 2 * 16 * max_tokens, (len(text), spy.sizes)

@@ -18,6 +18,7 @@ on the same windows, and greedy generation from a few prompts taken from the tex
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +32,7 @@ from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers, unreadable_model_errors
 from .io import open_checkpoint, read_texts
 from .limits import check_memory, forward_bytes
-from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
+from .texts import leading_text, lee_corpus, load_tokenizer, position_limit, sample_texts
 
 __all__ = ["evaluate", "evaluate_causal", "read_texts", "pooled_embeddings", "PROMPT_TOKENS"]
 
@@ -112,8 +113,8 @@ def _cosine_matrix(e: torch.Tensor) -> torch.Tensor:
 def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        batch = [leading_text(tokenizer, t, max_length) for t in texts[i:i + batch_size]]  # truncated anyway
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
 
@@ -308,7 +309,8 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
         windows = lm.token_windows(ids, max_tokens=max_tokens, window=window)
     except ValueError as e:
         raise BadInputError(f"evaluate: {e}") from e
-    starts = [p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts) if p.numel()][:prompts]
+    starts = list(itertools.islice((p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts)
+                                    if p.numel()), prompts))  # only the texts needed are tokenised
     positions = position_limit(reference.config, tokenizer)
     longest = max((p.numel() for p in starts), default=0)
     if starts and longest + new_tokens > positions:

@@ -17,9 +17,10 @@ from .errors import BadInputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["sample_texts", "cache_dir", "LeeCorpus", "lee_corpus", "load_tokenizer", "position_limit"]
+__all__ = ["sample_texts", "cache_dir", "LeeCorpus", "lee_corpus", "load_tokenizer", "position_limit", "leading_text"]
 
 SAMPLE_TEXTS = "sample_texts.txt"
+CHARS_PER_TOKEN = 16  # leading_text's first cut, in characters per token wanted; doubled while too few come out
 
 
 def sample_texts() -> list[str]:
@@ -119,4 +120,25 @@ def position_limit(config, tokenizer=None) -> int:
     if isinstance(most, int) and most < 1_000_000:
         limits.append(most)
     return min(limits) if limits else 1 << 30
+
+
+def leading_text(tokenizer, text: str, max_tokens: int) -> str:
+    """A prefix of ``text`` that holds its first ``max_tokens`` tokens (no special tokens), so
+    that one enormous text is never tokenised whole when only its start is used.
+
+    ``text`` itself when it has at most ``CHARS_PER_TOKEN * max_tokens`` characters; else the
+    first that many, cut back to a whitespace (so that the last word is not split into other
+    tokens) and doubled until they tokenise to more than ``max_tokens`` tokens or the whole
+    text is reached: what is tokenised is a small multiple of the prefix needed, whatever the
+    length of ``text``.
+    """
+    limit = CHARS_PER_TOKEN * max(1, max_tokens)
+    while len(text) > limit:
+        piece = text[:limit]
+        space = max(piece.rfind(c) for c in " \n\t")
+        piece = piece[:space] if space > limit // 2 else piece
+        if len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > max_tokens:
+            return piece
+        limit *= 2
+    return text
 
