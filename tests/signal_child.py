@@ -1,4 +1,4 @@
-"""The process the interruption tests of test_reliability.py signal: ``collabcompress compress``
+"""The process the interruption tests of test_reliability.py and test_limits.py signal: ``collabcompress compress``
 with one phase made slow, which touches a marker file when that phase starts, so that the
 signal lands where the test wants it without guessing from wall time.
 
@@ -27,6 +27,7 @@ def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
     """Run the CLI with ``argv`` in this process; stderr goes to the file ``stderr``."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent that ignores SIGINT does not matter
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, even when the tests run under nohup
     os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # not the parent's capture

@@ -48,9 +48,10 @@ from .arch import AttentionSpec, detect, find_family
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
 from .io import Checkpoint, open_checkpoint, read_texts, regular_file
+from .limits import check_memory
 from .lm import DEFAULT_WINDOW, leading_ids, padded_rows, token_windows
 from .output import check_output_file, sha256_file, write_safetensors
-from .texts import load_tokenizer, position_limit
+from .texts import leading_text, load_tokenizer, position_limit
 
 __all__ = ["calibrate", "load_whitening", "load_moments", "load_sequences", "load_input_ids", "load_window_ids",
            "load_query_energies", "read_texts", "causal_windows", "STATS_FORMAT"]
@@ -107,9 +108,11 @@ def _fingerprint(weight: torch.Tensor) -> tuple:
     return tuple(weight.shape), tuple(weight.detach().reshape(-1)[:16].float().tolist())
 
 
-def windows(tokenizer, texts: list[str], max_length: int,
-            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches of at most ``batch_size`` token windows covering every token of the texts.
+def windows(tokenizer, texts: list[str], max_length: int, batch_size: int,
+            max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of at most ``batch_size`` token windows covering every token of the texts (with
+    ``max_tokens``: of the start of each text that holds its first ``max_tokens`` tokens, all a
+    run that stops after ``max_tokens`` tokens can use, :func:`collabcompress.texts.leading_text`).
 
     A text longer than ``max_length`` tokens is split into consecutive windows of at most
     ``max_length`` tokens, each with the tokenizer's own special tokens, instead of being
@@ -120,6 +123,8 @@ def windows(tokenizer, texts: list[str], max_length: int,
     split = True
     for start in range(0, len(texts), batch_size):
         batch = texts[start:start + batch_size]
+        if max_tokens is not None:
+            batch = [leading_text(tokenizer, t, max_tokens) for t in batch]
         try:
             enc = tokenizer(batch, truncation=True, max_length=max_length, return_overflowing_tokens=split,
                             padding=True, return_tensors="pt")
@@ -174,6 +179,14 @@ def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list
     return keep
 
 
+def _accumulator_bytes(specs: list[AttentionSpec], family: Any) -> tuple[int, str]:
+    """The float64 accumulators :func:`calibrate` holds for the whole run (one or, for
+    cross-attention, two :class:`_Accumulator` per module), and what they are."""
+    needed = sum(8 * (s.d_model ** 2 + s.d_model) * (2 if family.is_cross(s.module) else 1) for s in specs)
+    modules = f"{len(specs)} attention module{'s' if len(specs) > 1 else ''}"
+    return needed, f"the D x D calibration accumulators of {modules} (d_model {max(s.d_model for s in specs):,})"
+
+
 class _Accumulator:
     def __init__(self, d_model: int) -> None:
         self.second = torch.zeros(d_model, d_model, dtype=torch.float64)
@@ -223,6 +236,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     family = find_family(specs[0].family)
     if not family.text:
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
+    check_memory(*_accumulator_bytes(specs, family))
     if max_length is None:
         max_length = DEFAULT_WINDOW if family.rotary else 128
     _transformers()
@@ -243,7 +257,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     if family.rotary:
         batches, causal_used = causal_windows(tokenizer, texts, max_tokens, max_length, batch_size)
     else:
-        batches = windows(tokenizer, texts, max_length, batch_size)
+        batches = windows(tokenizer, texts, max_length, batch_size, max_tokens)
     acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
     state: dict[str, Any] = {"mask": None, "keep": None}
     kept: dict[str, dict[int, torch.Tensor]] = {}  # module -> reservoir slot -> (T, D)

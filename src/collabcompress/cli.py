@@ -3,9 +3,9 @@
 One error boundary (:class:`_Boundary`, the command group every command runs in) turns
 the library's :class:`CollabError` into a plain ``error: ...`` line on stderr and the exit
 code of SPEC.md section 3, an ``OSError`` on a named file into exit 3, Ctrl-C into exit
-130 and SIGTERM into exit 143 (temporary outputs are removed on the way out), a closed
-stdout (``| head``) into a quiet exit 141, and anything else into exit 1 with a short
-"internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.
+130, SIGTERM into exit 143 and SIGHUP into exit 129 (temporary outputs are removed on the
+way out), a closed stdout (``| head``) into a quiet exit 141, and anything else into exit 1
+with a short "internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.
 Everything printed that comes from a file is escaped (:mod:`collabcompress.display`).
 """
 
@@ -37,7 +37,11 @@ from .errors import BadInputError, CollabError
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (cleanup included)."""
+    """SIGTERM or SIGHUP, raised in the main thread so that it unwinds like Ctrl-C (cleanup included)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _stop(message: str, code: int) -> None:
@@ -57,8 +61,8 @@ class _Boundary(TyperGroup):
             return super().invoke(ctx)
         except (typer.exceptions.TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exits
             raise
-        except _Terminated:
-            _stop("terminated", 143)
+        except _Terminated as e:
+            _stop("hung up" if e.signum == signal.SIGHUP else "terminated", 128 + e.signum)
         except KeyboardInterrupt:
             _stop("interrupted", 130)
         except CollabError as e:
@@ -473,7 +477,7 @@ def bench(
         ",".join(map(str, DEFAULT_BENCH_LENGTHS)),
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Forward batch sizes, comma-separated.")] =
         ",".join(map(str, DEFAULT_BENCH_BATCH_SIZES)),
-    threads: Annotated[Optional[int], typer.Option("--threads", parser=_int("--threads"), help="torch intra-op threads while measuring (default: torch's current setting).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", parser=_int("--threads"), help="torch intra-op threads while measuring, at most the usable cores (default: torch's current setting).", show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", parser=_int("--warmup"), help="Untimed runs of each model before timing (decode: steps).")] = DEFAULT_BENCH_WARMUP,
     repeats: Annotated[int, typer.Option("--repeats", parser=_int("--repeats"), help="Timed runs of each model per setting, interleaved original/compressed.")] = DEFAULT_BENCH_REPEATS,
     context: Annotated[int, typer.Option("--context", parser=_int("--context"), help="Causal decoders: decode after a prefill of this many tokens (capped at the model's positions).")] = DEFAULT_BENCH_CONTEXT,
@@ -534,7 +538,7 @@ def evaluate(
     max_tokens: Annotated[int, typer.Option("--max-tokens", parser=_int("--max-tokens"), help="Causal LM: perplexity on the first N tokens of the texts, read as one stream.")] = DEFAULT_LM_TOKENS,
     window: Annotated[int, typer.Option("--window", parser=_int("--window"), help="Causal LM: tokens per perplexity window (each from an empty context).")] = DEFAULT_LM_WINDOW,
     prompts: Annotated[int, typer.Option("--prompts", parser=_int("--prompts"), help="Causal LM: greedy generation from the start of this many texts.")] = 4,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", parser=_int("--new-tokens"), help="Causal LM: tokens generated per prompt.")] = 32,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", parser=_int("--new-tokens"), help="Causal LM: tokens generated per prompt (the prompt and these must fit the model's positions).")] = 32,
     json_path: JsonOpt = None,
 ) -> None:
     """Compare the compressed model with the original on real text: embeddings, or for a causal LM
@@ -571,12 +575,15 @@ def archs(json_path: JsonOpt = None) -> None:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
 
 
 def main() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C (exit 143, outputs cleaned up)."""
+    """Console-script entry point: SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C (exit 143
+    and 129, outputs cleaned up); a SIGHUP ignored by the parent (``nohup``) stays ignored."""
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminate)
     app()
 
 

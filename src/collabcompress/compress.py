@@ -31,6 +31,7 @@ from .errors import BadInputError
 from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from . import manifest as _mf
 from .manifest import FORMAT, MANIFEST_NAME
+from .limits import check_memory, spectra_bytes
 from .parallel import default_workers, map_layers
 from .refine import RefineResult, refine_factors
 from .output import (atomic_directory, check_output_path, copy_other_files, file_record, sha256_file, write_json,
@@ -686,6 +687,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             elif options.rank > s.width:
                 raise BadInputError(f"--rank {options.rank} is above H*d = {s.width} of {s.module}; "
                                     "a rank above H*d compresses nothing")
+    check_memory(*spectra_bytes(specs, 1 if options.device != "cpu" else workers,
+                                calibrated=options.calibration is not None))
     rotary = [s for s in specs if s.rotary]
     whitening, sequences, energies = {}, {}, {}
     if options.calibration:

@@ -18,6 +18,7 @@ on the same windows, and greedy generation from a few prompts taken from the tex
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,8 @@ from . import lm
 from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers
 from .io import read_texts
-from .texts import lee_corpus, load_tokenizer, position_limit, sample_texts
+from .limits import check_memory, forward_bytes
+from .texts import leading_text, lee_corpus, load_tokenizer, position_limit, sample_texts
 
 __all__ = ["evaluate", "evaluate_causal", "read_texts", "pooled_embeddings", "PROMPT_TOKENS"]
 
@@ -92,8 +94,8 @@ def _cosine_matrix(e: torch.Tensor) -> torch.Tensor:
 def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        batch = [leading_text(tokenizer, t, max_length) for t in texts[i:i + batch_size]]  # truncated anyway
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
 
@@ -182,6 +184,9 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
     max_length = min(max_length, position_limit(reference.config, tokenizer))
     batches = _batches(tokenizer, texts, max_length, batch_size)
     lee_batches = _batches(tokenizer, corpus.documents, max_length, batch_size) if corpus else []
+    rows, length = max((tuple(b["input_ids"].shape) for b in batches + lee_batches), key=lambda s: s[0] * s[1] ** 2)
+    check_memory(forward_bytes(manifest.layers, rows, length), f"the attention scores and activations of a batch of "
+                 f"{rows:,} texts of {length:,} tokens (--batch-size, --max-length)")
     total = 2 * (len(batches) + len(lee_batches))
     done = [0]
 
@@ -285,7 +290,19 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
         windows = lm.token_windows(ids, max_tokens=max_tokens, window=window)
     except ValueError as e:
         raise BadInputError(f"evaluate: {e}") from e
-    starts = [p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts) if p.numel()][:prompts]
+    starts = list(itertools.islice((p for p in (lm.token_ids(tokenizer, t, max_tokens=PROMPT_TOKENS) for t in texts)
+                                    if p.numel()), prompts))  # only the texts needed are tokenised
+    positions = position_limit(reference.config, tokenizer)
+    longest = max((p.numel() for p in starts), default=0)
+    if starts and longest + new_tokens > positions:
+        raise BadInputError(f"--new-tokens {new_tokens:,}: a prompt of {longest} tokens and {new_tokens:,} new tokens "
+                            f"exceed the model's {positions:,} positions; give --new-tokens {positions - longest:,} "
+                            "or fewer")
+    vocab = int(getattr(reference.config, "vocab_size", 0) or 0)
+    longest_window = max(w.numel() for w in windows)
+    # compare_windows holds both models' logits as float64 log-probabilities, several times over
+    check_memory(forward_bytes(manifest.layers, 1, longest_window, vocab=vocab) + 7 * 8 * longest_window * vocab,
+                 f"the attention scores, activations and logits of a {longest_window:,}-token window (--window)")
     total, done = len(windows) + len(starts), [0]
 
     def tick(stage: str) -> None:

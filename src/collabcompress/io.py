@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .dtypes import to_torch
+from .dtypes import ELEMENT_SIZE, to_torch
 from .errors import BadInputError
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "regular_file", "staged"]
@@ -133,7 +133,8 @@ def _read_header(path: Path) -> tuple[int, Any]:
     not parse, which safetensors then reports in its own words).
 
     Checks, with plain messages, what safetensors words poorly: a file too short for the
-    8-byte length, a length beyond the file (or absurd), no JSON object, data cut short.
+    8-byte length, a length beyond the file (or absurd), no JSON object, and tensors that do
+    not fit the file (:func:`_check_extents`).
     """
     try:
         size = path.stat().st_size
@@ -154,13 +155,44 @@ def _read_header(path: Path) -> tuple[int, Any]:
         raise BadInputError(f"{path} is not a safetensors file (no JSON header)")
     try:
         header = json.loads(raw)
-        end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+        entries = [(k, e["dtype"], _ints(e["shape"]), _ints(e["data_offsets"]))
+                   for k, e in header.items() if k != "__metadata__"]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return n, None
-    if 8 + n + end > size:
-        raise BadInputError(f"{path} is truncated: its header describes {end:,} bytes of tensor data, "
-                            f"the file holds {size - 8 - n:,}")
+    _check_extents(path, entries, size - 8 - n)
     return n, header
+
+
+def _ints(values: Any) -> list[int]:
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError("not a list of integers")
+    return values
+
+
+def _check_extents(path: Path, entries: list[tuple[str, Any, list[int], list[int]]], data_bytes: int) -> None:
+    """Refuse a header whose tensors do not fit the file, before anything is allocated for them:
+    a tensor past the end of the data (truncated, or a crafted header claiming a
+    [10**6, 10**6] tensor), or data offsets that do not span shape x dtype bytes."""
+    beyond = [e for e in entries if len(e[3]) == 2 and e[3][1] > data_bytes]
+    if beyond:
+        name, dtype, shape, (start, end) = min(beyond, key=lambda e: e[3][0])
+        raise BadInputError(f"{path} is truncated or its header is damaged: tensor {str(name)[:200]!r} "
+                            f"({str(dtype)[:20]} {str(shape)[:100]}) claims data bytes {start:,} to {end:,}, "
+                            f"the file holds {data_bytes:,}")
+    for name, dtype, shape, offsets in entries:
+        element = ELEMENT_SIZE.get(dtype) if isinstance(dtype, str) else None
+        if element is None or len(offsets) != 2 or any(d < 0 for d in shape):
+            continue  # a dtype or layout this check does not know: safetensors judges it
+        span = offsets[1] - offsets[0]
+        nbytes = 0 if 0 in shape else element
+        for d in shape if nbytes else ():  # stops once past the file: a shape of 10**6 dimensions costs nothing
+            nbytes *= d
+            if nbytes > data_bytes:
+                break
+        if nbytes != span:
+            needs = f"{nbytes:,} bytes" if nbytes <= data_bytes else f"more than the file's {data_bytes:,} bytes"
+            raise BadInputError(f"{path} has a damaged header: tensor {str(name)[:200]!r} of shape "
+                                f"{str(shape)[:100]} and dtype {dtype} needs {needs}, its data offsets span {span:,}")
 
 
 def _data_offsets(path: Path, header_len: int, header: Any) -> dict[str, tuple[int, int]]:

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
                        DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP)
 from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from .limits import check_memory, forward_bytes, usable_cores
 from .nn import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention
 
 __all__ = ["FORMAT", "LEVELS", "Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
@@ -331,8 +332,10 @@ class _ModulePair:
 
     def __init__(self, layers: list[_Layer], config: dict[str, Any] | None, dtype: torch.dtype,
                  device: torch.device) -> None:
+        from .texts import position_limit
+
         self.layers, self.config, self.dtype, self.device = layers, config, dtype, device
-        self.position_limit = 1 << 30
+        self.position_limit = position_limit(config)  # the source's config.json: the model's positions
 
     def runs(self, seq_len: int, batch: int) -> tuple[Run, Run]:
         g = torch.Generator().manual_seed(_SEED + seq_len * 131 + batch)
@@ -373,7 +376,7 @@ class _ModelPair:
         if self.vocab < 1:
             raise UnsupportedArchitectureError("the model-level bench feeds token ids, but the model's config "
                                                "gives no vocab_size; use --level module")
-        self.position_limit = position_limit(model.config, _NoTokenizer())
+        self.position_limit = position_limit(model.config)
 
     def _ids(self, batch: int, seq_len: int, salt: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(_SEED + seq_len * 131 + batch + salt)
@@ -439,12 +442,6 @@ class _ModelPair:
         }
 
 
-class _NoTokenizer:
-    """position_limit's tokenizer argument when there is none: no limit of its own."""
-
-    model_max_length = None
-
-
 def _load_models(original: Path, compressed: Path, device: torch.device):
     """(original model, compressed model): evaluate's loaders, one model type."""
     from . import hf
@@ -470,6 +467,9 @@ def _check_settings(lengths: Sequence[int], batch_sizes: Sequence[int], warmup: 
                              ("--decode-steps", decode_steps, 1), ("--threads", threads, 1)):
         if value is not None and value < low:
             raise BadInputError(f"{name} must be at least {low}, got {value}")
+    if threads is not None and threads > (cores := usable_cores()):
+        raise BadInputError(f"--threads {threads:,} is more than the {cores} CPU cores this process may use; "
+                            f"give at most {cores}")
 
 
 def _device(name: str) -> torch.device:
@@ -511,7 +511,9 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
         The JSON-ready record whose keys the README lists (``format`` ``collabcompress-bench/1``).
 
     Raises:
-        BadInputError: bad settings, unreadable or mismatched directories, CUDA unavailable.
+        BadInputError: bad settings (a length beyond the model's positions, more threads than usable
+            cores, a batch and length whose activations exceed the memory available), unreadable or
+            mismatched directories, CUDA unavailable.
         UnsupportedArchitectureError: a family the requested level cannot run.
         MissingExtraError: ``level="model"`` without transformers.
     """
@@ -545,22 +547,23 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
     finally:
         out.close()
 
-    kept = [n for n in lengths if n <= pair.position_limit]
-    if len(kept) < len(lengths):
-        notes.append(f"lengths above the model's {pair.position_limit:,} positions were skipped: "
-                     + ", ".join(str(n) for n in lengths if n > pair.position_limit))
-    if not kept:
-        raise BadInputError(f"--lengths: every length exceeds the model's {pair.position_limit:,} positions")
-    report = build_report(compressed, kept)
+    if lengths[-1] > pair.position_limit:
+        raise BadInputError(f"--lengths {lengths[-1]:,} is more than the model's {pair.position_limit:,} positions; "
+                            f"give lengths of at most {pair.position_limit:,}")
+    check_memory(forward_bytes(manifest.layers, batch_sizes[-1], lengths[-1], vocab=pair.vocab if pair.causal else 0,
+                               element=pair.dtype.itemsize),
+                 f"the attention scores{', activations and logits' if pair.causal else ' and activations'} of a "
+                 f"forward pass of --batch-sizes {batch_sizes[-1]:,} at --lengths {lengths[-1]:,}", dev.type)
+    report = build_report(compressed, lengths)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    total = len(kept) * len(batch_sizes) + (1 if pair.causal else 0)
+    total = len(lengths) * len(batch_sizes) + (1 if pair.causal else 0)
     rows, done = [], 0
     try:
         for batch in batch_sizes:
-            for n in kept:
+            for n in lengths:
                 first, second = pair.runs(n, batch)
                 times_o, times_c = interleaved(first, second, warmup=warmup, repeats=repeats, sync=sync)
                 row = {"seq_len": n, "batch_size": batch,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
+from .texts import leading_text
 
 __all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids",
            "token_windows", "padded_rows", "sentences", "shuffled_sentences", "sampled_continuations", "window_logits",
@@ -42,8 +43,11 @@ def join_documents(text: str | Sequence[str]) -> str:
 def token_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
     """The token ids of ``text`` without special tokens (no BOS/EOS added), at most ``max_tokens``.
 
-    Returns a 1-D int64 tensor.
+    With ``max_tokens``, only a prefix of the text that holds them is tokenised
+    (:func:`collabcompress.texts.leading_text`). Returns a 1-D int64 tensor.
     """
+    if max_tokens is not None:
+        text = leading_text(tokenizer, text, max_tokens)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -55,7 +59,8 @@ def leading_ids(tokenizer: Any, documents: Sequence[str], max_tokens: int) -> tu
     and how many leading documents they come from.
 
     Only the shortest prefix of the documents that yields ``max_tokens`` tokens is tokenised
-    (found by doubling, then bisection), so a large corpus is not tokenised whole. Returns
+    (found by doubling, then bisection), so a large corpus is not tokenised whole, and of one
+    enormous document only its start (:func:`token_ids`). Returns
     ``(ids (N,) int64, documents used)``.
     """
     def ids_of(n: int) -> torch.Tensor:

@@ -9,12 +9,13 @@ synchronisation, which on a busy 2-core machine made a 0.2 s analysis take 10 s.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TypeVar
 
 import torch
+
+from .limits import usable_cores
 
 __all__ = ["default_workers", "map_layers"]
 
@@ -23,11 +24,8 @@ R = TypeVar("R")
 
 
 def default_workers() -> int:
-    """The CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """The CPU cores this process may use (:func:`collabcompress.limits.usable_cores`)."""
+    return usable_cores()
 
 
 @contextlib.contextmanager

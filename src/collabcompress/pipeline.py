@@ -20,7 +20,8 @@ from .arch import AttentionSpec, detect, load_query_key
 from .defaults import DEFAULT_ENERGIES
 from .errors import BadInputError
 from .io import open_checkpoint
-from .parallel import map_layers
+from .limits import check_memory, spectra_bytes
+from .parallel import default_workers, map_layers
 
 __all__ = ["AnalysisResult", "LayerAnalysis", "RotarySpectrum", "analyze", "DEFAULT_ENERGIES", "check_energy"]
 
@@ -185,6 +186,8 @@ def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | Non
     energies = tuple(check_energy(t) for t in energies)
     ckpt = open_checkpoint(checkpoint)
     specs = detect(ckpt, heads=heads, arch=arch, kv_heads=kv_heads)
+    check_memory(*spectra_bytes(specs, default_workers() if workers is None else workers,
+                                calibrated=calibration is not None))
 
     def one(spec: AttentionSpec) -> LayerAnalysis:
         qk = load_query_key(ckpt, spec)

@@ -17,9 +17,10 @@ from .errors import BadInputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["sample_texts", "cache_dir", "LeeCorpus", "lee_corpus", "load_tokenizer", "position_limit"]
+__all__ = ["sample_texts", "cache_dir", "LeeCorpus", "lee_corpus", "load_tokenizer", "position_limit", "leading_text"]
 
 SAMPLE_TEXTS = "sample_texts.txt"
+CHARS_PER_TOKEN = 16  # leading_text's first cut, in characters per token wanted; doubled while too few come out
 
 
 def sample_texts() -> list[str]:
@@ -112,12 +113,43 @@ def load_tokenizer(directories: Sequence[Path]):
                         + " or ".join(str(d) for d in directories) + "".join(f"; {e}" for e in errors))
 
 
-def position_limit(config, tokenizer) -> int:
-    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)."""
-    limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None))
-              if isinstance(n, int) and n > 0]
-    if limits and config.model_type in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
-        limits = [n - config.pad_token_id - 1 for n in limits]
-    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
-        limits.append(tokenizer.model_max_length)
+def position_limit(config, tokenizer=None) -> int:
+    """Most tokens the model takes: its absolute position table (RoBERTa-style offsets removed)
+    and the tokenizer's ``model_max_length``; ``1 << 30`` when neither sets one.
+
+    ``config`` is a transformers config or the dict of a config.json (or ``None``).
+    """
+    def get(key: str):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    limits = [n for n in (get("max_position_embeddings"), get("n_positions"))
+              if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    pad = get("pad_token_id")
+    if limits and get("model_type") in ("roberta", "xlm-roberta", "camembert") and isinstance(pad, int):
+        limits = [n - pad - 1 for n in limits]
+    most = getattr(tokenizer, "model_max_length", None)
+    if isinstance(most, int) and most < 1_000_000:
+        limits.append(most)
     return min(limits) if limits else 1 << 30
+
+
+def leading_text(tokenizer, text: str, max_tokens: int) -> str:
+    """A prefix of ``text`` that holds its first ``max_tokens`` tokens (no special tokens), so
+    that one enormous text is never tokenised whole when only its start is used.
+
+    ``text`` itself when it has at most ``CHARS_PER_TOKEN * max_tokens`` characters; else the
+    first that many, cut back to a whitespace (so that the last word is not split into other
+    tokens) and doubled until they tokenise to more than ``max_tokens`` tokens or the whole
+    text is reached: what is tokenised is a small multiple of the prefix needed, whatever the
+    length of ``text``.
+    """
+    limit = CHARS_PER_TOKEN * max(1, max_tokens)
+    while len(text) > limit:
+        piece = text[:limit]
+        space = max(piece.rfind(c) for c in " \n\t")
+        piece = piece[:space] if space > limit // 2 else piece
+        if len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > max_tokens:
+            return piece
+        limit *= 2
+    return text
+
