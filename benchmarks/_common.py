@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """The package's data cache (:func:`collabcompress.texts.cache_dir`), imported lazily
+    """The package's data cache (:func:`collabcompress.files.texts.cache_dir`), imported lazily
     so that scripts which only time the CLI do not import torch themselves."""
-    from collabcompress.texts import cache_dir as package_cache_dir
+    from collabcompress.files.texts import cache_dir as package_cache_dir
 
     return package_cache_dir()
 
@@ -62,8 +62,8 @@ def smollm2_pair(args):
     import transformers
 
     from collabcompress import hf
-    from collabcompress.compress import CompressOptions, compress
-    from collabcompress.heal import trainable
+    from collabcompress.commands.compress import CompressOptions, compress
+    from collabcompress.runtime.heal import trainable
 
     transformers.logging.set_verbosity_error()
     original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).float().eval()

@@ -80,7 +80,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
     from collabcompress.hf import from_pretrained
 
     transformers.logging.set_verbosity_error()

@@ -5,7 +5,7 @@ For every attention layer and every requested shared width R, side by side in on
 * tensorly ``parafac`` on the dense ``H x D x D`` tensor of slices ``P_h = W_Q^h^T W_K^h``,
   as the paper's code does it (Cordonnier, Loukas, Jaggi, arXiv 2006.16362: pytorch
   backend, ``init="random"``, ``tol=1e-6``, default ``n_iter_max``), fixed ``random_state``;
-* ``collabcompress.decompose.cp_als`` with its defaults, which never forms that tensor.
+* ``collabcompress.maths.cp.cp_als`` with its defaults, which never forms that tensor.
 
 It prints seconds and relative error ``||P - P_hat||_F / ||P||_F`` per layer and method and
 the speed ratio, and checks at ``--check-rank`` (192 = H*d/2) that ours is at least
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
 
     try:
-        from collabcompress.decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, cp_als
+        from collabcompress.maths.cp import DEFAULT_MAX_ITER, DEFAULT_TOL, cp_als
     except ImportError:  # running from a source checkout without installing
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from collabcompress.decompose import DEFAULT_MAX_ITER, DEFAULT_TOL, cp_als
+        from collabcompress.maths.cp import DEFAULT_MAX_ITER, DEFAULT_TOL, cp_als
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

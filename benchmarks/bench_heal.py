@@ -8,13 +8,13 @@ windows:
 - the distillation loss of a window with its gradient (forward and backward pass of the
   compressed model; the original's last hidden states cached, as healing caches them) and
   without (a held-out window's check), ``--repeats`` rounds after one warm-up, the two ways
-  interleaved (:func:`collabcompress.latency.interleaved`; medians, and the median of the
+  interleaved (:func:`collabcompress.commands.bench.interleaved`; medians, and the median of the
   per-round ratios), with
-  the loss through :class:`collabcompress.heal._HeadKL` (slices of
-  :data:`collabcompress.heal.SLICE_ELEMENTS` floats) and through whole (T, V) logits of both
+  the loss through :class:`collabcompress.runtime.heal._HeadKL` (slices of
+  :data:`collabcompress.runtime.heal.SLICE_ELEMENTS` floats) and through whole (T, V) logits of both
   models, as healing computed it before;
 - the held-out check as healing runs it: from the moments of the original's distributions
-  (:meth:`collabcompress.heal._Targets.judge`, one pass of the output layer), interleaved with
+  (:meth:`collabcompress.runtime.heal._Targets.judge`, one pass of the output layer), interleaved with
   the other two checks;
 - the largest relative difference between the two losses and between their gradients, and
   between the check from moments and the sliced loss.
@@ -44,8 +44,8 @@ def main() -> int:
     if loaded is None:
         return 2
     model_dir, reference, model = loaded
-    from collabcompress.heal import SLICE_ELEMENTS, _Targets, trainable
-    from collabcompress.latency import interleaved, pair_ratio
+    from collabcompress.runtime.heal import SLICE_ELEMENTS, _Targets, trainable
+    from collabcompress.commands.bench import interleaved, pair_ratio
 
     params = list(trainable(model).values())
     g = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A causal prefill of the real SmolLM2-135M-Instruct: torch SDPA's flash kernel against the product.
 
-One run, side by side, interleaved (:func:`collabcompress.latency.interleaved`: original,
+One run, side by side, interleaved (:func:`collabcompress.commands.bench.interleaved`: original,
 compressed with the product path, compressed with the flash path in turn, ``--repeats`` rounds
 after one warm-up), batch 1, N in
 ``--lengths``, ``--threads`` threads, float32, on the model compressed data-free at ``--rank``
@@ -12,9 +12,9 @@ after one warm-up), batch 1, N in
   trained (the body of a healing step; the output layer is not included);
 - the largest difference of the logits between the two paths, against the largest logit.
 
-"product" is :func:`collabcompress.nn.collaborative_attention`'s own batched product (full
+"product" is :func:`collabcompress.runtime.attention.collaborative_attention`'s own batched product (full
 scores, the causal mask filled in); "flash" is its rule of today
-(:func:`collabcompress.nn._cpu_flash`: SDPA's fused CPU kernel with the values zero-padded to
+(:func:`collabcompress.runtime.attention._cpu_flash`: SDPA's fused CPU kernel with the values zero-padded to
 the key width). Medians of the wall times, and the medians of the per-round ratios.
 
     python scripts/fetch_data.py            # once: SmolLM2
@@ -39,8 +39,8 @@ def main() -> int:
     if loaded is None:
         return 2
     model_dir, original, model = loaded
-    import collabcompress.nn as cnn
-    from collabcompress.latency import interleaved
+    import collabcompress.runtime.attention as cnn
+    from collabcompress.commands.bench import interleaved
 
     flash_rule = cnn._cpu_flash
 

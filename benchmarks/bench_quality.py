@@ -18,7 +18,7 @@ One run compresses the model several ways and evaluates every result the same wa
   the already-compressed earlier layers (see :func:`sequential_compress`), at
   ``--sequential-ranks``.
 
-Every result is evaluated with ``collabcompress.evaluate.evaluate`` on text that is NOT in
+Every result is evaluated with ``collabcompress.commands.evaluate.evaluate`` on text that is NOT in
 the calibration set: the bundled sample texts (the acceptance figure of ``evaluate``) and
 the 50 Lee documents ``lee.cor`` (not in ``lee_background.cor``): cosine of the pooled
 embeddings to the original's (mean, min), nearest-neighbour agreement, largest
@@ -105,8 +105,8 @@ def _overwrite_factors(out: Path, factors_by_module: dict[str, dict[str, torch.T
 
 def overwrite_with_parafac(out: Path, source: Path, rank: int, seed: int) -> tuple[float, list[float]]:
     """Replace the collab tensors of the output directory ``out`` by parafac factors; -> (seconds, errors)."""
-    from collabcompress.arch import detect, load_query_key
-    from collabcompress.io import open_checkpoint
+    from collabcompress.files.arch import detect, load_query_key
+    from collabcompress.files.checkpoint import open_checkpoint
 
     manifest = json.loads((out / "collab_manifest.json").read_text())
     ckpt = open_checkpoint(source)
@@ -149,17 +149,18 @@ def sequential_compress(source: Path, out: Path, texts: list[str], rank: int, *,
     import transformers
 
     from collabcompress import hf
-    from collabcompress.arch import detect, load_query_key
-    from collabcompress.calibration import windows
-    from collabcompress.compress import CompressOptions, _calibrated_cp_als, _head_weights
-    from collabcompress.decompose import relative_error, whitening_factor
-    from collabcompress.io import open_checkpoint
+    from collabcompress.runtime import adapters
+    from collabcompress.files.arch import detect, load_query_key
+    from collabcompress.commands.calibrate import windows
+    from collabcompress.commands.compress import CompressOptions, _calibrated_cp_als, _head_weights
+    from collabcompress.maths.cp import relative_error, whitening_factor
+    from collabcompress.files.checkpoint import open_checkpoint
 
     start = time.perf_counter()
     ckpt = open_checkpoint(source)
     specs = detect(ckpt)
     model = hf.from_pretrained(out)
-    modules = hf.collaborative_modules(model)
+    modules = adapters.collaborative_modules(model)
     manifest = json.loads((out / "collab_manifest.json").read_text())
     memory_name = {}
     for layer in manifest["layers"]:  # file module name -> in-memory module (by layer index)
@@ -233,9 +234,9 @@ def plain_errors(source: Path, out: Path) -> list[float]:
     """||P - P_hat||_F / ||P||_F per layer from the output tensors (comparable across methods)."""
     from safetensors.torch import load_file
 
-    from collabcompress.arch import detect, load_query_key
-    from collabcompress.decompose import CPFactors, relative_error
-    from collabcompress.io import open_checkpoint
+    from collabcompress.files.arch import detect, load_query_key
+    from collabcompress.maths.cp import CPFactors, relative_error
+    from collabcompress.files.checkpoint import open_checkpoint
 
     manifest = json.loads((out / "collab_manifest.json").read_text())
     tensors = load_file(str(out / "model.safetensors"))
@@ -254,7 +255,7 @@ def plain_errors(source: Path, out: Path) -> list[float]:
 
 def measure(source: Path, out: Path, lee: Path, lee_docs: list[str], in_sample: list[str],
             in_sample_length: int) -> dict:
-    from collabcompress.evaluate import evaluate
+    from collabcompress.commands.evaluate import evaluate
 
     manifest = json.loads((out / "collab_manifest.json").read_text())
     reported = [layer["relative_error"] for layer in manifest["layers"]]
@@ -304,8 +305,8 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from collabcompress.calibration import calibrate
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.calibrate import calibrate
+    from collabcompress.commands.compress import CompressOptions, compress
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

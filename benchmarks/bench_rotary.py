@@ -4,7 +4,7 @@
 One run, side by side (SPEC section 2, "Rotary decoders"):
 
 - perplexity on the first ``--eval-tokens`` tokens of ``lee.cor`` (the 50 Lee documents
-  joined with "\\n", ``--window``-token windows, :func:`collabcompress.lm.perplexity`) of the
+  joined with "\\n", ``--window``-token windows, :func:`collabcompress.runtime.lm.perplexity`) of the
   original and of the model compressed at key caches ``--ranks`` (reals per token and layer,
   of G*d = 192), data-free and calibrated (``calibrate`` on the first ``--calib-tokens``
   tokens of ``lee_background.cor``, a different set of documents), beside SPEC's measured
@@ -132,10 +132,10 @@ def main() -> int:
     import transformers
 
     from collabcompress import hf
-    from collabcompress.calibration import calibrate
-    from collabcompress.compress import CompressOptions, compress
-    from collabcompress.lm import leading_ids, perplexity
-    from collabcompress.texts import lee_corpus, load_tokenizer, sample_texts
+    from collabcompress.commands.calibrate import calibrate
+    from collabcompress.commands.compress import CompressOptions, compress
+    from collabcompress.runtime.lm import leading_ids, perplexity
+    from collabcompress.files.texts import lee_corpus, load_tokenizer, sample_texts
 
     model_dir = args.model or cache_dir() / "smollm2-135m-instruct"
     lee = cache_dir() / "lee"

@@ -8,7 +8,7 @@ One run, side by side, ``--threads`` threads (default 1), every measurement inte
 (a) whole-model forward, batch ``--batch`` (8), N in ``--lengths`` (32, 128, 512): the real
     all-MiniLM-L6-v2 compressed at R = 192 and R = 96, and an MPNet-sized random model (12
     layers, D = 768, 12 heads) at R = 384, beside the FLOP ratio of the FLOP model
-    (:func:`collabcompress.report.build_report`, from :mod:`collabcompress.costs`);
+    (:func:`collabcompress.commands.report.build_report`, from :mod:`collabcompress.maths.costs`);
 (b) decoding with a DynamicCache, batch 1: a GPT-2-shaped random ``GPT2Model`` (12 layers,
     D = 768) at R = 384, time per step over 64 steps after a 512-token prefill; the real
     SmolLM2-135M-Instruct at 128 of 192 key numbers per token, tokens per second over
@@ -98,7 +98,7 @@ def _ratios(times: dict[str, list[float]], base: str = "original") -> dict[str, 
 
 
 def _compress(src: Path, out: Path, rank: int, max_iter: int) -> Path:
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     if not out.exists():
         compress(src, out, CompressOptions(rank=rank, max_iter=max_iter))
@@ -123,7 +123,7 @@ def _three(src: Path, out: Path, before_hf, model_class: str | None = None) -> d
 def _encoders(args, tmp: Path, before_hf) -> list[dict]:
     import transformers
 
-    from collabcompress.report import build_report
+    from collabcompress.commands.report import build_report
 
     mpnet = tmp / "mpnet"
     if not mpnet.exists():
@@ -160,7 +160,7 @@ def _decoder(models: dict, prefill: int, steps: int, runs: int, vocab: int) -> d
     """Seconds per cached decoding step after ``prefill`` tokens (batch 1), and key cache bytes."""
     import transformers
 
-    from collabcompress import hf
+    from collabcompress.runtime import adapters
 
     ids = torch.randint(5, vocab, (1, prefill + steps), generator=torch.Generator().manual_seed(0))
     caches: dict[str, int] = {}
@@ -168,11 +168,11 @@ def _decoder(models: dict, prefill: int, steps: int, runs: int, vocab: int) -> d
     def step_time(name, model):
         def run():
             cache = transformers.DynamicCache(config=model.config)
-            model(input_ids=ids[:, :prefill], **{hf.cache_keyword(model): cache}, use_cache=True)
+            model(input_ids=ids[:, :prefill], **{adapters.cache_keyword(model): cache}, use_cache=True)
             caches[name] = _key_cache_bytes(cache)
             t0 = time.perf_counter()
             for i in range(prefill, prefill + steps):
-                model(input_ids=ids[:, i:i + 1], **{hf.cache_keyword(model): cache}, use_cache=True)
+                model(input_ids=ids[:, i:i + 1], **{adapters.cache_keyword(model): cache}, use_cache=True)
             return (time.perf_counter() - t0) / steps
         return run
 

@@ -18,7 +18,7 @@ SAMPLE = ROOT / "sample_models" / "all-MiniLM-L6-v2-attention"
 
 def _cached(name: str, marker: str) -> Path:
     """A folder of the data cache (scripts/fetch_data.py), or skip when it is not fetched."""
-    from collabcompress.texts import cache_dir
+    from collabcompress.files.texts import cache_dir
 
     path = cache_dir() / name
     if not (path / marker).is_file():
@@ -57,7 +57,7 @@ def _one_torch_thread():
 # The expensive real-model outputs, made once per session and shared; tests only read them.
 
 def _compressed_minilm(minilm_dir: Path, tmp_path_factory, rank: int) -> tuple[Path, dict]:
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     out = tmp_path_factory.mktemp(f"minilm-r{rank}") / "out"
     return out, compress(minilm_dir, out, CompressOptions(rank=rank))
@@ -147,7 +147,7 @@ def rotary_stats(rotary_checkpoints, tmp_path_factory):
     """name -> (tiny rotary checkpoint, calibration statistics with 3 kept 64-token windows), each
     calibrated once per session on 60 short repetitive lines."""
     pytest.importorskip("transformers")
-    from collabcompress.calibration import calibrate
+    from collabcompress.commands.calibrate import calibrate
 
     made: dict[str, tuple[Path, Path]] = {}
 

@@ -345,7 +345,7 @@ def _timm_vit(directory: Path, seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' logging at error level and no progress bars, restored afterwards."""
     import transformers
 
@@ -375,7 +375,7 @@ def make_checkpoint(family: str, directory: Path, *, seed: int = 0, with_config:
     if family == "timm-vit":
         _timm_vit(directory, seed)
     else:
-        with _quiet_transformers():
+        with quiet_transformers():
             torch.manual_seed(seed)
             model = _transformers_model(family)
             _perturb_biases(model, seed)
@@ -545,7 +545,7 @@ def make_rotary_checkpoint(name: str, directory: Path, *, seed: int = 0, with_co
     if name not in ROTARY and name not in ROTARY_REFUSED:
         raise KeyError(f"unknown rotary fixture {name!r}; known: {', '.join(rotary_names())}")
     directory.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         torch.manual_seed(seed)
         model = _rotary_model(name)
         _perturb_biases(model, seed, scale=ROTARY_INIT)

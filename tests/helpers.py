@@ -30,10 +30,10 @@ def write_stats(model_dir: Path, path: Path, n_tokens: int, /, **meta_changes: s
 
     import torch
 
-    from collabcompress.arch import detect
-    from collabcompress.calibration import STATS_FORMAT, source_sha256
-    from collabcompress.io import open_checkpoint
-    from collabcompress.output import write_safetensors
+    from collabcompress.files.arch import detect
+    from collabcompress.files.statistics import STATS_FORMAT, source_sha256
+    from collabcompress.files.checkpoint import open_checkpoint
+    from collabcompress.files.output import write_safetensors
 
     ckpt = open_checkpoint(model_dir)
     specs = detect(ckpt)
@@ -55,13 +55,14 @@ def rerecord_outputs(directory: Path) -> None:
     behind it can be tested."""
     import dataclasses
 
-    from collabcompress import manifest as mf
-    from collabcompress.output import file_record
+    from collabcompress.files import manifest as mf
+    from collabcompress.files.output import write_manifest
+    from collabcompress.files.output import file_record
 
     m = mf.read(directory)
     outputs = tuple(mf.FileRecord(**file_record(directory / o.name, directory)) for o in m.outputs
                     if (directory / o.name).is_file())
-    mf.write(directory, dataclasses.replace(m, outputs=outputs))
+    write_manifest(directory, dataclasses.replace(m, outputs=outputs))
 
 
 def stored_shapes(directory: Path) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-import collabcompress.compress as c
+import collabcompress.commands.compress as c
+import collabcompress.methods.collaborative as collaborative
 from collabcompress import cli
 
 
@@ -39,7 +40,7 @@ def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
             while True:  # idle, so that waiting for the signal costs no CPU
                 time.sleep(0.01)
 
-        c.cp_als = cp_als
+        collaborative.cp_als = cp_als
     else:
         real_write = c.write_safetensors
 

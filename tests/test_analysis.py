@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collabcompress.analysis import choose_rank, gram_matrices, layer_spectrum, rank_for_energy
+from collabcompress.maths.spectra import choose_rank, gram_matrices, layer_spectrum, rank_for_energy
 
 
 def _weights(n_head: int, head_dim: int, d_model: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

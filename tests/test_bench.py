@@ -1,4 +1,4 @@
-"""`collabcompress bench` (collabcompress.latency) and `report --measured`.
+"""`collabcompress bench` (collabcompress.commands.bench) and `report --measured`.
 
 Tiny settings on the bundled sample (module level, no transformers needed) and on the tiny
 llama decoder of tests/families.py (model level, with decoding). No test asserts a wall
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from collabcompress import latency
-from collabcompress.compress import CompressOptions, compress
-from collabcompress.report import build_report
+from collabcompress.commands import bench as latency
+from collabcompress.files.bench_record import outputs_sha256
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.commands.report import build_report
 from helpers import assert_clean_failure
 
 FAST = ("--repeats", "2", "--warmup", "1", "--threads", "1")
@@ -102,9 +103,9 @@ def test_module_level_record(cli, sample_dir, sample_r96):
     data = _json(cli("bench", sample_dir, sample_r96, "--level", "module", "--lengths", "8,4", "--batch-sizes",
                      "2,1", *FAST, "--json", "-"))
     assert data["format"] == latency.FORMAT and data["level"] == "module" and data["device"] == "cpu"
-    from collabcompress.manifest import read
+    from collabcompress.files.manifest import read
 
-    assert data["outputs_sha256"] == latency.outputs_sha256(read(sample_r96))
+    assert data["outputs_sha256"] == outputs_sha256(read(sample_r96))
     assert data["dtype"] == "float32"  # the float16 sample runs in float32 on the CPU
     assert data["threads"] == 1 and data["repeats"] == 2 and data["warmup"] == 1
     assert data["compressed_layers"] == 6 and data["causal"] is False and data["decode"] is None
@@ -260,11 +261,11 @@ def test_report_measured_refuses_other_files(cli, sample_r96, sample_bench, tmp_
 # ---- the module-level layers compute what they stand for ------------------------------------------
 
 def _layers(original: Path, compressed: Path):
-    from collabcompress.manifest import open_output
-    from collabcompress.verify import _original
+    from collabcompress.files.manifest import open_output
+    from collabcompress.commands.verify import resolve_original
 
     manifest, out = open_output(compressed)
-    source, _ = _original(manifest, original)
+    source, _ = resolve_original(manifest, original)
     try:
         return latency._module_layers(source, out, manifest), source.ckpt.config
     finally:

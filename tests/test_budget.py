@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from collabcompress.budget import allocate, rank_ladder
-from collabcompress.refine import RotaryKL, refine_rotary, rotary_collab_logits, rotary_original_logits
-from collabcompress.rotary import rotary_factors, rotary_scores
+from collabcompress.maths.budget import allocate, rank_ladder
+from collabcompress.maths.refine import RotaryKL, refine_rotary, rotary_collab_logits, rotary_original_logits
+from collabcompress.maths.rotary import rotary_factors, rotary_scores
 from helpers import budget_losses
 
 
@@ -102,7 +102,7 @@ def tiny_llama_stats(rotary_stats):
 
 
 def test_budget_allocates_and_records_the_curves(tiny_llama_stats, tmp_path):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     model, stats = tiny_llama_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats)))
@@ -114,7 +114,7 @@ def test_budget_allocates_and_records_the_curves(tiny_llama_stats, tmp_path):
 
 
 def test_without_budget_the_manifest_has_no_new_keys(tiny_llama_stats, tmp_path):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     model, stats = tiny_llama_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats)))
@@ -123,7 +123,7 @@ def test_without_budget_the_manifest_has_no_new_keys(tiny_llama_stats, tmp_path)
 
 
 def test_rotary_refine_steps_lower_the_recorded_kl(tiny_llama_stats, tmp_path):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     model, stats = tiny_llama_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(rank=8, calibration=str(stats), refine_steps=10))
@@ -164,7 +164,7 @@ def test_heal_dtype_reaches_the_manifest_and_a_wrong_one_is_refused(tiny_llama_s
 
 
 def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tiny_llama_stats, tmp_path, cli):
-    from collabcompress.calibration import calibrate
+    from collabcompress.commands.calibrate import calibrate
 
     texts = tiny_llama_stats[1].parent / "texts.txt"  # the lines the shared statistics were made from
     calibrate(rotary_checkpoints["llama"], texts, tmp_path / "s.safetensors", max_tokens=200, max_length=64)
@@ -177,9 +177,9 @@ def test_budget_without_kept_sequences_exits_3(rotary_checkpoints, tiny_llama_st
 
 def test_heal_steps_never_worsen_held_out_loss_and_are_seeded(tiny_llama_stats, tmp_path):
     from collabcompress import hf
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
     from collabcompress.dtypes import compute_dtype
-    from collabcompress.io import open_checkpoint
+    from collabcompress.files.checkpoint import open_checkpoint
 
     model, stats = tiny_llama_stats
     opts = CompressOptions(rank=4, calibration=str(stats), heal_steps=4)
@@ -215,11 +215,11 @@ def _rewritten(stats: Path, out: Path, change) -> Path:
 def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_llama_stats, tmp_path):
     from safetensors import safe_open
 
-    from collabcompress.arch import detect
-    from collabcompress.calibration import load_input_ids, load_window_ids
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.files.arch import detect
+    from collabcompress.files.statistics import load_input_ids, load_window_ids
+    from collabcompress.commands.compress import CompressOptions, compress
     from collabcompress.errors import BadInputError
-    from collabcompress.io import open_checkpoint
+    from collabcompress.files.checkpoint import open_checkpoint
 
     model, stats = tiny_llama_stats
     ckpt = open_checkpoint(model)
@@ -249,21 +249,21 @@ def test_healing_trains_on_every_calibration_window_but_the_held_out_one(tiny_ll
 
 
 def test_healing_also_trains_on_shuffled_sentences_and_the_originals_text(rotary_stats, tmp_path, monkeypatch):
-    import collabcompress.heal
-    from collabcompress.compress import CompressOptions, compress
-    from collabcompress.heal import GENERATED, PROMPT_TOKENS, held_out_count
-    from collabcompress.lm import sentences, shuffled_sentences, token_ids
-    from collabcompress.texts import load_tokenizer
+    import collabcompress.runtime.heal
+    from collabcompress.commands.compress import CompressOptions, compress
+    from collabcompress.runtime.heal import GENERATED, PROMPT_TOKENS, held_out_count
+    from collabcompress.runtime.lm import sentences, shuffled_sentences, token_ids
+    from collabcompress.files.texts import load_tokenizer
 
     model, stats = rotary_stats("llama")  # its character tokenizer decodes with spaces (qwen2's fixture drops them)
     seen = {}
-    real = collabcompress.heal.heal
+    real = collabcompress.runtime.heal.heal
 
     def spy(reference, compressed, ids, lengths, **kwargs):
         seen.update(rows=[ids[i, : lengths[i]] for i in range(ids.shape[0])], held=kwargs["held_out"])
         return real(reference, compressed, ids, lengths, **kwargs)
 
-    monkeypatch.setattr(collabcompress.heal, "heal", spy)
+    monkeypatch.setattr(collabcompress.runtime.heal, "heal", spy)
     options = CompressOptions(rank=4, calibration=str(stats), heal_steps=1)
     heal = compress(model, tmp_path / "o", options)["heal"]
     rows, held = seen["rows"], seen["held"]
@@ -283,7 +283,7 @@ def test_healing_also_trains_on_shuffled_sentences_and_the_originals_text(rotary
     assert own == min(GENERATED, len(starts)) > 0
     assert all(r.numel() == 64 and tuple(r[:PROMPT_TOKENS].tolist()) in starts for r in rows[trained - own:trained])
     again = {}
-    monkeypatch.setattr(collabcompress.heal, "heal", lambda *a, **k: (again.update(ids=a[2]), real(*a, **k))[1])
+    monkeypatch.setattr(collabcompress.runtime.heal, "heal", lambda *a, **k: (again.update(ids=a[2]), real(*a, **k))[1])
     compress(model, tmp_path / "again", options)
     assert torch.equal(again["ids"][trained - own:trained], torch.stack(rows[trained - own:trained]))  # seeded
 
@@ -291,7 +291,7 @@ def test_healing_also_trains_on_shuffled_sentences_and_the_originals_text(rotary
 def test_healing_without_a_tokenizer_trains_on_the_windows_alone(rotary_stats, tmp_path):
     import shutil
 
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     model, stats = rotary_stats("llama")
     bare = shutil.copytree(model, tmp_path / "bare")

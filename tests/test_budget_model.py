@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collabcompress.budget import rank_ladder
-from collabcompress.rotary import key_projection, rotary_factors, rotary_scores
+from collabcompress.maths.budget import rank_ladder
+from collabcompress.maths.rotary import key_projection, rotary_factors, rotary_scores
 from helpers import budget_losses
 
 
@@ -55,7 +55,7 @@ def tiny_stats(rotary_stats):
 
 
 def test_budget_on_a_causal_lm_allocates_by_next_token_kl(tiny_stats, tmp_path):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     model, stats = tiny_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats)))
@@ -68,9 +68,9 @@ def test_budget_on_a_causal_lm_allocates_by_next_token_kl(tiny_stats, tmp_path):
 
 
 def test_loss_curves_name_their_loss(tiny_stats, rotary_checkpoints):
-    from collabcompress.arch import detect
-    from collabcompress.compress import loss_curves
-    from collabcompress.io import open_checkpoint
+    from collabcompress.files.arch import detect
+    from collabcompress.commands.compress import loss_curves
+    from collabcompress.files.checkpoint import open_checkpoint
 
     model, stats = tiny_stats
     ckpt = open_checkpoint(model)
@@ -81,7 +81,7 @@ def test_loss_curves_name_their_loss(tiny_stats, rotary_checkpoints):
 
 
 def test_with_refinement_the_budget_allocates_by_attention_kl(tiny_stats, tmp_path):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     model, stats = tiny_stats
     manifest = compress(model, tmp_path / "o", CompressOptions(budget=0.5, calibration=str(stats), refine_steps=2))

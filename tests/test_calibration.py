@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from collabcompress.calibration import STATS_FORMAT
-from collabcompress.compress import CompressOptions, compress
-from collabcompress.output import write_safetensors
+from collabcompress.files.statistics import STATS_FORMAT
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.files.output import write_safetensors
 
 from helpers import write_stats
 
@@ -139,8 +139,8 @@ def test_kept_sequences_come_from_the_texts_used(minilm_dir, texts, tmp_path, cl
 
 
 def test_long_texts_are_split_into_windows_not_truncated(minilm_dir):
-    from collabcompress.calibration import windows
-    from collabcompress.texts import load_tokenizer
+    from collabcompress.commands.calibrate import windows
+    from collabcompress.files.texts import load_tokenizer
 
     tok = load_tokenizer([minilm_dir])
     long_text = " ".join(f"word{i} is here" for i in range(120))
@@ -159,7 +159,7 @@ def test_long_texts_are_split_into_windows_not_truncated(minilm_dir):
 
 
 def test_calibrate_uses_every_token_of_long_texts(minilm_dir, minilm_calibration):
-    from collabcompress.texts import load_tokenizer
+    from collabcompress.files.texts import load_tokenizer
 
     texts, out, summary = minilm_calibration
     tok = load_tokenizer([minilm_dir])
@@ -181,8 +181,8 @@ def test_max_length_without_room_for_text_refused(minilm_dir, texts, tmp_path, c
 
 
 def test_tokenizer_without_overflow_truncates_with_a_warning(minilm_dir):
-    from collabcompress.calibration import windows
-    from collabcompress.texts import load_tokenizer
+    from collabcompress.commands.calibrate import windows
+    from collabcompress.files.texts import load_tokenizer
 
     tok = load_tokenizer([minilm_dir])
 

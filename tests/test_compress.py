@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from collabcompress.compress import CompressOptions, collab_names, compress
-from collabcompress.pipeline import analyze
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.methods.collaborative import collab_names
+from collabcompress.commands.analyze import analyze
 
 from families import FAMILIES, make_checkpoint
 

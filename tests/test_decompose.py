@@ -1,4 +1,4 @@
-"""Tests of collabcompress.decompose: CP-ALS in factored form and the exact concatenated form."""
+"""Tests of collabcompress.maths.cp: CP-ALS in factored form and the exact concatenated form."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collabcompress.decompose import (
+from collabcompress.maths.cp import (
     CPFactors,
     concatenated,
     cp_als,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import collabcompress.demo as demo_module
+import collabcompress.commands.demo as demo_module
 
 STEPS = ("1. analyze", "2. compress --energy 0.95", "3. report", "4. verify")
 
@@ -62,7 +62,7 @@ def test_force_refuses_a_directory_that_is_not_a_demo(tmp_path, cli):
 
 
 def test_missing_sample_is_a_clear_exit_3(tmp_path, cli, monkeypatch):
-    monkeypatch.setattr(demo_module, "__file__", str(tmp_path / "site-packages" / "collabcompress" / "demo.py"))
+    monkeypatch.setattr(demo_module, "__file__", str(tmp_path / "site-packages" / "collabcompress" / "commands" / "demo.py"))
     monkeypatch.chdir(tmp_path)
     result = cli("demo", "--out", tmp_path / "d")
     assert result.exit_code == 3

@@ -22,10 +22,10 @@ from helpers import rerecord_outputs  # noqa: E402
 
 pytest.importorskip("transformers")
 
-from collabcompress.compress import CompressOptions, compress  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
 from collabcompress.errors import BadInputError  # noqa: E402
-from collabcompress.texts import lee_corpus, sample_texts  # noqa: E402
-from collabcompress.evaluate import evaluate, read_texts  # noqa: E402
+from collabcompress.files.texts import lee_corpus, sample_texts  # noqa: E402
+from collabcompress.commands.evaluate import evaluate, read_texts  # noqa: E402
 
 KEYS = {"original", "compressed", "family", "model_class", "shared_dims", "texts", "cosine_mean", "cosine_min",
         "nn_agreement", "max_abs_diff", "lee", "seconds"}

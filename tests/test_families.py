@@ -114,7 +114,7 @@ def test_family_detected_and_analysed(analysed, name):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_spectrum_matches_independent_slicing(built, analysed, name):
     """Energy curves and ranks equal those of P_Q / P_K built densely from q/k blocks sliced here."""
-    from collabcompress.pipeline import analyze
+    from collabcompress.commands.analyze import analyze
 
     data = analysed(name)
     api = analyze(built[name])
@@ -136,7 +136,7 @@ def test_spectrum_matches_independent_slicing(built, analysed, name):
 @pytest.mark.parametrize("name", ["gpt2", "timm-vit"])
 def test_fused_slicing_is_discriminating(built, name):
     """Taking the key from the value block gives another spectrum: the check above could fail."""
-    from collabcompress.pipeline import analyze
+    from collabcompress.commands.analyze import analyze
 
     entry = FAMILIES[name]["modules"][0]
     w_q, _ = _own_query_key(name, built[name], entry)

@@ -35,14 +35,15 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
-from collabcompress.arch import detect, load_query_key
-from collabcompress.compress import CompressOptions, compress
+from collabcompress.files.arch import detect, load_query_key
+from collabcompress.commands.compress import CompressOptions, compress
 from collabcompress.errors import CollabError
-from collabcompress.io import open_checkpoint
-from collabcompress.manifest import MANIFEST_NAME, load_manifest
-from collabcompress.pipeline import analyze
-from collabcompress.report import build_report, report_tables
-from collabcompress.verify import verify
+from collabcompress.files.checkpoint import open_checkpoint
+from collabcompress.files.manifest import MANIFEST_NAME, load_manifest
+from collabcompress.commands.analyze import analyze
+from collabcompress.commands.report import build_report
+from collabcompress.tables import report_tables
+from collabcompress.commands.verify import verify
 from helpers import write_stats
 
 D, HEADS = 8, 2
@@ -548,7 +549,7 @@ def stats(root) -> tuple[Path, bytes]:
 
 
 def _load_stats(path: Path, src: Path, *, valid: bool) -> None:
-    from collabcompress.calibration import load_moments, load_whitening
+    from collabcompress.files.statistics import load_moments, load_whitening
 
     ckpt = open_checkpoint(src)
     specs = detect(ckpt)
@@ -580,7 +581,7 @@ def test_mutated_calibration_statistics(root, stats, data):
 def test_calibration_statistics_with_odd_values(root, stats, tokens, scale, dtype):
     from safetensors import safe_open
 
-    from collabcompress.output import write_safetensors
+    from collabcompress.files.output import write_safetensors
 
     with safe_open(str(stats[0]), framework="pt") as f:
         meta = dict(f.metadata())
@@ -600,8 +601,8 @@ def test_calibration_statistics_with_odd_values(root, stats, tokens, scale, dtyp
 def test_unusable_statistics_metadata_is_bad_input(root, stats, tokens, scale):
     from safetensors import safe_open
 
-    from collabcompress.calibration import load_whitening
-    from collabcompress.output import write_safetensors
+    from collabcompress.files.statistics import load_whitening
+    from collabcompress.files.output import write_safetensors
 
     with safe_open(str(stats[0]), framework="pt") as f:
         meta = {**f.metadata(), "tokens": tokens}

@@ -6,12 +6,12 @@ import hashlib
 import os
 import time
 
-from collabcompress import output
-from collabcompress.output import sha256_file
+from collabcompress.files import hashing
+from collabcompress.files.hashing import sha256_file
 
 
 def _remembered(path) -> bool:
-    return any(key[0] == str(path) for key in output._HASHES)
+    return any(key[0] == str(path) for key in hashing._HASHES)
 
 
 def test_a_rewritten_file_is_hashed_again_even_with_its_old_size_and_mtime(tmp_path):

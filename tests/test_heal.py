@@ -9,7 +9,7 @@ import torch
 @pytest.fixture(scope="module")
 def tiny_pair(rotary_checkpoints, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     source = rotary_checkpoints["qwen2"]
     out = tmp_path_factory.mktemp("heal") / "o"
@@ -22,7 +22,7 @@ def tiny_pair(rotary_checkpoints, tmp_path_factory):
 
 def _healed(tiny_pair, **kw):
     from collabcompress import hf
-    from collabcompress.heal import heal, trainable
+    from collabcompress.runtime.heal import heal, trainable
 
     reference, out, ids, lengths = tiny_pair
     model = hf.from_pretrained(out).float()
@@ -67,10 +67,10 @@ def _plain_kl(reference, model, x):
 @pytest.mark.parametrize("slice_elements", [None, 1])
 def test_sliced_output_layer_loss_and_gradient_are_the_whole_logits_ones(tiny_pair, monkeypatch, slice_elements):
     from collabcompress import hf
-    from collabcompress.heal import _Targets, trainable
+    from collabcompress.runtime.heal import _Targets, trainable
 
     if slice_elements:  # one token per slice
-        monkeypatch.setattr("collabcompress.heal.SLICE_ELEMENTS", slice_elements)
+        monkeypatch.setattr("collabcompress.runtime.heal.SLICE_ELEMENTS", slice_elements)
     reference, out, ids, lengths = tiny_pair
     model = hf.from_pretrained(out).float()
     x = ids[1, : int(lengths[1])]
@@ -93,7 +93,7 @@ def test_sliced_output_layer_loss_and_gradient_are_the_whole_logits_ones(tiny_pa
 
 def test_a_model_whose_logits_are_not_its_output_layer_of_its_body_gets_whole_logits(tiny_pair, monkeypatch):
     from collabcompress import hf
-    from collabcompress.heal import _Targets
+    from collabcompress.runtime.heal import _Targets
 
     reference, out, ids, lengths = tiny_pair
     model = hf.from_pretrained(out).float()
@@ -141,7 +141,7 @@ def test_auto_arithmetic_is_bfloat16_only_where_the_cpu_has_bfloat16_units(monke
 
 def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tiny_pair, monkeypatch):
     from collabcompress import hf
-    from collabcompress.heal import _Targets, held_out_count
+    from collabcompress.runtime.heal import _Targets, held_out_count
 
     assert [held_out_count(n) for n in (2, 3, 7, 8, 15, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
     reference, out, ids, lengths = tiny_pair
@@ -167,10 +167,10 @@ def test_several_held_out_windows_are_never_trained_on_and_weighed_by_tokens(tin
 @pytest.mark.parametrize("slice_elements", [None, 1])
 def test_a_held_out_check_from_the_originals_moments_is_the_kl(tiny_pair, monkeypatch, slice_elements):
     from collabcompress import hf
-    from collabcompress.heal import _Targets
+    from collabcompress.runtime.heal import _Targets
 
     if slice_elements:
-        monkeypatch.setattr("collabcompress.heal.SLICE_ELEMENTS", slice_elements)
+        monkeypatch.setattr("collabcompress.runtime.heal.SLICE_ELEMENTS", slice_elements)
     reference, out, ids, lengths = tiny_pair
     model = hf.from_pretrained(out).float()
     with torch.no_grad():  # a compressed model nudged off its fit: the KL is not small
@@ -189,7 +189,7 @@ def test_a_held_out_check_from_the_originals_moments_is_the_kl(tiny_pair, monkey
 
 
 def test_kl_moments_with_an_output_bias_and_two_output_layers():
-    from collabcompress.heal import _kl_from_moments, _kl_moments
+    from collabcompress.runtime.heal import _kl_from_moments, _kl_moments
 
     g = torch.Generator().manual_seed(0)
     ref_hidden, hidden = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)

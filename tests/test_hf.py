@@ -26,11 +26,12 @@ from helpers import rerecord_outputs  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from collabcompress.compress import CompressOptions, compress  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
 from collabcompress.errors import BadInputError, MissingExtraError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.hf import cache_keyword, collaborative_modules, from_pretrained, write_remote_code  # noqa: E402
-from collabcompress.nn import CollaborativeAttention  # noqa: E402
-from collabcompress.verify import collaborative_scores  # noqa: E402
+from collabcompress.hf import from_pretrained, write_remote_code  # noqa: E402
+from collabcompress.runtime.adapters import cache_keyword, collaborative_modules  # noqa: E402
+from collabcompress.runtime.attention import CollaborativeAttention  # noqa: E402
+from collabcompress.commands.verify import collaborative_scores  # noqa: E402
 
 LOADABLE = ["bert", "roberta", "mpnet", "distilbert", "albert", "vit", "gpt2", "t5", "bart"]
 LOW_RANK = 5
@@ -89,7 +90,7 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def _original(name: str, directory: Path, **kw):
+def resolve_original(name: str, directory: Path, **kw):
     return getattr(transformers, FAMILIES[name]["model_class"]).from_pretrained(directory, **kw).eval()
 
 
@@ -104,7 +105,7 @@ def test_full_rank_reproduces_original(built, name):
     assert isinstance(modules[first], CollaborativeAttention)
     assert not model.training
     with torch.no_grad():
-        expected = _original(name, built[name]["source"])(**_inputs(name))
+        expected = resolve_original(name, built[name]["source"])(**_inputs(name))
         got = model(**_inputs(name))
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=1e-4)
     if name in ("t5", "bart"):
@@ -391,7 +392,7 @@ def test_bare_weights_load_the_base_model_whatever_the_config_names(bare_with_ta
 def test_bare_weights_evaluate_and_remote_code(bare_with_task_config, tmp_path, monkeypatch):
     import transformers.dynamic_module_utils as dynamic
 
-    from collabcompress.evaluate import evaluate
+    from collabcompress.commands.evaluate import evaluate
 
     result = evaluate(bare_with_task_config["source"], bare_with_task_config["full"], ["a b c", "d e f g"],
                       lee=False, max_length=16)

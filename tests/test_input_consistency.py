@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from families import make_checkpoint  # noqa: E402
 from helpers import assert_clean_failure, digest, write_stats  # noqa: E402
 
-from collabcompress.arch import detect  # noqa: E402
-from collabcompress.compress import parse_layers  # noqa: E402
+from collabcompress.files.arch import detect  # noqa: E402
+from collabcompress.commands.compress import parse_layers  # noqa: E402
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.io import open_checkpoint  # noqa: E402
+from collabcompress.files.checkpoint import open_checkpoint  # noqa: E402
 
 pytest.importorskip("transformers")
 

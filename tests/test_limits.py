@@ -35,7 +35,7 @@ from families import make_checkpoint  # noqa: E402
 from helpers import assert_clean_failure  # noqa: E402
 
 from collabcompress.errors import BadInputError  # noqa: E402
-from collabcompress.io import open_checkpoint  # noqa: E402
+from collabcompress.files.checkpoint import open_checkpoint  # noqa: E402
 
 PROPERTY = settings(max_examples=int(os.environ.get("COLLABCOMPRESS_FUZZ_EXAMPLES", "50")), deadline=None,
                     database=None, derandomize=True,
@@ -167,7 +167,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from families import make_char_tokenizer, make_rotary_checkpoint
     from safetensors.torch import save_file
 
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     root = tmp_path_factory.mktemp("limits")
     wide = root / "wide"
@@ -235,7 +235,7 @@ def test_a_config_claiming_d_model_of_a_million_is_refused(cli, models, tmp_path
 @pytest.mark.parametrize("model", ["bert", "llama"])
 def test_evaluate_refuses_scores_beyond_the_memory(cli, models, tmp_path, unchanged, monkeypatch, model):
     """With 64 KiB free, the scores of the first batch (embeddings) or window (causal LM) do not fit."""
-    from collabcompress import limits
+    from collabcompress.files import limits
 
     monkeypatch.setattr(limits, "available_memory", lambda device="cpu": 64 * 1024)
     assert_clean_failure(cli("evaluate", models[model], models[f"{model}-r{4 if model == 'bert' else 8}"],
@@ -243,7 +243,7 @@ def test_evaluate_refuses_scores_beyond_the_memory(cli, models, tmp_path, unchan
 
 
 def test_the_memory_figure_is_memavailable():
-    from collabcompress.limits import available_memory
+    from collabcompress.files.limits import available_memory
 
     with open("/proc/meminfo") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
@@ -262,7 +262,7 @@ def test_bench_lengths_beyond_the_positions_are_refused(cli, models, unchanged, 
 
 
 def test_bench_threads_beyond_the_cores_are_refused(cli, models, unchanged):
-    from collabcompress.limits import usable_cores
+    from collabcompress.files.limits import usable_cores
 
     cores = usable_cores()
     assert_clean_failure(cli("bench", models["bert"], models["bert-r4"], "--level", "module", "--lengths", "8",
@@ -315,7 +315,7 @@ BIG_LINE = "a few plain words " * 250_000  # 4.5 MB on one line
 
 @pytest.mark.parametrize("model", ["llama", "bert"])  # the causal stream and the encoder's windows
 def test_calibrate_tokenises_only_the_start_of_an_enormous_line(cli, models, tmp_path, unchanged, monkeypatch, model):
-    from collabcompress import calibration
+    from collabcompress.commands import calibrate as calibration
 
     spies = []
 
@@ -353,7 +353,7 @@ _WORDS = st.lists(st.sampled_from(["a", "bb", "word", "x" * 40, " ", "  ", "\n",
 def test_token_ids_reads_a_bounded_prefix_and_gives_the_same_tokens(char_tokenizer, pieces, repeat, max_tokens):
     """Property: with max_tokens, token_ids gives the first max_tokens tokens of the whole text,
     and tokenises at most a small multiple of 16 characters per token wanted, however long the text."""
-    from collabcompress.lm import token_ids
+    from collabcompress.runtime.lm import token_ids
 
     text = "".join(pieces) * repeat
     spy = _Spy(char_tokenizer)

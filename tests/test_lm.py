@@ -1,4 +1,4 @@
-"""collabcompress.lm: token windows and perplexity, on a tiny random llama and on SmolLM2."""
+"""collabcompress.runtime.lm: token windows and perplexity, on a tiny random llama and on SmolLM2."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collabcompress.lm import (_nucleus, join_documents, padded_rows, perplexity, sampled_continuations,
+from collabcompress.runtime.lm import (_nucleus, join_documents, padded_rows, perplexity, sampled_continuations,
                                shuffled_sentences, token_ids, token_windows, window_nll)
 
 transformers = pytest.importorskip("transformers")
@@ -78,7 +78,7 @@ def test_nucleus_from_the_most_likely_candidates_draws_as_from_the_whole_sorted_
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
         return order.gather(-1, torch.multinomial(probs, 1, generator=generator))
 
-    monkeypatch.setattr("collabcompress.lm.NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr("collabcompress.runtime.lm.NUCLEUS_CANDIDATES", candidates)
     logits = torch.randn(8, 5000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 8, 8)[:, None]
     for top_p in (0.3, 0.9, 1.0):
         got, want = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)

@@ -197,7 +197,7 @@ def test_tokenizer_link_inside_is_followed(cli, llama, texts, tmp_path):
 
 @pytest.fixture(scope="module")
 def compressed(llama, tmp_path_factory) -> Path:
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     out = tmp_path_factory.mktemp("compressed") / "out"
     compress(llama, out, CompressOptions(rank=16))

@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from families import make_checkpoint  # noqa: E402
 
-from collabcompress import manifest as mf  # noqa: E402
-from collabcompress.compress import CompressOptions, compress  # noqa: E402
+from collabcompress.files import manifest as mf  # noqa: E402
+from collabcompress.files.output import write_manifest  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
 from collabcompress.errors import BadInputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def test_round_trip_keeps_every_byte(written):
 
 def test_write_then_read(written, tmp_path):
     m = mf.read(written.parent)
-    mf.write(tmp_path, m)
+    write_manifest(tmp_path, m)
     assert (tmp_path / mf.MANIFEST_NAME).read_bytes() == written.read_bytes()
     assert not list(tmp_path.glob(".*tmp"))
 

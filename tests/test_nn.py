@@ -1,4 +1,4 @@
-"""CollaborativeAttention (collabcompress.nn) against the SPEC section 2 formulas.
+"""CollaborativeAttention (collabcompress.runtime.attention) against the SPEC section 2 formulas.
 
 The fused path (q' = [m_h * U^T x, 1], k' = [V^T y, c_h . y] through torch SDPA) must
 equal verify.collaborative_scores + mask + softmax + values computed by hand, for every
@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from collabcompress.decompose import concatenated
-from collabcompress.nn import CollaborativeAttention, collaborative_key_states, collaborative_query_states
-from collabcompress.verify import collaborative_scores, original_scores
+from collabcompress.maths.cp import concatenated
+from collabcompress.runtime.attention import CollaborativeAttention, collaborative_key_states, collaborative_query_states
+from collabcompress.commands.verify import collaborative_scores, original_scores
 
 
 

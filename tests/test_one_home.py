@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from collabcompress import dtypes
-from collabcompress.arch import AttentionSpec
-from collabcompress.costs import qk_params, stored_qk_params
-from collabcompress.decompose import cp_als
+from collabcompress.files.arch import AttentionSpec
+from collabcompress.files.arch import stored_qk_params
+from collabcompress.maths.costs import qk_params
+from collabcompress.maths.cp import cp_als
 from collabcompress.defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
 from collabcompress.errors import MissingExtraError
 from collabcompress.extras import require_matplotlib, require_transformers
@@ -67,7 +68,8 @@ def test_missing_extras_give_the_install_hint(monkeypatch):
         require_matplotlib()
     with pytest.raises(MissingExtraError, match=r"^calibrate needs transformers: pip install 'collabcompress\[hf\]'$"):
         require_transformers("calibrate")
-    from collabcompress import calibration, hf
+    from collabcompress import hf
+    from collabcompress.commands import calibrate as calibration
 
     for guard in (hf._transformers, calibration._transformers):
         with pytest.raises(MissingExtraError, match=r"pip install 'collabcompress\[hf\]'"):
@@ -106,11 +108,3 @@ def test_commands_that_only_print_do_not_import_torch(args):
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None")
     assert "Usage" in done.stdout or "bert" in done.stdout
-
-
-def test_report_tables_keep_their_old_import_name():
-    from collabcompress import report, tables
-
-    assert report.report_tables is tables.report_tables and report.plot_flops is tables.plot_flops
-    with pytest.raises(AttributeError):
-        report.no_such_name  # noqa: B018

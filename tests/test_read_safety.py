@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from families import make_checkpoint  # noqa: E402
 from helpers import rerecord_outputs  # noqa: E402
 
-from collabcompress import manifest as mf  # noqa: E402
-from collabcompress.arch import detect  # noqa: E402
-from collabcompress.compress import CompressOptions, compress  # noqa: E402
+from collabcompress.files import manifest as mf  # noqa: E402
+from collabcompress.files.output import write_manifest  # noqa: E402
+from collabcompress.files.arch import detect  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.io import open_checkpoint, read_json, regular_file  # noqa: E402
-from collabcompress.report import build_report  # noqa: E402
-from collabcompress.verify import verify  # noqa: E402
+from collabcompress.files.checkpoint import open_checkpoint, read_json, regular_file  # noqa: E402
+from collabcompress.commands.report import build_report  # noqa: E402
+from collabcompress.commands.verify import verify  # noqa: E402
 
 
 
@@ -277,7 +278,7 @@ def test_hf_reads_shards_through_io(built, tmp_path):
         "encoder.layer.0.attention.self.collab_key.weight": "../comp/model.safetensors"}}))
     m = mf.read(directory)
     records = [mf.FileRecord(**r) for r in _records(directory)]
-    mf.write(directory, dataclasses.replace(m, outputs=tuple(records)))
+    write_manifest(directory, dataclasses.replace(m, outputs=tuple(records)))
     with pytest.raises(BadInputError, match="outside"):
         from_pretrained(directory)
     with pytest.raises(BadInputError, match="outside"):
@@ -285,7 +286,7 @@ def test_hf_reads_shards_through_io(built, tmp_path):
 
 
 def _records(directory: Path) -> list[dict]:
-    from collabcompress.output import file_record
+    from collabcompress.files.output import file_record
 
     return [file_record(p, directory) for p in sorted(directory.iterdir())
             if p.is_file() and p.name != mf.MANIFEST_NAME]
@@ -297,7 +298,7 @@ def test_hf_loads_a_valid_sharded_output(built, tmp_path):
 
     directory = _sharded(built["comp"], tmp_path)
     m = mf.read(directory)
-    mf.write(directory, dataclasses.replace(m, outputs=tuple(mf.FileRecord(**r) for r in _records(directory))))
+    write_manifest(directory, dataclasses.replace(m, outputs=tuple(mf.FileRecord(**r) for r in _records(directory))))
     model = from_pretrained(directory)
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -328,7 +329,7 @@ def test_model_class_by_name_must_be_a_model_class(built):
 
 def test_source_with_no_files_recorded_is_refused(comp, built):
     m = mf.read(comp)
-    mf.write(comp, dataclasses.replace(m, source=dataclasses.replace(m.source, files=())))
+    write_manifest(comp, dataclasses.replace(m, source=dataclasses.replace(m.source, files=())))
     with pytest.raises(BadInputError, match="records no weight file"):
         verify(comp, max_kl=1.0)
     assert not build_report(comp).source_used  # report falls back to the manifest, and says why
@@ -339,7 +340,7 @@ def test_another_original_is_refused_naming_the_file(comp, built, tmp_path):
     with pytest.raises(BadInputError, match=r"model.safetensors differs"):
         verify(comp, original=other)
     m = mf.read(comp)
-    mf.write(comp, dataclasses.replace(m, source=dataclasses.replace(m.source, path=str(other))))
+    write_manifest(comp, dataclasses.replace(m, source=dataclasses.replace(m.source, path=str(other))))
     with pytest.raises(BadInputError, match=r"model.safetensors differs"):
         verify(comp)
 
@@ -361,7 +362,7 @@ def test_layer_listed_twice_is_refused(comp):
 def test_shape_in_manifest_differs_from_tensors(comp):
     m = mf.read(comp)
     layer = dataclasses.replace(m.layers[0], shared_dim=m.layers[0].shared_dim + 1)
-    mf.write(comp, dataclasses.replace(m, layers=(layer, *m.layers[1:])))
+    write_manifest(comp, dataclasses.replace(m, layers=(layer, *m.layers[1:])))
     for reader in (verify, build_report, mf.open_output):
         with pytest.raises(BadInputError, match="do not match the manifest"):
             reader(comp)
@@ -369,6 +370,6 @@ def test_shape_in_manifest_differs_from_tensors(comp):
 
 def test_output_not_recorded_is_refused(comp):
     m = mf.read(comp)
-    mf.write(comp, dataclasses.replace(m, outputs=tuple(o for o in m.outputs if o.name != "config.json")))
+    write_manifest(comp, dataclasses.replace(m, outputs=tuple(o for o in m.outputs if o.name != "config.json")))
     with pytest.raises(BadInputError, match="config.json is not among the outputs"):
         verify(comp)

@@ -25,8 +25,9 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.bert.modeling_bert import BertAttention  # noqa: E402
 
-from collabcompress.families import FAMILIES, Family, register  # noqa: E402
-from collabcompress.hf import collaborative_modules, from_pretrained  # noqa: E402
+from collabcompress.files.families import FAMILIES, Family, register  # noqa: E402
+from collabcompress.hf import from_pretrained  # noqa: E402
+from collabcompress.runtime.adapters import collaborative_modules  # noqa: E402
 
 HEADS, D, LAYERS = 4, 32, 2
 

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 import signal_child
 
-from collabcompress.compress import CompressOptions, compress
+from collabcompress.commands.compress import CompressOptions, compress
 from helpers import write_stats
 
 D, HEADS, LAYERS, FFN, VOCAB = 16, 4, 2, 32, 50

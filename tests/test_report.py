@@ -12,11 +12,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from collabcompress.compress import CompressOptions, compress
-from collabcompress.costs import (
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.maths.costs import (
     crossover_seq_len, key_cache_elements, matmul_flops, projection_flops, qk_params, score_flops,
 )
-from collabcompress.report import build_report
+from collabcompress.commands.report import build_report
 
 from families import make_checkpoint
 

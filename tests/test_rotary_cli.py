@@ -20,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from collabcompress.arch import detect  # noqa: E402
-from collabcompress.io import open_checkpoint  # noqa: E402
+from collabcompress.files.arch import detect  # noqa: E402
+from collabcompress.files.checkpoint import open_checkpoint  # noqa: E402
 
 D, HEADS, KV, HEAD_DIM, LAYERS, VOCAB = 32, 4, 2, 8, 2, 64
 GD = KV * HEAD_DIM  # 16: the original key cache per token and layer
@@ -270,7 +270,7 @@ def test_report_figures(compressed, cli):
 
 def test_remote_code_loads_with_plain_transformers(tiny, tmp_path, cli):
     """`--remote-code`: AutoModelForCausalLM(trust_remote_code=True) gives the collaborative model."""
-    from collabcompress.hf import collaborative_modules
+    from collabcompress.runtime.adapters import collaborative_modules
 
     out = tmp_path / "out"
     result = cli("compress", tiny["qwen2"], "--out", out, "--rank", KV * HEAD_DIM, "--remote-code")

@@ -1,4 +1,4 @@
-"""Tests of collabcompress.rotary: the per-frequency shared keys of RoPE / GQA layers."""
+"""Tests of collabcompress.maths.rotary: the per-frequency shared keys of RoPE / GQA layers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from collabcompress.decompose import whitening_factor
-from collabcompress.rotary import (
+from collabcompress.maths.cp import whitening_factor
+from collabcompress.maths.rotary import (
     RotaryFactors,
     augmented_moment,
     frequency_energy,

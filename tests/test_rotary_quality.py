@@ -19,9 +19,10 @@ from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
-from collabcompress.calibration import STATS_FORMAT, calibrate  # noqa: E402
-from collabcompress.lm import join_documents, leading_ids, token_windows  # noqa: E402
-from collabcompress.rotary import query_energy  # noqa: E402
+from collabcompress.commands.calibrate import calibrate
+from collabcompress.files.statistics import STATS_FORMAT  # noqa: E402
+from collabcompress.runtime.lm import join_documents, leading_ids, token_windows  # noqa: E402
+from collabcompress.maths.rotary import query_energy  # noqa: E402
 
 from families import ROTARY  # noqa: E402
 
@@ -114,7 +115,7 @@ def test_calibrate_causal_default_window_and_cli(rotary_checkpoints, texts_file,
 
 
 def test_calibrated_rotary_compress_takes_the_statistics(rotary_checkpoints, texts_file, tmp_path):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     stats = tmp_path / "stats.safetensors"
     calibrate(rotary_checkpoints["qwen2"], texts_file, stats, max_tokens=400)
@@ -127,7 +128,7 @@ def test_calibrated_rotary_compress_takes_the_statistics(rotary_checkpoints, tex
 
 @pytest.fixture(scope="module")
 def tiny_lm(rotary_checkpoints):
-    from collabcompress.texts import load_tokenizer
+    from collabcompress.files.texts import load_tokenizer
 
     d = rotary_checkpoints["llama"]
     return transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval(), load_tokenizer([d])
@@ -153,7 +154,7 @@ def test_leading_ids_reads_the_shortest_prefix(tiny_lm, n_docs, max_tokens, used
 
 
 def test_compare_windows_self_and_perturbed(tiny_lm):
-    from collabcompress.lm import compare_windows, perplexity
+    from collabcompress.runtime.lm import compare_windows, perplexity
 
     model, tok = tiny_lm
     ids, _ = leading_ids(tok, TEXTS, 200)
@@ -177,7 +178,7 @@ def test_compare_windows_self_and_perturbed(tiny_lm):
 
 
 def test_greedy_agreement_self_and_perturbed(tiny_lm):
-    from collabcompress.lm import greedy_agreement
+    from collabcompress.runtime.lm import greedy_agreement
 
     model, tok = tiny_lm
     prompts = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"][:12]) for t in TEXTS[:3]]
@@ -201,7 +202,7 @@ def test_greedy_agreement_self_and_perturbed(tiny_lm):
 
 @pytest.fixture(scope="module")
 def tiny_compressed(rotary_checkpoints, tmp_path_factory):
-    from collabcompress.compress import CompressOptions, compress
+    from collabcompress.commands.compress import CompressOptions, compress
 
     root = tmp_path_factory.mktemp("tiny-compressed")
     src = rotary_checkpoints["llama"]

@@ -1,4 +1,4 @@
-"""Running compressed rotary decoders (collabcompress.hf.rotary_module, nn.CollaborativeRotaryAttention).
+"""Running compressed rotary decoders (collabcompress.runtime.adapters.rotary_module, runtime.attention.CollaborativeRotaryAttention).
 
 Tiny random LLaMA, Mistral (sliding window) and Qwen2 (q/k/v biases) models, grouped-query
 (4 heads, 2 key/value heads, head_dim 8) and one multi-head LLaMA (kv heads = heads), get
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.families import FAMILIES, Family, register  # noqa: E402
-from collabcompress.hf import cache_keyword, collaborative_modules, from_pretrained, rotary_module  # noqa: E402
-from collabcompress.manifest import LayerRecord, LayerTensors  # noqa: E402
-from collabcompress.nn import CollaborativeRotaryAttention  # noqa: E402
+from collabcompress.files.families import FAMILIES, Family, register  # noqa: E402
+from collabcompress.hf import from_pretrained  # noqa: E402
+from collabcompress.runtime.adapters import cache_keyword, collaborative_modules, rotary_module  # noqa: E402
+from collabcompress.files.manifest import LayerRecord, LayerTensors  # noqa: E402
+from collabcompress.runtime.attention import CollaborativeRotaryAttention  # noqa: E402
 
 D, HEADS, HEAD_DIM, LAYERS, VOCAB = 32, 4, 8, 2, 64
 LOW_RANK = 6  # 3 complex components, against G*d = 16
@@ -321,8 +322,10 @@ def _write_directory(model, original, directory) -> None:
     (manifest.write) recording every output with its sha256."""
     from safetensors.torch import save_file
 
-    from collabcompress import manifest as mf
-    from collabcompress.output import file_record
+    from collabcompress.files import manifest as mf
+
+    from collabcompress.files.output import write_manifest
+    from collabcompress.files.output import file_record
 
     directory.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
@@ -335,7 +338,7 @@ def _write_directory(model, original, directory) -> None:
     layers = tuple(_record(layer.self_attn, layer.self_attn.collab_key.weight.shape[0], f"model.layers.{i}.self_attn", i)
                    for i, layer in enumerate(model.model.layers))
     outputs = tuple(mf.FileRecord(**file_record(directory / n, directory)) for n in ("model.safetensors", "config.json"))
-    mf.write(directory, mf.Manifest(
+    write_manifest(directory, mf.Manifest(
         tool=mf.Tool("collabcompress", "test"), created_utc="2025-01-01T00:00:00Z",
         source=mf.SourceRecord("tiny", (), "test-rotary", "float32"), settings=mf.Settings({}), layers=layers,
         totals=mf.Totals(0, 0, 0, 0, 0, 0), outputs=outputs))
@@ -345,13 +348,15 @@ def _rewrite_weights(directory, weights) -> None:
     """Replace the weights and record their new sha256 (the manifest trusts only what it records)."""
     from safetensors.torch import save_file
 
-    from collabcompress import manifest as mf
-    from collabcompress.output import file_record
+    from collabcompress.files import manifest as mf
+
+    from collabcompress.files.output import write_manifest
+    from collabcompress.files.output import file_record
 
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     manifest = mf.read(directory)
     outputs = tuple(mf.FileRecord(**file_record(directory / o.name, directory)) for o in manifest.outputs)
-    mf.write(directory, dataclasses.replace(manifest, outputs=outputs))
+    write_manifest(directory, dataclasses.replace(manifest, outputs=outputs))
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from collabcompress.nn import (CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention,
+from collabcompress.runtime.attention import (CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention,
                                collaborative_query_states, rotary_query_states, rotary_rotate)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,7 +135,7 @@ def test_kernel_mixes_the_shared_query_block_by_block(float64, monkeypatch, bloc
     """With ``mixing`` the heads' queries are never stored whole: blocks of one, two (3 = 2 + 1)
     or all batch elements give the reference, the output is token-major memory, and the
     weights are those of the written-out query; N = 1 is a decoding step."""
-    import collabcompress.nn as cnn
+    import collabcompress.runtime.attention as cnn
 
     shared, mixing, full, key, value, mask, causal, bias = _shared_case(case, groups, n_query)
     per_element = 4 * n_query * (7 + key.shape[-2]) * 8
@@ -278,7 +278,7 @@ def test_rotary_states_equal_the_reference(float64, grad):
 def test_fused_sdpa_path_equals_the_reference(float64, case, groups):
     """The SDPA path that CUDA float32 takes without weights, run here on the CPU: one mask for
     bias, mask and causality, grouped values repeated."""
-    from collabcompress.nn import _fused
+    from collabcompress.runtime.attention import _fused
 
     query, key, value, mask, causal, bias = _case(case, groups, seed=1)
     got = _fused(query, key, value, mask, causal, bias, 0.0)
@@ -289,7 +289,7 @@ def test_fused_sdpa_path_equals_the_reference(float64, case, groups):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_sdpa_path_pads_half_precision_widths(dtype):
     """Width 7 is padded with zeros to 8 in half precision: the same scores, so the same output."""
-    from collabcompress.nn import _fused
+    from collabcompress.runtime.attention import _fused
 
     query, key, value, mask, causal, bias = _case("bias+bool+causal", 2, seed=3)
     got = _fused(query.to(dtype), key.to(dtype), value.to(dtype), mask, causal, bias.to(dtype), 0.0)
@@ -301,7 +301,7 @@ def test_fused_sdpa_path_pads_half_precision_widths(dtype):
 
 def _spy_fused(monkeypatch) -> list[tuple]:
     """Record the shapes of the queries and values collaborative_attention hands to torch SDPA."""
-    import collabcompress.nn as cnn
+    import collabcompress.runtime.attention as cnn
 
     calls, fused = [], cnn._fused
     monkeypatch.setattr(cnn, "_fused", lambda q, k, v, *rest: calls.append((q.shape, v.shape)) or fused(q, k, v, *rest))
@@ -432,7 +432,8 @@ def test_rotary_states_on_cuda_equal_the_cpu():
 transformers = pytest.importorskip("transformers")
 
 from collabcompress import hf  # noqa: E402
-from collabcompress.compress import CompressOptions, compress  # noqa: E402
+from collabcompress.runtime import adapters  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
 from families import make_checkpoint  # noqa: E402
 
 FAMILIES = ["bert", "gpt2", "t5", "bart"]  # MPNet computes its attention itself: test_hf checks it
@@ -467,7 +468,7 @@ def test_fast_path_equals_transformers_interface(compressed, name, attn, monkeyp
     kw = _inputs(name)
     with torch.no_grad():
         fast = model(**kw, output_attentions=attn == "eager")
-        monkeypatch.setattr(hf._Adapter, "_fast", False)
+        monkeypatch.setattr(adapters._Adapter, "_fast", False)
         slow = model(**kw, output_attentions=attn == "eager")
     torch.testing.assert_close(fast.last_hidden_state, slow.last_hidden_state, rtol=1e-5, atol=1e-5)
     if attn == "eager":
@@ -485,6 +486,6 @@ def test_cached_decoding_step_equals_the_forward(compressed, attn):
     with torch.no_grad():
         full = model(input_ids=ids).last_hidden_state
         cache = transformers.DynamicCache(config=model.config)
-        model(input_ids=ids[:, :8], **{hf.cache_keyword(model): cache}, use_cache=True)
-        step = model(input_ids=ids[:, 8:], **{hf.cache_keyword(model): cache}, use_cache=True).last_hidden_state
+        model(input_ids=ids[:, :8], **{adapters.cache_keyword(model): cache}, use_cache=True)
+        step = model(input_ids=ids[:, 8:], **{adapters.cache_keyword(model): cache}, use_cache=True).last_hidden_state
     torch.testing.assert_close(step[:, 0], full[:, 8], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from collabcompress.display import safe_text
-from collabcompress.output import TEMP_MARKER, atomic_directory, copy_other_files
+from collabcompress.files.output import TEMP_MARKER, atomic_directory, copy_other_files
 from test_reliability import assert_clean_failure, snapshot, write_bert
 
 RANK = ("--rank", "4", "--max-iter", "2")
@@ -191,7 +191,7 @@ def test_help_and_version_short_forms(cli):
 
 
 def test_an_unexpected_exception_is_a_short_internal_error(cli, monkeypatch, tmp_path):
-    import collabcompress.pipeline as pipeline
+    import collabcompress.commands.analyze as pipeline
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("boom")

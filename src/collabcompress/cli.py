@@ -166,11 +166,11 @@ PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 def _check_targets(inputs: Iterable[Path | str | None], json_path: str | None = None,
                    plot: Path | None = None, files: Iterable[Path | str | None] = ()) -> None:
-    """Refuse bad --json / --plot targets before any work (see collabcompress.output).
+    """Refuse bad --json / --plot targets before any work (see collabcompress.files.output).
 
     ``inputs`` are checkpoints and directories (a checkpoint file brings its directory),
     ``files`` plain files the command reads or writes (texts, statistics)."""
-    from .output import check_output_file, input_paths
+    from .files.output import check_output_file, input_paths
 
     paths = input_paths(*inputs, files=files)
     if json_path is not None:
@@ -185,7 +185,7 @@ def _check_targets(inputs: Iterable[Path | str | None], json_path: str | None = 
 def _emit(result: dict[str, Any], json_path: str | None, show: Callable[[], Iterable[Any]]) -> None:
     """Write ``result`` as JSON to ``json_path`` when given; print ``show()`` unless it is ``-``."""
     if json_path:
-        from .output import write_json
+        from .files.output import write_json
 
         write_json(result, json_path)
     if json_path != "-":
@@ -265,7 +265,7 @@ def analyze(
 ) -> None:
     """Measure how redundant the attention heads of every layer are (spectral analysis)."""
     _check_targets([checkpoint], json_path, plot, files=[calibration])
-    from .pipeline import analyze as run_analyze, check_energy
+    from .commands.analyze import analyze as run_analyze, check_energy
     from .extras import require_matplotlib
     from .tables import analysis_summary, analysis_table, plot_energy
 
@@ -345,11 +345,11 @@ def compress(
     json_path: JsonOpt = None,
 ) -> None:
     """Re-parametrize every attention layer into collaborative attention and save the result."""
-    from .output import check_output_dir, input_paths
+    from .files.output import check_output_dir, input_paths
 
     check_output_dir(out, input_paths(checkpoint, files=[calibration]), force=force)
     _check_targets([checkpoint, out], json_path, files=[calibration])
-    from .compress import CompressOptions, compress as run_compress
+    from .commands.compress import CompressOptions, compress as run_compress
     from .tables import compress_notes, compress_table
 
     options = CompressOptions(rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank,
@@ -384,7 +384,7 @@ def verify(
     """Compare original and collaborative attention distributions on probe inputs."""
     _check_targets([directory, original], json_path, files=[calibration])
     from .tables import verify_table
-    from .verify import check_gate, verify as run_verify
+    from .commands.verify import check_gate, verify as run_verify
 
     result = run_verify(directory, original=original, max_kl=max_kl, seed=seed, calibration=calibration)
     _emit(result, json_path, lambda: [verify_table(result)])
@@ -410,7 +410,7 @@ def calibrate(
 ) -> None:
     """Record activation statistics of the original model on real text (needs the hf extra)."""
     _check_targets([model_dir], json_path, files=[texts, out])
-    from .calibration import calibrate as run_calibrate
+    from .commands.calibrate import calibrate as run_calibrate
 
     progress, step = _progress("calibrating", json_path != "-")
     with progress, _warnings_to_stderr():
@@ -438,7 +438,7 @@ def report(
     """Show what was saved: key/query and model parameters, bytes, the FLOP model per token, key cache."""
     _check_targets([directory], json_path, plot, files=[measured])
     from .extras import require_matplotlib
-    from .report import build_report
+    from .commands.report import build_report
     from .tables import plot_flops, report_tables
 
     if plot is not None:
@@ -492,7 +492,7 @@ def bench(
     compressed model against the original, beside the FLOP model."""
     _check_targets([original, compressed], json_path, plot)
     from .extras import require_matplotlib
-    from .latency import bench as run_bench
+    from .commands.bench import bench as run_bench
     from .tables import bench_tables, plot_bench
 
     n_values, b_values = _int_list("--lengths", lengths), _int_list("--batch-sizes", batch_sizes)
@@ -518,7 +518,7 @@ def demo(
     json_path: JsonOpt = None,
 ) -> None:
     """Analyze, compress, report and verify the bundled sample model (all-MiniLM-L6-v2 attention)."""
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     _check_targets([sample, out], json_path)
     summary = run_demo(out, force=force, sample=sample,
@@ -544,7 +544,7 @@ def evaluate(
     """Compare the compressed model with the original on real text: embeddings, or for a causal LM
     perplexity, next-token agreement and KL, greedy generation (needs the hf extra)."""
     _check_targets([original, compressed], json_path, files=[texts])
-    from .evaluate import evaluate as run_evaluate, read_texts
+    from .commands.evaluate import evaluate as run_evaluate, read_texts
     from .tables import evaluation_table, lm_evaluation_table
 
     lines = read_texts(texts) if texts is not None else None
@@ -561,7 +561,7 @@ def evaluate(
 def archs(json_path: JsonOpt = None) -> None:
     """List the supported architecture families and how their tensors are named."""
     _check_targets([], json_path)
-    from .families import FAMILIES
+    from .files.families import FAMILIES
     from .tables import archs_table
 
     rows = [{"family": f.name, "models": f.models, "query_key_tensors": f.example, "notes": f.note}

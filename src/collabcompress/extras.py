@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import MissingExtraError
 
-__all__ = ["require_transformers", "require_matplotlib", "unreadable_model_errors"]
+__all__ = ["require_transformers", "require_matplotlib", "unreadable_model_errors", "quiet_transformers"]
 
 
 def require_transformers(purpose: str = "this") -> Any:
@@ -43,3 +45,19 @@ def require_matplotlib() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars or info logs on the user's terminal while models load."""
+    hf_logging = require_transformers("loading a compressed model").utils.logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from .limits import usable_cores
+from .files.limits import usable_cores
 
 __all__ = ["default_workers", "map_layers"]
 
@@ -24,7 +24,7 @@ R = TypeVar("R")
 
 
 def default_workers() -> int:
-    """The CPU cores this process may use (:func:`collabcompress.limits.usable_cores`)."""
+    """The CPU cores this process may use (:func:`collabcompress.files.limits.usable_cores`)."""
     return usable_cores()
 
 

@@ -18,8 +18,8 @@ from .extras import require_matplotlib
 if TYPE_CHECKING:
     import torch
 
-    from .pipeline import AnalysisResult
-    from .report import Report
+    from .commands.analyze import AnalysisResult
+    from .commands.report import Report
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -214,7 +214,7 @@ def _table(title: str, headers: Sequence[str], sections: Sequence[Sequence[Seque
 def report_tables(report: Report) -> list[Table]:
     """The rich tables of ``collabcompress report``: the key/query side per layer, its FLOPs per
     token per layer, and the whole model."""
-    from .manifest import MANIFEST_NAME  # imports io (torch): only where a report exists already
+    from .files.manifest import MANIFEST_NAME  # imports io (torch): only where a report exists already
 
     d = report.to_dict()
     q, m = d["qk_total"], d["model"]
@@ -429,7 +429,7 @@ def _figure_table(title: str) -> Table:
 
 
 def evaluation_table(result: dict[str, Any]) -> Table:
-    """A rich table of :func:`collabcompress.evaluate.evaluate`'s figures."""
+    """A rich table of :func:`collabcompress.commands.evaluate.evaluate`'s figures."""
     t = result["texts"]
     table = _figure_table(f"{result['compressed']} vs {result['original']} ({t['count']} texts, {t['source']}, "
                           f"<= {t['max_length']} tokens)")
@@ -450,7 +450,7 @@ def evaluation_table(result: dict[str, Any]) -> Table:
 
 
 def lm_evaluation_table(result: dict[str, Any]) -> Table:
-    """A rich table of :func:`collabcompress.evaluate.evaluate_causal`'s figures (a causal LM)."""
+    """A rich table of :func:`collabcompress.commands.evaluate.evaluate_causal`'s figures (a causal LM)."""
     t, ppl, gen = result["texts"], result["perplexity"], result["generation"]
     table = _figure_table(f"{result['compressed']} vs {result['original']} ({t['source']}: {t['tokens']:,} predicted "
                           f"tokens in {t['windows']} windows of <= {t['window']})")

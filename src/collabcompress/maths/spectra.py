@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerSpectrum", "layer_spectrum", "gram_matrices", "rank_for_energy", "choose_rank"]
+__all__ = ["LayerSpectrum", "layer_spectrum", "gram_matrices", "rank_for_energy", "choose_rank", "check_tau",
+           "cumulative_energy", "rank_at_energy"]
 
 
 def _heads(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ def gram_matrices(w_query: torch.Tensor, w_key: torch.Tensor, n_head: int) -> tu
     return (g_q + g_q.T) / 2, (g_k + g_k.T) / 2
 
 
-def _cumulative_energy(sv: torch.Tensor) -> torch.Tensor:
+def cumulative_energy(sv: torch.Tensor) -> torch.Tensor:
     power = sv.double() ** 2
     total = power.sum()
     if total <= 0:
@@ -50,7 +51,7 @@ def _cumulative_energy(sv: torch.Tensor) -> torch.Tensor:
     return (power.cumsum(0) / total).clamp(max=1.0)
 
 
-def _rank_at(energy: torch.Tensor, tau: float) -> int:
+def rank_at_energy(energy: torch.Tensor, tau: float) -> int:
     # A tiny slack so that 1.0 - 1e-16 counts as reaching tau = 1.
     return int(torch.searchsorted(energy, torch.tensor(tau - 1e-12, dtype=energy.dtype)).item()) + 1
 
@@ -87,16 +88,16 @@ class LayerSpectrum:
     @property
     def energy_query(self) -> torch.Tensor:
         """(H*d,) cumulative energy of P_Q: energy(r) = sum_{i<=r} sigma_i^2 / sum sigma^2."""
-        return _cumulative_energy(self.sv_query)
+        return cumulative_energy(self.sv_query)
 
     @property
     def energy_key(self) -> torch.Tensor:
-        return _cumulative_energy(self.sv_key)
+        return cumulative_energy(self.sv_key)
 
     def rank_at_sides(self, tau: float) -> tuple[int, int]:
         """Smallest r with energy(r) >= tau on the query and key sides."""
-        _check_tau(tau)
-        return _rank_at(self.energy_query, tau), _rank_at(self.energy_key, tau)
+        check_tau(tau)
+        return rank_at_energy(self.energy_query, tau), rank_at_energy(self.energy_key, tau)
 
     def rank_at(self, tau: float) -> int:
         """Shared rank needed at ``tau``: the max of the two sides."""
@@ -108,11 +109,11 @@ class LayerSpectrum:
 
     def head_effective_rank(self, tau: float) -> list[int]:
         """Per head, the smallest r with energy(r) >= tau of P_h (<= d)."""
-        _check_tau(tau)
-        return [_rank_at(_cumulative_energy(s), tau) for s in self.sv_head]
+        check_tau(tau)
+        return [rank_at_energy(cumulative_energy(s), tau) for s in self.sv_head]
 
 
-def _check_tau(tau: float) -> None:
+def check_tau(tau: float) -> None:
     if not (0.0 < tau <= 1.0) or math.isnan(tau):
         raise ValueError(f"energy threshold must be in (0, 1], got {tau}")
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadInputError
-from .io import INDEX_SUFFIX, read_json, regular_file
+from ..errors import BadInputError
+from .checkpoint import INDEX_SUFFIX, read_json, regular_file
+from .hashing import sha256_file
 
 if TYPE_CHECKING:
-    from .io import Checkpoint
+    from .checkpoint import Checkpoint
 
 __all__ = ["Manifest", "SourceRecord", "FileRecord", "Settings", "LayerRecord", "LayerTensors", "Totals", "Tool",
-           "read", "write", "load_manifest", "open_output", "check_outputs", "check_shapes", "check_source", "MANIFEST_NAME",
+           "read", "load_manifest", "open_output", "check_outputs", "check_shapes", "check_source", "MANIFEST_NAME",
            "FORMAT"]
 
 MANIFEST_NAME = "collab_manifest.json"
@@ -322,13 +323,6 @@ class Manifest:
         return next((o for o in self.outputs if o.name == name), None)
 
 
-def write(directory: Path, manifest: Manifest) -> None:
-    """Write ``directory/collab_manifest.json`` (atomically: a temporary file renamed into place)."""
-    from .output import write_json
-
-    write_json(manifest.to_json(), Path(directory) / MANIFEST_NAME)
-
-
 def read(directory: str | Path) -> Manifest:
     """Read and validate the manifest of a compressed output directory.
 
@@ -358,8 +352,6 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def _matches(file: Path, record: FileRecord) -> bool:
-    from .output import sha256_file
-
     return file.stat().st_size == record.bytes and sha256_file(file) == record.sha256
 
 
@@ -432,7 +424,7 @@ def check_source(manifest: Manifest, ckpt: Checkpoint) -> None:
 def open_output(directory: str | Path) -> tuple[Manifest, Checkpoint]:
     """Read a compressed directory the way every reader must: the manifest validated, every
     output file checked against its record (:func:`check_outputs`), the weights opened
-    with :func:`~collabcompress.io.open_checkpoint` and every file read recorded in the
+    with :func:`~collabcompress.files.checkpoint.open_checkpoint` and every file read recorded in the
     manifest, the collaborative tensors' shapes equal to the recorded ones (:func:`check_shapes`).
 
     Returns:
@@ -441,7 +433,7 @@ def open_output(directory: str | Path) -> tuple[Manifest, Checkpoint]:
     Raises:
         BadInputError: see :func:`read`, :func:`check_outputs` and :func:`check_shapes`.
     """
-    from .io import open_checkpoint
+    from .checkpoint import open_checkpoint
 
     directory = Path(directory)
     manifest = read(directory)

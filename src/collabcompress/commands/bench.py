@@ -6,8 +6,8 @@ the record, :mod:`collabcompress.tables`). Two levels:
 * ``module``: every compressed attention layer on its own, without the transformers extra.
   The original layer is multi-head attention built from the checkpoint's query, key and
   value tensors (rotary layers: rotated queries and keys, grouped values, causal); the
-  compressed one is :class:`~collabcompress.nn.CollaborativeAttention` (or the shared
-  rotary keys of :class:`~collabcompress.nn.CollaborativeRotaryAttention`) from the output's
+  compressed one is :class:`~collabcompress.runtime.attention.CollaborativeAttention` (or the shared
+  rotary keys of :class:`~collabcompress.runtime.attention.CollaborativeRotaryAttention`) from the output's
   tensors, with the same value projection. Inputs are seeded random tokens (B, N, D); one
   forward runs every compressed layer in turn, so its time is the sum of the layers'
   times. The output projection is the same on both sides and is left out.
@@ -32,7 +32,7 @@ of the running sum of torch's own allocations and frees, recorded by
 ``torch.profiler.profile(profile_memory=True)`` in one extra, untimed run. Neither counts
 the process's resident memory, the weights or the inputs.
 
-The FLOP model beside the measurements is :mod:`collabcompress.report`'s (SPEC section 5):
+The FLOP model beside the measurements is :mod:`collabcompress.commands.report`'s (SPEC section 5):
 the whole model at ``model`` level, the attention layers (projections, scores, value
 mixing, value projection) at ``module`` level.
 """
@@ -40,7 +40,6 @@ mixing, value projection) at ``module`` level.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import statistics
@@ -53,17 +52,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
+from ..defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
                        DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP)
-from .errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
-from .limits import check_memory, forward_bytes, usable_cores
-from .nn import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention
+from ..errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
+from ..files.limits import check_memory, forward_bytes, usable_cores
+from ..files.bench_record import FORMAT, LEVELS, outputs_sha256
+from ..runtime.adapters import loadable_family
+from ..runtime.attention import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention
 
-__all__ = ["FORMAT", "LEVELS", "Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
-           "measured_crossover", "outputs_sha256", "bench", "MEMORY_METHODS"]
+__all__ = ["Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
+           "measured_crossover", "bench", "MEMORY_METHODS"]
 
-FORMAT = "collabcompress-bench/1"
-LEVELS = ("module", "model")
 MEMORY_METHODS = {
     "cpu": "peak of torch's CPU allocations minus frees during one forward (torch.profiler, profile_memory=True)",
     "cuda": "torch.cuda.max_memory_allocated during one forward, above the memory allocated before it",
@@ -190,14 +189,6 @@ def measured_crossover(rows: Sequence[dict[str, Any]], batch_size: int) -> int |
     return None
 
 
-def outputs_sha256(manifest: Any) -> str:
-    """What names a compressed directory in a bench record: sha256 over the ``name sha256`` lines of
-    every output file its manifest records (weights, config, ...), which ``open_output`` checks
-    against the files themselves."""
-    lines = sorted(f"{o.name} {o.sha256}\n" for o in manifest.outputs)
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
 # --------------------------------------------------------------------------- module level
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +199,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _rope(config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' position embeddings (cos, sin), (1, N, d) each, attention scaling included."""
-    from .arch import rope_frequencies
+    from ..files.arch import rope_frequencies
 
     theta, scaling = rope_frequencies(config, head_dim)  # (d/2,)
     angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta[None, :]  # (N, d/2)
@@ -233,8 +224,8 @@ class _Layer:
 
 def _value_projection(ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The value weight (G*d or H*d, D) and its bias, from the original checkpoint."""
-    from .arch import load_value_output
-    from .families import find_family
+    from ..files.arch import load_value_output
+    from ..files.families import find_family
 
     family = find_family(spec.family)
     if spec.rotary and family is not None and family.value is not None:
@@ -268,7 +259,7 @@ def _collab_module(out, layer, spec) -> torch.nn.Module:
 
 
 def _module_layers(source, out, manifest) -> list[_Layer]:
-    from .arch import load_query_key
+    from ..files.arch import load_query_key
 
     layers = []
     for layer in manifest.layers:
@@ -332,7 +323,7 @@ class _ModulePair:
 
     def __init__(self, layers: list[_Layer], config: dict[str, Any] | None, dtype: torch.dtype,
                  device: torch.device) -> None:
-        from .texts import position_limit
+        from ..files.texts import position_limit
 
         self.layers, self.config, self.dtype, self.device = layers, config, dtype, device
         self.position_limit = position_limit(config)  # the source's config.json: the model's positions
@@ -365,13 +356,13 @@ class _ModelPair:
     level = "model"
 
     def __init__(self, reference, model, family, dtype: torch.dtype, device: torch.device) -> None:
-        from .evaluate import _encoder
-        from .texts import position_limit
+        from .evaluate import encoder_of
+        from ..files.texts import position_limit
 
         self.reference, self.model, self.dtype, self.device = reference, model, dtype, device
         self.causal = bool(family.rotary or model.can_generate())
         # an encoder's hidden states (the encoder of an encoder-decoder model); a causal LM whole
-        self.runners = (reference, model) if self.causal else (_encoder(reference), _encoder(model))
+        self.runners = (reference, model) if self.causal else (encoder_of(reference), encoder_of(model))
         self.vocab = int(getattr(model.config, "vocab_size", 0) or 0)
         if self.vocab < 1:
             raise UnsupportedArchitectureError("the model-level bench feeds token ids, but the model's config "
@@ -402,7 +393,7 @@ class _ModelPair:
         bytes, then time ``warmup + steps`` one-token steps of both models interleaved."""
         from transformers import DynamicCache
 
-        from .hf import cache_keyword
+        from ..runtime.adapters import cache_keyword
 
         ids = self._ids(1, context + warmup + steps, salt=7)  # (1, context + warmup + steps)
         caches, sizes = [], []
@@ -444,10 +435,10 @@ class _ModelPair:
 
 def _load_models(original: Path, compressed: Path, device: torch.device):
     """(original model, compressed model): evaluate's loaders, one model type."""
-    from . import hf
-    from .evaluate import _quiet_transformers
+    from .. import hf
+    from ..extras import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model = hf.from_pretrained(compressed, device=device)
         reference = hf.load_model(original, model_class=type(model), device=device)
     if reference.config.model_type != model.config.model_type:
@@ -517,9 +508,9 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
         UnsupportedArchitectureError: a family the requested level cannot run.
         MissingExtraError: ``level="model"`` without transformers.
     """
-    from .manifest import open_output
+    from ..files.manifest import open_output
     from .report import build_report
-    from .verify import _original
+    from .verify import resolve_original
 
     lengths, batch_sizes = sorted(set(int(n) for n in lengths)), sorted(set(int(b) for b in batch_sizes))
     _check_settings(lengths, batch_sizes, warmup, repeats, context, decode_steps, threads)
@@ -532,7 +523,7 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
     manifest, out = open_output(compressed)
     notes: list[str] = []
     try:
-        source, _ = _original(manifest, original)  # verify --original's check: the recorded sha256
+        source, _ = resolve_original(manifest, original)  # verify --original's check: the recorded sha256
         try:
             pair = None
             if level in (None, "model"):
@@ -614,7 +605,7 @@ def _round(x: float | None) -> float | None:
 
 
 def _stored_dtype(out, manifest) -> torch.dtype:
-    from .dtypes import to_torch
+    from ..dtypes import to_torch
 
     return to_torch(out.dtype(manifest.layers[0].tensors.key))
 
@@ -623,10 +614,9 @@ def _model_pair(original: Path, compressed: Path, manifest, out, device: torch.d
                 notes: list[str]) -> _ModelPair | None:
     """The model-level pair, or ``None`` (with the reason in ``notes``) when ``level`` is automatic and
     transformers is missing or the directories do not load as transformers models."""
-    from . import hf
 
     try:
-        family = hf.loadable_family(manifest.source.architecture, compressed)
+        family = loadable_family(manifest.source.architecture, compressed)
         if not family.text:
             raise UnsupportedArchitectureError(f"{compressed}: the model-level bench feeds token ids; family "
                                                f"{family.name!r} is not a text model (use --level module)")

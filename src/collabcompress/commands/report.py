@@ -7,7 +7,7 @@ files), the source checkpoint's headers. When the source is gone or changed, the
 bytes, per-layer shapes and bias flags) and from the output's unchanged tensors, and the
 report says so. No tensor data is read; headers are enough.
 
-Counting rules: SPEC.md section 5, as :mod:`collabcompress.costs` computes them, and:
+Counting rules: SPEC.md section 5, as :mod:`collabcompress.maths.costs` computes them, and:
 
 * key-cache bytes: the elements times the element size of the key tensors' dtype.
 * bytes on disk: *weights* = the safetensors files (and sharded index); *files* = before,
@@ -72,21 +72,21 @@ Concatenate", arXiv 2006.16362.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arch import detect, find_family
-from .costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, qk_params, saved_fraction, stored_qk_params
-from .defaults import DEFAULT_SEQ_LEN
-from .dtypes import ELEMENT_SIZE, dtype_name
-from .errors import BadInputError
-from .io import INDEX_SUFFIX, Checkpoint, open_checkpoint, read_json
-from .manifest import MANIFEST_NAME, Manifest, check_source, open_output
+from ..files.arch import detect, find_family, stored_qk_params
+from ..maths.costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, qk_params, saved_fraction
+from ..defaults import DEFAULT_SEQ_LEN
+from ..dtypes import ELEMENT_SIZE, dtype_name
+from ..errors import BadInputError
+from ..files.checkpoint import INDEX_SUFFIX, Checkpoint, open_checkpoint
+from ..files.bench_record import read_measured
+from ..files.manifest import MANIFEST_NAME, Manifest, check_source, open_output
 
-__all__ = ["build_report", "read_measured", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
+__all__ = ["build_report", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
 
 FORMAT = "collabcompress-report/1"
 FLOP_MODEL_NOTE = ("FLOPs are a model (SPEC section 5), not a time: copies, element-wise work and the attention "
@@ -369,55 +369,6 @@ def _is_weights(name: str) -> bool:
     return name.endswith((".safetensors", INDEX_SUFFIX))
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def read_measured(path: str | Path, directory: str | Path, manifest: Manifest) -> dict[str, Any]:
-    """A ``bench --json`` record of ``directory``, validated (the fields ``report --measured`` reads).
-
-    Raises:
-        BadInputError: unreadable or not JSON, another format, another directory (its
-            ``outputs_sha256`` differs from that of ``manifest``, the directory's), or a field of the
-            wrong kind; one line naming the file.
-    """
-    from .latency import FORMAT as BENCH_FORMAT, LEVELS, outputs_sha256
-
-    data = read_json(Path(path), "bench record")
-    where = f"--measured {path}"
-
-    def fail(why: str) -> BadInputError:
-        return BadInputError(f"{where}: {why}; give the --json file of `collabcompress bench ORIGINAL {directory}`")
-
-    if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
-        raise fail(f"not a bench record (format {BENCH_FORMAT!r} expected)")
-    if data.get("outputs_sha256") != outputs_sha256(manifest):
-        raise fail(f"it measured another compressed directory (its outputs_sha256 is not {directory}'s)")
-    if data.get("level") not in LEVELS:
-        raise fail(f"level must be one of {', '.join(LEVELS)}")
-    forward = data.get("forward")
-    if not isinstance(forward, list) or not forward:
-        raise fail("no forward measurements")
-    for i, row in enumerate(forward):
-        ratio = row.get("ratio") if isinstance(row, dict) else None
-        if (not isinstance(ratio, dict) or not _positive_int(row.get("seq_len"))
-                or not _positive_int(row.get("batch_size")) or not _number(ratio.get("median"))
-                or not all(_number(ratio[k]) for k in ("q1", "q3") if k in ratio)):
-            raise fail(f"forward[{i}] needs seq_len, batch_size (positive integers) and ratio.median (a number)")
-    decode = data.get("decode")
-    if decode is not None and (not isinstance(decode, dict)
-                               or not all(_number(decode.get(k)) or decode.get(k) is None
-                                          for k in ("context", "tokens_per_second_ratio", "key_cache_ratio"))):
-        raise fail("decode must be null or hold numbers")
-    if data.get("crossover") is not None and not isinstance(data["crossover"], dict):
-        raise fail("crossover must be an object")
-    return {**data, "file": str(path)}
-
-
 def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_LEN,), *,
                  measured: str | Path | None = None) -> Report:
     """Account for what ``compress`` saved in ``directory`` (SPEC.md section 5).
@@ -552,12 +503,3 @@ def _rotary_cost(directory: Path, rec: dict[str, Any], out: Checkpoint, qk_befor
 def _qk_names(src: Checkpoint, manifest: dict[str, Any]) -> list[str]:
     removed = [n for layer in manifest["layers"] for n in layer["removed"] if n.endswith("weight")]
     return [n for n in removed if n in src]
-
-
-def __getattr__(name: str):
-    # tests/test_fuzz.py imports the tables from here; they live in the CLI layer (tables.py) now
-    if name in ("report_tables", "plot_flops"):
-        from . import tables
-
-        return getattr(tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

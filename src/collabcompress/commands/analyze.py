@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from .analysis import LayerSpectrum, layer_spectrum
-from .arch import AttentionSpec, detect, load_query_key
-from .defaults import DEFAULT_ENERGIES
-from .errors import BadInputError
-from .io import open_checkpoint
-from .limits import check_memory, spectra_bytes
-from .parallel import default_workers, map_layers
+from ..maths.spectra import LayerSpectrum, layer_spectrum
+from ..files.arch import AttentionSpec, detect, load_query_key
+from ..defaults import DEFAULT_ENERGIES
+from ..errors import BadInputError
+from ..files.checkpoint import open_checkpoint
+from ..files.limits import check_memory, spectra_bytes
+from ..parallel import default_workers, map_layers
 
 __all__ = ["AnalysisResult", "LayerAnalysis", "RotarySpectrum", "analyze", "DEFAULT_ENERGIES", "check_energy"]
 
@@ -51,7 +51,7 @@ class RotarySpectrum:
     Attributes:
         n_head, n_kv_head, head_dim, d_model: H, G, d, D.
         sv: ``(head_dim/2, n_kv_head)`` per-frequency singular values of diag(w_j) B_j with
-            the data-free query-energy weights (:func:`collabcompress.rotary.rotary_spectrum`).
+            the data-free query-energy weights (:func:`collabcompress.maths.rotary.rotary_spectrum`).
         group_energy: ``(head_dim/2, n_kv_head)`` each group's own weighted key energy
             ``w_{g,j}^2 ||b_{g,j}||^2`` per frequency.
     """
@@ -69,7 +69,7 @@ class RotarySpectrum:
 
     @property
     def energy_query(self) -> torch.Tensor:
-        from .rotary import rotary_energy
+        from ..maths.rotary import rotary_energy
 
         return rotary_energy(self.sv)  # (G*d/2,)
 
@@ -80,7 +80,7 @@ class RotarySpectrum:
         return self.sv.flatten().sort(descending=True).values  # (G*d/2,)
 
     def rank_at(self, tau: float) -> int:
-        from .rotary import key_cache_at
+        from ..maths.rotary import key_cache_at
 
         return key_cache_at(self.sv, tau)
 
@@ -93,18 +93,18 @@ class RotarySpectrum:
     def head_effective_rank(self, tau: float) -> list[int]:
         """Per key/value group g: the reals per token (2 per frequency) that keep ``tau`` of its
         own weighted key energy, taking its strongest frequencies first."""
-        from .rotary import key_cache_at
+        from ..maths.rotary import key_cache_at
 
         return [key_cache_at(g[:, None], tau) for g in self.group_energy.sqrt().T]
 
     def frequency_energy(self) -> torch.Tensor:
-        from .rotary import frequency_energy
+        from ..maths.rotary import frequency_energy
 
         return frequency_energy(self.sv)  # (d/2, G)
 
 
 def _rotary_analysis(qk: Any, spec: AttentionSpec) -> RotarySpectrum:
-    from .rotary import group_weights, query_energy, rotary_pairs, rotary_spectrum
+    from ..maths.rotary import group_weights, query_energy, rotary_pairs, rotary_spectrum
 
     weights = group_weights(query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim), spec.n_kv_head)
     sv = rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights)  # (d/2, G)

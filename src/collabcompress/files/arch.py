@@ -1,12 +1,14 @@
 """Architecture families: where the query/key tensors of every attention layer live.
 
-Each family of the registry (:mod:`collabcompress.families`) is recognised from tensor
+Each family of the registry (:mod:`collabcompress.files.families`) is recognised from tensor
 names (any prefix such as ``bert.`` is allowed) and ``config.json``; SPEC.md section 6 is
 the table. Architectures whose attention cannot be written as one shared bilinear form per
 head are refused with the reason.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import json
 import math
@@ -16,13 +18,14 @@ from typing import Any
 
 import torch
 
-from .dtypes import FLOATS
-from .errors import BadInputError, UnsupportedArchitectureError
+from ..maths.costs import qk_params
+from ..dtypes import FLOATS
+from ..errors import BadInputError, UnsupportedArchitectureError
 from .families import FAMILIES, KV_HEAD_KEYS, REFUSED_ROTARY_MODEL_TYPES, Family, family_of_model_type, find_family
-from .io import Checkpoint
+from .checkpoint import Checkpoint
 
 __all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "find_family", "detect", "load_query_key",
-           "load_value_output", "rope_frequencies", "COLLAB_SUFFIXES"]
+           "load_value_output", "rope_frequencies", "stored_qk_params", "COLLAB_SUFFIXES"]
 
 COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight",
                    ".collab_key_freq")
@@ -616,3 +619,20 @@ def load_value_output(ckpt: Checkpoint, spec: AttentionSpec,
     if value.shape != (spec.width, spec.d_model) or output.dim() != 2 or output.shape[1] != spec.width:
         return None
     return value, output
+
+
+def stored_qk_params(spec: AttentionSpec, numel: Callable[[str], int]) -> int:
+    """Key/query parameters of one stored attention layer, its query/key biases included.
+
+    Args:
+        spec: the layer (:class:`AttentionSpec`).
+        numel: element count of a tensor by name (``Checkpoint.numel``); for a fused layer
+            the query/key two thirds of its bias are counted from the shapes instead.
+    """
+    if spec.rotary:  # G key heads: the stored tensors, not H*d rows on both sides
+        return sum(numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
+    if spec.fused:
+        bias = 2 * spec.width if spec.query_bias else 0
+    else:
+        bias = sum(numel(n) for n in (spec.query_bias, spec.key_bias) if n)
+    return qk_params(spec.d_model, spec.n_head, spec.head_dim, bias_elements=bias)

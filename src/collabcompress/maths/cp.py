@@ -28,9 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
+from ..defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 __all__ = [
+    "whiten",
     "DEFAULT_MAX_ITER",
     "DEFAULT_RIDGE",
     "DEFAULT_SHRINKAGE",
@@ -150,7 +151,7 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _whiten(
+def whiten(
     w: torch.Tensor, factor: torch.Tensor | None, d_model: int, name: str, dev: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (w @ L, L) in float64 on dev, after checking that L is a usable Cholesky factor."""
@@ -412,8 +413,8 @@ def relative_error(
             f"the weights have n_head={n_head}, d_model={d_model}"
         )
     cpu = torch.device("cpu")
-    a, lower_q = _whiten(w_query, whiten_query, d_model, "whiten_query", cpu)  # (H*d, D)
-    b, lower_k = _whiten(w_key, whiten_key, d_model, "whiten_key", cpu)  # (H*d, D)
+    a, lower_q = whiten(w_query, whiten_query, d_model, "whiten_query", cpu)  # (H*d, D)
+    b, lower_k = whiten(w_key, whiten_key, d_model, "whiten_key", cpu)  # (H*d, D)
     u = factors.query.detach().to(cpu, _EXACT_DTYPE).mT  # (D, R)
     v = factors.key.detach().to(cpu, _EXACT_DTYPE).mT  # (D, R)
     if lower_q is not None:
@@ -545,8 +546,8 @@ def cp_als(
     if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0.0):
         raise ValueError(f"ridge must be a finite non-negative number, got {ridge!r}")
     dev = _device(device)
-    a, lower_q = _whiten(w_query, whiten_query, d_model, "whiten_query", dev)  # (H*d, D)
-    b, lower_k = _whiten(w_key, whiten_key, d_model, "whiten_key", dev)  # (H*d, D)
+    a, lower_q = whiten(w_query, whiten_query, d_model, "whiten_query", dev)  # (H*d, D)
+    b, lower_k = whiten(w_key, whiten_key, d_model, "whiten_key", dev)  # (H*d, D)
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         raise ValueError("the query/key weights (after whitening) contain NaN or infinity")
     if shared_dim == full:

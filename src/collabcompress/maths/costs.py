@@ -22,7 +22,7 @@ Counting rules (SPEC.md section 5; per token, sequence length N, multiply-add = 
 * key cache per token and layer: ``H*d`` elements before, ``R + H`` after (V^T y and the
   H content-bias terms c_h . y).
 
-:mod:`collabcompress.report` applies these to a compressed directory; the CLI renders the
+:mod:`collabcompress.commands.report` applies these to a compressed directory; the CLI renders the
 result (:mod:`collabcompress.tables`). Imports neither torch nor rich.
 
 Reference: Cordonnier, Loukas, Jaggi, "Multi-Head Attention: Collaborate Instead of
@@ -32,15 +32,11 @@ Concatenate", arXiv 2006.16362.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .arch import AttentionSpec
 
 __all__ = [
-    "qk_params", "stored_qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
+    "qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
     "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
     "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost",
 ]
@@ -57,23 +53,6 @@ def qk_params(d_model: int, n_head: int, head_dim: int, shared_dim: int | None =
     if shared_dim is None:
         return 2 * d_model * n_head * head_dim + bias_elements
     return 2 * d_model * shared_dim + n_head * shared_dim + n_head * d_model
-
-
-def stored_qk_params(spec: AttentionSpec, numel: Callable[[str], int]) -> int:
-    """Key/query parameters of one stored attention layer, its query/key biases included.
-
-    Args:
-        spec: the layer (:class:`collabcompress.arch.AttentionSpec`).
-        numel: element count of a tensor by name (``Checkpoint.numel``); for a fused layer
-            the query/key two thirds of its bias are counted from the shapes instead.
-    """
-    if spec.rotary:  # G key heads: the stored tensors, not H*d rows on both sides
-        return sum(numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
-    if spec.fused:
-        bias = 2 * spec.width if spec.query_bias else 0
-    else:
-        bias = sum(numel(n) for n in (spec.query_bias, spec.key_bias) if n)
-    return qk_params(spec.d_model, spec.n_head, spec.head_dim, bias_elements=bias)
 
 
 def projection_flops(d_model: int, n_head: int, head_dim: int, shared_dim: int | None = None) -> int:

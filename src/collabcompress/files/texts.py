@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +83,7 @@ def load_tokenizer(directories: Sequence[Path]):
     """The first tokenizer that loads from ``directories`` (GPT-2 style ones get a pad token).
 
     Only regular files inside each directory are read (a link out of it is refused): the
-    tokenizer is built from checked copies (:func:`collabcompress.io.staged`).
+    tokenizer is built from checked copies (:func:`collabcompress.files.checkpoint.staged`).
 
     Raises:
         BadInputError: none of them holds a usable tokenizer, or one of its files points outside
@@ -91,7 +91,7 @@ def load_tokenizer(directories: Sequence[Path]):
     """
     from transformers import AutoTokenizer
 
-    from .io import staged
+    from .checkpoint import staged
 
     errors = []
     for d in directories:

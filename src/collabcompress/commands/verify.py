@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .arch import AttentionSpec, detect, find_family, load_query_key
-from .errors import BadInputError, VerifyThresholdError
-from .io import Checkpoint, open_checkpoint
-from .manifest import Manifest, check_source, open_output
+from ..files.arch import AttentionSpec, detect, find_family, load_query_key
+from ..errors import BadInputError, VerifyThresholdError
+from ..files.checkpoint import Checkpoint, open_checkpoint
+from ..files.manifest import Manifest, check_source, open_output
 
 __all__ = ["verify", "collaborative_scores", "original_scores", "attention_kl"]
 
@@ -115,7 +115,7 @@ class _Source:
     specs: dict[str, AttentionSpec]
 
 
-def _original(manifest: Manifest, original: str | Path | None) -> tuple[_Source, str]:
+def resolve_original(manifest: Manifest, original: str | Path | None) -> tuple[_Source, str]:
     """The source checkpoint, found through ``--original`` or ``source.path``, checked to be the one
     the manifest records (sha256 of every source file)."""
     path = Path(original) if original is not None else Path(manifest.source.path)
@@ -156,13 +156,13 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         raise BadInputError(f"--seed must be between -2**62 and 2**62, got {seed}")
     manifest, out = open_output(directory)
     try:
-        source, original_path = _original(manifest, original)
+        source, original_path = resolve_original(manifest, original)
     except BaseException:
         out.close()
         raise
     moments_by_module = {}
     if calibration is not None:
-        from .calibration import load_moments
+        from ..files.statistics import load_moments
 
         moments_by_module = load_moments(Path(calibration), source.ckpt, list(source.specs.values()))
     records = []
@@ -215,8 +215,8 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
 def _rotary_scores(directory: Path, out: Checkpoint, layer: Any, spec: AttentionSpec, qk: Any, x: torch.Tensor,
                    config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Original and shared-key scores of a rotary layer, rotated at positions 0..N-1 (B, H, N, N)."""
-    from .arch import rope_frequencies
-    from .rotary import RotaryFactors, rotary_scores
+    from ..files.arch import rope_frequencies
+    from ..maths.rotary import RotaryFactors, rotary_scores
 
     if layer.kv_heads != spec.n_kv_head:
         raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer.kv_heads} key/value heads, the "

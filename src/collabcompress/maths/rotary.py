@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import _check_tau, _cumulative_energy, _rank_at
-from .decompose import DEFAULT_SHRINKAGE, _whiten, whitening_factor
+from .spectra import check_tau, cumulative_energy, rank_at_energy
+from .cp import DEFAULT_SHRINKAGE, whiten, whitening_factor
 
 __all__ = [
     "RotaryFactors",
@@ -227,7 +227,7 @@ def key_whitening(
     bias: bool = False,
     shrinkage: float = DEFAULT_SHRINKAGE,
 ) -> torch.Tensor:
-    """The ``lower`` factor for a whitened rotary fit: :func:`~collabcompress.decompose.whitening_factor`
+    """The ``lower`` factor for a whitened rotary fit: :func:`~collabcompress.maths.cp.whitening_factor`
     of ``E[y y^T]``, or of :func:`augmented_moment` when the key has a bias.
 
     Args:
@@ -251,7 +251,7 @@ def _weighted_keys(w_key, b_key, n_kv_head, head_dim, weights, lower) -> tuple[t
     half = _head_dim(head_dim) // 2
     w, b = _projection(w_key, b_key, n_kv_head, head_dim, "key")
     rows = _rows(w, b)  # (G*d, D')
-    rows, _ = _whiten(rows, lower, rows.shape[1], "lower", _CPU)  # (G*d, D') = [W_K | b_K] L
+    rows, _ = whiten(rows, lower, rows.shape[1], "lower", _CPU)  # (G*d, D') = [W_K | b_K] L
     keys = rotary_pairs(rows, n_kv_head, head_dim).transpose(0, 1)  # (d/2, G, D')
     if weights is None:
         return keys, keys
@@ -298,13 +298,13 @@ def rotary_energy(sv: torch.Tensor) -> torch.Tensor:
         ``(head_dim/2 * n_kv_head,)`` float64, non-decreasing, ending at 1 (all ones when sv is
         zero): entry i is the energy kept by i+1 components, a key cache of 2*(i+1) reals.
     """
-    return _cumulative_energy(sv.flatten().sort(descending=True).values)
+    return cumulative_energy(sv.flatten().sort(descending=True).values)
 
 
 def key_cache_at(sv: torch.Tensor, tau: float) -> int:
     """Smallest key cache R (reals per token, even) whose components reach energy ``tau``."""
-    _check_tau(tau)
-    return 2 * _rank_at(rotary_energy(sv), tau)
+    check_tau(tau)
+    return 2 * rank_at_energy(rotary_energy(sv), tau)
 
 
 def original_key_cache(n_kv_head: int, head_dim: int) -> int:

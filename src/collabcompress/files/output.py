@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -28,19 +27,21 @@ import re
 import secrets
 import shutil
 import stat
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .dtypes import ELEMENT_SIZE, st_name
-from .errors import BadInputError
+from ..dtypes import ELEMENT_SIZE, st_name
+from ..errors import BadInputError
+from .hashing import sha256_file
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_directory", "sha256_file", "file_record", "copy_other_files", "check_output_path",
+    from .manifest import Manifest
+
+__all__ = ["atomic_directory", "file_record", "write_manifest", "copy_other_files", "check_output_path",
            "check_output_dir", "check_output_file", "input_paths", "is_collab_output", "write_json",
            "write_safetensors", "TEMP_MARKER"]
 
@@ -49,36 +50,6 @@ _SKIP_NAMES = {"collab_manifest.json", "config.json"}
 TEMP_MARKER = ".collabcompress-tmp"  # inside a temporary directory; holds the token of its name
 _TEMP_NAME = re.compile(r"\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<token>[0-9a-f]{16})")
 _MANIFEST_LIMIT = 64 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """The file's sha256, hex.
-
-    Remembered per file version, so checking a model's weights several times in one process
-    reads them once: the key is the file's device, inode, size, mtime and ctime, and any write
-    sets ctime (which no user can set back). As git does for racily clean files, a hash is only
-    remembered when the file's ctime lies well before the hashing began, so a write in the
-    same clock tick as an earlier one still changes the key.
-    """
-    st = path.stat()
-    version = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    digest = _HASHES.get(version)
-    if digest is None:
-        began = time.time_ns()
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        digest = h.hexdigest()
-        if st.st_ctime_ns < began - _RACY_NS:
-            if len(_HASHES) >= 256:
-                _HASHES.pop(next(iter(_HASHES)))
-            _HASHES[version] = digest
-    return digest
-
-
-_HASHES: dict[tuple, str] = {}  # file version -> sha256 (sha256_file)
-_RACY_NS = 100_000_000  # 0.1 s, many file-system clock ticks
 
 
 def file_record(path: Path, root: Path) -> dict[str, object]:
@@ -136,7 +107,7 @@ def _read_format(path: Path) -> object:
 def is_collab_output(directory: Path) -> bool:
     """True when ``directory`` was written by ``compress`` (its manifest names our format) or
     by ``demo`` (``demo.json`` beside a ``model/`` that was written by ``compress``)."""
-    from .manifest import FORMAT, MANIFEST_NAME
+    from .manifest import FORMAT, MANIFEST_NAME  # the manifest reader imports torch; the light commands do not
 
     if _read_format(directory / MANIFEST_NAME) == FORMAT:
         return True
@@ -436,3 +407,10 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
     except OSError as e:
         raise BadInputError(f"cannot write {path}: {e}") from e
     return offset
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write ``directory/collab_manifest.json`` (atomically: a temporary file renamed into place)."""
+    from .manifest import MANIFEST_NAME
+
+    write_json(manifest.to_json(), Path(directory) / MANIFEST_NAME)

@@ -11,28 +11,28 @@ model's 50 x 50 document similarities with the human ratings (upper triangle).
 A causal language model (the rotary families: llama, mistral, qwen2) is compared on what it
 predicts instead (:func:`evaluate_causal`): perplexity of both models on the first
 ``max_tokens`` tokens of the texts read as one stream, in ``window``-token windows
-(:mod:`collabcompress.lm`, SPEC section 2), the next-token top-1 agreement and KL divergence
+(:mod:`collabcompress.runtime.lm`, SPEC section 2), the next-token top-1 agreement and KL divergence
 on the same windows, and greedy generation from a few prompts taken from the texts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import lm
-from .errors import BadInputError, UnsupportedArchitectureError
-from .extras import require_transformers
-from .io import read_texts
-from .limits import check_memory, forward_bytes
-from .texts import leading_text, lee_corpus, load_tokenizer, position_limit, sample_texts
+from ..runtime import lm
+from ..runtime.adapters import loadable_family
+from ..errors import BadInputError, UnsupportedArchitectureError
+from ..extras import quiet_transformers
+from ..files.checkpoint import read_texts
+from ..files.limits import check_memory, forward_bytes
+from ..files.texts import leading_text, lee_corpus, load_tokenizer, position_limit, sample_texts
 
 __all__ = ["evaluate", "evaluate_causal", "read_texts", "pooled_embeddings", "PROMPT_TOKENS"]
 
@@ -43,23 +43,7 @@ Progress = Callable[[str, int, int], None]
 
 # --------------------------------------------------------------------------- running the models
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No transformers progress bars or info logs on the user's terminal while models load."""
-    hf_logging = require_transformers("loading a compressed model").utils.logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _encoder(model):
+def encoder_of(model):
     """The part that maps tokens to hidden states: the encoder of an encoder-decoder model."""
     if getattr(model.config, "is_encoder_decoder", False):
         return model.get_encoder()
@@ -68,7 +52,7 @@ def _encoder(model):
 
 @torch.inference_mode()
 def _hidden_states(model, batches: list[dict[str, torch.Tensor]], step: Callable[[], None]) -> list[torch.Tensor]:
-    encoder = _encoder(model)
+    encoder = encoder_of(model)
     out = []
     for batch in batches:
         out.append(encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -117,9 +101,9 @@ def _texts(texts: list[str] | None, texts_name: str | None) -> tuple[str, list[s
 
 def _models(original: Path, compressed: Path):
     """(compressed model, original model of the same class, tokenizer), checked to be one model type."""
-    from . import hf
+    from .. import hf
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model = hf.from_pretrained(compressed)
         reference = hf.load_model(original, model_class=type(model))
     if reference.config.model_type != model.config.model_type:
@@ -159,8 +143,7 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         UnsupportedArchitectureError: a family that cannot be loaded or is not a text model.
         MissingExtraError: transformers is not installed.
     """
-    from . import hf
-    from .manifest import read
+    from ..files.manifest import read
 
     start = time.perf_counter()
     original, compressed = Path(original), Path(compressed)
@@ -168,10 +151,10 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
     manifest = read(compressed)
     family = manifest.source.architecture
-    if hf.loadable_family(family, compressed).rotary:
+    if loadable_family(family, compressed).rotary:
         return evaluate_causal(original, compressed, texts, max_tokens=max_tokens, window=window, prompts=prompts,
                                new_tokens=new_tokens, texts_name=texts_name, progress=progress)
-    if not hf.loadable_family(family, compressed).text:
+    if not loadable_family(family, compressed).text:
         raise UnsupportedArchitectureError(f"{compressed}: evaluate compares text embeddings; family {family!r} is "
                                            "not a text model")
     _check_models(original, compressed)
@@ -252,7 +235,7 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
     Args:
         original, compressed: the uncompressed model directory and its ``compress`` output.
         texts: documents (default: the bundled sample, :func:`sample_texts`), read as one stream
-            joined with "\n" (:func:`collabcompress.lm.join_documents`).
+            joined with "\n" (:func:`collabcompress.runtime.lm.join_documents`).
         max_tokens, window: the first ``max_tokens`` tokens of the stream, in non-overlapping
             ``window``-token windows each run from an empty context (SPEC section 2's
             perplexity: 2,048 and 512).
@@ -266,14 +249,14 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
         compressed / original - 1), ``nll`` ``{"original", "compressed"}`` (nats per predicted
         token), ``top1_agreement``, ``kl_mean`` and ``kl_max`` (KL(original || compressed) of
         the next-token distributions, nats), ``max_abs_logit_diff``, ``generation``
-        (:func:`collabcompress.lm.greedy_agreement` without the token lists, plus
+        (:func:`collabcompress.runtime.lm.greedy_agreement` without the token lists, plus
         ``prompt_tokens``: the length of each prompt), ``texts``
         ``{"source", "count", "tokens", "windows", "max_tokens", "window"}`` and what was run.
 
     Raises:
         BadInputError: unreadable models, no tokenizer, too little text, bad options.
     """
-    from .manifest import read
+    from ..files.manifest import read
 
     start = time.perf_counter()
     original, compressed = Path(original), Path(compressed)
@@ -311,7 +294,7 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
             progress(stage, done[0], total)
 
     figures = lm.compare_windows(reference, model, windows, step=lambda: tick("windows"))
-    with _quiet_transformers():
+    with quiet_transformers():
         generation = lm.greedy_agreement(reference, model, starts, new_tokens=new_tokens,
                                          step=lambda: tick("generation"))
     generation = {"prompt_tokens": [p.numel() for p in starts], **{k: v for k, v in generation.items() if k != "tokens"}}

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
-from .texts import leading_text
+from ..defaults import DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW
+from ..files.texts import leading_text
 
 __all__ = ["DOCUMENT_SEPARATOR", "DEFAULT_MAX_TOKENS", "DEFAULT_WINDOW", "join_documents", "token_ids", "leading_ids",
            "token_windows", "padded_rows", "sentences", "shuffled_sentences", "sampled_continuations", "window_logits",
@@ -44,7 +44,7 @@ def token_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> to
     """The token ids of ``text`` without special tokens (no BOS/EOS added), at most ``max_tokens``.
 
     With ``max_tokens``, only a prefix of the text that holds them is tokenised
-    (:func:`collabcompress.texts.leading_text`). Returns a 1-D int64 tensor.
+    (:func:`collabcompress.files.texts.leading_text`). Returns a 1-D int64 tensor.
     """
     if max_tokens is not None:
         text = leading_text(tokenizer, text, max_tokens)
@@ -163,7 +163,7 @@ def sampled_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, leng
         raise ValueError(f"prompts must be (N, P) with 1 <= P <= length ({length}), got {tuple(prompts.shape)}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    from .hf import cache_keyword  # imports no transformers
+    from .adapters import cache_keyword  # imports no transformers
 
     g = torch.Generator().manual_seed(seed)
     device, keyword = next(model.parameters()).device, cache_keyword(model)

@@ -3,7 +3,7 @@
 Each layer has a loss curve measured on kept calibration sequences at a ladder of candidate
 key caches R (:func:`rank_ladder`): for a rotary causal LM the whole model's next-token KL
 with only that layer compressed, else the layer's attention KL against the original
-(:func:`collabcompress.compress.curve_loss`). :func:`allocate` picks one R per layer so that the sum of R stays within
+(:func:`collabcompress.commands.compress.curve_loss`). :func:`allocate` picks one R per layer so that the sum of R stays within
 the budget and the sum of the losses is smallest: a multiple-choice knapsack solved exactly by
 dynamic programming over the budget in units of the ladders' common step.
 """

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .dtypes import ELEMENT_SIZE, to_torch
-from .errors import BadInputError
+from ..dtypes import ELEMENT_SIZE, to_torch
+from ..errors import BadInputError
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_json", "read_texts", "regular_file", "staged"]
 

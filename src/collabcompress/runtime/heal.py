@@ -53,7 +53,7 @@ class HealResult:
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The collaborative parameters of ``model`` that healing trains, by state-dict name."""
-    from .hf import collaborative_modules
+    from .adapters import collaborative_modules
 
     out = {}
     for prefix, module in collaborative_modules(model).items():

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 __all__ = ["run_demo", "find_sample", "SAMPLE_NAME", "DEMO_ENERGY", "DEMO_SEQ_LENS"]
 
@@ -45,9 +45,9 @@ def find_sample(sample: str | Path | None = None) -> Path:
         if not (path / "model.safetensors").is_file():
             raise BadInputError(f"--sample {path} is not a model directory (no model.safetensors in it)")
         return path
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "data" / SAMPLE_NAME,
-                      here.parents[1] / "sample_models" / SAMPLE_NAME,  # src/collabcompress -> repository root
+    package = Path(__file__).resolve().parents[1]  # collabcompress/
+    for candidate in (package / "data" / SAMPLE_NAME,
+                      package.parents[1] / "sample_models" / SAMPLE_NAME,  # src/collabcompress -> repository root
                       Path.cwd() / "sample_models" / SAMPLE_NAME):
         if (candidate / "model.safetensors").is_file():
             return candidate
@@ -57,13 +57,13 @@ def find_sample(sample: str | Path | None = None) -> Path:
 
 
 def _check_out(out: str | Path, sample: Path, force: bool) -> None:
-    from .output import check_output_dir
+    from ..files.output import check_output_dir
 
     check_output_dir(out, [sample], force=force)
 
 
 def _dump(data: dict[str, Any], path: Path) -> None:
-    from .output import write_json
+    from ..files.output import write_json
 
     write_json(data, path)
 
@@ -99,8 +99,8 @@ def run_demo(out: str | Path = "collabcompress-demo", *, force: bool = False, sa
         BadInputError: no sample model, or ``out`` exists (see above).
     """
     from .compress import CompressOptions, compress
-    from .output import atomic_directory
-    from .pipeline import analyze
+    from ..files.output import atomic_directory
+    from .analyze import analyze
     from .report import build_report
     from .verify import verify
 
@@ -186,7 +186,7 @@ def run_demo(out: str | Path = "collabcompress-demo", *, force: bool = False, sa
         echo(f"   ({time.perf_counter() - t0:.1f} s) -> verify.json")
 
         if matplotlib_ok:
-            from .tables import plot_energy, plot_flops
+            from ..tables import plot_energy, plot_flops
 
             plot_energy(analysis, tmp / "energy.png")
             plot_flops(report, tmp / "flops.png")

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 __all__ = ["available_memory", "check_memory", "usable_cores", "spectra_bytes", "forward_bytes"]
 
@@ -72,7 +72,7 @@ def usable_cores() -> int:
 
 def spectra_bytes(specs: Iterable[Any], workers: int, *, calibrated: bool = False) -> tuple[int, str]:
     """The float64 working memory of ``analyze`` and ``compress`` over ``specs``
-    (:class:`collabcompress.arch.AttentionSpec`), and what it is, for :func:`check_memory`.
+    (:class:`collabcompress.files.arch.AttentionSpec`), and what it is, for :func:`check_memory`.
 
     Per layer running (``workers`` at a time): the two D x D Gram matrices, their symmetrised
     copies and the eigensolver's copy (4 D^2), and the projections (4 H*d*D). With calibration

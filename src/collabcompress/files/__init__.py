@@ -1,0 +1,1 @@
+"""Files: checkpoints, families, the output rule, the manifest, statistics, texts."""

@@ -1,0 +1,85 @@
+"""What every compression method provides (:class:`LayerMethod`) and what it returns (:class:`FittedLayer`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..files.arch import AttentionSpec
+from ..files.checkpoint import Checkpoint
+from ..files.manifest import LayerRecord
+from ..options import CompressOptions
+
+__all__ = ["FittedLayer", "LayerMethod", "allocation_record", "refine_record"]
+
+
+@dataclass
+class FittedLayer:
+    """One compressed layer: its new tensors, the names it removes, and what the manifest records."""
+
+    spec: AttentionSpec
+    shared_dim: int
+    factors: Any  # the method's factors (CPFactors, RotaryFactors)
+    energy_spectral: float
+    seconds: float
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    refined: Any = None  # the method's refinement result, or None
+    plain_error: float = 0.0
+    curve: dict[int, float] | None = None  # --budget: candidate R -> loss
+    curve_loss: str = "attention_kl"  # what the curve measures (curve_loss)
+
+
+class LayerMethod(Protocol):
+    """One way of compressing an attention layer (a plug-in of ``compress``, ``analyze`` and the budget).
+
+    ``compress`` asks the method of each layer (:func:`collabcompress.methods.method_for`) for its
+    statistics, its fit, its loss curve and its manifest record; it never tests which method it is.
+    """
+
+    name: str
+    causal_lm: bool  # its layers belong to a causal LM (the budget may measure the next-token KL)
+
+    def full_width(self, spec: AttentionSpec) -> int:
+        """The layer's original key width (H*d; a rotary layer's key cache G*d): the top of its rank ladder."""
+
+    def check_rank(self, spec: AttentionSpec, rank: int) -> None:
+        """Refuse a ``--rank`` the layer cannot take (BadInputError naming the layer)."""
+
+    def load_statistics(self, path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, Any]:
+        """module -> the calibration statistics its fit uses, read from the statistics file ``path``."""
+
+    def fit(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+            stats: Any, sequences: tuple[torch.Tensor, torch.Tensor] | None,
+            shared_dim: int | None = None) -> FittedLayer:
+        """The compressed layer (``shared_dim`` overrides the rank options: the budget's allocation)."""
+
+    def loss_curve(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, stats: Any,
+                   sequences: tuple[torch.Tensor, torch.Tensor]) -> dict[int, float]:
+        """Candidate width R -> attention KL on the kept sequences (the budget allocates by it)."""
+
+    def record(self, layer: FittedLayer) -> LayerRecord:
+        """The manifest's record of the layer."""
+
+    def config_entry(self, layer: FittedLayer) -> dict[str, Any]:
+        """The layer's entry in config.json's ``collaborative_attention`` block."""
+
+    def qk_params_after(self, layer: FittedLayer, ckpt: Checkpoint) -> int:
+        """Key/query parameters of the compressed layer."""
+
+
+def refine_record(layer: FittedLayer) -> dict[str, Any] | None:
+    r = layer.refined
+    return None if r is None else {"steps": r.steps, "kl_before": round(r.kl_before, 8),
+                                   "kl_after": round(r.kl_after, 8)}
+
+
+def allocation_record(layer: FittedLayer) -> dict[str, Any] | None:
+    """``--budget``: the measured loss curve (key cache R -> loss) and the loss at the chosen R."""
+    if layer.curve is None:
+        return None
+    return {"loss": layer.curve_loss, "losses": {str(r): round(v, 8) for r, v in sorted(layer.curve.items())},
+            "chosen_loss": round(layer.curve[layer.shared_dim], 8)}

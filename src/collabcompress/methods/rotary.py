@@ -1,0 +1,266 @@
+"""The rotary method: shared rotary keys for rotary, grouped-query decoders (LLaMA, Mistral, Qwen2).
+
+Per frequency j, the G keys are approximated by R_j <= G complex components shared by all
+heads (the rotation is one complex scalar per frequency and commutes with any mixing across
+keys); queries keep the original W_Q and mix per component; the key cache holds R = 2 sum_j R_j
+reals per token and layer. Fitted per frequency by weighted, whitened SVD
+(:func:`collabcompress.maths.rotary.rotary_factors`), refined on the attention KL with
+``--refine-steps``. The maths: docs/method.md, "Rotary decoders".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BadInputError
+from ..files import manifest as _mf
+from ..files.arch import AttentionSpec, load_query_key
+from ..files.checkpoint import Checkpoint
+from ..maths.costs import rotary_key_params
+from ..maths.spectra import choose_rank
+from ..options import CompressOptions
+from .base import FittedLayer, allocation_record, refine_record
+
+__all__ = ["ROTARY", "RotaryMethod", "model_curves", "rotary_names"]
+
+CURVE_WINDOWS = 1  # kept windows the next-token KL curves are measured on (one forward each per rung and layer)
+CURVE_TOKENS = 256  # leading tokens of each
+CURVE_STEPS = 8  # about this many candidate key caches per rotary layer
+
+
+def rotary_names(module: str) -> dict[str, str]:
+    """Tensor names of SPEC section 4 "Rotary layers" for one module."""
+    return {"key": f"{module}.collab_key.weight", "key_bias": f"{module}.collab_key.bias",
+            "key_freq": f"{module}.collab_key_freq", "mixing": f"{module}.collab_mixing"}
+
+
+def _rotary_rank(spec: AttentionSpec, opts: CompressOptions, sv: torch.Tensor | None) -> int:
+    """R of a rotary layer: --rank as given (even, <= G*d), or the key cache at --energy, then
+    --min-rank, --multiple-of and --max-rank, rounded up to even."""
+    from ..maths.rotary import key_cache_at
+
+    full = spec.key_cache
+    if opts.rank is not None:
+        return opts.rank
+    r = choose_rank(key_cache_at(sv, opts.energy), full, min_rank=opts.min_rank, max_rank=opts.max_rank,
+                    multiple_of=opts.multiple_of)
+    return min(full, max(2, r + r % 2))
+
+
+def _plain_rotary_error(qk, spec: AttentionSpec, factors, weights: torch.Tensor) -> float:
+    """``||diag(w)(B - B_hat)||_F / ||diag(w) B||_F`` with the data-free weights and no whitening."""
+    from ..maths.rotary import rotary_pairs
+
+    rows = qk.w_key if qk.b_key is None else torch.cat([qk.w_key, qk.b_key[:, None]], dim=1)  # (G*d, D')
+    keys = rotary_pairs(rows, spec.n_kv_head, spec.head_dim)  # (G, d/2, D')
+    beta = factors.beta() if factors.key_bias is None else torch.cat([factors.beta(), factors.beta0()[:, None]], 1)
+    parts = factors.mixing_complex()[:, :, None] * beta  # (G, R/2, D')
+    approx = torch.zeros_like(keys).index_add_(1, factors.freq, parts)  # (G, d/2, D')
+    w = weights.sqrt()[..., None]  # (G, d/2, 1)
+    den = float((w * keys).abs().square().sum())
+    return (float((w * (keys - approx)).abs().square().sum()) / den) ** 0.5 if den > 0 else 0.0
+
+
+def _rotary_fit_inputs(ckpt: Checkpoint, spec: AttentionSpec, moments: tuple[torch.Tensor, torch.Tensor] | None,
+                       query_energy: torch.Tensor | None):
+    """The source tensors of a rotary layer, the data-free weights, and the fit's weights and
+    whitening (calibrated when moments are given)."""
+    from ..maths import rotary
+
+    qk = load_query_key(ckpt, spec)
+    free = rotary.group_weights(rotary.query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim),
+                                spec.n_kv_head)  # (G, d/2)
+    weights, lower = free, None
+    if moments is not None:
+        mean, second = moments
+        if query_energy is None:
+            query_energy = rotary.query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim, second, mean)
+        weights = rotary.group_weights(query_energy, spec.n_kv_head)
+        try:
+            lower = rotary.key_whitening(second, mean, bias=qk.b_key is not None)
+        except ValueError as e:
+            raise BadInputError(f"calibration statistics: the moments of {spec.module} are unusable ({e})") from e
+    return qk, free, weights, lower
+
+
+def _rotary_kl(ckpt: Checkpoint, spec: AttentionSpec, qk, sequences: tuple[torch.Tensor, torch.Tensor], seed: int):
+    """The attention KL of a rotary layer on its kept sequences (:class:`collabcompress.maths.refine.RotaryKL`)."""
+    from ..files.arch import rope_frequencies
+    from ..maths.refine import RotaryKL
+
+    theta, attention_scaling = rope_frequencies(ckpt.config, spec.head_dim)
+    return RotaryKL(*sequences, qk.w_query, qk.b_query, qk.w_key, qk.b_key, spec.n_head, spec.n_kv_head,
+                    spec.head_dim, theta, spec.scale * attention_scaling ** 2, seed=seed)
+
+
+def _fit(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+                           moments: tuple[torch.Tensor, torch.Tensor] | None,
+                           query_energy: torch.Tensor | None,
+                           sequences: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           shared_dim: int | None = None) -> FittedLayer:
+    """Shared rotary keys (SPEC section 2, "Rotary decoders"): the data-free fit, or the
+    whitened fit weighted by the query energies when calibration moments are given; then
+    refined on the attention KL with ``--refine-steps``. ``shared_dim`` overrides the rank
+    options (the allocation of ``--budget``)."""
+    from ..maths import rotary
+    from ..maths.refine import refine_rotary
+
+    start = time.perf_counter()
+    qk, free, weights, lower = _rotary_fit_inputs(ckpt, spec, moments, query_energy)
+    if shared_dim is None:
+        sv = rotary.rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights, lower) \
+            if opts.energy is not None else None
+        shared_dim = _rotary_rank(spec, opts, sv)
+    factors = rotary.rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, shared_dim,
+                                    weights=weights, lower=lower)
+    refined = None
+    if opts.refine_steps and sequences is not None:
+        kl = _rotary_kl(ckpt, spec, qk, sequences, opts.seed)
+        refined = refine_rotary(kl, factors.key, factors.key_bias, factors.freq, factors.mixing,
+                                steps=opts.refine_steps, seed=opts.seed)
+        factors = dataclasses.replace(factors, key=refined.key.double(), mixing=refined.mixing.double(),
+                                      key_bias=None if refined.key_bias is None else refined.key_bias.double())
+    plain = factors.relative_error if moments is None else _plain_rotary_error(qk, spec, factors, free)
+    names = rotary_names(spec.module)
+    tensors = {names["key"]: factors.key.to(out_dtype).contiguous(),  # (R, D)
+               names["key_freq"]: factors.freq.contiguous(),  # (R/2,) int64
+               names["mixing"]: factors.mixing.to(out_dtype).contiguous()}  # (G, R/2, 2)
+    if factors.key_bias is not None:
+        tensors[names["key_bias"]] = factors.key_bias.to(out_dtype).contiguous()  # (R,)
+    removed = [n for n in (spec.key, spec.key_bias) if n]
+    return FittedLayer(spec, shared_dim, factors, factors.energy, time.perf_counter() - start, tensors, removed,
+                  refined, plain)
+
+
+def _curve(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None, query_energy: torch.Tensor | None,
+                  sequences: tuple[torch.Tensor, torch.Tensor]) -> dict[int, float]:
+    from ..maths.budget import rank_ladder
+    from ..maths.rotary import rotary_factors
+
+    qk, _, weights, lower = _rotary_fit_inputs(ckpt, spec, moments, query_energy)
+    kl = _rotary_kl(ckpt, spec, qk, sequences, opts.seed)
+    curve = {}
+    for r in rank_ladder(spec.key_cache, opts.multiple_of, even=True):
+        f = rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, r, weights=weights, lower=lower)
+        curve[r] = kl(f.key, f.key_bias, f.freq, f.mixing)
+    return curve
+
+
+def model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, stats: dict[str, Any],
+                 ids: torch.Tensor, lengths: torch.Tensor,
+                 progress: Callable[[str, int, int], None] | None) -> list[dict[int, float]]:
+    """Per rotary layer: key cache R -> the mean next-token KL(original || model) of the whole
+    model with only that layer's keys replaced by the calibrated fit at R (as k_proj weights,
+    :func:`collabcompress.maths.rotary.key_projection`), on the first CURVE_TOKENS tokens of the first
+    CURVE_WINDOWS kept windows. Unlike each layer's attention KL, these add up to (about) the
+    model's loss: on SmolLM2 the next-token KL per unit of attention KL differs 50-fold between
+    layers (layer 0 is the most sensitive)."""
+    from ..maths.budget import rank_ladder
+    from ..runtime.adapters import find_modules
+    from .. import hf
+    from ..extras import quiet_transformers, require_transformers
+    from ..maths.rotary import key_projection, rotary_factors
+
+    transformers = require_transformers("--budget on a causal LM")
+    with quiet_transformers():
+        model = hf.load_model(ckpt.directory, model_class=transformers.AutoModelForCausalLM).float()
+    n = min(CURVE_WINDOWS, ids.shape[0])
+    t = min(CURVE_TOKENS, int(lengths[:n].min()))
+    x = ids[:n, :t]  # (n, t)
+
+    def log_probs() -> torch.Tensor:
+        return torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)  # (n, t, V)
+
+    curves = []
+    with torch.inference_mode():
+        target = log_probs()
+        for done, spec in enumerate(specs):
+            _, k_proj = find_modules(model, ckpt, spec)
+            weight, bias = k_proj.weight.detach().clone(), None if k_proj.bias is None else k_proj.bias.detach().clone()
+            qk, _, weights, lower = _rotary_fit_inputs(ckpt, spec, *stats.get(spec.module, (None, None)))
+            ladder = rank_ladder(spec.key_cache, options.multiple_of, even=True, steps=CURVE_STEPS)
+            curve = {spec.key_cache: 0.0}  # the exact layout is the original layer
+            for r in ladder[:-1]:
+                f = rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, r, weights=weights, lower=lower)
+                w_hat, b_hat = key_projection(f, spec.head_dim)
+                k_proj.weight.copy_(w_hat)
+                if bias is not None:
+                    k_proj.bias.copy_(b_hat)
+                curve[r] = float((target.exp() * (target - log_probs())).sum(-1).mean())
+            k_proj.weight.copy_(weight)
+            if bias is not None:
+                k_proj.bias.copy_(bias)
+            curves.append(dict(sorted(curve.items())))
+            if progress:
+                progress(f"loss curve {spec.module}", done + 1, len(specs))
+    return curves
+
+
+class RotaryMethod:
+    """The :class:`~collabcompress.methods.base.LayerMethod` of the rotary families."""
+
+    name = "rotary"
+    causal_lm = True
+
+    def full_width(self, spec: AttentionSpec) -> int:
+        return spec.key_cache
+
+    def check_rank(self, spec: AttentionSpec, rank: int) -> None:
+        if rank % 2 or rank > spec.key_cache:
+            raise BadInputError(f"--rank {rank} for the rotary layer {spec.module}: the key cache R must "
+                                f"be even (reals per token: [Re | Im] of R/2 complex components) and at "
+                                f"most G*d = {spec.key_cache}")
+
+    def load_statistics(self, path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, Any]:
+        """module -> (moments (mean, second moment), query energies (H, d/2))."""
+        from ..files.statistics import load_moments, load_query_energies
+
+        moments, energies = load_moments(path, ckpt, specs), load_query_energies(path, ckpt, specs)
+        return {s.module: (moments.get(s.module), energies.get(s.module)) for s in specs}
+
+    def fit(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+            stats: Any, sequences: tuple[torch.Tensor, torch.Tensor] | None,
+            shared_dim: int | None = None) -> FittedLayer:
+        moments, energy = stats if stats is not None else (None, None)
+        return _fit(ckpt, spec, opts, out_dtype, moments, energy, sequences, shared_dim)
+
+    def loss_curve(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, stats: Any,
+                   sequences: tuple[torch.Tensor, torch.Tensor]) -> dict[int, float]:
+        moments, energy = stats if stats is not None else (None, None)
+        return _curve(ckpt, spec, opts, moments, energy, sequences)
+
+    def record(self, layer: FittedLayer) -> _mf.LayerRecord:
+        spec, rn = layer.spec, rotary_names(layer.spec.module)
+        return _mf.LayerRecord(
+            module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
+            d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
+            relative_error=round(layer.factors.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
+            energy_spectral=round(layer.energy_spectral, 8), iterations=0, seconds=round(layer.seconds, 4),
+            tensors=_mf.LayerTensors(spec.query, rn["key"], rn["mixing"], None, None, rn["key_freq"],
+                                     rn["key_bias"] if spec.key_bias else None),
+            removed=tuple(layer.removed), family=spec.family, fused=None,
+            query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
+            refine=refine_record(layer), kv_heads=spec.n_kv_head, rotary=True, allocation=allocation_record(layer))
+
+    def config_entry(self, layer: FittedLayer) -> dict[str, Any]:
+        spec = layer.spec
+        return {"index": spec.index, "shared_dim": layer.shared_dim, "heads": spec.n_head,
+                "kv_heads": spec.n_kv_head, "rotary": True, "head_dim": spec.head_dim, "d_model": spec.d_model,
+                "scale": spec.scale, "fused": spec.fused, "key_bias": spec.key_bias is not None}
+
+    def qk_params_after(self, layer: FittedLayer, ckpt: Checkpoint) -> int:
+        """The unchanged query plus the shared keys."""
+        spec = layer.spec
+        query = ckpt.numel(spec.query) + (ckpt.numel(spec.query_bias) if spec.query_bias else 0)
+        return query + rotary_key_params(spec.d_model, spec.n_kv_head, spec.head_dim, layer.shared_dim,
+                                         key_bias=spec.key_bias is not None)
+
+
+ROTARY = RotaryMethod()

@@ -1,0 +1,1 @@
+"""Runtime: attention modules, language-model helpers, healing."""
