@@ -13,7 +13,8 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,7 +477,7 @@ def _config_block(layers: list[_Layer], family: str) -> dict[str, Any]:
 
 
 def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
-                whitening: dict[str, Any], sequences: dict[str, Any], workers: int,
+                whitening: Mapping[str, Any], sequences: dict[str, Any], workers: int,
                 progress: Progress | None, energies: dict[str, Any] | None = None,
                 ranks: dict[str, int] | None = None) -> list[_Layer]:
     def one(spec: AttentionSpec) -> _Layer:
@@ -491,7 +492,7 @@ def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressO
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
 
 
-def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, whitening: dict[str, Any],
+def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, whitening: Mapping[str, Any],
                  sequences: dict[str, Any], energies: dict[str, Any], workers: int,
                  progress: Progress | None) -> list[dict[int, float]]:
     """Per layer: candidate key cache R -> attention KL on the kept sequences (see :mod:`collabcompress.budget`)."""
@@ -528,7 +529,7 @@ def curve_loss(ckpt: Checkpoint, specs: list[AttentionSpec], refine_steps: int =
     return "next_token_kl" if runnable and not refine_steps and all(s.rotary for s in specs) else "attention_kl"
 
 
-def _model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, moments: dict[str, Any],
+def _model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, moments: Mapping[str, Any],
                   energies: dict[str, Any], ids: torch.Tensor, lengths: torch.Tensor,
                   progress: Progress | None) -> list[dict[int, float]]:
     """Per rotary layer: key cache R -> the mean next-token KL(original || model) of the whole
@@ -579,7 +580,7 @@ def _model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compres
     return curves
 
 
-def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, whitening: dict[str, Any],
+def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, whitening: Mapping[str, Any],
                    sequences: dict[str, Any], energies: dict[str, Any], workers: int,
                    progress: Progress | None) -> tuple[str, list[dict[int, float]]]:
     """The loss :func:`curve_loss` names and its curves, one per layer."""
@@ -602,8 +603,8 @@ def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path,
     plain, rotary = [s for s in specs if not s.rotary], [s for s in specs if s.rotary]
     whitening = load_whitening(calibration, ckpt, plain) if plain else {}
     energies = {}
-    if rotary:
-        whitening.update(load_moments(calibration, ckpt, rotary))
+    if rotary:  # the moments are read layer by layer, when each layer asks (ChainMap does not copy them)
+        whitening = ChainMap(whitening, load_moments(calibration, ckpt, rotary))
         energies = load_query_energies(calibration, ckpt, rotary)
     options = CompressOptions(rank=1, multiple_of=multiple_of, seed=seed, calibration=str(calibration),
                               refine_steps=refine_steps)
@@ -673,8 +674,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
 
         plain = [s for s in specs if not s.rotary]
         whitening = load_whitening(Path(options.calibration), ckpt, plain) if plain else {}
-        if rotary:
-            whitening.update(load_moments(Path(options.calibration), ckpt, rotary))
+        if rotary:  # read layer by layer, when each layer asks (ChainMap does not copy them)
+            whitening = ChainMap(whitening, load_moments(Path(options.calibration), ckpt, rotary))
             energies = load_query_energies(Path(options.calibration), ckpt, rotary)
         if options.refine_steps or options.budget is not None or options.heal_steps:
             sequences = load_sequences(Path(options.calibration), ckpt, specs)
