@@ -165,6 +165,29 @@ def test_sharded_source_gives_sharded_output(tmp_path):
     assert [l["relative_error"] for l in manifest["layers"]] == [l["relative_error"] for l in unsharded["layers"]]
 
 
+def test_sharded_source_named_by_a_relative_path(tmp_path, monkeypatch, cli):
+    """The shards are read through their resolved paths; the manifest still names them
+    relative to the directory the user gave (this failed as an internal error)."""
+    src = make_checkpoint("bert", tmp_path / "bert")
+    tensors = load_file(str(src / "model.safetensors"))
+    names = sorted(tensors)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    weight_map = {}
+    for k, keys in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        save_file({n: tensors[n] for n in keys}, str(sharded / f"model-0000{k}-of-00002.safetensors"))
+        weight_map.update({n: f"model-0000{k}-of-00002.safetensors" for n in keys})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "config.json").write_bytes((src / "config.json").read_bytes())
+    absolute = compress(sharded, tmp_path / "absolute", CompressOptions(rank=16))
+    monkeypatch.chdir(tmp_path)
+    result = cli("compress", "sharded", "--out", "relative", "--rank", "16", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    relative = json.loads(result.stdout)
+    assert [f["name"] for f in relative["source"]["files"]] == [f["name"] for f in absolute["source"]["files"]]
+    assert relative["outputs"] == absolute["outputs"]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_compresses_exactly_at_full_rank(family, tmp_path, cli):
     src = make_checkpoint(family, tmp_path / "src")

@@ -12,7 +12,8 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -128,12 +129,11 @@ def _loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compress
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
 
 
-def load_statistics(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, Any]:
-    """module -> the statistics its method fits from (each method reads its own)."""
-    stats: dict[str, Any] = {}
-    for method in dict.fromkeys(method_for(s) for s in specs):
-        stats.update(method.load_statistics(path, ckpt, [s for s in specs if method_for(s) is method]))
-    return stats
+def load_statistics(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> Mapping[str, Any]:
+    """module -> the statistics its method fits from (each method reads its own; a method may read
+    a layer's only when the layer asks, and ChainMap copies none)."""
+    methods = dict.fromkeys(method_for(s) for s in specs)
+    return ChainMap(*(m.load_statistics(path, ckpt, [s for s in specs if method_for(s) is m]) for m in methods))
 
 
 def curve_loss(ckpt: Checkpoint, specs: list[AttentionSpec], refine_steps: int = 0) -> str:

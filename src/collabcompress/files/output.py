@@ -53,8 +53,14 @@ _MANIFEST_LIMIT = 64 << 20
 
 
 def file_record(path: Path, root: Path) -> dict[str, object]:
-    """``{"name", "sha256", "bytes"}`` of a file, named relative to ``root``."""
-    return {"name": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    """``{"name", "sha256", "bytes"}`` of a file, named relative to ``root``; compared with links
+    resolved when the two paths do not compare as given (a sharded checkpoint's shards are
+    resolved paths, the directory a user names may be relative)."""
+    try:
+        name = path.relative_to(root)
+    except ValueError:
+        name = Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+    return {"name": name.as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 # ---------------------------------------------------------------------------- where we may write

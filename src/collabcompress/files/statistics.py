@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +28,7 @@ from .arch import AttentionSpec
 from .checkpoint import Checkpoint, regular_file
 from .hashing import sha256_file
 
-__all__ = ["STATS_FORMAT", "source_sha256", "load_whitening", "load_moments", "load_sequences", "load_input_ids",
+__all__ = ["STATS_FORMAT", "source_sha256", "per_module", "load_whitening", "load_moments", "load_sequences", "load_input_ids",
            "load_window_ids", "load_query_energies"]
 
 STATS_FORMAT = "collabcompress-stats/1"
@@ -117,12 +119,55 @@ def _check_ids(ids: torch.Tensor, what: str, path: Path, ckpt: Checkpoint) -> No
                             f"model's vocabulary (config.json vocab_size {vocab}); run `calibrate` on this model")
 
 
-def load_moments(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module (mean (D,), second moment (D, D)) of the query-side inputs."""
-    f, _, _ = _open_stats(path, ckpt, specs)
-    return {s.module: (_checked(f.get_tensor(f"{s.module}.mean"), f"{s.module}.mean", path),
-                       _second_moment(f, f"{s.module}.second_moment", path))
-            for s in specs}
+class _PerModule(Mapping[str, Any]):
+    """module -> a value read from the statistics file each time it is asked for, and not kept."""
+
+    def __init__(self, modules: list[str], read: Callable[[str], Any]) -> None:
+        self._modules, self._known, self._read = modules, set(modules), read
+
+    def __getitem__(self, module: str) -> Any:
+        if module not in self._known:
+            raise KeyError(module)
+        return self._read(module)
+
+    def __contains__(self, module: object) -> bool:  # without reading (Mapping's own would read)
+        return module in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def per_module(modules: list[str], read: Callable[[str], Any]) -> Mapping[str, Any]:
+    """A read-only mapping module -> ``read(module)``, computed at each lookup and never kept."""
+    return _PerModule(modules, read)
+
+
+def _read_moments(path: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's (mean, second moment), checked. They are mapped from the file (safetensors
+    reads without copying), and the mapping goes when they do: a handle kept open would keep
+    every page it has read in this process's resident memory."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            mean, second = f.get_tensor(f"{module}.mean"), f.get_tensor(f"{module}.second_moment")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInputError(f"cannot read the moments of {module} from the calibration statistics {path}: {e}") from e
+    return _checked(mean, f"{module}.mean", path), _checked(second, f"{module}.second_moment", path)
+
+
+def load_moments(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module (mean (D,), second moment (D, D)) of the query-side inputs.
+
+    Every module's moments are read and checked here, one at a time, but the mapping returned
+    holds none of them: each lookup reads that module's again. A Llama-3-8B-sized file holds
+    32 second moments of 134 MB; holding them all made ``compress`` peak at 7.5 GB.
+    """
+    _open_stats(path, ckpt, specs)
+    for s in specs:
+        _read_moments(path, s.module)
+    return per_module([s.module for s in specs], lambda module: _read_moments(path, module))
 
 
 def load_whitening(path: Path, ckpt: Checkpoint,

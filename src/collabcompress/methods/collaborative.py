@@ -153,8 +153,8 @@ def _fit(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype
         removed = [spec.query] + ([spec.query_bias] if spec.query_bias else [])
     else:
         removed = [n for n in (spec.query, spec.query_bias, spec.key, spec.key_bias) if n]
-    return FittedLayer(spec, shared_dim, factors, energy, time.perf_counter() - start, tensors, removed, refined,
-                  plain_error)
+    return FittedLayer(spec, shared_dim, factors.relative_error, energy, time.perf_counter() - start, tensors, removed,
+                       refined, plain_error, iterations=factors.iterations)
 
 
 class CollaborativeMethod:
@@ -190,9 +190,9 @@ class CollaborativeMethod:
         return _mf.LayerRecord(
             module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
             d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
-            relative_error=round(layer.factors.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
+            relative_error=round(layer.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
             energy_spectral=round(layer.energy_spectral, 8),
-            iterations=layer.factors.iterations, seconds=round(layer.seconds, 4),
+            iterations=layer.iterations, seconds=round(layer.seconds, 4),
             tensors=_mf.LayerTensors(names["query"], names["key"], names["mixing"], names["content_bias"],
                                      names["value"] if spec.fused else None),
             removed=tuple(layer.removed), family=spec.family, fused=spec.fused,

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -134,8 +135,8 @@ def _fit(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype
     if factors.key_bias is not None:
         tensors[names["key_bias"]] = factors.key_bias.to(out_dtype).contiguous()  # (R,)
     removed = [n for n in (spec.key, spec.key_bias) if n]
-    return FittedLayer(spec, shared_dim, factors, factors.energy, time.perf_counter() - start, tensors, removed,
-                  refined, plain)
+    return FittedLayer(spec, shared_dim, factors.relative_error, factors.energy, time.perf_counter() - start, tensors,
+                       removed, refined, plain)
 
 
 def _curve(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions,
@@ -218,12 +219,13 @@ class RotaryMethod:
                                 f"be even (reals per token: [Re | Im] of R/2 complex components) and at "
                                 f"most G*d = {spec.key_cache}")
 
-    def load_statistics(self, path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> dict[str, Any]:
+    def load_statistics(self, path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> Mapping[str, Any]:
         """module -> (moments (mean, second moment), query energies (H, d/2))."""
-        from ..files.statistics import load_moments, load_query_energies
+        from ..files.statistics import load_moments, load_query_energies, per_module
 
         moments, energies = load_moments(path, ckpt, specs), load_query_energies(path, ckpt, specs)
-        return {s.module: (moments.get(s.module), energies.get(s.module)) for s in specs}
+        # the moments are read when a layer asks for them, not held for all layers (Llama-3-8B: 32 x 134 MB)
+        return per_module([s.module for s in specs], lambda module: (moments[module], energies.get(module)))
 
     def fit(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
             stats: Any, sequences: tuple[torch.Tensor, torch.Tensor] | None,
@@ -241,7 +243,7 @@ class RotaryMethod:
         return _mf.LayerRecord(
             module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
             d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
-            relative_error=round(layer.factors.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
+            relative_error=round(layer.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
             energy_spectral=round(layer.energy_spectral, 8), iterations=0, seconds=round(layer.seconds, 4),
             tensors=_mf.LayerTensors(spec.query, rn["key"], rn["mixing"], None, None, rn["key_freq"],
                                      rn["key_bias"] if spec.key_bias else None),
