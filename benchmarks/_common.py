@@ -217,7 +217,7 @@ def cli(*arguments: str | os.PathLike, env: Mapping[str, str] | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [*collabcompress_command(), *map(str, arguments), "--json", str(out)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=None if env is None else {**os.environ, **env})
         if proc.returncode != 0:
             log(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.strip()}")
@@ -229,7 +229,7 @@ def timed(cmd: Sequence[str | os.PathLike]) -> float:
     """Wall seconds of ``cmd`` as a fresh process, start-up included; a failure ends the benchmark."""
     cmd = [str(c) for c in cmd]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         log(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.strip()}")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import collabcompress_command, check, minilm, missing, parser, report, timed
+from _common import check, collabcompress_command, minilm, missing, parser, report, timed
 
 NAME = "cli"
 BUDGETS = {"analyze": 2.5, "demo": 15.0}  # seconds, median wall time
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--analyze-budget", type=float, default=BUDGETS["analyze"], help="seconds allowed for analyze")
     ap.add_argument("--demo-budget", type=float, default=BUDGETS["demo"], help="seconds allowed for the demo")
     args = ap.parse_args(argv)
-    model = args.model or minilm()
+    model = args.model = args.model or minilm()
     if "analyze" in args.commands and not (model / "model.safetensors").is_file():
         return missing(f"model not found: {model}")
 

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     losses_of_check = {**losses, judge: lambda i: sliced.judge(model, i, ids[i])}
     for kind, run, ways in (("step", step, losses), ("check", check, losses_of_check)):
         names = list(ways)
-        times = interleaved(*[lambda loss=ways[name]: run(loss) for name in names], warmup=1, repeats=args.repeats)
+        runs = [lambda loss=ways[name], run=run: run(loss) for name in names]
+        times = interleaved(*runs, warmup=1, repeats=args.repeats)
         for name, t in zip(names, times):
             ratios.setdefault(name, {"way": name, "step_s": None, "step_ratio": None})
             ratios[name][f"{kind}_s"] = statistics.median(t) / args.windows
