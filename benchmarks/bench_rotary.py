@@ -50,9 +50,9 @@ def _options(variant: str) -> list[str]:
     return out
 
 
-def _timed_cli(*arguments) -> tuple[dict, float]:
+def _timed_cli(*arguments, env: dict[str, str] | None = None) -> tuple[dict, float]:
     start = time.perf_counter()
-    result = cli(*arguments)
+    result = cli(*arguments, env=env)
     return result, time.perf_counter() - start
 
 
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant-tokens", type=int, default=32768,
                     help="calibrate --max-tokens of the variants (moments from fewer tokens are noisy)")
     ap.add_argument("--keep-windows", type=int, default=16, help="calibrate --keep-sequences of the variants")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS of every command (default: the environment's)")
     ap.add_argument("--quick", action="store_true", help=f"rank 128 only, variants {' '.join(QUICK)} (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "model.safetensors").is_file() or not (corpus / "lee.cor").is_file():
         return missing(f"needs SmolLM2 in {args.model} and the Lee corpus in {corpus}")
 
+    env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
     rows, steps = [], []  # steps: the calibrate runs, last
     with tempfile.TemporaryDirectory(prefix="cc-bench-rotary-") as tmp:
         tmp = Path(tmp)
@@ -90,18 +93,19 @@ def main(argv: list[str] | None = None) -> int:
             tokens), else on all of the bundled sample."""
             which = ["--texts", texts, "--max-tokens", args.eval_tokens] if texts else ["--max-tokens", 10**8]
             return cli("evaluate", args.model, out, *map(str, which), "--window", str(args.window),
-                       "--prompts", "0")["perplexity"]
+                       "--prompts", "0", env=env)["perplexity"]
 
         stats = tmp / "stats.safetensors"
         _, seconds = _timed_cli("calibrate", args.model, "--texts", background, "--out", stats,
-                                "--max-tokens", str(args.calib_tokens), "--max-length", str(args.window))
+                                "--max-tokens", str(args.calib_tokens), "--max-length", str(args.window), env=env)
         steps.append({"step": "calibrate", "tokens": args.calib_tokens, "seconds": seconds})
         original = None
         for rank in args.ranks:
             row = {"rank": rank}
             for kind, calibration in (("data_free", []), ("calibrated", ["--calibration", str(stats)])):
                 out = tmp / f"{kind}-{rank}"
-                _, seconds = _timed_cli("compress", args.model, "--out", out, "--rank", str(rank), *calibration)
+                _, seconds = _timed_cli("compress", args.model, "--out", out, "--rank", str(rank), *calibration,
+                                        env=env)
                 figures = ppl(out, held_out)
                 original = figures["original"]
                 row[f"{kind}_ppl"] = figures["compressed"]
@@ -113,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             kept = tmp / "kept.safetensors"
             _, seconds = _timed_cli("calibrate", args.model, "--texts", background, "--out", kept,
                                     "--max-tokens", str(args.variant_tokens), "--max-length", str(args.window),
-                                    "--keep-sequences", str(args.keep_windows))
+                                    "--keep-sequences", str(args.keep_windows), env=env)
             steps.append({"step": "calibrate, kept windows", "tokens": args.variant_tokens, "seconds": seconds})
         original_bundled = None
         for i, variant in enumerate(args.variants):
             out = tmp / f"variant-{i}"
             manifest, seconds = _timed_cli("compress", args.model, "--out", out, "--calibration", kept,
-                                           *_options(variant))
+                                           *_options(variant), env=env)
             heal = manifest.get("heal") or {}
             figures, bundled = ppl(out, held_out), ppl(out)
             original, original_bundled = figures["original"], bundled["original"]
