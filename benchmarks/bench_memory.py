@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory of `collabcompress compress` on a synthetic multi-gigabyte sharded checkpoint.
+"""Peak memory of `collabcompress compress` on a generated multi-gigabyte sharded checkpoint.
 
 Generates (never commits) a BERT-style checkpoint with real BERT naming and shapes, by
 default BERT-large widths (D = 1024, 16 heads, intermediate 4096, vocabulary 30522) with
@@ -11,19 +11,16 @@ transformers-style ``model.safetensors.index.json`` and a ``config.json``. Then 
 as a fresh process and reports its wall time and peak resident memory (the kernel's
 high-water mark: ``ru_maxrss`` of that one child from ``wait4``, and ``VmHWM`` polled from
 ``/proc/PID/status``, split into anonymous and file-backed pages at their peaks), beside
-the largest shard. The memory is *bounded* when the peak is below the largest shard plus
-1 GiB: the tool then holds about one tensor or one shard at a time, not the model.
+the largest shard. Memory is bounded when the peak is below the largest shard plus 1 GiB:
+the tool then holds about one tensor or one shard at a time, not the model. Linux only.
 
-    python benchmarks/bench_memory.py                         # generate in a temp dir, run, remove
-    python benchmarks/bench_memory.py --dir /big/disk --keep  # keep the checkpoint for reruns
-    python benchmarks/bench_memory.py --layers 8              # a quick, smaller run
-
-Exit code 0 when bounded, 1 when not, 2 when the compress command failed.
+    python benchmarks/bench_memory.py [--json PATH]             # generate in a temp dir, run, remove
+    python benchmarks/bench_memory.py --dir /big/disk --keep    # keep the checkpoint for reruns
+    python benchmarks/bench_memory.py --layers 8                # a quicker, smaller run
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,11 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from _common import check, collabcompress_command, log, parser, report
 
-from _common import collabcompress_command as _collabcompress
-
+NAME = "memory"
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -60,7 +55,9 @@ def _layer_tensors(i: int, d: int, inter: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _tensor(name: str, shape: tuple[int, ...], gen):
+    import torch
+
     if "LayerNorm.weight" in name:
         return torch.ones(shape)
     scale = 0.02 if len(shape) == 2 else 0.01
@@ -70,6 +67,9 @@ def _tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Te
 def generate(directory: Path, *, layers: int, d_model: int, heads: int, intermediate: int, vocab: int,
              shard_bytes: int, seed: int = 0) -> dict[str, int]:
     """Write the sharded checkpoint; returns {"total": bytes, "largest_shard": bytes, "shards": n}."""
+    import torch
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shapes: dict[str, tuple[int, ...]] = {
@@ -104,7 +104,7 @@ def generate(directory: Path, *, layers: int, d_model: int, heads: int, intermed
         total += nbytes
         largest = max(largest, nbytes)
         weight_map.update({n: file for n in names})
-        print(f"  wrote {file} ({nbytes / MIB:,.0f} MiB)", flush=True)
+        log(f"  wrote {file} ({nbytes / MIB:,.0f} MiB)")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": d_model,
@@ -154,8 +154,8 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
             "ru_maxrss": usage.ru_maxrss * 1024, **{f"peak_{k}": v for k, v in peaks.items()}}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("--dir", type=Path, help="where to generate the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the output")
     ap.add_argument("--layers", type=int, default=48, help="encoder layers (48 BERT-large layers = 2.5 GB)")
@@ -167,8 +167,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=256, help="compress --rank")
     ap.add_argument("--max-iter", type=int, default=3, help="compress --max-iter (memory does not depend on it)")
     ap.add_argument("--workers", type=int, default=None, help="compress --workers")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     root = args.dir if args.dir is not None else Path(tempfile.mkdtemp(prefix="cc-bench-memory-"))
     src, out = root / "synthetic-bert", root / "compressed"
@@ -177,49 +176,32 @@ def main() -> int:
             files = sorted(src.glob("*.safetensors"))
             sizes = {"total": sum(f.stat().st_size for f in files),
                      "largest_shard": max(f.stat().st_size for f in files), "shards": len(files)}
-            print(f"reusing {src}")
+            log(f"reusing {src}")
         else:
-            print(f"generating {args.layers} layers, D={args.d_model} into {src} ...", flush=True)
-            t0 = time.perf_counter()
+            log(f"generating {args.layers} layers, D={args.d_model} into {src} ...")
             sizes = generate(src, layers=args.layers, d_model=args.d_model, heads=args.heads,
                              intermediate=args.intermediate, vocab=args.vocab, shard_bytes=args.shard_mb * 10**6)
-            print(f"  {sizes['total'] / GIB:.2f} GiB in {sizes['shards']} shards ({time.perf_counter() - t0:.0f} s)")
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [*_collabcompress(), "compress", str(src), "--out", str(out), "--rank", str(args.rank),
+        cmd = [*collabcompress_command(), "compress", str(src), "--out", str(out), "--rank", str(args.rank),
                "--max-iter", str(args.max_iter)]
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
-        print("running:", " ".join(cmd), flush=True)
+        log("running: " + " ".join(cmd))
         m = run_measured(cmd, dict(os.environ))
         if m["returncode"] != 0:
-            print(f"compress failed ({m['returncode']}):\n{m['stderr']}", file=sys.stderr)
-            return 2
-        out_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+            log(f"compress failed ({m['returncode']}):\n{m['stderr']}")
+            return m["returncode"]
         peak = max(m["ru_maxrss"], m["peak_VmHWM"])
         limit = sizes["largest_shard"] + GIB
-        rows = [
-            ("checkpoint (all shards)", f"{sizes['total'] / MIB:,.0f} MiB", f"{sizes['shards']} shards"),
-            ("largest shard", f"{sizes['largest_shard'] / MIB:,.0f} MiB", ""),
-            ("output weights", f"{out_bytes / MIB:,.0f} MiB", f"--rank {args.rank}"),
-            ("wall time", f"{m['wall_s']:.1f} s", f"--max-iter {args.max_iter}"),
-            ("peak RSS (ru_maxrss)", f"{m['ru_maxrss'] / MIB:,.0f} MiB", "kernel high-water mark"),
-            ("peak RSS (VmHWM, polled)", f"{m['peak_VmHWM'] / MIB:,.0f} MiB", ""),
-            ("  peak anonymous (RssAnon)", f"{m['peak_RssAnon'] / MIB:,.0f} MiB", "heap: tensors, Python"),
-            ("  peak file-backed (RssFile)", f"{m['peak_RssFile'] / MIB:,.0f} MiB", "mapped pages of the shards"),
-            ("bound: largest shard + 1 GiB", f"{limit / MIB:,.0f} MiB", ""),
-        ]
-        width = max(len(r[0]) for r in rows)
-        print()
-        for name, value, note in rows:
-            print(f"{name:<{width}}  {value:>12}  {note}")
-        bounded = peak < limit
-        print(f"\npeak RSS {'<' if bounded else '>='} largest shard + 1 GiB: memory is "
-              f"{'BOUNDED' if bounded else 'NOT bounded'}")
-        if args.json:
-            args.json.write_text(json.dumps({**sizes, **{k: v for k, v in m.items() if k != 'stderr'},
-                                             "output_bytes": out_bytes, "bounded": bounded,
-                                             "rank": args.rank, "max_iter": args.max_iter}, indent=2) + "\n")
-        return 0 if bounded else 1
+        row = {"checkpoint_mib": sizes["total"] / MIB, "shards": sizes["shards"],
+               "largest_shard_mib": sizes["largest_shard"] / MIB,
+               "output_mib": sum(p.stat().st_size for p in out.rglob("*.safetensors")) / MIB,
+               "wall_s": m["wall_s"], "peak_rss_mib": peak / MIB, "ru_maxrss_mib": m["ru_maxrss"] / MIB,
+               "vm_hwm_mib": m["peak_VmHWM"] / MIB, "peak_anonymous_mib": m["peak_RssAnon"] / MIB,
+               "peak_file_backed_mib": m["peak_RssFile"] / MIB}
+        checks = [check("peak resident memory of compress < the largest shard + 1 GiB "
+                        f"({limit / MIB:,.0f} MiB)", round(peak / MIB, 1), peak < limit)]
+        return report(NAME, args, [row], checks)
     finally:
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)

@@ -52,8 +52,9 @@ from pathlib import Path
 
 import torch
 
-from _common import collabcompress_command
+from _common import check, collabcompress_command, log, parser, report
 
+NAME = "scale"
 GB = 10**9
 SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's code, for this script and the commands
 sys.path.insert(0, str(SRC))
@@ -184,7 +185,7 @@ def write_checkpoint(directory: Path, synth: Synthetic, shard_bytes: int) -> dic
         entries = [(n, shapes[n], torch.bfloat16, lambda n=n: synth.tensor(n, shapes[n])) for n in names]
         total += write_safetensors(directory / file, entries, {"format": "pt"})
         weight_map.update({n: file for n in names})
-        print(f"  wrote {file} ({(directory / file).stat().st_size / GB:.2f} GB)", flush=True)
+        log(f"  wrote {file} ({(directory / file).stat().st_size / GB:.2f} GB)")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s.d_model,
@@ -279,7 +280,7 @@ def run_measured(cmd: list[str]) -> dict[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--small", action="store_true", help="4 layers, d_model 1024, 8/2 heads: a quick check")
     ap.add_argument("--layers", type=int, help="decoder layers (default 32; --small: 4)")
     ap.add_argument("--shard-gb", type=float, help="largest shard in GB (default 5; --small: 0.05)")
@@ -290,7 +291,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dir", type=Path, help="parent of the temporary directory (default: the system's)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint, statistics and output")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     return ap
 
 
@@ -309,14 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="cc-bench-scale-", dir=args.dir))
     ckpt, stats, out = root / "llama", root / "stats.safetensors", root / "compressed"
     try:
-        print(f"writing a {shape.layers}-layer Llama-shaped checkpoint (D={shape.d_model}) into {ckpt} ...",
-              flush=True)
+        log(f"writing a {shape.layers}-layer Llama-shaped checkpoint (D={shape.d_model}) into {ckpt} ...")
         t0 = time.perf_counter()
         synth = Synthetic(shape, args.seed)
         sizes = write_checkpoint(ckpt, synth, shard_bytes)
         stats_bytes = write_statistics(stats, ckpt, synth)
-        print(f"  {sizes['bytes'] / GB:.2f} GB in {sizes['shards']} shards, statistics {stats_bytes / GB:.2f} GB "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        log(f"  {sizes['bytes'] / GB:.2f} GB in {sizes['shards']} shards, statistics {stats_bytes / GB:.2f} GB "
+              f"({time.perf_counter() - t0:.0f} s)")
         cc = collabcompress_command()
         commands = {
             "analyze": [*cc, "analyze", str(ckpt), "--json", str(root / "analyze.json")],
@@ -326,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows = {}
         for name, cmd in commands.items():
-            print("running:", " ".join(cmd), flush=True)
+            log("running: " + " ".join(cmd))
             m = run_measured(cmd)
             if m["returncode"] != 0:
                 print(f"{name} failed ({m['returncode']}):\n{m['stderr']}", file=sys.stderr)
@@ -342,13 +341,18 @@ def main(argv: list[str] | None = None) -> int:
             if name == "compress":
                 rows[name]["fit_s_per_layer"] = sum(la["seconds"] for la in result["layers"]) / layers
                 rows[name]["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        _print(rows, sizes, args.limit_gb)
-        within = all(r["peak_rss"] <= args.limit_gb * GB for r in rows.values())
-        if args.json:
-            record = {"shape": asdict(shape), "checkpoint": sizes, "statistics_bytes": stats_bytes, "rank": rank,
-                      "limit_gb": args.limit_gb, "within_limit": within, "commands": rows}
-            args.json.write_text(json.dumps(record, indent=2) + "\n")
-        return 0 if within else 1
+        log(f"checkpoint {sizes['bytes'] / GB:.2f} GB in {sizes['shards']} shards (largest "
+            f"{sizes['largest_shard'] / GB:.2f} GB; largest tensor {sizes['largest_tensor'] / GB:.2f} GB); "
+            f"peak RSS: the kernel's high-water mark of each process, anon / file: the polled peaks of "
+            f"its heap and of its file-backed pages")
+        table = [{"command": name, "layers": r["layers"], "peak_rss_gb": r["peak_rss"] / GB,
+                  "peak_anon_gb": r["peak_anon"] / GB, "peak_file_gb": r["peak_file"] / GB, "wall_s": r["wall_s"],
+                  "s_per_layer": r["s_per_layer"], "run": r["command"]} for name, r in rows.items()]
+        checks = [check(f"{name}: peak RSS <= {args.limit_gb:g} GB", round(r["peak_rss"] / GB, 3),
+                        r["peak_rss"] <= args.limit_gb * GB) for name, r in rows.items()]
+        args.checkpoint_bytes, args.shards, args.statistics_bytes, args.rank_used = \
+            sizes["bytes"], sizes["shards"], stats_bytes, rank
+        return report(NAME, args, table, checks)
     except KeyboardInterrupt:
         print("interrupted; removing the checkpoint", file=sys.stderr)
         return 130
@@ -357,19 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-
-
-def _print(rows: dict[str, dict], sizes: dict[str, int], limit_gb: float) -> None:
-    print(f"\ncheckpoint {sizes['bytes'] / GB:.2f} GB in {sizes['shards']} shards (largest "
-          f"{sizes['largest_shard'] / GB:.2f} GB; largest tensor {sizes['largest_tensor'] / GB:.2f} GB)\n")
-    header = ("command", "peak RSS GB", "anon GB", "file GB", "wall s", "s/layer")
-    table = [header] + [(name, f"{r['peak_rss'] / GB:.2f}", f"{r['peak_anon'] / GB:.2f}", f"{r['peak_file'] / GB:.2f}",
-                         f"{r['wall_s']:.1f}", f"{r['s_per_layer']:.2f}") for name, r in rows.items()]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(f"\n(peak RSS: the kernel's high-water mark of each process; anon / file: the polled peaks of its "
-          f"heap and of its file-backed pages; target <= {limit_gb:g} GB)")
 
 
 if __name__ == "__main__":

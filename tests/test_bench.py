@@ -64,7 +64,7 @@ def test_interleaved_runs_alternate_and_skip_the_warmup():
     assert len(first) == len(second) == 3 and all(t >= 0 for t in first + second)
     with pytest.raises(ValueError):
         latency.interleaved(lambda: None, lambda: None, warmup=0, repeats=0)
-    calls.clear()  # three runs (benchmarks/bench_prefill.py) take turns the same way
+    calls.clear()  # three runs take turns the same way
     times = latency.interleaved(*[lambda c=c: calls.append(c) for c in "abc"], warmup=1, repeats=2)
     assert calls == list("abc") * 3 and [len(t) for t in times] == [2, 2, 2]
     with pytest.raises(ValueError):

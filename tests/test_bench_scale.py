@@ -25,21 +25,18 @@ def test_small_run_reports_both_commands_and_cleans_up(tmp_path):
     work.mkdir()
     result = _run(*SMALL, "--dir", str(work), "--json", str(record))
     assert result.returncode == 0, result.stdout + result.stderr
-    header = next(line for line in result.stdout.splitlines() if line.startswith("command"))
-    assert header.split()[:8] == ["command", "peak", "RSS", "GB", "anon", "GB", "file", "GB"]
-    assert header.split()[8:] == ["wall", "s", "s/layer"]
-    rows = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    assert "analyze" in rows and "compress" in rows
+    assert result.stdout.startswith("| command | layers | peak_rss_gb |")
     data = json.loads(record.read_text())
-    assert data["shape"]["layers"] == 2 and data["rank"] == 128 and data["within_limit"] is True
-    assert {"bytes", "shards", "largest_shard", "largest_tensor"} <= set(data["checkpoint"])
-    assert data["checkpoint"]["shards"] >= 2
-    for name in ("analyze", "compress"):
-        row = data["commands"][name]
-        assert {"command", "layers", "wall_s", "peak_rss", "peak_vmhwm", "peak_anon", "peak_file", "s_per_layer"} \
-            <= set(row)
-        assert row["layers"] == 2 and row["peak_rss"] > 0 and row["command"].startswith(f"collabcompress {name} ")
-    assert "--calibration $TMP/stats.safetensors" in data["commands"]["compress"]["command"]
+    assert data["benchmark"] == "scale" and {"version", "settings", "rows", "checks", "machine"} <= set(data)
+    assert data["settings"]["layers"] == 2 and data["settings"]["rank_used"] == 128
+    assert data["settings"]["shards"] >= 2 and data["settings"]["checkpoint_bytes"] > 0
+    rows = {row["command"]: row for row in data["rows"]}
+    assert set(rows) == {"analyze", "compress"}
+    for name, row in rows.items():
+        assert {"layers", "wall_s", "peak_rss_gb", "peak_anon_gb", "peak_file_gb", "s_per_layer", "run"} <= set(row)
+        assert row["layers"] == 2 and row["peak_rss_gb"] > 0 and row["run"].startswith(f"collabcompress {name} ")
+    assert "--calibration $TMP/stats.safetensors" in rows["compress"]["run"]
+    assert [c["passed"] for c in data["checks"]] == [True, True]
     assert list(work.iterdir()) == []  # checkpoint, statistics and output removed
 
 
