@@ -31,7 +31,7 @@ from collabcompress.errors import BadInputError, MissingExtraError, UnsupportedA
 from collabcompress.hf import from_pretrained, write_remote_code  # noqa: E402
 from collabcompress.runtime.adapters import cache_keyword, collaborative_modules  # noqa: E402
 from collabcompress.runtime.attention import CollaborativeAttention  # noqa: E402
-from collabcompress.commands.verify import collaborative_scores  # noqa: E402
+from collabcompress.maths.scores import collaborative_scores  # noqa: E402
 
 LOADABLE = ["bert", "roberta", "mpnet", "distilbert", "albert", "vit", "gpt2", "t5", "bart"]
 LOW_RANK = 5

@@ -16,7 +16,7 @@ import torch
 
 from collabcompress.maths.cp import concatenated
 from collabcompress.runtime.attention import CollaborativeAttention, collaborative_key_states, collaborative_query_states
-from collabcompress.commands.verify import collaborative_scores, original_scores
+from collabcompress.maths.scores import collaborative_scores, original_scores
 
 
 

@@ -27,8 +27,8 @@ from .errors import BadInputError, UnsupportedArchitectureError
 from .extras import require_transformers, unreadable_model_errors
 from .files.checkpoint import Checkpoint, open_checkpoint, read_json, staged
 from .files.manifest import MANIFEST_NAME
-from .runtime.adapters import ATTN_IMPLEMENTATIONS, check_rotary_frequencies, collaborative_module, \
-    loadable_family, rotary_module
+from .methods import method_for
+from .runtime.adapters import ATTN_IMPLEMENTATIONS, check_rotary_frequencies, loadable_family
 from .runtime.remote_code import REMOTE_CODE, REMOTE_CODE_NAME
 
 __all__ = ["from_pretrained", "load_model", "write_remote_code", "is_compressed", "REMOTE_CODE_NAME"]
@@ -253,7 +253,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
         parent, _, child = mem.rpartition(".")
         old = model.get_submodule(mem)
         try:
-            new = rotary_module(old, layer) if layer.rotary else collaborative_module(old, layer, mem, family)
+            new = method_for(layer).runtime_module(old, layer, mem, family)
         except UnsupportedArchitectureError as e:  # the family was loadable: config.json contradicts the manifest
             raise BadInputError(f"{directory / 'config.json'} (model_type {config.model_type!r}) does not build the "
                                 f"{family.name} family the manifest records: {e}") from e

@@ -163,8 +163,14 @@ def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compre
 
     loss = curve_loss(ckpt, specs, options.refine_steps)
     if loss == "next_token_kl":
+        from .. import hf
+        from ..extras import quiet_transformers, require_transformers
+
         ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
-        return loss, model_curves(ckpt, specs, options, stats, ids, lengths, progress)
+        transformers = require_transformers("--budget on a causal LM")
+        with quiet_transformers():
+            model = hf.load_model(ckpt.directory, model_class=transformers.AutoModelForCausalLM).float()
+        return loss, model_curves(model, ckpt, specs, options, stats, ids, lengths, progress)
     return loss, _loss_curves(ckpt, specs, options, stats, sequences, workers, progress)
 
 

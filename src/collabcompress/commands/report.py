@@ -78,13 +78,14 @@ from pathlib import Path
 from typing import Any
 
 from ..files.arch import detect, find_family, stored_qk_params
-from ..maths.costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, qk_params, saved_fraction
+from ..maths.costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, saved_fraction
 from ..defaults import DEFAULT_SEQ_LEN
 from ..dtypes import ELEMENT_SIZE, dtype_name
 from ..errors import BadInputError
 from ..files.checkpoint import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from ..files.bench_record import read_measured
 from ..files.manifest import MANIFEST_NAME, Manifest, check_source, open_output
+from ..methods import method_for
 
 __all__ = ["build_report", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
 
@@ -409,28 +410,7 @@ def _build(directory: Path, manifest: dict[str, Any], out: Checkpoint, src: Chec
     qk_before = _qk_before_from_source(src, manifest) if src is not None else {}
     layers = []
     for i, rec in enumerate(manifest["layers"]):
-        t = rec["tensors"]
-        if rec.get("rotary"):
-            layers.append(_rotary_cost(directory, rec, out, qk_before))
-            continue
-        for key in ("query", "key", "mixing", "content_bias"):
-            if t[key] not in out:
-                raise BadInputError(f"{directory} is missing tensor {t[key]!r} named in its manifest")
-        n_head, head_dim, d_model, r = rec["heads"], rec["head_dim"], rec["d_model"], rec["shared_dim"]
-        if out.shape(t["query"]) != (r, d_model) or out.shape(t["mixing"]) != (n_head, r):
-            raise BadInputError(f"{directory}: the collab tensors of {rec['module']} have shapes that do not match "
-                                "the manifest")
-        if rec["module"] in qk_before:
-            before = qk_before[rec["module"]]
-        else:
-            bias = n_head * head_dim * (bool(rec.get("query_bias")) + bool(rec.get("key_bias")))
-            before = qk_params(d_model, n_head, head_dim, bias_elements=bias)
-        layers.append(LayerCost(rec["module"], rec["index"], n_head, head_dim, d_model, r,
-                                float(rec["relative_error"]), before))
-        actual = sum(out.numel(t[k]) for k in ("query", "key", "mixing", "content_bias"))
-        if actual != layers[-1].qk_params(True):
-            raise BadInputError(f"{directory}: the collab tensors of {rec['module']} hold {actual} parameters, "
-                                f"not the {layers[-1].qk_params(True)} of their shapes in the manifest")
+        layers.append(method_for(rec).layer_cost(directory, rec, out, qk_before))
     other = _uncompressed_layers(out, manifest)
     collab = _collab_names(manifest)
     matmul_after = _matmul_total(out, collab) + sum(la.proj_flops(True) for la in layers)
@@ -481,23 +461,6 @@ def _build(directory: Path, manifest: dict[str, Any], out: Checkpoint, src: Chec
         weights_after=tuple(n for n, _ in files_after if _is_weights(n)),
         matmul_before=matmul_before, matmul_after=matmul_after, notes_extra=tuple(extra),
     )
-
-
-def _rotary_cost(directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before: dict[str, int]) -> RotaryLayerCost:
-    """A rotary layer's costs; the shapes were checked against the manifest by ``open_output``."""
-    t = rec["tensors"]
-    n_head, head_dim, d_model = rec["heads"], rec["head_dim"], rec["d_model"]
-    query_bias = t["query"][: -len("weight")] + "bias"
-    query = out.numel(t["query"]) + (out.numel(query_bias) if query_bias in out else 0)
-    key_before = rec["kv_heads"] * head_dim * (d_model + bool(rec.get("key_bias")))
-    cost = RotaryLayerCost(rec["module"], rec["index"], n_head, head_dim, d_model, rec["shared_dim"],
-                           float(rec["relative_error"]), qk_before.get(rec["module"], query + key_before),
-                           n_kv_head=rec["kv_heads"], key_bias=bool(t.get("key_bias")), query_params=query)
-    actual = query + sum(out.numel(t[k]) for k in ("key", "mixing", "key_freq", "key_bias") if t.get(k))
-    if actual != cost.qk_params(True):
-        raise BadInputError(f"{directory}: the shared rotary keys of {rec['module']} hold {actual} parameters, not "
-                            f"the {cost.qk_params(True)} of their shapes in the manifest")
-    return cost
 
 
 def _qk_names(src: Checkpoint, manifest: dict[str, Any]) -> list[str]:

@@ -21,6 +21,8 @@ from ..files.arch import AttentionSpec, detect, find_family, load_query_key
 from ..errors import BadInputError, VerifyThresholdError
 from ..files.checkpoint import Checkpoint, open_checkpoint
 from ..files.manifest import Manifest, check_source, open_output
+from ..maths.scores import attention_kl, collaborative_scores, original_scores
+from ..methods import method_for
 
 __all__ = ["verify", "collaborative_scores", "original_scores", "attention_kl"]
 
@@ -71,38 +73,6 @@ def _probe(ckpt: Checkpoint, spec: AttentionSpec, n_seq: int, n_tokens: int, see
     weight = ckpt.load(f"{norm}.weight", torch.float64)
     bias = ckpt.load(f"{norm}.bias", torch.float64) if f"{norm}.bias" in ckpt else 0.0
     return z * weight + bias, f"through {norm}"
-
-
-def original_scores(x: torch.Tensor, y: torch.Tensor, w_query: torch.Tensor, w_key: torch.Tensor,
-                    b_query: torch.Tensor | None, b_key: torch.Tensor | None, n_head: int,
-                    scale: float) -> torch.Tensor:
-    """s * (W_Q^h x + b_Q^h) . (W_K^h y + b_K^h) for every head: (B, N, D) -> (B, H, N, M)."""
-    q = x @ w_query.T + (b_query if b_query is not None else 0.0)  # (B, N, H*d)
-    k = y @ w_key.T + (b_key if b_key is not None else 0.0)  # (B, M, H*d)
-    q = q.unflatten(-1, (n_head, -1)).transpose(1, 2)  # (B, H, N, d)
-    k = k.unflatten(-1, (n_head, -1)).transpose(1, 2)  # (B, H, M, d)
-    return scale * q @ k.transpose(-1, -2)  # (B, H, N, M)
-
-
-def collaborative_scores(x: torch.Tensor, y: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                         mixing: torch.Tensor, content_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """SPEC section 2: s * [(U^T x) . (m_h * (V^T y)) + c_h . y]: (B, N, D) -> (B, H, N, M).
-
-    ``query`` = U^T (R, D), ``key`` = V^T (R, D), ``mixing`` = M (H, R), ``content_bias`` (H, D).
-    """
-    qx = x @ query.T  # (B, N, R)
-    ky = y @ key.T  # (B, M, R)
-    mixed = qx.unsqueeze(1) * mixing[None, :, None, :]  # (B, H, N, R)
-    bilinear = mixed @ ky.unsqueeze(1).transpose(-1, -2)  # (B, H, N, M)
-    content = (y @ content_bias.T).transpose(1, 2).unsqueeze(2)  # (B, H, 1, M)
-    return scale * (bilinear + content)
-
-
-def attention_kl(scores_p: torch.Tensor, scores_q: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(p) || softmax(q)) along the last axis, one value per query row."""
-    log_p = torch.log_softmax(scores_p, dim=-1)
-    log_q = torch.log_softmax(scores_q, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
 
 
 def _centred(s: torch.Tensor) -> torch.Tensor:
@@ -176,17 +146,9 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
                                 f"{layer.head_dim} over d_model {layer.d_model}, the original checkpoint "
                                 f"{spec.n_head} of width {spec.head_dim} over {spec.d_model}")
         qk = load_query_key(source.ckpt, spec)
-        r, n_head = layer.shared_dim, spec.n_head
+        r = layer.shared_dim
         x, probe = _probe(source.ckpt, spec, n_seq, n_tokens, seed, moments_by_module.get(spec.module))
-        if layer.rotary:
-            s_orig, s_coll = _rotary_scores(directory, out, layer, spec, qk, x, source.ckpt.config)
-        else:
-            t = layer.tensors
-            query, key = out.load(t.query, torch.float64, finite=True), out.load(t.key, torch.float64, finite=True)
-            mixing = out.load(t.mixing, torch.float64, finite=True)
-            content = out.load(t.content_bias, torch.float64, finite=True)
-            s_orig = original_scores(x, x, qk.w_query, qk.w_key, qk.b_query, qk.b_key, n_head, spec.scale)
-            s_coll = collaborative_scores(x, x, query, key, mixing, content, spec.scale)
+        s_orig, s_coll = method_for(layer).scores(directory, out, layer, spec, qk, x, source.ckpt.config)
         kl = attention_kl(s_orig, s_coll)  # (B, H, N)
         num = float((_centred(s_orig) - _centred(s_coll)).pow(2).sum())
         den = float(_centred(s_orig).pow(2).sum())
@@ -210,33 +172,6 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         "passed": max_kl is None or all(r["kl_mean"] <= max_kl for r in records),
     }
     return result
-
-
-def _rotary_scores(directory: Path, out: Checkpoint, layer: Any, spec: AttentionSpec, qk: Any, x: torch.Tensor,
-                   config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Original and shared-key scores of a rotary layer, rotated at positions 0..N-1 (B, H, N, N)."""
-    from ..files.arch import rope_frequencies
-    from ..maths.rotary import RotaryFactors, rotary_scores
-
-    if layer.kv_heads != spec.n_kv_head:
-        raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer.kv_heads} key/value heads, the "
-                            f"original checkpoint {spec.n_kv_head}")
-    t = layer.tensors
-    try:
-        factors = RotaryFactors(out.load(t.key, torch.float64, finite=True),
-                                out.load(t.key_bias, torch.float64, finite=True) if t.key_bias else None,
-                                out.load(t.key_freq).long(), out.load(t.mixing, torch.float64, finite=True), 0.0, 1.0)
-        theta, attention_scaling = rope_frequencies(config, spec.head_dim)
-        scale = spec.scale * attention_scaling ** 2
-        positions = torch.arange(x.shape[1])
-        common = {"n_head": spec.n_head, "head_dim": spec.head_dim, "theta": theta, "positions": positions,
-                  "scale": scale}
-        s_orig = rotary_scores(x, x, qk.w_query, qk.b_query, None, w_key=qk.w_key, b_key=qk.b_key,
-                               n_kv_head=spec.n_kv_head, **common)
-        s_coll = rotary_scores(x, x, qk.w_query, qk.b_query, factors, **common)
-    except ValueError as e:
-        raise BadInputError(f"{directory}: the shared rotary keys of {spec.module} are malformed ({e})") from e
-    return s_orig, s_coll
 
 
 def check_gate(result: dict[str, Any]) -> None:

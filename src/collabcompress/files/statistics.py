@@ -151,10 +151,10 @@ def _read_moments(path: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
     every page it has read in this process's resident memory."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            mean, second = f.get_tensor(f"{module}.mean"), f.get_tensor(f"{module}.second_moment")
+            mean = _checked(f.get_tensor(f"{module}.mean"), f"{module}.mean", path)
+            return mean, _second_moment(f, f"{module}.second_moment", path)
     except (SafetensorError, OSError, ValueError) as e:
         raise BadInputError(f"cannot read the moments of {module} from the calibration statistics {path}: {e}") from e
-    return _checked(mean, f"{module}.mean", path), _checked(second, f"{module}.second_moment", path)
 
 
 def load_moments(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -7,7 +7,10 @@ Adding a method is one module with one :class:`LayerMethod` object, returned her
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..files.arch import AttentionSpec
+from ..files.manifest import LayerRecord
 from .base import FittedLayer, LayerMethod
 from .collaborative import COLLABORATIVE
 from .rotary import ROTARY
@@ -15,7 +18,8 @@ from .rotary import ROTARY
 __all__ = ["FittedLayer", "LayerMethod", "method_for", "COLLABORATIVE", "ROTARY"]
 
 
-def method_for(spec: AttentionSpec) -> LayerMethod:
-    """The method that compresses ``spec``'s layer: shared rotary keys for a rotary layer,
-    collaborative attention otherwise."""
-    return ROTARY if spec.rotary else COLLABORATIVE
+def method_for(layer: AttentionSpec | LayerRecord | dict[str, Any]) -> LayerMethod:
+    """The method of a layer (a checkpoint's spec, or a manifest's record, parsed or as JSON): shared
+    rotary keys for a rotary layer, collaborative attention otherwise."""
+    rotary = layer.get("rotary") if isinstance(layer, dict) else layer.rotary
+    return ROTARY if rotary else COLLABORATIVE

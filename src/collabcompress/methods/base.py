@@ -71,6 +71,16 @@ class LayerMethod(Protocol):
     def qk_params_after(self, layer: FittedLayer, ckpt: Checkpoint) -> int:
         """Key/query parameters of the compressed layer."""
 
+    def scores(self, directory: Path, out: Checkpoint, layer: LayerRecord, spec: AttentionSpec, qk: Any,
+               x: torch.Tensor, config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(original, compressed) attention scores of the layer on the probe ``x`` (``verify``)."""
+
+    def layer_cost(self, directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before: dict[str, int]) -> Any:
+        """The layer's costs (``report``), from a manifest record whose tensors are checked here."""
+
+    def runtime_module(self, old: torch.nn.Module, layer: LayerRecord, module_name: str, family: Any) -> torch.nn.Module:
+        """The transformers attention module ``old`` running the compressed layer (``hf``)."""
+
 
 def refine_record(layer: FittedLayer) -> dict[str, Any] | None:
     r = layer.refined

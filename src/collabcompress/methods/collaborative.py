@@ -18,9 +18,10 @@ from ..errors import BadInputError
 from ..files import manifest as _mf
 from ..files.arch import AttentionSpec, load_query_key, load_value_output
 from ..files.checkpoint import Checkpoint
-from ..maths.costs import qk_params
+from ..maths.costs import LayerCost, qk_params
 from ..maths.cp import CPFactors, concatenated, cp_als, relative_error
 from ..maths.refine import refine_factors
+from ..maths.scores import collaborative_scores, original_scores
 from ..maths.spectra import choose_rank, head_output_energy, layer_spectrum
 from ..options import CompressOptions
 from .base import FittedLayer, allocation_record, refine_record
@@ -210,6 +211,46 @@ class CollaborativeMethod:
         """SPEC 5's formula: 2*D*R + H*R + H*D."""
         spec = layer.spec
         return qk_params(spec.d_model, spec.n_head, spec.head_dim, layer.shared_dim)
+
+
+    def scores(self, directory: Path, out: Checkpoint, layer: _mf.LayerRecord, spec: AttentionSpec, qk: Any,
+               x: torch.Tensor, config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original and collaborative scores of the layer on the probe ``x`` (B, H, N, N)."""
+        t = layer.tensors
+        query, key = out.load(t.query, torch.float64, finite=True), out.load(t.key, torch.float64, finite=True)
+        mixing = out.load(t.mixing, torch.float64, finite=True)
+        content = out.load(t.content_bias, torch.float64, finite=True)
+        s_orig = original_scores(x, x, qk.w_query, qk.w_key, qk.b_query, qk.b_key, spec.n_head, spec.scale)
+        return s_orig, collaborative_scores(x, x, query, key, mixing, content, spec.scale)
+
+    def layer_cost(self, directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before: dict[str, int]) -> LayerCost:
+        """The layer's costs (``report``), its tensors checked against the manifest's shapes."""
+        t = rec["tensors"]
+        for key in ("query", "key", "mixing", "content_bias"):
+            if t[key] not in out:
+                raise BadInputError(f"{directory} is missing tensor {t[key]!r} named in its manifest")
+        n_head, head_dim, d_model, r = rec["heads"], rec["head_dim"], rec["d_model"], rec["shared_dim"]
+        if out.shape(t["query"]) != (r, d_model) or out.shape(t["mixing"]) != (n_head, r):
+            raise BadInputError(f"{directory}: the collab tensors of {rec['module']} have shapes that do not match "
+                                "the manifest")
+        if rec["module"] in qk_before:
+            before = qk_before[rec["module"]]
+        else:
+            bias = n_head * head_dim * (bool(rec.get("query_bias")) + bool(rec.get("key_bias")))
+            before = qk_params(d_model, n_head, head_dim, bias_elements=bias)
+        cost = LayerCost(rec["module"], rec["index"], n_head, head_dim, d_model, r, float(rec["relative_error"]), before)
+        actual = sum(out.numel(t[k]) for k in ("query", "key", "mixing", "content_bias"))
+        if actual != cost.qk_params(True):
+            raise BadInputError(f"{directory}: the collab tensors of {rec['module']} hold {actual} parameters, "
+                                f"not the {cost.qk_params(True)} of their shapes in the manifest")
+        return cost
+
+    def runtime_module(self, old: torch.nn.Module, layer: _mf.LayerRecord, module_name: str,
+                       family: Any) -> torch.nn.Module:
+        """``old`` (a transformers attention module) made collaborative (:mod:`collabcompress.runtime.adapters`)."""
+        from ..runtime.adapters import collaborative_module
+
+        return collaborative_module(old, layer, module_name, family)
 
 
 COLLABORATIVE = CollaborativeMethod()

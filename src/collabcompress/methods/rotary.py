@@ -23,7 +23,7 @@ from ..errors import BadInputError
 from ..files import manifest as _mf
 from ..files.arch import AttentionSpec, load_query_key
 from ..files.checkpoint import Checkpoint
-from ..maths.costs import rotary_key_params
+from ..maths.costs import RotaryLayerCost, rotary_key_params
 from ..maths.spectra import choose_rank
 from ..options import CompressOptions
 from .base import FittedLayer, allocation_record, refine_record
@@ -154,24 +154,19 @@ def _curve(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions,
     return curve
 
 
-def model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, stats: dict[str, Any],
-                 ids: torch.Tensor, lengths: torch.Tensor,
+def model_curves(model: torch.nn.Module, ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions,
+                 stats: Mapping[str, Any], ids: torch.Tensor, lengths: torch.Tensor,
                  progress: Callable[[str, int, int], None] | None) -> list[dict[int, float]]:
     """Per rotary layer: key cache R -> the mean next-token KL(original || model) of the whole
-    model with only that layer's keys replaced by the calibrated fit at R (as k_proj weights,
+    ``model`` (the original causal LM, float32; its key weights are put back after each layer) with only that layer's keys replaced by the calibrated fit at R (as k_proj weights,
     :func:`collabcompress.maths.rotary.key_projection`), on the first CURVE_TOKENS tokens of the first
     CURVE_WINDOWS kept windows. Unlike each layer's attention KL, these add up to (about) the
     model's loss: on SmolLM2 the next-token KL per unit of attention KL differs 50-fold between
     layers (layer 0 is the most sensitive)."""
     from ..maths.budget import rank_ladder
-    from ..runtime.adapters import find_modules
-    from .. import hf
-    from ..extras import quiet_transformers, require_transformers
     from ..maths.rotary import key_projection, rotary_factors
+    from ..runtime.adapters import find_modules
 
-    transformers = require_transformers("--budget on a causal LM")
-    with quiet_transformers():
-        model = hf.load_model(ckpt.directory, model_class=transformers.AutoModelForCausalLM).float()
     n = min(CURVE_WINDOWS, ids.shape[0])
     t = min(CURVE_TOKENS, int(lengths[:n].min()))
     x = ids[:n, :t]  # (n, t)
@@ -202,6 +197,50 @@ def model_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compress
             if progress:
                 progress(f"loss curve {spec.module}", done + 1, len(specs))
     return curves
+
+
+def _scores(directory: Path, out: Checkpoint, layer: Any, spec: AttentionSpec, qk: Any, x: torch.Tensor,
+                   config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original and shared-key scores of a rotary layer, rotated at positions 0..N-1 (B, H, N, N)."""
+    from ..files.arch import rope_frequencies
+    from ..maths.rotary import RotaryFactors, rotary_scores
+
+    if layer.kv_heads != spec.n_kv_head:
+        raise BadInputError(f"{directory}: the manifest gives {spec.module} {layer.kv_heads} key/value heads, the "
+                            f"original checkpoint {spec.n_kv_head}")
+    t = layer.tensors
+    try:
+        factors = RotaryFactors(out.load(t.key, torch.float64, finite=True),
+                                out.load(t.key_bias, torch.float64, finite=True) if t.key_bias else None,
+                                out.load(t.key_freq).long(), out.load(t.mixing, torch.float64, finite=True), 0.0, 1.0)
+        theta, attention_scaling = rope_frequencies(config, spec.head_dim)
+        scale = spec.scale * attention_scaling ** 2
+        positions = torch.arange(x.shape[1])
+        common = {"n_head": spec.n_head, "head_dim": spec.head_dim, "theta": theta, "positions": positions,
+                  "scale": scale}
+        s_orig = rotary_scores(x, x, qk.w_query, qk.b_query, None, w_key=qk.w_key, b_key=qk.b_key,
+                               n_kv_head=spec.n_kv_head, **common)
+        s_coll = rotary_scores(x, x, qk.w_query, qk.b_query, factors, **common)
+    except ValueError as e:
+        raise BadInputError(f"{directory}: the shared rotary keys of {spec.module} are malformed ({e})") from e
+    return s_orig, s_coll
+
+
+def _layer_cost(directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before: dict[str, int]) -> RotaryLayerCost:
+    """A rotary layer's costs; the shapes were checked against the manifest by ``open_output``."""
+    t = rec["tensors"]
+    n_head, head_dim, d_model = rec["heads"], rec["head_dim"], rec["d_model"]
+    query_bias = t["query"][: -len("weight")] + "bias"
+    query = out.numel(t["query"]) + (out.numel(query_bias) if query_bias in out else 0)
+    key_before = rec["kv_heads"] * head_dim * (d_model + bool(rec.get("key_bias")))
+    cost = RotaryLayerCost(rec["module"], rec["index"], n_head, head_dim, d_model, rec["shared_dim"],
+                           float(rec["relative_error"]), qk_before.get(rec["module"], query + key_before),
+                           n_kv_head=rec["kv_heads"], key_bias=bool(t.get("key_bias")), query_params=query)
+    actual = query + sum(out.numel(t[k]) for k in ("key", "mixing", "key_freq", "key_bias") if t.get(k))
+    if actual != cost.qk_params(True):
+        raise BadInputError(f"{directory}: the shared rotary keys of {rec['module']} hold {actual} parameters, not "
+                            f"the {cost.qk_params(True)} of their shapes in the manifest")
+    return cost
 
 
 class RotaryMethod:
@@ -263,6 +302,22 @@ class RotaryMethod:
         query = ckpt.numel(spec.query) + (ckpt.numel(spec.query_bias) if spec.query_bias else 0)
         return query + rotary_key_params(spec.d_model, spec.n_kv_head, spec.head_dim, layer.shared_dim,
                                          key_bias=spec.key_bias is not None)
+
+
+    def scores(self, directory: Path, out: Checkpoint, layer: _mf.LayerRecord, spec: AttentionSpec, qk: Any,
+               x: torch.Tensor, config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _scores(directory, out, layer, spec, qk, x, config)
+
+    def layer_cost(self, directory: Path, rec: dict[str, Any], out: Checkpoint,
+                   qk_before: dict[str, int]) -> RotaryLayerCost:
+        return _layer_cost(directory, rec, out, qk_before)
+
+    def runtime_module(self, old: torch.nn.Module, layer: _mf.LayerRecord, module_name: str,
+                       family: Any) -> torch.nn.Module:
+        """``old`` (a LLaMA-family attention module) with shared rotary keys (:mod:`collabcompress.runtime.adapters`)."""
+        from ..runtime.adapters import rotary_module
+
+        return rotary_module(old, layer)
 
 
 ROTARY = RotaryMethod()
