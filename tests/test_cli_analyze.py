@@ -212,6 +212,43 @@ def test_plot_writes_png(cli, sample_dir, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("n_layers", [6, 30])
+def test_energy_plot_tells_every_layer_apart_without_covering_the_curves(sample_dir, tmp_path, monkeypatch,
+                                                                         n_layers):
+    """A few layers: one colour each and a legend outside the axes; many (a 30-layer model): a
+    colour per layer index from a colormap and a colorbar, no legend."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import collabcompress.tables as tables
+    from collabcompress.pipeline import AnalysisResult, analyze
+
+    sample = analyze(sample_dir)
+    layers = tuple(dataclasses.replace(la, spec=dataclasses.replace(la.spec, index=i))
+                   for i, la in enumerate(sample.layers[i % len(sample.layers)] for i in range(n_layers)))
+    figures = []
+    monkeypatch.setattr(tables, "save_figure", lambda plt, fig, title, path: figures.append(fig))
+    tables.plot_energy(AnalysisResult(sample.checkpoint, sample.architecture, layers, sample.energies),
+                       tmp_path / "energy.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2
+    for ax in panels:
+        colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+                   for line in ax.get_lines() if line.get_linestyle() == "-"}
+        assert len(colours) == n_layers
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    if n_layers <= 10:
+        (legend,) = legends
+        assert len(legend.get_texts()) == n_layers
+        box, right = legend.get_window_extent(), max(ax.get_window_extent().x1 for ax in panels)
+        assert box.x0 >= right  # beside the curves, not over them
+    else:
+        assert legends == [] and len(fig.axes) == 3  # the third: the colorbar
+        assert "layer" in fig.axes[2].get_ylabel()
+
+
 def test_plot_without_matplotlib(cli, sample_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     png = tmp_path / "energy.png"
