@@ -12,14 +12,17 @@ def digest(directory: Path) -> dict[str, str]:
 
 
 def assert_clean_failure(result, code: int, *needles: str) -> str:
-    """Exit ``code``, one or two plain lines on stderr holding every needle, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    """Exit ``code``; one or two plain lines on stderr, the first ``error: ...``, holding every
+    needle; no traceback."""
+    where = f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert result.exit_code == code, where
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, where
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, result.stderr
+    assert 1 <= len(lines) <= 2, where
+    assert lines[0].startswith("error: "), where
     for needle in needles:
-        assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
+        assert needle.lower() in result.stderr.lower(), (needle, where)
     return result.stderr
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from helpers import assert_clean_failure as _assert_clean_failure, digest as _digest
+from helpers import assert_clean_failure, digest
 
 # Shared rank needed at tau = 0.95 per layer of all-MiniLM-L6-v2 (float32).
 MINILM_RANK_095 = [130, 178, 182, 184, 165, 196]
@@ -39,11 +39,11 @@ def minilm(minilm_dir, tmp_path_factory):
 
     from collabcompress.cli import app
 
-    before = _digest(minilm_dir)
+    before = digest(minilm_dir)
     path = tmp_path_factory.mktemp("minilm") / "out.json"
     result = CliRunner().invoke(app, ["analyze", str(minilm_dir), "--json", str(path)])
     assert result.exit_code == 0, result.stderr
-    assert _digest(minilm_dir) == before, "analyze modified its input"
+    assert digest(minilm_dir) == before, "analyze modified its input"
     return result, json.loads(path.read_text())
 
 
@@ -194,13 +194,13 @@ def test_energy_options(cli, sample_dir):
 
 def test_json_file_and_table(cli, sample_dir, tmp_path):
     path = tmp_path / "a.json"
-    before = _digest(sample_dir)
+    before = digest(sample_dir)
     result = cli("analyze", sample_dir, "--json", path)
     assert result.exit_code == 0, result.stderr
     assert "Head redundancy" in result.stdout
     assert [la["rank_at"] for la in json.loads(path.read_text())["layers"]] == SAMPLE_RANK_AT
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary file left
-    assert _digest(sample_dir) == before
+    assert digest(sample_dir) == before
 
 
 def test_plot_writes_png(cli, sample_dir, tmp_path):
@@ -253,7 +253,7 @@ def test_plot_without_matplotlib(cli, sample_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     png = tmp_path / "energy.png"
     result = cli("analyze", sample_dir, "--plot", png)
-    _assert_clean_failure(result, 3, "matplotlib", "pip install")
+    assert_clean_failure(result, 3, "matplotlib", "pip install")
     assert not png.exists()
 
 
@@ -267,7 +267,7 @@ def test_plot_without_matplotlib_names_the_extra(cli, sample_dir, tmp_path, monk
 def test_path_with_brackets_is_reported_verbatim(cli, tmp_path):
     missing = tmp_path / "[/x]" / "weights"
     result = cli("analyze", missing)
-    _assert_clean_failure(result, 3, str(missing))
+    assert_clean_failure(result, 3, str(missing))
 
 
 def test_real_process_error_is_clean(tmp_path):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from families import FAMILIES, REFUSED, make_checkpoint  # noqa: E402
-from helpers import assert_clean_failure as _assert_clean_failure
+from helpers import assert_clean_failure
 
 ARCHS = sorted({f["arch"] for f in FAMILIES.values()})
 
@@ -151,14 +151,14 @@ def test_fused_slicing_is_discriminating(built, name):
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_refused_with_exit_4(built, cli, name):
     result = cli("analyze", built[name])
-    _assert_clean_failure(result, 4, REFUSED[name])
+    assert_clean_failure(result, 4, REFUSED[name])
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_refused_even_with_arch_and_heads(built, cli, name):
     """An override does not bypass the refusal."""
     result = cli("analyze", built[name], "--arch", "bart", "--heads", "4")
-    _assert_clean_failure(result, 4, REFUSED[name])
+    assert_clean_failure(result, 4, REFUSED[name])
 
 
 @pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "timm-vit", "t5", "bart"])
@@ -190,12 +190,12 @@ def test_arch_override_picks_among_families(built, cli, tmp_path):
 
 def test_arch_override_with_no_such_tensors(built, cli):
     result = cli("analyze", built["bert"], "--arch", "gpt2")
-    _assert_clean_failure(result, 3, "gpt2", "--arch")
+    assert_clean_failure(result, 3, "gpt2", "--arch")
 
 
 def test_unknown_arch(built, cli):
     result = cli("analyze", built["bert"], "--arch", "nosuchfamily")
-    msg = _assert_clean_failure(result, 3, "nosuchfamily")
+    msg = assert_clean_failure(result, 3, "nosuchfamily")
     for arch in ARCHS:
         assert arch in msg
 
@@ -211,7 +211,7 @@ def test_heads_override_without_config(tmp_path, analysed, cli):
 
 def test_timm_without_config_needs_heads(tmp_path, cli):
     directory = make_checkpoint("timm-vit", tmp_path / "timm", with_config=False)
-    _assert_clean_failure(cli("analyze", directory), 3, "--heads")
+    assert_clean_failure(cli("analyze", directory), 3, "--heads")
     result = cli("analyze", directory, "--heads", "4", "--json", "-")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["architecture"] == "timm-vit"

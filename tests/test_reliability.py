@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 import signal_child
 
 from collabcompress.compress import CompressOptions, compress
-from helpers import write_stats
+from helpers import assert_clean_failure, write_stats
 
 D, HEADS, LAYERS, FFN, VOCAB = 16, 4, 2, 32, 50
 QUERY = "encoder.layer.0.attention.self.query.weight"
@@ -181,19 +181,6 @@ def snapshot(root: Path) -> dict[str, str]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
-
-
-def assert_clean_failure(result, code: int, *needles: str) -> None:
-    """Exit ``code``; one or two plain lines on stderr, the first ``error: ...``; no traceback."""
-    where = f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert result.exit_code == code, where
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr, where
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, where
-    assert lines[0].startswith("error: "), where
-    for needle in needles:
-        assert needle.lower() in result.stderr.lower(), (needle, where)
 
 
 # ---------------------------------------------------------------------------- damage
