@@ -220,19 +220,63 @@ def _save_plot(draw: Callable[[Any, Path], None], result: Any, path: Path) -> No
         raise BadInputError(f"cannot write plot {path}: {e.strerror or e}") from e
 
 
-def _progress(description: str, enabled: bool):
-    """A transient progress bar on stderr (terminals only) and its ``(name, done, total)`` callback."""
+Stage = Callable[[str, int], Optional[tuple[str, str]]]  # (progress name, total) -> (stage key, line) or None
+
+
+def _progress(description: str, enabled: bool, command: str | None = None, stage: Stage | None = None):
+    """A transient progress bar on stderr and its ``(name, done, total)`` callback.
+
+    On a terminal the bar; elsewhere (a log file, CI) one plain line per stage, ``command:
+    what``, from ``stage`` on the stage's first report: after real work has begun, so that
+    an early error stays the only thing on stderr. Neither when ``enabled`` is false
+    (``--json -``).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = _err()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not enabled or not err.is_terminal)
     task = progress.add_task(description, total=None)
+    lines = enabled and not err.is_terminal and stage is not None
+    said: set[str] = set()
 
     def step(name: str, done: int, total: int) -> None:
         progress.update(task, completed=done, total=total, description=f"{description} {safe_text(name)}")
+        if lines:
+            found = stage(name, total)
+            if found is not None and found[0] not in said:
+                said.add(found[0])
+                err.print(f"{command}: {found[1]}", highlight=False, markup=False, soft_wrap=True)
 
     return progress, step
+
+
+def _compress_stage(name: str, total: int) -> tuple[str, str]:
+    if name.startswith("loss curve"):
+        return "curves", f"measuring the loss curves of {total} layers"
+    if name.startswith("healing:"):
+        return "sampling", "healing: sampling the original model's text"
+    if name.startswith("healing"):
+        return "healing", f"healing {total:,} steps"
+    return "fitting", f"fitting {total} layers"
+
+
+def _calibrate_stage(name: str, total: int) -> tuple[str, str]:
+    return "run", f"running the model on up to {total:,} tokens"
+
+
+def _bench_stage(name: str, total: int) -> tuple[str, str] | None:
+    return ("forward", f"timing {total} settings") if name != "decode" else None  # decode reports once, when done
+
+
+def _evaluate_stage(name: str, total: int) -> tuple[str, str]:
+    lines = {"original": "running the original model on the texts",
+             "compressed": "running the compressed model on the texts",
+             "Lee original": "running the original model on the Lee corpus",
+             "Lee compressed": "running the compressed model on the Lee corpus",
+             "windows": "comparing next-token predictions window by window",
+             "generation": "generating from the prompts with both models"}
+    return name, lines.get(name, name)
 
 
 @contextlib.contextmanager
@@ -380,7 +424,7 @@ def compress(
                               layers=layers, calibration=str(calibration) if calibration else None,
                               refine_steps=refine_steps, budget=budget, heal_steps=heal_steps,
                               heal_dtype=heal_dtype.value)
-    progress, step = _progress("compressing", json_path != "-")
+    progress, step = _progress("compressing", json_path != "-", "compress", _compress_stage)
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
                                 remote_code=remote_code, progress=step, kv_heads=kv_heads)
@@ -434,7 +478,7 @@ def calibrate(
     _check_targets([model_dir], json_path, files=[texts, out])
     from .calibration import calibrate as run_calibrate
 
-    progress, step = _progress("calibrating", json_path != "-")
+    progress, step = _progress("calibrating", json_path != "-", "calibrate", _calibrate_stage)
     with progress, _warnings_to_stderr():
         summary = run_calibrate(model_dir, texts, out, max_tokens=max_tokens, max_length=max_length,
                                 batch_size=batch_size, keep_sequences=keep_sequences, seed=seed, heads=heads,
@@ -520,7 +564,7 @@ def bench(
     n_values, b_values = _int_list("--lengths", lengths), _int_list("--batch-sizes", batch_sizes)
     if plot is not None:
         require_matplotlib()
-    progress, step = _progress("measuring", json_path != "-")
+    progress, step = _progress("measuring", json_path != "-", "bench", _bench_stage)
     with progress, _warnings_to_stderr():
         result = run_bench(original, compressed, level=None if level is Level.auto else level.value,
                            lengths=n_values, batch_sizes=b_values, threads=threads, warmup=warmup, repeats=repeats,
@@ -570,7 +614,7 @@ def evaluate(
     from .tables import evaluation_table, lm_evaluation_table
 
     lines = read_texts(texts) if texts is not None else None
-    progress, step = _progress("evaluating", json_path != "-")
+    progress, step = _progress("evaluating", json_path != "-", "evaluate", _evaluate_stage)
     with progress:
         result = run_evaluate(original, compressed, lines, max_length=max_length, batch_size=batch_size,
                               texts_name=str(texts) if texts is not None else None, progress=step,
