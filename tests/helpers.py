@@ -1,10 +1,19 @@
-"""Assertions shared by the CLI tests."""
+"""The CLI runner and the assertions shared by the tests."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from pathlib import Path
+
+
+def run_cli(*args: object):
+    """Invoke the CLI in-process with typer's CliRunner; returns its Result (stdout, stderr, exit_code)."""
+    from typer.testing import CliRunner
+
+    from collabcompress.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def digest(directory: Path) -> dict[str, str]:

@@ -20,9 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import make_checkpoint  # noqa: E402
+from families import make_checkpoint
 from helpers import assert_clean_failure, digest
 
 QUERY = "encoder.layer.0.attention.self.query.weight"

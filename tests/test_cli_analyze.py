@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from helpers import assert_clean_failure, digest
+from helpers import assert_clean_failure, digest, run_cli
 
 # Shared rank needed at tau = 0.95 per layer of all-MiniLM-L6-v2 (float32).
 MINILM_RANK_095 = [130, 178, 182, 184, 165, 196]
@@ -35,13 +35,9 @@ LAYER_KEYS = {"module", "index", "heads", "head_dim", "d_model", "energy_query",
 @pytest.fixture(scope="module")
 def minilm(minilm_dir, tmp_path_factory):
     """(result, json) of `analyze <MiniLM> --json out.json`, run once; the input's sha256 is checked."""
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
     before = digest(minilm_dir)
     path = tmp_path_factory.mktemp("minilm") / "out.json"
-    result = CliRunner().invoke(app, ["analyze", str(minilm_dir), "--json", str(path)])
+    result = run_cli("analyze", minilm_dir, "--json", path)
     assert result.exit_code == 0, result.stderr
     assert digest(minilm_dir) == before, "analyze modified its input"
     return result, json.loads(path.read_text())
@@ -50,11 +46,7 @@ def minilm(minilm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sample(sample_dir):
     """JSON of `analyze <sample> --json -` (stdout), run once."""
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
-    result = CliRunner().invoke(app, ["analyze", str(sample_dir), "--json", "-"])
+    result = run_cli("analyze", sample_dir, "--json", "-")
     assert result.exit_code == 0, result.stderr
     return result, json.loads(result.stdout)
 

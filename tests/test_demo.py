@@ -15,7 +15,7 @@ STEPS = ("1. analyze", "2. compress --energy 0.95", "3. report", "4. verify")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     return out, run_cli("demo", "--out", out)

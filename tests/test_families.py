@@ -9,7 +9,6 @@ rotary, grouped-query and q/k-norm checkpoints are refused with exit code 4.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import FAMILIES, REFUSED, make_checkpoint  # noqa: E402
-from helpers import assert_clean_failure
+from families import FAMILIES, REFUSED, make_checkpoint
+from helpers import assert_clean_failure, run_cli
 
 ARCHS = sorted({f["arch"] for f in FAMILIES.values()})
 
@@ -35,17 +33,13 @@ def built(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def analysed(built, tmp_path_factory):
     """family -> the JSON of `analyze DIR --json FILE`, each family run once on demand."""
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
     out = tmp_path_factory.mktemp("analysed")
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
             path = out / f"{name}.json"
-            result = CliRunner().invoke(app, ["analyze", str(built[name]), "--json", str(path)])
+            result = run_cli("analyze", built[name], "--json", path)
             assert result.exit_code == 0, result.stderr
             cache[name] = json.loads(path.read_text())
         return cache[name]
