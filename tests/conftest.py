@@ -1,6 +1,10 @@
 """Shared fixtures: paths to the real data (fetched by scripts/fetch_data.py) and a CLI runner.
 
-``helpers`` and ``families`` are importable from every test (pyproject's ``pythonpath``).
+A test that uses the real data (a fixture of REAL_FIXTURES, directly or through another
+fixture) is marked ``real`` at collection, so ``-m "not real"`` runs without the data cache;
+every other test sees an empty data cache (``evaluate`` would otherwise read the cached Lee
+corpus unasked). ``helpers`` and ``families`` are importable from every test (pyproject's
+``pythonpath``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,21 @@ from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "all-MiniLM-L6-v2-attention"
+# The fixtures that read the data cache (they call _cached); test_markers.py checks this list.
+REAL_FIXTURES = frozenset({"minilm_dir", "lee_dir", "smollm2_dir"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
+
+@pytest.fixture(autouse=True)
+def _empty_data_cache_unless_real(request, tmp_path_factory, monkeypatch):
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("COLLABCOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "empty-data-cache"))
 
 
 def _cached(name: str, marker: str) -> Path:
