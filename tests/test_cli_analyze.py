@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from helpers import assert_clean_failure as _assert_clean_failure, digest as _digest
+from helpers import assert_clean_failure, digest, run_cli
 
 # Shared rank needed at tau = 0.95 per layer of all-MiniLM-L6-v2 (float32).
 MINILM_RANK_095 = [130, 178, 182, 184, 165, 196]
@@ -35,26 +35,18 @@ LAYER_KEYS = {"module", "index", "heads", "head_dim", "d_model", "energy_query",
 @pytest.fixture(scope="module")
 def minilm(minilm_dir, tmp_path_factory):
     """(result, json) of `analyze <MiniLM> --json out.json`, run once; the input's sha256 is checked."""
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
-    before = _digest(minilm_dir)
+    before = digest(minilm_dir)
     path = tmp_path_factory.mktemp("minilm") / "out.json"
-    result = CliRunner().invoke(app, ["analyze", str(minilm_dir), "--json", str(path)])
+    result = run_cli("analyze", minilm_dir, "--json", path)
     assert result.exit_code == 0, result.stderr
-    assert _digest(minilm_dir) == before, "analyze modified its input"
+    assert digest(minilm_dir) == before, "analyze modified its input"
     return result, json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
 def sample(sample_dir):
     """JSON of `analyze <sample> --json -` (stdout), run once."""
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
-    result = CliRunner().invoke(app, ["analyze", str(sample_dir), "--json", "-"])
+    result = run_cli("analyze", sample_dir, "--json", "-")
     assert result.exit_code == 0, result.stderr
     return result, json.loads(result.stdout)
 
@@ -194,13 +186,13 @@ def test_energy_options(cli, sample_dir):
 
 def test_json_file_and_table(cli, sample_dir, tmp_path):
     path = tmp_path / "a.json"
-    before = _digest(sample_dir)
+    before = digest(sample_dir)
     result = cli("analyze", sample_dir, "--json", path)
     assert result.exit_code == 0, result.stderr
     assert "Head redundancy" in result.stdout
     assert [la["rank_at"] for la in json.loads(path.read_text())["layers"]] == SAMPLE_RANK_AT
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary file left
-    assert _digest(sample_dir) == before
+    assert digest(sample_dir) == before
 
 
 def test_plot_writes_png(cli, sample_dir, tmp_path):
@@ -212,11 +204,48 @@ def test_plot_writes_png(cli, sample_dir, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("n_layers", [6, 30])
+def test_energy_plot_tells_every_layer_apart_without_covering_the_curves(sample_dir, tmp_path, monkeypatch,
+                                                                         n_layers):
+    """A few layers: one colour each and a legend outside the axes; many (a 30-layer model): a
+    colour per layer index from a colormap and a colorbar, no legend."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import collabcompress.tables as tables
+    from collabcompress.commands.analyze import AnalysisResult, analyze
+
+    sample = analyze(sample_dir)
+    layers = tuple(dataclasses.replace(la, spec=dataclasses.replace(la.spec, index=i))
+                   for i, la in enumerate(sample.layers[i % len(sample.layers)] for i in range(n_layers)))
+    figures = []
+    monkeypatch.setattr(tables, "save_figure", lambda plt, fig, title, path: figures.append(fig))
+    tables.plot_energy(AnalysisResult(sample.checkpoint, sample.architecture, layers, sample.energies),
+                       tmp_path / "energy.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2
+    for ax in panels:
+        colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+                   for line in ax.get_lines() if line.get_linestyle() == "-"}
+        assert len(colours) == n_layers
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    if n_layers <= 10:
+        (legend,) = legends
+        assert len(legend.get_texts()) == n_layers
+        box, right = legend.get_window_extent(), max(ax.get_window_extent().x1 for ax in panels)
+        assert box.x0 >= right  # beside the curves, not over them
+    else:
+        assert legends == [] and len(fig.axes) == 3  # the third: the colorbar
+        assert "layer" in fig.axes[2].get_ylabel()
+
+
 def test_plot_without_matplotlib(cli, sample_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     png = tmp_path / "energy.png"
     result = cli("analyze", sample_dir, "--plot", png)
-    _assert_clean_failure(result, 3, "matplotlib", "pip install")
+    assert_clean_failure(result, 3, "matplotlib", "pip install")
     assert not png.exists()
 
 
@@ -230,7 +259,7 @@ def test_plot_without_matplotlib_names_the_extra(cli, sample_dir, tmp_path, monk
 def test_path_with_brackets_is_reported_verbatim(cli, tmp_path):
     missing = tmp_path / "[/x]" / "weights"
     result = cli("analyze", missing)
-    _assert_clean_failure(result, 3, str(missing))
+    assert_clean_failure(result, 3, str(missing))
 
 
 def test_real_process_error_is_clean(tmp_path):

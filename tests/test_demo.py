@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ STEPS = ("1. analyze", "2. compress --energy 0.95", "3. report", "4. verify")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     return out, run_cli("demo", "--out", out)
@@ -84,3 +85,40 @@ def test_force_replaces_an_earlier_demo(demo_run, cli, tmp_path):
     assert summary["out"] == str(out)
     assert not (out / "stale.txt").exists()
     assert (out / "report.json").is_file()
+
+
+@pytest.fixture
+def tiny_sample(tmp_path):
+    from families import make_checkpoint
+
+    return make_checkpoint("bert", tmp_path / "tiny-bert")
+
+
+def test_skipped_plots_are_announced_with_the_install_hint(tiny_sample, cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    result = cli("demo", "--out", tmp_path / "d", "--sample", tiny_sample)
+    assert result.exit_code == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if "matplotlib" in line]
+    assert len(said) == 1 and "collabcompress[plot]" in said[0], result.stdout
+    assert not (tmp_path / "d" / "energy.png").exists()
+
+
+def test_plot_titles_name_the_model_not_a_temporary_path(tiny_sample, cli, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import collabcompress.tables as tables
+
+    titles = []
+    real_save = tables.save_figure
+
+    def save_figure(plt, fig, title, path):
+        titles.append(title)
+        real_save(plt, fig, title, path)
+
+    monkeypatch.setattr(tables, "save_figure", save_figure)
+    result = cli("demo", "--out", tmp_path / "d", "--sample", tiny_sample)
+    assert result.exit_code == 0, result.stderr
+    assert "matplotlib" not in result.stdout
+    assert (tmp_path / "d" / "energy.png").is_file() and (tmp_path / "d" / "flops.png").is_file()
+    assert len(titles) == 2
+    for title in titles:
+        assert title.startswith("tiny-bert (") and str(tmp_path) not in title, title

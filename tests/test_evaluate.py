@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import json
 import string
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import make_checkpoint  # noqa: E402
-from helpers import rerecord_outputs  # noqa: E402
+from families import make_checkpoint
+from helpers import rerecord_outputs
 
 pytest.importorskip("transformers")
 
-from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
-from collabcompress.errors import BadInputError  # noqa: E402
-from collabcompress.files.texts import lee_corpus, sample_texts  # noqa: E402
-from collabcompress.commands.evaluate import evaluate, read_texts  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.errors import BadInputError
+from collabcompress.files.texts import lee_corpus, sample_texts
+from collabcompress.commands.evaluate import evaluate, read_texts
 
 KEYS = {"original", "compressed", "family", "model_class", "shared_dims", "texts", "cosine_mean", "cosine_min",
         "nn_agreement", "max_abs_diff", "lee", "seconds"}

@@ -9,7 +9,6 @@ rotary, grouped-query and q/k-norm checkpoints are refused with exit code 4.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import FAMILIES, REFUSED, make_checkpoint  # noqa: E402
-from helpers import assert_clean_failure as _assert_clean_failure
+from families import FAMILIES, REFUSED, make_checkpoint
+from helpers import assert_clean_failure, run_cli
 
 ARCHS = sorted({f["arch"] for f in FAMILIES.values()})
 
@@ -35,17 +33,13 @@ def built(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def analysed(built, tmp_path_factory):
     """family -> the JSON of `analyze DIR --json FILE`, each family run once on demand."""
-    from typer.testing import CliRunner
-
-    from collabcompress.cli import app
-
     out = tmp_path_factory.mktemp("analysed")
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
             path = out / f"{name}.json"
-            result = CliRunner().invoke(app, ["analyze", str(built[name]), "--json", str(path)])
+            result = run_cli("analyze", built[name], "--json", path)
             assert result.exit_code == 0, result.stderr
             cache[name] = json.loads(path.read_text())
         return cache[name]
@@ -151,14 +145,14 @@ def test_fused_slicing_is_discriminating(built, name):
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_refused_with_exit_4(built, cli, name):
     result = cli("analyze", built[name])
-    _assert_clean_failure(result, 4, REFUSED[name])
+    assert_clean_failure(result, 4, REFUSED[name])
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_refused_even_with_arch_and_heads(built, cli, name):
     """An override does not bypass the refusal."""
     result = cli("analyze", built[name], "--arch", "bart", "--heads", "4")
-    _assert_clean_failure(result, 4, REFUSED[name])
+    assert_clean_failure(result, 4, REFUSED[name])
 
 
 @pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "timm-vit", "t5", "bart"])
@@ -190,12 +184,12 @@ def test_arch_override_picks_among_families(built, cli, tmp_path):
 
 def test_arch_override_with_no_such_tensors(built, cli):
     result = cli("analyze", built["bert"], "--arch", "gpt2")
-    _assert_clean_failure(result, 3, "gpt2", "--arch")
+    assert_clean_failure(result, 3, "gpt2", "--arch")
 
 
 def test_unknown_arch(built, cli):
     result = cli("analyze", built["bert"], "--arch", "nosuchfamily")
-    msg = _assert_clean_failure(result, 3, "nosuchfamily")
+    msg = assert_clean_failure(result, 3, "nosuchfamily")
     for arch in ARCHS:
         assert arch in msg
 
@@ -211,7 +205,7 @@ def test_heads_override_without_config(tmp_path, analysed, cli):
 
 def test_timm_without_config_needs_heads(tmp_path, cli):
     directory = make_checkpoint("timm-vit", tmp_path / "timm", with_config=False)
-    _assert_clean_failure(cli("analyze", directory), 3, "--heads")
+    assert_clean_failure(cli("analyze", directory), 3, "--heads")
     result = cli("analyze", directory, "--heads", "4", "--json", "-")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["architecture"] == "timm-vit"

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import FAMILIES, REFUSED, REFUSED_FACTS, family_names, make_checkpoint, qk_tensors  # noqa: E402
+from families import FAMILIES, REFUSED, REFUSED_FACTS, family_names, make_checkpoint, qk_tensors
 
 ALL = family_names()
 LOADABLE = [n for n in ALL if n not in FAMILIES or FAMILIES[n]["model_class"] is not None]

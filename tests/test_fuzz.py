@@ -524,7 +524,7 @@ def _loads(content: bytes):
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 8))
 @given(data=st.data(), command=st.sampled_from(["report", "verify"]))
 def test_mutated_manifest_through_the_cli(comp, data, command):
-    from conftest import run_cli
+    from helpers import run_cli
 
     directory, base = comp
     valid = data.draw(st.booleans(), label="unchanged")

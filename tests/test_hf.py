@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import FAMILIES, make_checkpoint  # noqa: E402
-from helpers import rerecord_outputs  # noqa: E402
+from families import FAMILIES, make_checkpoint
+from helpers import rerecord_outputs
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,15 +29,14 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import make_checkpoint  # noqa: E402
-from helpers import assert_clean_failure, digest, write_stats  # noqa: E402
+from families import make_checkpoint
+from helpers import assert_clean_failure, digest, write_stats
 
-from collabcompress.files.arch import detect  # noqa: E402
-from collabcompress.commands.compress import parse_layers  # noqa: E402
-from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.files.checkpoint import open_checkpoint  # noqa: E402
+from collabcompress.files.arch import detect
+from collabcompress.commands.compress import parse_layers
+from collabcompress.errors import BadInputError, UnsupportedArchitectureError
+from collabcompress.files.checkpoint import open_checkpoint
 
 pytest.importorskip("transformers")
 

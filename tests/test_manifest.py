@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from families import make_checkpoint  # noqa: E402
+from families import make_checkpoint
 
-from collabcompress.files import manifest as mf  # noqa: E402
-from collabcompress.files.output import write_manifest  # noqa: E402
-from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
-from collabcompress.errors import BadInputError  # noqa: E402
+from collabcompress.files import manifest as mf
+from collabcompress.files.output import write_manifest
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 

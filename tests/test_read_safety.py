@@ -9,26 +9,24 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from families import make_checkpoint  # noqa: E402
-from helpers import rerecord_outputs  # noqa: E402
+from families import make_checkpoint
+from helpers import rerecord_outputs
 
-from collabcompress.files import manifest as mf  # noqa: E402
-from collabcompress.files.output import write_manifest  # noqa: E402
-from collabcompress.files.arch import detect  # noqa: E402
-from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
-from collabcompress.errors import BadInputError, UnsupportedArchitectureError  # noqa: E402
-from collabcompress.files.checkpoint import open_checkpoint, read_json, regular_file  # noqa: E402
-from collabcompress.commands.report import build_report  # noqa: E402
-from collabcompress.commands.verify import verify  # noqa: E402
+from collabcompress.files import manifest as mf
+from collabcompress.files.output import write_manifest
+from collabcompress.files.arch import detect
+from collabcompress.commands.compress import CompressOptions, compress
+from collabcompress.errors import BadInputError, UnsupportedArchitectureError
+from collabcompress.files.checkpoint import open_checkpoint, read_json, regular_file
+from collabcompress.commands.report import build_report
+from collabcompress.commands.verify import verify
 
 
 

@@ -230,7 +230,7 @@ def test_encoder_manifest_keys_unchanged(sample_dir, tmp_path, cli):
 
 @pytest.fixture(scope="module")
 def compressed(tiny, tmp_path_factory):
-    from conftest import run_cli
+    from helpers import run_cli
 
     root = tmp_path_factory.mktemp("rotary-out")
     for rank in (GD, 6):

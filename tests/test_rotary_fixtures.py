@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import (  # noqa: E402
+from families import (
     ROTARY, ROTARY_REFUSED, ROTARY_REFUSED_FACTS, ROTARY_VOCAB, TOKENIZER_CHARS, make_rotary_checkpoint,
     rotary_facts, rotary_names, rotary_tensors,
 )

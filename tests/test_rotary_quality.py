@@ -262,6 +262,8 @@ def test_evaluate_causal_too_little_text(tiny_compressed, tmp_path, cli):
 
 # --------------------------------------------------------------------------- the real model
 
+@pytest.mark.real
+@pytest.mark.slow
 def test_smollm2_calibrate_compress_evaluate(smollm2_dir, lee_dir, tmp_path, cli):
     """SmolLM2-135M-Instruct end to end on a small budget: calibrate on 1,024 tokens of
     lee_background.cor, compress --rank 128 of 192, evaluate on the first 512 tokens of lee.cor

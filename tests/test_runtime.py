@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from collabcompress.runtime.attention import (CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention,
                                collaborative_query_states, rotary_query_states, rotary_rotate)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

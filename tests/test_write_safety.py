@@ -13,7 +13,8 @@ import pytest
 
 from collabcompress.display import safe_text
 from collabcompress.files.output import TEMP_MARKER, atomic_directory, copy_other_files
-from test_reliability import assert_clean_failure, snapshot, write_bert
+from helpers import assert_clean_failure
+from test_reliability import snapshot, write_bert
 
 RANK = ("--rank", "4", "--max-iter", "2")
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.console import Console
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
@@ -53,8 +53,25 @@ def _stop(message: str, code: int) -> None:
     os._exit(code)
 
 
+def _no_placeholder(option: Any) -> Any:
+    # typer shows every flag with a "<bool>" value placeholder, as if it took a value
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    """A command whose ``--help`` flag is shown without a placeholder (see :func:`_flag`)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_placeholder(super().get_help_option(ctx))
+
+
 class _Boundary(TyperGroup):
     """The one place where exceptions become messages and exit codes."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_placeholder(super().get_help_option(ctx))
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -159,9 +176,17 @@ KvHeadsOpt = Annotated[Optional[int], typer.Option(
     help="Key/value heads per layer of a grouped-query rotary model (default: from config.json, else from the "
          "key rows).")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture family (default: detected); see `archs`.")]
+
+
+def _flag(*names: str, **kwargs: Any) -> Any:
+    """A boolean option that takes no value, shown in --help without typer's "<bool>" placeholder."""
+    return typer.Option(*names, metavar="", **kwargs)
+
+
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the result as JSON to PATH ('-' = stdout, no table).",
                                                 metavar="PATH")]
 PLOT_FORMATS = (".png", ".pdf", ".svg")
+PLOT_METAVAR = "FILE.png|pdf|svg"
 
 
 def _check_targets(inputs: Iterable[Path | str | None], json_path: str | None = None,
@@ -199,19 +224,63 @@ def _save_plot(draw: Callable[[Any, Path], None], result: Any, path: Path) -> No
         raise BadInputError(f"cannot write plot {path}: {e.strerror or e}") from e
 
 
-def _progress(description: str, enabled: bool):
-    """A transient progress bar on stderr (terminals only) and its ``(name, done, total)`` callback."""
+Stage = Callable[[str, int], Optional[tuple[str, str]]]  # (progress name, total) -> (stage key, line) or None
+
+
+def _progress(description: str, enabled: bool, command: str | None = None, stage: Stage | None = None):
+    """A transient progress bar on stderr and its ``(name, done, total)`` callback.
+
+    On a terminal the bar; elsewhere (a log file, CI) one plain line per stage, ``command:
+    what``, from ``stage`` on the stage's first report: after real work has begun, so that
+    an early error stays the only thing on stderr. Neither when ``enabled`` is false
+    (``--json -``).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = _err()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not enabled or not err.is_terminal)
     task = progress.add_task(description, total=None)
+    lines = enabled and not err.is_terminal and stage is not None
+    said: set[str] = set()
 
     def step(name: str, done: int, total: int) -> None:
         progress.update(task, completed=done, total=total, description=f"{description} {safe_text(name)}")
+        if lines:
+            found = stage(name, total)
+            if found is not None and found[0] not in said:
+                said.add(found[0])
+                err.print(f"{command}: {found[1]}", highlight=False, markup=False, soft_wrap=True)
 
     return progress, step
+
+
+def _compress_stage(name: str, total: int) -> tuple[str, str]:
+    if name.startswith("loss curve"):
+        return "curves", f"measuring the loss curves of {total} layers"
+    if name.startswith("healing:"):
+        return "sampling", "healing: sampling the original model's text"
+    if name.startswith("healing"):
+        return "healing", f"healing {total:,} steps"
+    return "fitting", f"fitting {total} layers"
+
+
+def _calibrate_stage(name: str, total: int) -> tuple[str, str]:
+    return "run", f"running the model on up to {total:,} tokens"
+
+
+def _bench_stage(name: str, total: int) -> tuple[str, str] | None:
+    return ("forward", f"timing {total} settings") if name != "decode" else None  # decode reports once, when done
+
+
+def _evaluate_stage(name: str, total: int) -> tuple[str, str]:
+    lines = {"original": "running the original model on the texts",
+             "compressed": "running the compressed model on the texts",
+             "Lee original": "running the original model on the Lee corpus",
+             "Lee compressed": "running the compressed model on the Lee corpus",
+             "windows": "comparing next-token predictions window by window",
+             "generation": "generating from the prompts with both models"}
+    return name, lines.get(name, name)
 
 
 @contextlib.contextmanager
@@ -237,16 +306,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+    version: Annotated[bool, _flag("--version", "-V", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    debug: Annotated[bool, _flag("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Compress transformer attention into collaborative multi-head attention."""
     if debug:
         _state["debug"] = True
 
 
-@app.command()
+@app.command(cls=_Command)
 def analyze(
     checkpoint: CheckpointArg,
     heads: HeadsOpt = None,
@@ -255,8 +324,9 @@ def analyze(
     energy: Annotated[Optional[list[float]], typer.Option(
         "--energy", help="Energy threshold tau in (0, 1]; repeatable. Default: "
                          f"{', '.join(map(str, DEFAULT_ENERGIES))}.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the cumulative energy curves to this PNG.",
-                                                 metavar="PNG")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Draw the cumulative energy curves to this file (.png, .pdf or .svg).",
+        metavar=PLOT_METAVAR)] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         "--calibration", help="Also measure the loss curves --budget allocates by (rotary causal LMs: the "
                               "model's next-token KL with one layer compressed; else attention KL; on the kept "
@@ -301,7 +371,7 @@ class DType(str, Enum):
 HealDType = Enum("HealDType", {name: name for name in ("auto", *COMPUTE_NAMES)}, type=str)  # compress --heal-dtype
 
 
-@app.command()
+@app.command(cls=_Command)
 def compress(
     checkpoint: CheckpointArg,
     out: Annotated[str, typer.Option("--out", help="Output directory (created atomically).", show_default=False)],
@@ -338,10 +408,10 @@ def compress(
     kv_heads: KvHeadsOpt = None,
     arch: ArchOpt = None,
     workers: Annotated[Optional[int], typer.Option("--workers", parser=_int("--workers"), help="Layers decomposed in parallel (default: the usable CPU cores).")] = None,
-    remote_code: Annotated[bool, typer.Option(
+    remote_code: Annotated[bool, _flag(
         "--remote-code", help="Also make DIR load with AutoModel.from_pretrained(DIR, trust_remote_code=True) "
                               "(hf extra).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    force: Annotated[bool, _flag("--force", help="Replace an existing output directory.")] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Re-parametrize every attention layer into collaborative attention and save the result."""
@@ -358,7 +428,7 @@ def compress(
                               layers=layers, calibration=str(calibration) if calibration else None,
                               refine_steps=refine_steps, budget=budget, heal_steps=heal_steps,
                               heal_dtype=heal_dtype.value)
-    progress, step = _progress("compressing", json_path != "-")
+    progress, step = _progress("compressing", json_path != "-", "compress", _compress_stage)
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
                                 remote_code=remote_code, progress=step, kv_heads=kv_heads)
@@ -369,7 +439,7 @@ def compress(
         f"model parameters {t['params_before']:,} -> {t['params_after']:,}; written to {out}"])
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
     original: Annotated[Optional[Path], typer.Option(
@@ -391,7 +461,7 @@ def verify(
     check_gate(result)
 
 
-@app.command()
+@app.command(cls=_Command)
 def calibrate(
     model_dir: Annotated[Path, typer.Argument(help="Directory of the original transformers model (with tokenizer).",
                                               show_default=False)],
@@ -401,18 +471,18 @@ def calibrate(
     max_length: Annotated[Optional[int], typer.Option("--max-length", parser=_int("--max-length"), help="Split longer texts into windows of at most this many tokens (every token is used). "
                                                       f"Default: 128; {DEFAULT_LM_WINDOW} for a causal LM (llama, mistral, qwen2), whose texts are read as one stream.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", parser=_int("--batch-size"), help="Windows per forward pass.")] = 16,
-    keep_sequences: Annotated[int, typer.Option("--keep-sequences", parser=_int("--keep-sequences"), help="Also keep the inputs of N seeded windows (for --refine-steps).")] = 0,
+    keep_sequences: Annotated[int, typer.Option("--keep-sequences", parser=_int("--keep-sequences"), help="Also keep the inputs of N seeded windows (and every window's token ids): needed by compress --refine-steps, --budget and --heal-steps, and by analyze --calibration.")] = 0,
     seed: Annotated[int, typer.Option("--seed", parser=_int("--seed"), help="Seed for choosing the kept sequences.")] = 0,
     heads: HeadsOpt = None,
     arch: ArchOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing statistics file.")] = False,
+    force: Annotated[bool, _flag("--force", help="Replace an existing statistics file.")] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Record activation statistics of the original model on real text (needs the hf extra)."""
     _check_targets([model_dir], json_path, files=[texts, out])
     from .commands.calibrate import calibrate as run_calibrate
 
-    progress, step = _progress("calibrating", json_path != "-")
+    progress, step = _progress("calibrating", json_path != "-", "calibrate", _calibrate_stage)
     with progress, _warnings_to_stderr():
         summary = run_calibrate(model_dir, texts, out, max_tokens=max_tokens, max_length=max_length,
                                 batch_size=batch_size, keep_sequences=keep_sequences, seed=seed, heads=heads,
@@ -423,13 +493,13 @@ def calibrate(
         f"statistics written to {out}"])
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
     seq_len: Annotated[Optional[list[int]], typer.Option("--seq-len", parser=_int("--seq-len"), help=f"Sequence length N for the FLOPs per token; repeatable. Default: {DEFAULT_SEQ_LEN}.")] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        "--plot", help="Draw FLOPs per token against sequence length, before and after, to this PNG.",
-        metavar="PNG")] = None,
+        "--plot", help="Draw FLOPs per token against sequence length, before and after, to this file (.png, .pdf "
+                      "or .svg).", metavar=PLOT_METAVAR)] = None,
     measured: Annotated[Optional[Path], typer.Option(
         "--measured", help="A `bench --json` file of this directory: its measured latency ratios beside the FLOP "
                            "model's.", metavar="BENCH.json")] = None,
@@ -465,7 +535,7 @@ class Level(str, Enum):
     model = "model"
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     original: Annotated[Path, typer.Argument(help="The source checkpoint or model directory that was compressed "
                                                   "(checked against the manifest by sha256).", show_default=False)],
@@ -484,8 +554,8 @@ def bench(
     decode_steps: Annotated[int, typer.Option("--decode-steps", parser=_int("--decode-steps"), help="Causal decoders: timed one-token decode steps.")] = DEFAULT_BENCH_DECODE_STEPS,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     plot: Annotated[Optional[Path], typer.Option(
-        "--plot", help="Draw the latency ratio against N per batch size, with the FLOP model's ratio dashed.",
-        metavar="PNG")] = None,
+        "--plot", help="Draw the latency ratio against N per batch size, with the FLOP model's ratio dashed, to this "
+                      "file (.png, .pdf or .svg).", metavar=PLOT_METAVAR)] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Measure forward latency, peak memory and (causal decoders) decode speed and cache bytes of the
@@ -498,7 +568,7 @@ def bench(
     n_values, b_values = _int_list("--lengths", lengths), _int_list("--batch-sizes", batch_sizes)
     if plot is not None:
         require_matplotlib()
-    progress, step = _progress("measuring", json_path != "-")
+    progress, step = _progress("measuring", json_path != "-", "bench", _bench_stage)
     with progress, _warnings_to_stderr():
         result = run_bench(original, compressed, level=None if level is Level.auto else level.value,
                            lengths=n_values, batch_sizes=b_values, threads=threads, warmup=warmup, repeats=repeats,
@@ -509,10 +579,10 @@ def bench(
                                                                else [])])
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Annotated[str, typer.Option("--out", help="Directory for everything the demo writes.")] = "collabcompress-demo",
-    force: Annotated[bool, typer.Option("--force", help="Replace the directory of an earlier demo.")] = False,
+    force: Annotated[bool, _flag("--force", help="Replace the directory of an earlier demo.")] = False,
     sample: Annotated[Optional[Path], typer.Option(
         "--sample", help="Use this model directory instead of the bundled sample.", show_default=False)] = None,
     json_path: JsonOpt = None,
@@ -526,7 +596,7 @@ def demo(
     _emit(summary, json_path, list)
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     original: Annotated[Path, typer.Argument(help="Directory of the original transformers model (with tokenizer).",
                                              show_default=False)],
@@ -548,7 +618,7 @@ def evaluate(
     from .tables import evaluation_table, lm_evaluation_table
 
     lines = read_texts(texts) if texts is not None else None
-    progress, step = _progress("evaluating", json_path != "-")
+    progress, step = _progress("evaluating", json_path != "-", "evaluate", _evaluate_stage)
     with progress:
         result = run_evaluate(original, compressed, lines, max_length=max_length, batch_size=batch_size,
                               texts_name=str(texts) if texts is not None else None, progress=step,
@@ -557,7 +627,7 @@ def evaluate(
                                       else evaluation_table(result)])
 
 
-@app.command()
+@app.command(cls=_Command)
 def archs(json_path: JsonOpt = None) -> None:
     """List the supported architecture families and how their tensors are named."""
     _check_targets([], json_path)

@@ -71,42 +71,69 @@ def analysis_summary(result: AnalysisResult) -> str:
     return f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
 
 
-def plot_energy(result: AnalysisResult, path: Path) -> None:
+_LEGEND_LAYERS = 10  # more lines than the default colour cycle's 10 colours get a colormap instead
+
+
+def _layer_colours(plt, indices: Sequence[int]) -> list[Any]:
+    """One colour per layer: the default cycle for a few layers, else viridis by layer index."""
+    if len(indices) <= _LEGEND_LAYERS:
+        return [f"C{i}" for i in range(len(indices))]
+    cmap, lo, hi = plt.get_cmap("viridis"), min(indices), max(indices)
+    return [cmap((n - lo) / max(hi - lo, 1)) for n in indices]
+
+
+def _layer_key(plt, fig, axes: Sequence[Any], indices: Sequence[int]) -> None:
+    """Which line is which layer, outside the axes: a legend for a few layers, a colorbar for many."""
+    if len(indices) <= _LEGEND_LAYERS:
+        axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+        return
+    mappable = plt.cm.ScalarMappable(norm=plt.Normalize(min(indices), max(indices)), cmap="viridis")
+    fig.colorbar(mappable, ax=list(axes), label="layer index", pad=0.02, aspect=30)
+
+
+def plot_energy(result: AnalysisResult, path: Path, name: str | None = None) -> None:
     """Cumulative energy curves of every layer, query and key side, with the thresholds; for
-    rotary layers the weighted key energy of each frequency (summed over components) instead."""
+    rotary layers the weighted key energy of each frequency (summed over components) instead.
+    Lines are coloured by layer (a colormap and a colorbar beyond 10 layers). ``name`` stands
+    for the checkpoint's path in the title."""
     plt = require_matplotlib()
+    title = f"{name or result.checkpoint} ({result.architecture})"
     if any(la.spec.rotary for la in result.layers):
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        for la in result.layers:
-            if la.spec.rotary:
-                per_freq = la.spectrum.frequency_energy().sum(1).numpy()  # (d/2,)
-                ax.plot(range(len(per_freq)), per_freq, label=f"layer {la.spec.index}", lw=1.2)
+        layers = [la for la in result.layers if la.spec.rotary]
+        indices = [la.spec.index for la in layers]
+        fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+        for la, colour in zip(layers, _layer_colours(plt, indices)):
+            per_freq = la.spectrum.frequency_energy().sum(1).numpy()  # (d/2,)
+            ax.plot(range(len(per_freq)), per_freq, label=f"layer {la.spec.index}", lw=1.2, color=colour)
         ax.set_xlabel("frequency index j (theta_j decreasing)")
         ax.set_ylabel("share of the weighted key energy")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
-        save_figure(plt, fig, f"{result.checkpoint} ({result.architecture}): per-frequency key energy", path)
+        _layer_key(plt, fig, [ax], indices)
+        save_figure(plt, fig, f"{title}: per-frequency key energy", path)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    indices = [la.spec.index for la in result.layers]
+    colours = _layer_colours(plt, indices)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
     for ax, side in zip(axes, ("query", "key")):
-        for la in result.layers:
+        for la, colour in zip(result.layers, colours):
             energy = (la.spectrum.energy_query if side == "query" else la.spectrum.energy_key).numpy()
-            ax.plot(range(1, len(energy) + 1), energy, label=f"layer {la.spec.index}", lw=1.4)
+            ax.plot(range(1, len(energy) + 1), energy, label=f"layer {la.spec.index}", lw=1.4, color=colour)
         for tau in result.energies:
             ax.axhline(tau, color="grey", lw=0.7, ls="--")
         ax.set_title(f"{side} side: P_{'Q' if side == 'query' else 'K'}")
         ax.set_xlabel("shared width r")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cumulative energy")
-    axes[1].legend(fontsize=8, loc="lower right")
-    save_figure(plt, fig, f"{result.checkpoint} ({result.architecture})", path)
+    _layer_key(plt, fig, axes, indices)
+    save_figure(plt, fig, title, path)
 
 
 def save_figure(plt, fig, title: str, path: Path) -> None:
-    """Title, lay out, write as PNG and release a figure."""
+    """Title, lay out (unless the figure has its own layout engine), write and release a figure."""
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -392,9 +419,10 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> None:
                           f"{result['device']}, {result['threads']} thread(s))", path)
 
 
-def plot_flops(report: Report, path: str | Path) -> None:
+def plot_flops(report: Report, path: str | Path, name: str | None = None) -> None:
     """FLOPs per token against sequence length, before and after, for the key/query side and
-    the whole model, with the crossover N* marked and the requested lengths as dots."""
+    the whole model, with the crossover N* marked and the requested lengths as dots. ``name``
+    stands for the directory's path in the title."""
     plt = require_matplotlib()
     marks = [x for x in (report.qk_crossover, report.model_crossover) if x is not None and x > 0]
     top = max([*report.seq_lens, *(2 * x for x in marks), 64])
@@ -416,7 +444,7 @@ def plot_flops(report: Report, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("FLOPs per token")
     axes[0].legend(fontsize=8, loc="upper left")
-    save_figure(plt, fig, f"{report.directory} ({report.architecture})", path)
+    save_figure(plt, fig, f"{name or report.directory} ({report.architecture})", path)
 
 
 def _figure_table(title: str) -> Table:

@@ -188,12 +188,16 @@ def run_demo(out: str | Path = "collabcompress-demo", *, force: bool = False, sa
         if matplotlib_ok:
             from ..tables import plot_energy, plot_flops
 
-            plot_energy(analysis, tmp / "energy.png")
-            plot_flops(report, tmp / "flops.png")
+            # titled by the model's name: the paths here are the sample's and the temporary directory's
+            plot_energy(analysis, tmp / "energy.png", name=source.resolve().name)
+            plot_flops(report, tmp / "flops.png", name=source.resolve().name)
             summary["plots"] = ["energy.png", "flops.png"]
         summary["seconds"] = round(time.perf_counter() - start, 2)
         _dump(summary, tmp / _MARKER)
     pictures = " energy.png, flops.png," if matplotlib_ok else ""
+    if plots and not matplotlib_ok:
+        echo("Plots skipped: matplotlib is not installed; pip install 'collabcompress[plot]' adds energy.png and "
+             "flops.png.")
     echo(f"Done in {summary['seconds']:.1f} s. {out}/ holds model/, analysis.json, report.json, verify.json,"
          f"{pictures} demo.json.")
     echo(f"Next: collabcompress report {out / 'model'} --seq-len 64 --seq-len 1024")

@@ -216,7 +216,7 @@ def load_sequences(path: Path, ckpt: Checkpoint,
     for spec in specs:
         if f"{spec.module}.sequences" not in names or f"{spec.module}.lengths" not in names:
             raise BadInputError(f"calibration statistics {path} keep no input sequences for {spec.module}; "
-                                "run `calibrate --keep-sequences N` for --refine-steps")
+                                "run `calibrate --keep-sequences N` (needed by --refine-steps, --budget and --heal-steps)")
         seqs, lengths = f.get_tensor(f"{spec.module}.sequences"), f.get_tensor(f"{spec.module}.lengths")
         if seqs.dim() != 3 or seqs.shape[2] != spec.d_model or lengths.shape != (seqs.shape[0],) \
                 or bool((lengths < 1).any()) or bool((lengths > seqs.shape[1]).any()):
