@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import signal
 import struct
-import sys
 import time
 import warnings
 from pathlib import Path
