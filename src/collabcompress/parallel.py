@@ -28,6 +28,32 @@ def default_workers() -> int:
     return usable_cores()
 
 
+def _glibc_trim():
+    """glibc's ``malloc_trim``, or ``None`` elsewhere (musl, macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _glibc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the memory freed inside malloc's arenas back to the system (glibc; elsewhere nothing).
+
+    Once a large block has been freed, glibc serves blocks of up to 32 MB from its per-thread
+    arenas instead of mapping them, and keeps what a finished layer freed there: compressing a
+    Llama-3-8B-shaped model with two workers, 0.8 GB of the peak resident memory over ten layers
+    was such free memory. Trimming after each layer returns it.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 @contextlib.contextmanager
 def _intra_op_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -47,12 +73,13 @@ def map_layers(fn: Callable[[T], R], items: Sequence[T], *, workers: int | None 
         if workers <= 1 or len(items) <= 1:
             for done, item in enumerate(items, 1):
                 results[done - 1] = fn(item)
+                release_free_memory()
                 if progress:
                     progress(item, done, len(items))
         else:
             pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="collab-layer")
             try:
-                futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+                futures = {pool.submit(_trimmed, fn, item): i for i, item in enumerate(items)}
                 for done, future in enumerate(as_completed(futures), 1):
                     i = futures[future]
                     results[i] = future.result()
@@ -64,3 +91,10 @@ def map_layers(fn: Callable[[T], R], items: Sequence[T], *, workers: int | None 
                 raise
             pool.shutdown(wait=True)
     return results  # type: ignore[return-value]
+
+
+def _trimmed(fn: Callable[[T], R], item: T) -> R:
+    """``fn(item)``, then :func:`release_free_memory` (in the worker, as soon as its layer is done)."""
+    result = fn(item)
+    release_free_memory()
+    return result
