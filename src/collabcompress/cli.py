@@ -2,7 +2,7 @@
 
 One error boundary (:class:`_Boundary`, the command group every command runs in) turns
 the library's :class:`CollabError` into a plain ``error: ...`` line on stderr and the exit
-code of SPEC.md section 3, an ``OSError`` on a named file into exit 3, Ctrl-C into exit
+code of docs/method.md, an ``OSError`` on a named file into exit 3, Ctrl-C into exit
 130, SIGTERM into exit 143 and SIGHUP into exit 129 (temporary outputs are removed on the
 way out), a closed stdout (``| head``) into a quiet exit 141, and anything else into exit 1
 with a short "internal error" line. ``--debug`` or ``COLLABCOMPRESS_DEBUG=1`` shows tracebacks.

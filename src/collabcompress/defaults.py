@@ -10,7 +10,7 @@ DEFAULT_MAX_ITER = 30  # CP-ALS sweeps per layer (decompose.cp_als)
 DEFAULT_TOL = 1e-6  # CP-ALS stops when the fit changes less than this
 DEFAULT_ENERGIES = (0.9, 0.95, 0.99)  # analyze's energy thresholds tau
 DEFAULT_SEQ_LEN = 128  # report's sequence length N for FLOPs per token
-DEFAULT_LM_TOKENS = 2048  # a causal LM's perplexity on the first 2,048 tokens (SPEC section 2, lm.py) ...
+DEFAULT_LM_TOKENS = 2048  # a causal LM's perplexity on the first 2,048 tokens (docs/method.md, lm.py) ...
 DEFAULT_LM_WINDOW = 512  # ... in non-overlapping 512-token windows; calibrate's window for a causal LM
 
 # bench (latency.py): forward lengths and batch sizes, decode context and steps, runs per setting

@@ -1,4 +1,4 @@
-"""The exception hierarchy; each class carries its exit code from SPEC.md section 3."""
+"""The exception hierarchy; each class carries its exit code from docs/method.md."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ __all__ = ["CompressOptions"]
 
 @dataclass(frozen=True)
 class CompressOptions:
-    """Settings of ``compress`` (SPEC section 3); validated by :meth:`check`."""
+    """Settings of ``compress`` (docs/method.md); validated by :meth:`check`."""
 
     rank: int | None = None
     energy: float | None = None

@@ -9,6 +9,8 @@ synchronisation, which on a busy 2-core machine made a 0.2 s analysis take 10 s.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TypeVar

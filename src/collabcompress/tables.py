@@ -173,7 +173,7 @@ def compress_table(manifest: dict) -> Table:
 
 DATA_FREE_ROTARY_WARNING = (
     "warning: rotary layers compressed without --calibration: the data-free fit is far worse for rotary models "
-    "(SPEC's measurement, SmolLM2 at a key cache of 128 of 192: perplexity x25 data-free, +11.6 % whitened); "
+    "(measured on SmolLM2 at a key cache of 128 of 192: perplexity x25 data-free, +11.6 % whitened; docs/rotary.md); "
     "run `calibrate` and pass --calibration STATS")
 
 
@@ -182,7 +182,7 @@ def compress_notes(manifest: dict) -> list[str]:
     if not any(la.get("rotary") for la in manifest["layers"]):
         return []
     notes = ["Rotary layers: G*d is the original key cache (reals per token and layer), R the shared rotary key "
-             "cache; energy@R and rel. error are those of the weighted per-frequency fit (SPEC section 2)."]
+             "cache; energy@R and rel. error are those of the weighted per-frequency fit (docs/method.md)."]
     if not manifest["settings"].get("calibration"):
         notes.append(DATA_FREE_ROTARY_WARNING)
     return notes
@@ -373,7 +373,7 @@ def bench_tables(result: dict[str, Any]) -> list[Any]:
          "peak MiB orig.", "peak MiB comp."), [rows],
         f"Timed: {what}; median and interquartile range of {result['repeats']} interleaved runs each after "
         f"{result['warmup']} warm-up pairs. ratio = compressed / original, median of the per-pair ratios (above 1: "
-        f"slower); FLOP model = the same ratio of FLOPs per token (SPEC section 5). {memory}\n"
+        f"slower); FLOP model = the same ratio of FLOPs per token (docs/method.md). {memory}\n"
         f"Crossover (first N where the compressed forward is no slower): {found or 'none'}; FLOP model N* "
         f"{_nstar(cross['flop_model'])}.")
     out: list[Any] = [forward]

@@ -3,7 +3,7 @@
 Each command's pipeline lives in the module named for it (``compress.py``, ``verify.py``,
 ``calibration.py``, ``evaluate.py``, ``report.py``); this one is ``analyze``'s, kept under
 the name ``pipeline`` that Python users and tests import. It returns a plain record
-(``to_dict`` gives the SPEC JSON) and never prints.
+(``to_dict`` gives the JSON of docs/json.md) and never prints.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _key(tau: float) -> str:
 
 @dataclass(frozen=True)
 class RotarySpectrum:
-    """The analysis of a rotary layer (SPEC section 2, "Rotary decoders"), read like a
+    """The analysis of a rotary layer (docs/method.md), read like a
     :class:`LayerSpectrum`: ``width`` is the original key cache G*d, a "rank" is a key cache R
     in reals per token (even), and the energy curves are the cumulative energy over the
     components ranked by squared weighted singular value across frequencies (entry i: a key
@@ -177,7 +177,7 @@ def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | Non
             energies: Sequence[float] = DEFAULT_ENERGIES, workers: int | None = None,
             progress: Progress | None = None, kv_heads: int | None = None,
             calibration: str | Path | None = None) -> AnalysisResult:
-    """Spectral redundancy of every attention layer of a checkpoint (SPEC sections 2 and 3).
+    """Spectral redundancy of every attention layer of a checkpoint (docs/method.md).
 
     Reads only the query/key tensors of the layers being analysed; ``workers`` layers run
     side by side (default: the usable CPU cores). Rotary layers get a :class:`RotarySpectrum`

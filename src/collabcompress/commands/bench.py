@@ -32,7 +32,7 @@ of the running sum of torch's own allocations and frees, recorded by
 ``torch.profiler.profile(profile_memory=True)`` in one extra, untimed run. Neither counts
 the process's resident memory, the weights or the inputs.
 
-The FLOP model beside the measurements is :mod:`collabcompress.commands.report`'s (SPEC section 5):
+The FLOP model beside the measurements is :mod:`collabcompress.commands.report`'s (docs/method.md):
 the whole model at ``model`` level, the attention layers (projections, scores, value
 mixing, value projection) at ``module`` level.
 """

@@ -1,4 +1,4 @@
-"""Activation statistics for data-aware compression (SPEC.md section 2, calibration).
+"""Activation statistics for data-aware compression (docs/method.md, calibration).
 
 ``calibrate`` runs the original transformers model on real texts and records, for every
 attention module that ``compress`` can touch, the second moment E[x x^T] and the mean of
@@ -26,7 +26,7 @@ windows of ``max_length`` tokens, each run from an empty context (:func:`causal_
 Their statistics also hold ``{M}.query_energy`` (H, d/2) float64: E|q_{h,j}|^2, the energy
 of each head's query (q_proj output, bias included) at each rotary frequency j (dimension j
 paired with j + d/2, :func:`collabcompress.maths.rotary.rotary_pairs`), before the rotation, which
-keeps |q|. ``compress`` weighs the shared-key fit with them (SPEC section 2).
+keeps |q|. ``compress`` weighs the shared-key fit with them (docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compress a checkpoint: collaborative re-parametrization of every chosen attention layer.
 
 Reads the source lazily, decomposes one layer at a time, writes the output directory of
-SPEC.md section 4 atomically (weights, config.json with a ``collaborative_attention``
+docs/method.md atomically (weights, config.json with a ``collaborative_attention``
 block, the source directory's other files, ``collab_manifest.json``).
 """
 
@@ -220,7 +220,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             ``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)`` (hf extra).
 
     Raises:
-        BadInputError, UnsupportedArchitectureError: see SPEC section 3.
+        BadInputError, UnsupportedArchitectureError: see docs/method.md.
     """
     options.check()
     workers = default_workers() if workers is None else workers

@@ -11,7 +11,7 @@ model's 50 x 50 document similarities with the human ratings (upper triangle).
 A causal language model (the rotary families: llama, mistral, qwen2) is compared on what it
 predicts instead (:func:`evaluate_causal`): perplexity of both models on the first
 ``max_tokens`` tokens of the texts read as one stream, in ``window``-token windows
-(:mod:`collabcompress.runtime.lm`, SPEC section 2), the next-token top-1 agreement and KL divergence
+(:mod:`collabcompress.runtime.lm`, docs/method.md), the next-token top-1 agreement and KL divergence
 on the same windows, and greedy generation from a few prompts taken from the texts.
 """
 
@@ -237,7 +237,7 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
         texts: documents (default: the bundled sample, :func:`sample_texts`), read as one stream
             joined with "\n" (:func:`collabcompress.runtime.lm.join_documents`).
         max_tokens, window: the first ``max_tokens`` tokens of the stream, in non-overlapping
-            ``window``-token windows each run from an empty context (SPEC section 2's
+            ``window``-token windows each run from an empty context (docs/method.md's
             perplexity: 2,048 and 512).
         prompts: greedy generation from the first ``PROMPT_TOKENS`` tokens of this many texts.
         new_tokens: tokens generated per prompt.

@@ -7,7 +7,7 @@ files), the source checkpoint's headers. When the source is gone or changed, the
 bytes, per-layer shapes and bias flags) and from the output's unchanged tensors, and the
 report says so. No tensor data is read; headers are enough.
 
-Counting rules: SPEC.md section 5, as :mod:`collabcompress.maths.costs` computes them, and:
+Counting rules: docs/method.md, as :mod:`collabcompress.maths.costs` computes them, and:
 
 * key-cache bytes: the elements times the element size of the key tensors' dtype.
 * bytes on disk: *weights* = the safetensors files (and sharded index); *files* = before,
@@ -61,7 +61,7 @@ key/query projections included); ``attention_flops_per_token_*`` the part that d
 (scores and value mixing); ``flops_per_token_*`` their sum. ``notes`` holds the plain
 sentences of the report, among them one whenever the compressed key/query side or the
 compressed model costs more FLOPs at a requested length. The FLOP figures are a model
-(SPEC section 5), not a time: ``measured`` puts the latency ratios of a
+(docs/method.md), not a time: ``measured`` puts the latency ratios of a
 ``collabcompress bench --json`` record of the same directory (checked by its ``outputs_sha256``,
 :func:`read_measured`) beside the FLOP model's ratios at the same lengths.
 
@@ -90,7 +90,7 @@ from ..methods import method_for
 __all__ = ["build_report", "Report", "LayerCost", "DEFAULT_SEQ_LEN", "FORMAT"]
 
 FORMAT = "collabcompress-report/1"
-FLOP_MODEL_NOTE = ("FLOPs are a model (SPEC section 5), not a time: copies, element-wise work and the attention "
+FLOP_MODEL_NOTE = ("FLOPs are a model (docs/method.md), not a time: copies, element-wise work and the attention "
                    "kernel's choice are not counted; `collabcompress bench ORIGINAL DIR` measures latency, and "
                    "`report --measured BENCH.json` shows it beside the FLOP model.")
 
@@ -310,7 +310,7 @@ def _round(x: float | None) -> float | None:
 # ---- reading the directories --------------------------------------------------------------
 
 def _collab_names(manifest: dict[str, Any]) -> set[str]:
-    """The output tensors that replace the key/query projections (counted by SPEC 5, not as Linears)."""
+    """The output tensors that replace the key/query projections (counted by the cost model, not as Linears)."""
     keys = ("query", "key", "mixing", "content_bias", "key_freq", "key_bias")
     return {layer["tensors"][k] for layer in manifest["layers"] for k in keys if layer["tensors"].get(k)}
 
@@ -372,7 +372,7 @@ def _is_weights(name: str) -> bool:
 
 def build_report(directory: str | Path, seq_lens: Sequence[int] = (DEFAULT_SEQ_LEN,), *,
                  measured: str | Path | None = None) -> Report:
-    """Account for what ``compress`` saved in ``directory`` (SPEC.md section 5).
+    """Account for what ``compress`` saved in ``directory`` (docs/method.md).
 
     Args:
         directory: an output directory of ``compress`` (holding ``collab_manifest.json``).

@@ -3,7 +3,7 @@
 For every compressed layer, seeded probe tokens of realistic scale (a standard normal
 pushed through the LayerNorm that feeds the attention, where the family has one; or
 drawn from the calibration statistics) go through the original and the collaborative
-score functions of SPEC.md section 2. Reported per layer and overall: mean and max
+score functions of docs/method.md. Reported per layer and overall: mean and max
 KL(original || collaborative) of the attention distributions, and the relative error
 of the row-centred scores (terms constant along keys cancel in the softmax).
 """
@@ -117,7 +117,7 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         calibration: activation statistics (``calibrate``) to draw the probes from.
 
     Returns:
-        The verify record (``layers``, ``overall``, ``passed``); see the README for keys.
+        The verify record (``layers``, ``overall``, ``passed``); docs/json.md gives the keys.
     """
     directory = Path(directory)
     if max_kl is not None and not (max_kl >= 0):

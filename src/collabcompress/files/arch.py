@@ -1,7 +1,7 @@
 """Architecture families: where the query/key tensors of every attention layer live.
 
 Each family of the registry (:mod:`collabcompress.files.families`) is recognised from tensor
-names (any prefix such as ``bert.`` is allowed) and ``config.json``; SPEC.md section 6 is
+names (any prefix such as ``bert.`` is allowed) and ``config.json``; docs/method.md is
 the table. Architectures whose attention cannot be written as one shared bilinear form per
 head are refused with the reason.
 """
@@ -52,12 +52,12 @@ class AttentionSpec:
     """One attention module the tool can compress.
 
     Attributes:
-        module: prefix of the module that owns the query tensor (SPEC section 4).
+        module: prefix of the module that owns the query tensor (docs/method.md).
         index: position of the module in the model (encoder first), 0-based.
         family: family name.
-        n_head, head_dim, d_model: H, d and D of SPEC section 2.
-        n_kv_head: G, the key/value heads (SPEC ``kv_heads``); H unless grouped-query.
-        rotary: a rotary layer (SPEC section 2, "Rotary decoders"): its key side becomes
+        n_head, head_dim, d_model: H, d and D of docs/method.md.
+        n_kv_head: G, the key/value heads (the manifest's ``kv_heads``); H unless grouped-query.
+        rotary: a rotary layer (docs/method.md): its key side becomes
             shared rotary keys; ``key`` has G*d rows.
         scale: the score scale s (1/sqrt(d), or 1 for T5).
         query, key: weight tensor names; for a fused family both name the fused tensor.

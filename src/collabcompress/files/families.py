@@ -6,7 +6,7 @@ modules are cross-attention, its score scale, where its value/output projections
 LayerNorm feeding its attention live, and which transformers attention classes
 :mod:`collabcompress.hf` can run (with the adapter that runs them). Every other module asks
 the registry (:func:`find_family`, :data:`FAMILIES`); adding a family is one
-``register(Family(...))``. SPEC.md section 6 is the table.
+``register(Family(...))``. docs/method.md is the table.
 
 This module imports neither torch nor transformers, so listing families is cheap.
 """
@@ -48,7 +48,7 @@ class Family:
         module: regex of the module prefix M that owns the query tensor (any prefix such as
             ``bert.`` may precede it).
         query, key: the query and key tensor names under M; ``key`` is ``None`` when fused.
-        example: the naming, as SPEC.md section 6 writes it.
+        example: the naming, as docs/method.md writes it.
         fused: ``"conv1d"`` for GPT-2's (in, 3*out) ``c_attn``, ``"linear"`` for timm's
             (3*out, in) ``qkv``, or ``None`` for separate query and key tensors. Conv1D
             families store every projection (in, out).
@@ -71,7 +71,7 @@ class Family:
             :mod:`collabcompress.hf` that runs them, ``None`` when the family cannot be loaded.
         text: the model reads token ids (``calibrate`` and ``evaluate`` run on text).
         shared_layers: one stored block is applied at every layer (ALBERT).
-        rotary: rotary position embeddings with grouped-query attention (SPEC section 2,
+        rotary: rotary position embeddings with grouped-query attention (docs/method.md,
             "Rotary decoders"): the key side is compressed into shared rotary keys.
         model_types: config.json ``model_type`` values that select the family.
         layer_keys: config.json keys giving the number of layers (attention modules that are
@@ -121,7 +121,7 @@ class Family:
         object.__setattr__(self, "key_pattern", key)
 
     def scale(self, head_dim: int) -> float:
-        """The score scale s of SPEC section 2."""
+        """The score scale s of docs/method.md."""
         return 1.0 if self.scale_one else 1.0 / math.sqrt(head_dim)
 
     def is_cross(self, module: str) -> bool:

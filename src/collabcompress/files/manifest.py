@@ -1,4 +1,4 @@
-"""``collab_manifest.json`` (SPEC.md section 4): typed records, validation, and trust checks.
+"""``collab_manifest.json`` (docs/method.md): typed records, validation, and trust checks.
 
 This module alone reads and writes the manifest. :func:`write` writes a :class:`Manifest`;
 :func:`read` parses one back as untrusted input: every key that is used is checked for
@@ -166,7 +166,7 @@ class LayerTensors:
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """One compressed attention layer (SPEC section 4 ``layers``)."""
+    """One compressed attention layer (docs/method.md ``layers``)."""
 
     module: str
     index: int

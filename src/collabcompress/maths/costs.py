@@ -1,6 +1,6 @@
-"""The cost model of SPEC.md section 5: pure functions of layer shapes, no I/O.
+"""The cost model of docs/method.md: pure functions of layer shapes, no I/O.
 
-Counting rules (SPEC.md section 5; per token, sequence length N, multiply-add = 2 FLOPs):
+Counting rules (docs/method.md; per token, sequence length N, multiply-add = 2 FLOPs):
 
 * key/query side, per compressed layer (D = d_model, H = heads, d = head_dim, R = shared_dim):
   ``qk_params_before = 2*D*H*d`` (+ the query/key bias elements that exist),
@@ -45,7 +45,7 @@ __all__ = [
 _TABLE = re.compile(r"embed|position|relative_attention_bias|(?:^|\.)(?:wte|wpe|shared)(?:\.|$)")
 
 
-# ---- SPEC section 5, one attention layer; shared_dim None = the original layer -------------
+# ---- docs/method.md, one attention layer; shared_dim None = the original layer -------------
 
 def qk_params(d_model: int, n_head: int, head_dim: int, shared_dim: int | None = None, *,
               bias_elements: int = 0) -> int:
@@ -89,7 +89,7 @@ def crossover_seq_len(d_model: int, n_head: int, head_dim: int, shared_dim: int)
     return saved / (2 * n_head * (shared_dim - head_dim))
 
 
-# ---- rotary layers (SPEC section 2 "Rotary decoders"); shared_dim None = the original layer -----
+# ---- rotary layers (docs/method.md "Rotary decoders"); shared_dim None = the original layer -----
 
 def rotary_key_params(d_model: int, n_kv_head: int, head_dim: int, shared_dim: int | None = None, *,
                       key_bias: bool = False) -> int:
@@ -122,7 +122,7 @@ def matmul_flops(name: str, shape: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One attention layer and its SPEC section 5 figures.
+    """One attention layer and its docs/method.md figures.
 
     ``shared_dim`` is ``None`` for a layer that was not compressed (its figures are the
     same before and after); ``qk_params_before`` counts the bias elements that exist.
@@ -186,7 +186,7 @@ def saved_fraction(before: int, after: int) -> float:
 
 @dataclass(frozen=True)
 class RotaryLayerCost(LayerCost):
-    """A rotary layer (SPEC section 2, "Rotary decoders"): G key/value heads, the query
+    """A rotary layer (docs/method.md): G key/value heads, the query
     projection unchanged, the key side replaced by R shared rotary key reals.
 
     ``qk_params_before`` counts q_proj and k_proj with their biases; after, q_proj and its bias

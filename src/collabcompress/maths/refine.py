@@ -2,7 +2,7 @@
 
 After the (whitened) CP decomposition, U, V and M of one layer are tuned with a small,
 seeded Adam loop to minimise KL(p_original || p_collaborative) of the attention
-distributions on kept calibration sequences (SPEC.md section 2 scores; the content bias
+distributions on kept calibration sequences (docs/method.md scores; the content bias
 stays exact). Pure tensors in and out; deterministic on the CPU.
 """
 
@@ -131,7 +131,7 @@ def refine_factors(query: torch.Tensor, key: torch.Tensor, mixing: torch.Tensor,
 
 @dataclass(frozen=True)
 class RotaryRefineResult:
-    """Refined shared rotary keys (SPEC section 4 layout) and the mean KL before and after."""
+    """Refined shared rotary keys (docs/method.md layout) and the mean KL before and after."""
 
     key: torch.Tensor  # (R, D)
     key_bias: torch.Tensor | None  # (R,)
@@ -156,7 +156,7 @@ def _rotation(rows: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 def rotary_original_logits(x, rows, w_query, b_query, w_key, b_key, n_head, n_kv_head, head_dim, theta, scale):
     """Scores of the source rotary layer for query positions ``rows`` (B, Tq) against every key
-    position of ``x`` (B, T, D), float32: ``(B, H, Tq, T)`` (SPEC section 2, "Rotary decoders")."""
+    position of ``x`` (B, T, D), float32: ``(B, H, Tq, T)`` (docs/method.md)."""
     t = x.shape[1]
     xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))  # (B, Tq, D)
     q = _complex_heads(xq, w_query, b_query, n_head, head_dim) * _rotation(rows, theta)[:, :, None]  # (B, Tq, H, d/2)
@@ -166,7 +166,7 @@ def rotary_original_logits(x, rows, w_query, b_query, w_key, b_key, n_head, n_kv
 
 
 def rotary_collab_logits(x, rows, w_query, b_query, key, key_bias, freq, mixing, n_head, head_dim, theta, scale):
-    """Scores of the shared rotary keys (SPEC section 4 runtime) for query positions ``rows``
+    """Scores of the shared rotary keys (docs/method.md runtime) for query positions ``rows``
     (B, Tq) against every key position of ``x``: ``(B, H, Tq, T)``, differentiable in ``key``,
     ``key_bias`` and ``mixing``."""
     t, half_r = x.shape[1], key.shape[0] // 2
@@ -236,7 +236,7 @@ def refine_rotary(kl: RotaryKL, key: torch.Tensor, key_bias: torch.Tensor | None
 
     Args:
         kl: the layer's :class:`RotaryKL` on its kept calibration sequences.
-        key, key_bias, freq, mixing: the fitted tensors of SPEC section 4 ((R, D), (R,), (R/2,), (G, R/2, 2)).
+        key, key_bias, freq, mixing: the fitted tensors of docs/method.md ((R, D), (R,), (R/2,), (G, R/2, 2)).
         steps: Adam steps; lr: step size relative to each tensor's RMS; batch: sequences per step.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Shared rotary keys: the per-frequency factorization of RoPE attention (SPEC.md section 2).
+"""Shared rotary keys: the per-frequency factorization of RoPE attention (docs/method.md).
 
 In transformers' rotary layout dimension j of a head pairs with j + d/2 (``rotate_half``),
 so each head is d/2 complex coordinates, one per frequency theta_j. With the complex rows
@@ -14,7 +14,7 @@ matrix B_j is replaced by a few shared components ``c_r(y) = beta_r . y`` and a 
 approximation of ``diag(w_j) B_j L`` per frequency (Eckart & Young 1936), with
 ``w_{g,j}^2 = sum_{h in g} E|q_{h,j}|^2`` and L the Cholesky factor of the input's second
 moment, components ranked by squared singular value across all frequencies. The tensor
-layout and the runtime formula are those of SPEC section 4 ("Rotary layers").
+layout and the runtime formula are those of docs/method.md ("Rotary layers").
 
 Pure tensors in and out, float64, deterministic. Shapes: H query heads (``n_head``), G key
 heads (``n_kv_head``), d = ``head_dim``, D = ``d_model``, D' = D + 1 with a key bias
@@ -110,7 +110,7 @@ def rotary_pairs(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
         head_dim: d, even.
 
     Returns:
-        complex128 ``(n_heads, d/2, d_model)`` rows ``a_{h,j}`` / ``b_{g,j}`` (SPEC section 2),
+        complex128 ``(n_heads, d/2, d_model)`` rows ``a_{h,j}`` / ``b_{g,j}`` (docs/method.md),
         or ``(n_heads, d/2)`` for a bias.
     """
     _count(n_heads, "n_heads")
@@ -269,7 +269,7 @@ def rotary_spectrum(
     weights: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-frequency singular values of ``diag(w_j) B_j L`` (SPEC section 2, rotary fit).
+    """Per-frequency singular values of ``diag(w_j) B_j L`` (docs/method.md, rotary fit).
 
     Args:
         w_key: ``(n_kv_head*head_dim, d_model)`` k_proj weight; b_key: its bias or None
@@ -321,7 +321,7 @@ def frequency_energy(sv: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RotaryFactors:
-    """Shared rotary keys of one layer (SPEC section 4, "Rotary layers").
+    """Shared rotary keys of one layer (docs/method.md).
 
     Component r is ``c_r(y) = beta_r . y + beta0_r`` at frequency ``freq[r]``, and
     ``k_{g,j}(y) ~= sum_{r: freq[r] = j} U_{g,r} c_r(y)``.
@@ -440,7 +440,7 @@ def rotary_factors(
     weights: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
 ) -> RotaryFactors:
-    """Shared rotary keys with a key cache of ``rank`` reals per token (SPEC section 2).
+    """Shared rotary keys with a key cache of ``rank`` reals per token (docs/method.md).
 
     Per frequency j, the SVD ``diag(w_j) B_j L = U_j S_j V_j^H`` (B_j: rows b_{g,j}, with the
     bias column when ``b_key`` is given); the ``rank/2`` components with the largest
@@ -610,7 +610,7 @@ def rotary_scores(
 
         scale * Re sum_j q_{h,j}(x_t) e^{i t theta_j} conj(k_{g(h),j}(y_s) e^{i s theta_j})
 
-    With factors, SPEC section 4's runtime: ``q'_{h,r} = q_{h,j(r)} conj(U_{g(h),r})`` and
+    With factors, docs/method.md's runtime: ``q'_{h,r} = q_{h,j(r)} conj(U_{g(h),r})`` and
     ``scale * Re sum_r (q'_{h,r} e^{i t theta_j(r)}) conj(c_r(y_s) e^{i s theta_j(r)})``.
 
     Args:

@@ -1,4 +1,4 @@
-"""Spectral redundancy of attention heads (SPEC.md section 2), pure tensors in and out.
+"""Spectral redundancy of attention heads (docs/method.md), pure tensors in and out.
 
 The singular values of the concatenated products P_Q = [P_1 ... P_H] (D x H*D) and
 P_K = [P_1^T ... P_H^T] come from the D x D Gram matrices
@@ -152,7 +152,7 @@ def layer_spectrum(w_query: torch.Tensor, w_key: torch.Tensor, n_head: int) -> L
 
 def rank_for_energy(spectrum: LayerSpectrum, tau: float, *, min_rank: int = 1, max_rank: int | None = None,
                     multiple_of: int = 8) -> int:
-    """Shared width for ``--energy tau`` (SPEC section 2, rank choice).
+    """Shared width for ``--energy tau`` (docs/method.md, rank choice).
 
     rank_at(tau), then at least ``min_rank``, rounded up to a multiple of ``multiple_of``,
     at most ``max_rank`` and H*d.
@@ -163,7 +163,7 @@ def rank_for_energy(spectrum: LayerSpectrum, tau: float, *, min_rank: int = 1, m
 
 def choose_rank(needed: int, width: int, *, min_rank: int = 1, max_rank: int | None = None,
                 multiple_of: int = 8) -> int:
-    """Apply the rank-choice rules of SPEC section 2 to a needed rank."""
+    """Apply the rank-choice rules of docs/method.md to a needed rank."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     r = max(needed, min_rank)

@@ -30,7 +30,7 @@ __all__ = ["COLLABORATIVE", "CollaborativeMethod", "collab_names"]
 
 
 def collab_names(module: str) -> dict[str, str]:
-    """Tensor names of SPEC section 4 for one module."""
+    """Tensor names of docs/method.md for one module."""
     return {"query": f"{module}.collab_query.weight", "key": f"{module}.collab_key.weight",
             "mixing": f"{module}.collab_mixing", "content_bias": f"{module}.collab_content_bias.weight",
             "value": f"{module}.collab_value.weight", "value_bias": f"{module}.collab_value.bias"}
@@ -208,7 +208,7 @@ class CollaborativeMethod:
                 "fused": spec.fused, "key_bias": spec.key_bias is not None}
 
     def qk_params_after(self, layer: FittedLayer, ckpt: Checkpoint) -> int:
-        """SPEC 5's formula: 2*D*R + H*R + H*D."""
+        """The formula of docs/method.md: 2*D*R + H*R + H*D."""
         spec = layer.spec
         return qk_params(spec.d_model, spec.n_head, spec.head_dim, layer.shared_dim)
 

@@ -36,7 +36,7 @@ CURVE_STEPS = 8  # about this many candidate key caches per rotary layer
 
 
 def rotary_names(module: str) -> dict[str, str]:
-    """Tensor names of SPEC section 4 "Rotary layers" for one module."""
+    """Tensor names of docs/method.md "Rotary layers" for one module."""
     return {"key": f"{module}.collab_key.weight", "key_bias": f"{module}.collab_key.bias",
             "key_freq": f"{module}.collab_key_freq", "mixing": f"{module}.collab_mixing"}
 
@@ -105,7 +105,7 @@ def _fit(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype
                            query_energy: torch.Tensor | None,
                            sequences: tuple[torch.Tensor, torch.Tensor] | None = None,
                            shared_dim: int | None = None) -> FittedLayer:
-    """Shared rotary keys (SPEC section 2, "Rotary decoders"): the data-free fit, or the
+    """Shared rotary keys (docs/method.md): the data-free fit, or the
     whitened fit weighted by the query energies when calibration moments are given; then
     refined on the attention KL with ``--refine-steps``. ``shared_dim`` overrides the rank
     options (the allocation of ``--budget``)."""

@@ -1,4 +1,4 @@
-"""Collaborative multi-head attention as a torch module (SPEC.md sections 2 and 4).
+"""Collaborative multi-head attention as a torch module (docs/method.md).
 
 All heads share one query projection U^T and one key projection V^T of width R
 (``shared_dim``); head h keeps a mixing vector m_h and the exact content bias c_h:
@@ -12,7 +12,7 @@ the content bias into one shared key,
     q'_h = s [m_h * U^T x, e_h]        k' = [V^T y, C y]      (e_h: one-hot of head h)
 
 so q'_h . k' = s [(U^T x) . (m_h * (V^T y)) + c_h . y]. The key k' (R + H numbers per
-token, what a key cache holds, SPEC section 5) is the same for every head and is never
+token, what a key cache holds, docs/method.md) is the same for every head and is never
 copied per head: the scores of all heads are ONE batched matrix product
 (B, H*N, R+H) @ (B, R+H, M) (:func:`collaborative_attention`). The module hands the kernel
 the shared query U^T x (one linear map) and s [M, I] (:func:`collaborative_query_mixing`,
@@ -78,7 +78,7 @@ def collaborative_key_states(y: torch.Tensor, key_weight: torch.Tensor, content_
     """k' = [V^T y, C y], shared by every head: (B, M, D) -> (B, 1, M, R+H).
 
     ``key_weight`` is V^T (R, D), ``content_bias`` holds the rows c_h (H, D). These R + H
-    numbers per token are what a key cache holds (SPEC.md section 5).
+    numbers per token are what a key cache holds (docs/method.md).
     """
     return torch.cat([F.linear(y, key_weight), F.linear(y, content_bias)], dim=-1).unsqueeze(-3)
 
@@ -182,7 +182,7 @@ def _cpu_flash(key, value, attention_mask, is_causal, position_bias, dropout, *,
     cache) 0.3x to 0.8x this product's time without autograd and 0.2x to 1.0x with it
     (forward and backward; the least at N = 1,024); K = 192 (3 d_v) 0.5x to 1.16x without and
     0.7x to 1.36x with it, hence the limit of 2 d_v. The whole model:
-    ``benchmarks/bench_prefill.py``. Decoding steps (N = 1) stay with the product.
+    ``collabcompress bench --level model``. Decoding steps (N = 1) stay with the product.
     """
     return (is_causal and n_query > 1 and attention_mask is None and position_bias is None and dropout == 0.0
             and key.shape[-1] <= 2 * value.shape[-1])
@@ -310,7 +310,7 @@ def _fused(query, key, value, attention_mask, is_causal, position_bias, dropout)
 
 
 class CollaborativeAttention(nn.Module):
-    """Attention scores of SPEC.md section 2 from the tensors of section 4, for every head at once.
+    """Attention scores of docs/method.md from the tensors of section 4, for every head at once.
 
     Parameters (names as in the output directory, under the attention module's prefix):
 
@@ -376,7 +376,7 @@ class CollaborativeAttention(nn.Module):
     @classmethod
     def from_tensors(cls, query: torch.Tensor, key: torch.Tensor, mixing: torch.Tensor, content_bias: torch.Tensor,
                      scale: float) -> CollaborativeAttention:
-        """A module holding copies of the tensors of SPEC section 4 (U^T, V^T, M, c) with scale s."""
+        """A module holding copies of the tensors of docs/method.md (U^T, V^T, M, c) with scale s."""
         n_head, shared_dim = mixing.shape
         d_model = query.shape[1]
         if query.shape != (shared_dim, d_model) or key.shape != (shared_dim, d_model) \
@@ -503,7 +503,7 @@ def rotary_query_states(query: torch.Tensor, mixing: torch.Tensor, key_freq: tor
     ``query`` holds the original per-head queries in transformers' rotate_half layout
     (dimension j pairs with j + d/2: q_j + i q_{j+d/2}), ``mixing`` is U (G, R/2, 2) as
     (real, imaginary), ``key_freq`` the frequency j(r) of each component (R/2,). Head h
-    reads group h // (H/G). Not yet rotated (SPEC section 2, "Rotary decoders").
+    reads group h // (H/G). Not yet rotated (docs/method.md).
     """
     half = query.shape[-1] // 2
     kv_heads = mixing.shape[0]
@@ -545,7 +545,7 @@ def _complex_mul(states: torch.Tensor, real: torch.Tensor, imag: torch.Tensor) -
 
 
 class CollaborativeRotaryAttention(nn.Module):
-    """The query/key side of a rotary, grouped-query layer with shared keys (SPEC sections 2 and 4).
+    """The query/key side of a rotary, grouped-query layer with shared keys (docs/method.md).
 
     Parameters and buffers (names as in the output directory, under the attention module's prefix):
 

@@ -29,7 +29,7 @@ TRAINED = ("collab_query", "collab_key", "collab_mixing")  # parameter name pref
 STEP_SIZE = {"causal": 1e-3, "encoder": 3e-4}
 # A causal LM also heals on GENERATED windows of its original's own text: nucleus sampling (TOP_P) continuing the
 # first PROMPT_TOKENS tokens of training sentences. Measured (SmolLM2, two thirds of the key cache, refined, 80 steps,
-# float32): see docs/healing-rounds.md, "Seventh round".
+# float32): see docs/rotary.md.
 GENERATED, PROMPT_TOKENS, TOP_P = 16, 4, 0.9
 HELD_OUT = 4  # windows held out (a quarter of the kept ones when fewer than 16 are kept, at least one)
 

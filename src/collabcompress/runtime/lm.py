@@ -1,11 +1,11 @@
 """Causal language-model measures on real text: token windows and perplexity.
 
-SPEC section 2 "Rotary decoders" measures a decoder by its perplexity on the first 2,048
+docs/method.md "Rotary decoders" measures a decoder by its perplexity on the first 2,048
 tokens of a text in non-overlapping 512-token windows: each window is a fresh context (no
 cache carried over), its first token is only read, every later token is predicted, and the
 perplexity is exp of the mean negative log-likelihood over all predicted tokens. A list of
 documents (one per line of a corpus file, as ``lee.cor``) is joined with "\n" first: that is
-how SPEC's figure for SmolLM2-135M-Instruct on lee.cor (32.04) was measured; joined with " "
+how the reference figure for SmolLM2-135M-Instruct on lee.cor (32.04) was measured; joined with " "
 it reads 34.04.
 
 The model is any transformers causal LM (``model(input_ids=...).logits``) and the tokenizer
@@ -198,7 +198,7 @@ def window_nll(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, text: str | Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                window: int = DEFAULT_WINDOW) -> dict[str, float | int]:
-    """Perplexity of ``model`` on the first ``max_tokens`` tokens of ``text`` (SPEC section 2).
+    """Perplexity of ``model`` on the first ``max_tokens`` tokens of ``text`` (docs/method.md).
 
     ``text`` is one string or a sequence of documents (``join_documents``). It is tokenised
     once without special tokens (``token_ids``), cut into non-overlapping windows of
