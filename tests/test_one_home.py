@@ -108,3 +108,37 @@ def test_commands_that_only_print_do_not_import_torch(args):
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None")
     assert "Usage" in done.stdout or "bert" in done.stdout
+
+
+def test_multiple_of_has_one_home():
+    """--multiple-of's default is defaults.DEFAULT_MULTIPLE_OF wherever it is a default."""
+    from collabcompress.commands.compress import loss_curves
+    from collabcompress.defaults import DEFAULT_MULTIPLE_OF
+    from collabcompress.maths.spectra import choose_rank, rank_for_energy
+    from collabcompress.options import CompressOptions
+
+    assert CompressOptions().multiple_of == DEFAULT_MULTIPLE_OF
+    for fn in (choose_rank, rank_for_energy, loss_curves):
+        assert inspect.signature(fn).parameters["multiple_of"].default == DEFAULT_MULTIPLE_OF, fn.__name__
+    from collabcompress import cli
+
+    assert inspect.signature(cli.compress).parameters["multiple_of"].default == DEFAULT_MULTIPLE_OF
+
+
+def test_score_formulas_and_the_rotation_have_one_home():
+    """The original heads' scores are maths.scores.original_scores (refinement's target too), and
+    the RoPE rotation e^{i p theta} is maths.rotary.rotation: no module defines its own."""
+    import ast
+    from pathlib import Path
+
+    import collabcompress
+
+    package = Path(collabcompress.__file__).parent
+    defined: dict[str, list[str]] = {}
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name.lstrip("_"), []).append(str(path.relative_to(package)))
+    assert defined["original_scores"] == ["maths/scores.py"]
+    assert "original_logits" not in defined
+    assert defined["rotation"] == ["maths/rotary.py"]

@@ -28,7 +28,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
-from .defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
+from .defaults import (DEFAULT_MULTIPLE_OF, DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAULT_BENCH_DECODE_STEPS,
                        DEFAULT_BENCH_LENGTHS, DEFAULT_BENCH_REPEATS, DEFAULT_BENCH_WARMUP, DEFAULT_ENERGIES,
                        DEFAULT_LM_TOKENS, DEFAULT_LM_WINDOW, DEFAULT_MAX_ITER, DEFAULT_SEQ_LEN, DEFAULT_TOL)
 from .display import safe_renderable, safe_text
@@ -380,7 +380,7 @@ def compress(
         "--energy", help="Per-layer R: the shared rank needed to keep this spectral energy, in (0, 1].")] = None,
     min_rank: Annotated[int, typer.Option("--min-rank", parser=_int("--min-rank"), help="With --energy: at least this width.")] = 1,
     max_rank: Annotated[Optional[int], typer.Option("--max-rank", parser=_int("--max-rank"), help="With --energy: at most this width.")] = None,
-    multiple_of: Annotated[int, typer.Option("--multiple-of", parser=_int("--multiple-of"), help="With --energy: round R up to a multiple.")] = 8,
+    multiple_of: Annotated[int, typer.Option("--multiple-of", parser=_int("--multiple-of"), help="With --energy: round R up to a multiple.")] = DEFAULT_MULTIPLE_OF,
     method: Annotated[Method, typer.Option("--method", help="Decomposition method.")] = Method.cp_als,
     max_iter: Annotated[int, typer.Option("--max-iter", parser=_int("--max-iter"), help="Most ALS sweeps per layer.")] = DEFAULT_MAX_ITER,
     tol: Annotated[float, typer.Option("--tol", help="Stop when the fit changes less than this.")] = DEFAULT_TOL,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .defaults import DEFAULT_MAX_ITER, DEFAULT_TOL
+from .defaults import DEFAULT_MAX_ITER, DEFAULT_MULTIPLE_OF, DEFAULT_TOL
 from .dtypes import COMPUTE_NAMES, OUTPUT_NAMES
 from .errors import BadInputError
 
@@ -21,7 +21,7 @@ class CompressOptions:
     energy: float | None = None
     min_rank: int = 1
     max_rank: int | None = None
-    multiple_of: int = 8
+    multiple_of: int = DEFAULT_MULTIPLE_OF
     method: str = "cp-als"
     max_iter: int = DEFAULT_MAX_ITER
     tol: float = DEFAULT_TOL

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from ..maths.spectra import LayerSpectrum, layer_spectrum
-from ..files.arch import AttentionSpec, detect, load_query_key
+from ..maths.spectra import LayerSpectrum
+from ..files.arch import AttentionSpec, detect
 from ..defaults import DEFAULT_ENERGIES
 from ..errors import BadInputError
 from ..files.checkpoint import open_checkpoint
 from ..files.limits import check_memory, spectra_bytes
+from ..methods import method_for
+from ..methods.rotary import RotarySpectrum
 from ..parallel import default_workers, map_layers
 
 __all__ = ["AnalysisResult", "LayerAnalysis", "RotarySpectrum", "analyze", "DEFAULT_ENERGIES", "check_energy"]
@@ -38,80 +39,6 @@ def _key(tau: float) -> str:
     """JSON key of a threshold: "0.95", and no two different thresholds share one."""
     short = f"{tau:g}"
     return short if float(short) == tau else repr(float(tau))
-
-
-@dataclass(frozen=True)
-class RotarySpectrum:
-    """The analysis of a rotary layer (docs/method.md), read like a
-    :class:`LayerSpectrum`: ``width`` is the original key cache G*d, a "rank" is a key cache R
-    in reals per token (even), and the energy curves are the cumulative energy over the
-    components ranked by squared weighted singular value across frequencies (entry i: a key
-    cache of 2*(i+1)); the query and key curves are the same curve.
-
-    Attributes:
-        n_head, n_kv_head, head_dim, d_model: H, G, d, D.
-        sv: ``(head_dim/2, n_kv_head)`` per-frequency singular values of diag(w_j) B_j with
-            the data-free query-energy weights (:func:`collabcompress.maths.rotary.rotary_spectrum`).
-        group_energy: ``(head_dim/2, n_kv_head)`` each group's own weighted key energy
-            ``w_{g,j}^2 ||b_{g,j}||^2`` per frequency.
-    """
-
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    d_model: int
-    sv: torch.Tensor  # (d/2, G)
-    group_energy: torch.Tensor  # (d/2, G)
-
-    @property
-    def width(self) -> int:
-        return self.n_kv_head * self.head_dim
-
-    @property
-    def energy_query(self) -> torch.Tensor:
-        from ..maths.rotary import rotary_energy
-
-        return rotary_energy(self.sv)  # (G*d/2,)
-
-    energy_key = energy_query
-
-    @property
-    def sv_query(self) -> torch.Tensor:
-        return self.sv.flatten().sort(descending=True).values  # (G*d/2,)
-
-    def rank_at(self, tau: float) -> int:
-        from ..maths.rotary import key_cache_at
-
-        return key_cache_at(self.sv, tau)
-
-    def rank_at_sides(self, tau: float) -> tuple[int, int]:
-        return self.rank_at(tau), self.rank_at(tau)
-
-    def redundancy(self, tau: float) -> float:
-        return 1.0 - self.rank_at(tau) / self.width
-
-    def head_effective_rank(self, tau: float) -> list[int]:
-        """Per key/value group g: the reals per token (2 per frequency) that keep ``tau`` of its
-        own weighted key energy, taking its strongest frequencies first."""
-        from ..maths.rotary import key_cache_at
-
-        return [key_cache_at(g[:, None], tau) for g in self.group_energy.sqrt().T]
-
-    def frequency_energy(self) -> torch.Tensor:
-        from ..maths.rotary import frequency_energy
-
-        return frequency_energy(self.sv)  # (d/2, G)
-
-
-def _rotary_analysis(qk: Any, spec: AttentionSpec) -> RotarySpectrum:
-    from ..maths.rotary import group_weights, query_energy, rotary_pairs, rotary_spectrum
-
-    weights = group_weights(query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim), spec.n_kv_head)
-    sv = rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights)  # (d/2, G)
-    rows = qk.w_key if qk.b_key is None else torch.cat([qk.w_key, qk.b_key[:, None]], dim=1)  # (G*d, D')
-    keys = rotary_pairs(rows, spec.n_kv_head, spec.head_dim)  # (G, d/2, D')
-    group_energy = (weights * keys.abs().square().sum(-1)).T  # (d/2, G)
-    return RotarySpectrum(spec.n_head, spec.n_kv_head, spec.head_dim, spec.d_model, sv, group_energy)
 
 
 @dataclass(frozen=True)
@@ -186,14 +113,12 @@ def analyze(checkpoint: str | Path, *, heads: int | None = None, arch: str | Non
     energies = tuple(check_energy(t) for t in energies)
     ckpt = open_checkpoint(checkpoint)
     specs = detect(ckpt, heads=heads, arch=arch, kv_heads=kv_heads)
-    check_memory(*spectra_bytes(specs, default_workers() if workers is None else workers,
-                                calibrated=calibration is not None))
+    check_memory(*spectra_bytes([method_for(s).memory(s, calibration is not None) for s in specs],
+                                max((s.d_model for s in specs), default=0),
+                                default_workers() if workers is None else workers))
 
     def one(spec: AttentionSpec) -> LayerAnalysis:
-        qk = load_query_key(ckpt, spec)
-        if spec.rotary:
-            return LayerAnalysis(spec, _rotary_analysis(qk, spec))
-        return LayerAnalysis(spec, layer_spectrum(qk.w_query, qk.w_key, spec.n_head))
+        return LayerAnalysis(spec, method_for(spec).spectrum(ckpt, spec))
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
     layers = map_layers(one, specs, workers=workers, progress=step)

@@ -198,7 +198,7 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         raise UnsupportedArchitectureError(f"calibrate runs on text; the {specs[0].family} family takes images")
     check_memory(*_accumulator_bytes(specs, family))
     if max_length is None:
-        max_length = DEFAULT_WINDOW if family.rotary else 128
+        max_length = DEFAULT_WINDOW if family.causal_lm else 128
     _transformers()
 
     tokenizer = load_tokenizer([Path(model_dir)])
@@ -209,12 +209,12 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     model = hf.load_model(model_dir)
     run = model.base_model  # the body: hidden states, not a head's logits over the vocabulary
     max_length = min(max_length, position_limit(model.config, tokenizer))
-    special = 0 if family.rotary else tokenizer.num_special_tokens_to_add()
+    special = 0 if family.causal_lm else tokenizer.num_special_tokens_to_add()
     if max_length <= special:
         raise BadInputError(f"--max-length {max_length} leaves no room for text next to the tokenizer's "
                             f"{special} special tokens")
     causal_used = 0
-    if family.rotary:
+    if family.causal_lm:
         batches, causal_used = causal_windows(tokenizer, texts, max_tokens, max_length, batch_size)
     else:
         batches = windows(tokenizer, texts, max_length, batch_size, max_tokens)

@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from ..files.arch import AttentionSpec, detect, stored_qk_params
+from ..defaults import DEFAULT_MULTIPLE_OF
 from ..dtypes import compute_dtype, dtype_name, to_torch
 from ..errors import BadInputError
 from ..files.checkpoint import INDEX_SUFFIX, Checkpoint, open_checkpoint
@@ -174,7 +175,7 @@ def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compre
     return loss, _loss_curves(ckpt, specs, options, stats, sequences, workers, progress)
 
 
-def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path, *, multiple_of: int = 8,
+def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path, *, multiple_of: int = DEFAULT_MULTIPLE_OF,
                 seed: int = 0, workers: int = 1, refine_steps: int = 0) -> tuple[str, list[dict[int, float]]]:
     """The loss ``--budget`` allocates by (:func:`curve_loss`) and its curves (candidate key cache
     R -> loss on the kept calibration windows), one per layer of ``specs``; what
@@ -236,8 +237,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     if options.rank is not None:
         for s in specs:
             method_for(s).check_rank(s, options.rank)
-    check_memory(*spectra_bytes(specs, 1 if options.device != "cpu" else workers,
-                                calibrated=options.calibration is not None))
+    check_memory(*spectra_bytes([method_for(s).memory(s, options.calibration is not None) for s in specs],
+                                max((s.d_model for s in specs), default=0), 1 if options.device != "cpu" else workers))
     stats, sequences = {}, {}
     if options.calibration:
         from ..files.statistics import load_input_ids, load_sequences, load_window_ids

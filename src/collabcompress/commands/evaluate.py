@@ -151,7 +151,7 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
     manifest = read(compressed)
     family = manifest.source.architecture
-    if loadable_family(family, compressed).rotary:
+    if loadable_family(family, compressed).causal_lm:
         return evaluate_causal(original, compressed, texts, max_tokens=max_tokens, window=window, prompts=prompts,
                                new_tokens=new_tokens, texts_name=texts_name, progress=progress)
     if not loadable_family(family, compressed).text:

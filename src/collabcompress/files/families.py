@@ -120,6 +120,12 @@ class Family:
             re.compile(rf"^(?P<m>(?:.*?){self.module})\.{re.escape(self.key)}\.weight$")
         object.__setattr__(self, "key_pattern", key)
 
+    @property
+    def causal_lm(self) -> bool:
+        """A decoder-only causal LM: read text as one stream in windows from an empty context,
+        measured by perplexity (the rotary families)."""
+        return self.rotary
+
     def scale(self, head_dim: int) -> float:
         """The score scale s of docs/method.md."""
         return 1.0 if self.scale_one else 1.0 / math.sqrt(head_dim)

@@ -70,25 +70,18 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def spectra_bytes(specs: Iterable[Any], workers: int, *, calibrated: bool = False) -> tuple[int, str]:
-    """The float64 working memory of ``analyze`` and ``compress`` over ``specs``
-    (:class:`collabcompress.files.arch.AttentionSpec`), and what it is, for :func:`check_memory`.
+def spectra_bytes(figures: Iterable[tuple[int, int]], d_model: int, workers: int) -> tuple[int, str]:
+    """The float64 working memory of ``analyze`` and ``compress``, and what it is, for :func:`check_memory`.
 
-    Per layer running (``workers`` at a time): the two D x D Gram matrices, their symmetrised
-    copies and the eigensolver's copy (4 D^2), and the projections (4 H*d*D). With calibration
-    statistics, every layer's two D x D whitening factors are held for the whole run (rotary
-    layers: the D x D second moment).
+    ``figures``: per layer, (bytes while its fit runs, bytes held for the whole run), as each
+    layer's method gives them (:meth:`collabcompress.methods.base.LayerMethod.memory`); ``workers``
+    layers run at a time.
     """
-    specs = list(specs)
-    if not specs:
+    figures = list(figures)
+    if not figures:
         return 0, "nothing"
-    d_model = max(s.d_model for s in specs)
-    per_layer = sorted((8 * (4 * s.width * s.d_model + (0 if s.rotary else 4 * s.d_model ** 2)) for s in specs),
-                       reverse=True)
-    at_once = max(1, min(workers, len(specs)))
-    needed = sum(per_layer[:at_once])
-    if calibrated:
-        needed += sum(8 * (1 if s.rotary else 2) * s.d_model ** 2 for s in specs)
+    at_once = max(1, min(workers, len(figures)))
+    needed = sum(sorted((running for running, _ in figures), reverse=True)[:at_once]) + sum(h for _, h in figures)
     layers = f"{at_once} layer{'s' if at_once > 1 else ''} at a time"
     return needed, f"the D x D matrices of {layers} (d_model {d_model:,})"
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .rotary import rotation
+from .scores import original_scores
+
 __all__ = ["RefineResult", "RotaryKL", "RotaryRefineResult", "refine_factors", "refine_rotary",
            "rotary_collab_logits", "rotary_original_logits"]
 
@@ -26,14 +29,6 @@ class RefineResult:
     kl_before: float
     kl_after: float
     steps: int
-
-
-def _original_logits(x, w_query, w_key, b_query, b_key, n_head, scale):
-    q = x @ w_query.T + (b_query if b_query is not None else 0.0)  # (B, T, H*d)
-    k = x @ w_key.T + (b_key if b_key is not None else 0.0)
-    q = q.unflatten(-1, (n_head, -1)).transpose(1, 2)  # (B, H, T, d)
-    k = k.unflatten(-1, (n_head, -1)).transpose(1, 2)
-    return scale * q @ k.transpose(-1, -2)  # (B, H, T, T)
 
 
 def _collab_logits(xq, x, query, key, mixing, content_bias, scale):
@@ -87,7 +82,7 @@ def refine_factors(query: torch.Tensor, key: torch.Tensor, mixing: torch.Tensor,
         qmask = mask if rows is None else torch.gather(mask, 1, rows)
         key_mask = mask[:, None, None, :]  # (B, 1, 1, T)
         with torch.no_grad():
-            target = _original_logits(x, w_q, w_k, b_q, b_k, n_head, scale)  # (B, H, T, T)
+            target = original_scores(x, x, w_q, w_k, b_q, b_k, n_head, scale)  # (B, H, T, T)
             if rows is not None:
                 target = torch.gather(target, 2, rows[:, None, :, None].expand(-1, n_head, -1, t))
             target_log = torch.log_softmax(target.masked_fill(~key_mask, float("-inf")), dim=-1)
@@ -148,19 +143,13 @@ def _complex_heads(x, w, b, n, head_dim):
     return torch.complex(y[..., : head_dim // 2], y[..., head_dim // 2:])
 
 
-def _rotation(rows: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """e^{i t theta}: complex (..., len(theta)) for integer positions ``rows``."""
-    phase = rows.float()[..., None] * theta  # (..., n)
-    return torch.polar(torch.ones_like(phase), phase)
-
-
 def rotary_original_logits(x, rows, w_query, b_query, w_key, b_key, n_head, n_kv_head, head_dim, theta, scale):
     """Scores of the source rotary layer for query positions ``rows`` (B, Tq) against every key
     position of ``x`` (B, T, D), float32: ``(B, H, Tq, T)`` (docs/method.md)."""
     t = x.shape[1]
     xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))  # (B, Tq, D)
-    q = _complex_heads(xq, w_query, b_query, n_head, head_dim) * _rotation(rows, theta)[:, :, None]  # (B, Tq, H, d/2)
-    k = _complex_heads(x, w_key, b_key, n_kv_head, head_dim) * _rotation(torch.arange(t), theta)[:, None]
+    q = _complex_heads(xq, w_query, b_query, n_head, head_dim) * rotation(rows, theta)[:, :, None]  # (B, Tq, H, d/2)
+    k = _complex_heads(x, w_key, b_key, n_kv_head, head_dim) * rotation(torch.arange(t), theta)[:, None]
     k = k[:, :, torch.arange(n_head) // (n_head // n_kv_head)]  # (B, T, H, d/2)
     return scale * torch.einsum("bthj,bshj->bhts", q, k.conj()).real
 
@@ -174,9 +163,9 @@ def rotary_collab_logits(x, rows, w_query, b_query, key, key_bias, freq, mixing,
     angle = theta[freq]  # (R/2,)
     u = torch.complex(mixing[..., 0], mixing[..., 1])[torch.arange(n_head) // (n_head // mixing.shape[0])]  # (H, R/2)
     q = _complex_heads(xq, w_query, b_query, n_head, head_dim)[..., freq] * u.conj()  # (B, Tq, H, R/2)
-    q = q * _rotation(rows, angle)[:, :, None]
+    q = q * rotation(rows, angle)[:, :, None]
     c = x @ key.T + (key_bias if key_bias is not None else 0.0)  # (B, T, R)
-    c = torch.complex(c[..., :half_r], c[..., half_r:]) * _rotation(torch.arange(t), angle)  # (B, T, R/2)
+    c = torch.complex(c[..., :half_r], c[..., half_r:]) * rotation(torch.arange(t), angle)  # (B, T, R/2)
     return scale * torch.einsum("bthr,bsr->bhts", q, c.conj()).real
 
 

@@ -32,6 +32,7 @@ from .spectra import check_tau, cumulative_energy, rank_at_energy
 from .cp import DEFAULT_SHRINKAGE, whiten, whitening_factor
 
 __all__ = [
+    "rotation",
     "RotaryFactors",
     "augmented_moment",
     "frequency_energy",
@@ -530,9 +531,9 @@ def _project(x, w, b, n: int, head_dim: int) -> torch.Tensor:
     return out if b is None else out + rotary_pairs(b, n, head_dim)
 
 
-def _rotation(positions: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """e^{i p theta}, complex (N, n) for positions (N,) and frequencies (n,)."""
-    phase = positions[:, None] * angle  # (N, n)
+def rotation(positions: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """e^{i p theta}: complex (..., n) for integer positions (...) and frequencies (n,)."""
+    phase = positions[..., None] * angle  # (..., n)
     return torch.polar(torch.ones_like(phase), phase)
 
 
@@ -640,13 +641,13 @@ def rotary_scores(
             raise ValueError("the original scores need w_key and n_kv_head")
         groups = torch.arange(n_head) // _group_size(n_head, n_kv_head)  # (H,) g(h)
         k = original_rotary_keys(w_key, b_key, n_kv_head, head_dim, y)[:, :, groups]  # (B, S, H, d/2)
-        q_rot = q * _rotation(t, theta)[:, None]  # (B, T, H, d/2)
-        k_rot = k * _rotation(s, theta)[:, None]  # (B, S, H, d/2)
+        q_rot = q * rotation(t, theta)[:, None]  # (B, T, H, d/2)
+        k_rot = k * rotation(s, theta)[:, None]  # (B, S, H, d/2)
         return scale * torch.einsum("bthj,bshj->bhts", q_rot, k_rot.conj()).real  # (B, H, T, S)
     groups = torch.arange(n_head) // _group_size(n_head, factors.n_kv_head)  # (H,) g(h)
     _check_freq(factors, half)
     angle = theta[factors.freq]  # (R/2,)
     q_mixed = q[..., factors.freq] * factors.mixing_complex()[groups].conj()  # (B, T, H, R/2) q'
-    q_rot = q_mixed * _rotation(t, angle)[:, None]  # (B, T, H, R/2)
-    c_rot = _components(factors, y) * _rotation(s, angle)  # (B, S, R/2)
+    q_rot = q_mixed * rotation(t, angle)[:, None]  # (B, T, H, R/2)
+    c_rot = _components(factors, y) * rotation(s, angle)  # (B, S, R/2)
     return scale * torch.einsum("bthr,bsr->bhts", q_rot, c_rot.conj()).real  # (B, H, T, S)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..defaults import DEFAULT_MULTIPLE_OF
+
 __all__ = ["LayerSpectrum", "layer_spectrum", "gram_matrices", "rank_for_energy", "choose_rank", "check_tau",
            "cumulative_energy", "rank_at_energy"]
 
@@ -151,7 +153,7 @@ def layer_spectrum(w_query: torch.Tensor, w_key: torch.Tensor, n_head: int) -> L
 
 
 def rank_for_energy(spectrum: LayerSpectrum, tau: float, *, min_rank: int = 1, max_rank: int | None = None,
-                    multiple_of: int = 8) -> int:
+                    multiple_of: int = DEFAULT_MULTIPLE_OF) -> int:
     """Shared width for ``--energy tau`` (docs/method.md, rank choice).
 
     rank_at(tau), then at least ``min_rank``, rounded up to a multiple of ``multiple_of``,
@@ -162,7 +164,7 @@ def rank_for_energy(spectrum: LayerSpectrum, tau: float, *, min_rank: int = 1, m
 
 
 def choose_rank(needed: int, width: int, *, min_rank: int = 1, max_rank: int | None = None,
-                multiple_of: int = 8) -> int:
+                multiple_of: int = DEFAULT_MULTIPLE_OF) -> int:
     """Apply the rank-choice rules of docs/method.md to a needed rank."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")

@@ -47,6 +47,12 @@ class LayerMethod(Protocol):
     def full_width(self, spec: AttentionSpec) -> int:
         """The layer's original key width (H*d; a rotary layer's key cache G*d): the top of its rank ladder."""
 
+    def memory(self, spec: AttentionSpec, calibrated: bool) -> tuple[int, int]:
+        """float64 bytes (while the layer's fit or analysis runs, held for the whole run)."""
+
+    def spectrum(self, ckpt: Checkpoint, spec: AttentionSpec) -> Any:
+        """The layer's redundancy analysis (``analyze``), read like a :class:`~collabcompress.maths.spectra.LayerSpectrum`."""
+
     def check_rank(self, spec: AttentionSpec, rank: int) -> None:
         """Refuse a ``--rank`` the layer cannot take (BadInputError naming the layer)."""
 

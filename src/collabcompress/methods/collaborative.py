@@ -167,6 +167,16 @@ class CollaborativeMethod:
     def full_width(self, spec: AttentionSpec) -> int:
         return spec.width
 
+    def memory(self, spec: AttentionSpec, calibrated: bool) -> tuple[int, int]:
+        """Running: two D x D Gram matrices, their symmetrised copies and the eigensolver's (4 D^2),
+        and the projections (4 H*d*D); held with calibration: the two D x D whitening factors."""
+        d_model = spec.d_model
+        return 8 * (4 * spec.width * d_model + 4 * d_model ** 2), 8 * 2 * d_model ** 2 if calibrated else 0
+
+    def spectrum(self, ckpt: Checkpoint, spec: AttentionSpec) -> Any:
+        qk = load_query_key(ckpt, spec)
+        return layer_spectrum(qk.w_query, qk.w_key, spec.n_head)
+
     def check_rank(self, spec: AttentionSpec, rank: int) -> None:
         if rank > spec.width:
             raise BadInputError(f"--rank {rank} is above H*d = {spec.width} of {spec.module}; "

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from ..maths.spectra import choose_rank
 from ..options import CompressOptions
 from .base import FittedLayer, allocation_record, refine_record
 
-__all__ = ["ROTARY", "RotaryMethod", "model_curves", "rotary_names"]
+__all__ = ["ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
 
 CURVE_WINDOWS = 1  # kept windows the next-token KL curves are measured on (one forward each per rung and layer)
 CURVE_TOKENS = 256  # leading tokens of each
@@ -243,6 +243,80 @@ def _layer_cost(directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before
     return cost
 
 
+@dataclass(frozen=True)
+class RotarySpectrum:
+    """The analysis of a rotary layer (docs/method.md), read like a
+    :class:`LayerSpectrum`: ``width`` is the original key cache G*d, a "rank" is a key cache R
+    in reals per token (even), and the energy curves are the cumulative energy over the
+    components ranked by squared weighted singular value across frequencies (entry i: a key
+    cache of 2*(i+1)); the query and key curves are the same curve.
+
+    Attributes:
+        n_head, n_kv_head, head_dim, d_model: H, G, d, D.
+        sv: ``(head_dim/2, n_kv_head)`` per-frequency singular values of diag(w_j) B_j with
+            the data-free query-energy weights (:func:`collabcompress.maths.rotary.rotary_spectrum`).
+        group_energy: ``(head_dim/2, n_kv_head)`` each group's own weighted key energy
+            ``w_{g,j}^2 ||b_{g,j}||^2`` per frequency.
+    """
+
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    d_model: int
+    sv: torch.Tensor  # (d/2, G)
+    group_energy: torch.Tensor  # (d/2, G)
+
+    @property
+    def width(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def energy_query(self) -> torch.Tensor:
+        from ..maths.rotary import rotary_energy
+
+        return rotary_energy(self.sv)  # (G*d/2,)
+
+    energy_key = energy_query
+
+    @property
+    def sv_query(self) -> torch.Tensor:
+        return self.sv.flatten().sort(descending=True).values  # (G*d/2,)
+
+    def rank_at(self, tau: float) -> int:
+        from ..maths.rotary import key_cache_at
+
+        return key_cache_at(self.sv, tau)
+
+    def rank_at_sides(self, tau: float) -> tuple[int, int]:
+        return self.rank_at(tau), self.rank_at(tau)
+
+    def redundancy(self, tau: float) -> float:
+        return 1.0 - self.rank_at(tau) / self.width
+
+    def head_effective_rank(self, tau: float) -> list[int]:
+        """Per key/value group g: the reals per token (2 per frequency) that keep ``tau`` of its
+        own weighted key energy, taking its strongest frequencies first."""
+        from ..maths.rotary import key_cache_at
+
+        return [key_cache_at(g[:, None], tau) for g in self.group_energy.sqrt().T]
+
+    def frequency_energy(self) -> torch.Tensor:
+        from ..maths.rotary import frequency_energy
+
+        return frequency_energy(self.sv)  # (d/2, G)
+
+
+def rotary_spectrum_of(qk: Any, spec: AttentionSpec) -> RotarySpectrum:
+    from ..maths.rotary import group_weights, query_energy, rotary_pairs, rotary_spectrum
+
+    weights = group_weights(query_energy(qk.w_query, qk.b_query, spec.n_head, spec.head_dim), spec.n_kv_head)
+    sv = rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights)  # (d/2, G)
+    rows = qk.w_key if qk.b_key is None else torch.cat([qk.w_key, qk.b_key[:, None]], dim=1)  # (G*d, D')
+    keys = rotary_pairs(rows, spec.n_kv_head, spec.head_dim)  # (G, d/2, D')
+    group_energy = (weights * keys.abs().square().sum(-1)).T  # (d/2, G)
+    return RotarySpectrum(spec.n_head, spec.n_kv_head, spec.head_dim, spec.d_model, sv, group_energy)
+
+
 class RotaryMethod:
     """The :class:`~collabcompress.methods.base.LayerMethod` of the rotary families."""
 
@@ -251,6 +325,15 @@ class RotaryMethod:
 
     def full_width(self, spec: AttentionSpec) -> int:
         return spec.key_cache
+
+    def memory(self, spec: AttentionSpec, calibrated: bool) -> tuple[int, int]:
+        """Running: the projections (4 G*d*D) and, with calibration, the layer's D x D second moment
+        (read when the layer asks, not held for the run)."""
+        d_model = spec.d_model
+        return 8 * (4 * spec.width * d_model + (d_model ** 2 if calibrated else 0)), 0
+
+    def spectrum(self, ckpt: Checkpoint, spec: AttentionSpec) -> Any:
+        return rotary_spectrum_of(load_query_key(ckpt, spec), spec)
 
     def check_rank(self, spec: AttentionSpec, rank: int) -> None:
         if rank % 2 or rank > spec.key_cache:
