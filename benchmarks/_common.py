@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -236,3 +237,50 @@ def timed(cmd: Sequence[str | os.PathLike]) -> float:
         raise SystemExit(proc.returncode)
     return elapsed
 
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile of a live process in bytes (empty when it is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+    """Run ``cmd`` as a fresh process (killed if this one is interrupted): wall seconds, exit code,
+    stderr, its own ``ru_maxrss`` (``peak_rss``, bytes) and the polled peaks of VmHWM, RssAnon and
+    RssFile (``peak_vmhwm``, ``peak_anon``, ``peak_file``)."""
+    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for k, v in proc_status(proc.pid).items():
+                if k in peaks:
+                    peaks[k] = max(peaks[k], v)
+            done.wait(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        stderr = proc.stderr.read() if proc.stderr else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        done.set()
+        poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode,
+            "stderr": stderr.decode(errors="replace"), "peak_rss": usage.ru_maxrss * 1024,
+            "peak_vmhwm": peaks["VmHWM"], "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"]}

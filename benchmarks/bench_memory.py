@@ -24,14 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-from _common import check, collabcompress_command, log, parser, report
+from _common import check, collabcompress_command, log, parser, report, run_measured
 
 NAME = "memory"
 GIB = 1 << 30
@@ -114,46 +111,6 @@ def generate(directory: Path, *, layers: int, d_model: int, heads: int, intermed
     return {"total": total, "largest_shard": largest, "shards": len(groups)}
 
 
-def _status(pid: int) -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile of a live process in bytes (empty when it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run ``cmd``; -> wall seconds, ru_maxrss of that child, polled peaks (bytes)."""
-    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            for k, v in _status(proc.pid).items():
-                if k in peaks:
-                    peaks[k] = max(peaks[k], v)
-            done.wait(0.05)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    stderr = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    done.set()
-    poller.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "returncode": proc.returncode, "stderr": stderr.decode(errors="replace"),
-            "ru_maxrss": usage.ru_maxrss * 1024, **{f"peak_{k}": v for k, v in peaks.items()}}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--dir", type=Path, help="where to generate the checkpoint (default: a temp dir)")
@@ -191,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         if m["returncode"] != 0:
             log(f"compress failed ({m['returncode']}):\n{m['stderr']}")
             return m["returncode"]
-        peak = max(m["ru_maxrss"], m["peak_VmHWM"])
+        peak = max(m["peak_rss"], m["peak_vmhwm"])
         limit = sizes["largest_shard"] + GIB
         row = {"checkpoint_mib": sizes["total"] / MIB, "shards": sizes["shards"],
                "largest_shard_mib": sizes["largest_shard"] / MIB,
                "output_mib": sum(p.stat().st_size for p in out.rglob("*.safetensors")) / MIB,
-               "wall_s": m["wall_s"], "peak_rss_mib": peak / MIB, "ru_maxrss_mib": m["ru_maxrss"] / MIB,
-               "vm_hwm_mib": m["peak_VmHWM"] / MIB, "peak_anonymous_mib": m["peak_RssAnon"] / MIB,
-               "peak_file_backed_mib": m["peak_RssFile"] / MIB}
+               "wall_s": m["wall_s"], "peak_rss_mib": peak / MIB, "ru_maxrss_mib": m["peak_rss"] / MIB,
+               "vm_hwm_mib": m["peak_vmhwm"] / MIB, "peak_anonymous_mib": m["peak_anon"] / MIB,
+               "peak_file_backed_mib": m["peak_file"] / MIB}
         checks = [check("peak resident memory of compress < the largest shard + 1 GiB "
                         f"({limit / MIB:,.0f} MiB)", round(peak / MIB, 1), peak < limit)]
         return report(NAME, args, [row], checks)

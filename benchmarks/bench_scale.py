@@ -42,17 +42,15 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from _common import check, collabcompress_command, log, parser, report
+from _common import check, collabcompress_command, log, parser, report, run_measured
 
 NAME = "scale"
 GB = 10**9
@@ -232,53 +230,6 @@ def write_statistics(path: Path, checkpoint: Path, synth: Synthetic) -> int:
     return path.stat().st_size
 
 
-def _status(pid: int) -> dict[str, int]:
-    """VmHWM, RssAnon and RssFile of a live process, in bytes (empty once it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "RssAnon", "RssFile"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def run_measured(cmd: list[str]) -> dict[str, object]:
-    """Run ``cmd`` as a fresh process: wall seconds, its own ``ru_maxrss`` (bytes) and the
-    polled peaks of VmHWM, RssAnon and RssFile."""
-    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            for k, v in _status(proc.pid).items():
-                peaks[k] = max(peaks[k], v)
-            done.wait(0.05)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        stderr = proc.stderr.read() if proc.stderr else b""
-        _, status, usage = os.wait4(proc.pid, 0)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        done.set()
-        poller.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode,
-            "stderr": stderr.decode(errors="replace"), "peak_rss": usage.ru_maxrss * 1024,
-            "peak_vmhwm": peaks["VmHWM"], "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"]}
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = parser(__doc__)
     ap.add_argument("--small", action="store_true", help="4 layers, d_model 1024, 8/2 heads: a quick check")
@@ -326,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for name, cmd in commands.items():
             log("running: " + " ".join(cmd))
-            m = run_measured(cmd)
+            m = run_measured(cmd, {**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))})
             if m["returncode"] != 0:
                 print(f"{name} failed ({m['returncode']}):\n{m['stderr']}", file=sys.stderr)
                 return 2

@@ -56,3 +56,23 @@ def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
         c.write_safetensors = write_safetensors
     sys.argv = ["collabcompress", *argv]
     cli.main()
+
+
+def start(argv: list[str], marker: pathlib.Path, phase: str, stderr: pathlib.Path):
+    """Fork a child running ``argv`` with ``phase`` made slow; return it once that phase has
+    started (the marker exists) and well inside it; fail the test if it never starts."""
+    import multiprocessing
+
+    import pytest
+
+    proc = multiprocessing.get_context("fork").Process(target=run, args=(argv, str(marker), phase, str(stderr)))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            proc.join()
+            pytest.fail(f"the {phase} phase never started: {stderr.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.01)
+    time.sleep(0.2)  # well inside the phase
+    return proc

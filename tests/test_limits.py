@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import signal
 import struct
-import time
 import warnings
 from pathlib import Path
 
@@ -119,7 +117,6 @@ def test_open_checkpoint_refuses_every_tensor_that_does_not_fit_its_file(tmp_pat
 
 # ---------------------------------------------------------------------------- 6: SIGHUP ends like SIGTERM
 
-FORK = multiprocessing.get_context("fork")
 
 
 def test_sighup_while_writing_exits_129_and_removes_the_temporary_directory(tmp_path):
@@ -128,16 +125,7 @@ def test_sighup_while_writing_exits_129_and_removes_the_temporary_directory(tmp_
     before = listing(src)
     marker, stderr = tmp_path / "started", tmp_path / "stderr.txt"
     argv = ["compress", str(src), "--out", str(ws / "out"), "--rank", "4", "--max-iter", "2"]
-    proc = FORK.Process(target=signal_child.run, args=(argv, str(marker), "write", str(stderr)))
-    proc.start()
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        if not proc.is_alive() or time.monotonic() > deadline:
-            proc.kill()
-            proc.join()
-            pytest.fail(f"the write phase never started: {stderr.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.01)
-    time.sleep(0.2)  # well inside the phase
+    proc = signal_child.start(argv, marker, "write", stderr)
     assert len(list(ws.glob(".out.tmp-*"))) == 1, "the signal should land while the output is being written"
     os.kill(proc.pid, signal.SIGHUP)
     proc.join(60)

@@ -32,7 +32,6 @@ import signal
 import stat
 import struct
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -620,24 +619,13 @@ def test_case_table_is_large_and_covers_every_command():
 # with its own signal dispositions, without paying the import of torch again. Each test joins
 # its child, so the child's CPU time counts in the suite's (``/usr/bin/time``).
 GUARD_S = 60  # only a guard against a hang: a run that waits for its layer never exits
-FORK = multiprocessing.get_context("fork")
 
 
 def _start(ws: Path, phase: str, *extra: str) -> tuple[multiprocessing.process.BaseProcess, Path]:
     """``compress`` of the workspace's source with ``phase`` made slow, once that phase started."""
     marker = ws / "started"
     argv = ["compress", str(ws / "src"), "--out", str(ws / "out"), "--rank", "4", "--max-iter", "2", *extra]
-    proc = FORK.Process(target=signal_child.run, args=(argv, str(marker), phase, str(_stderr_file(ws))))
-    proc.start()
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        if not proc.is_alive() or time.monotonic() > deadline:
-            proc.kill()
-            proc.join()
-            pytest.fail(f"the {phase} phase never started: {_stderr_file(ws).read_text(errors='replace')[-2000:]}")
-        time.sleep(0.01)
-    time.sleep(0.2)  # well inside the phase
-    return proc, marker
+    return signal_child.start(argv, marker, phase, _stderr_file(ws)), marker
 
 
 def _stderr_file(ws: Path) -> Path:

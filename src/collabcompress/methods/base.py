@@ -10,10 +10,10 @@ import torch
 
 from ..files.arch import AttentionSpec
 from ..files.checkpoint import Checkpoint
-from ..files.manifest import LayerRecord
+from ..files.manifest import LayerRecord, LayerTensors
 from ..options import CompressOptions
 
-__all__ = ["FittedLayer", "LayerMethod", "allocation_record", "refine_record"]
+__all__ = ["FittedLayer", "LayerMethod", "allocation_record", "layer_record", "refine_record"]
 
 
 @dataclass
@@ -100,3 +100,17 @@ def allocation_record(layer: FittedLayer) -> dict[str, Any] | None:
         return None
     return {"loss": layer.curve_loss, "losses": {str(r): round(v, 8) for r, v in sorted(layer.curve.items())},
             "chosen_loss": round(layer.curve[layer.shared_dim], 8)}
+
+
+def layer_record(layer: FittedLayer, tensors: LayerTensors, **method_fields: Any) -> LayerRecord:
+    """The manifest record of ``layer``: the fields every method writes, plus ``method_fields``
+    (``iterations``, ``fused``, and a rotary layer's ``kv_heads`` and ``rotary``)."""
+    spec = layer.spec
+    return LayerRecord(
+        module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
+        d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
+        relative_error=round(layer.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
+        energy_spectral=round(layer.energy_spectral, 8), seconds=round(layer.seconds, 4), tensors=tensors,
+        removed=tuple(layer.removed), family=spec.family, query_bias=spec.query_bias is not None,
+        key_bias=spec.key_bias is not None, refine=refine_record(layer), allocation=allocation_record(layer),
+        **method_fields)

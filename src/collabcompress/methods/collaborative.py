@@ -24,7 +24,7 @@ from ..maths.refine import refine_factors
 from ..maths.scores import collaborative_scores, original_scores
 from ..maths.spectra import choose_rank, head_output_energy, layer_spectrum
 from ..options import CompressOptions
-from .base import FittedLayer, allocation_record, refine_record
+from .base import FittedLayer, layer_record
 
 __all__ = ["COLLABORATIVE", "CollaborativeMethod", "collab_names"]
 
@@ -198,18 +198,9 @@ class CollaborativeMethod:
 
     def record(self, layer: FittedLayer) -> _mf.LayerRecord:
         spec, names = layer.spec, collab_names(layer.spec.module)
-        return _mf.LayerRecord(
-            module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
-            d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
-            relative_error=round(layer.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
-            energy_spectral=round(layer.energy_spectral, 8),
-            iterations=layer.iterations, seconds=round(layer.seconds, 4),
-            tensors=_mf.LayerTensors(names["query"], names["key"], names["mixing"], names["content_bias"],
-                                     names["value"] if spec.fused else None),
-            removed=tuple(layer.removed), family=spec.family, fused=spec.fused,
-            query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
-            refine=refine_record(layer), allocation=allocation_record(layer),
-        )
+        tensors = _mf.LayerTensors(names["query"], names["key"], names["mixing"], names["content_bias"],
+                                   names["value"] if spec.fused else None)
+        return layer_record(layer, tensors, iterations=layer.iterations, fused=spec.fused)
 
     def config_entry(self, layer: FittedLayer) -> dict[str, Any]:
         spec = layer.spec

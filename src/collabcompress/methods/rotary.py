@@ -26,7 +26,7 @@ from ..files.checkpoint import Checkpoint
 from ..maths.costs import RotaryLayerCost, rotary_key_params
 from ..maths.spectra import choose_rank
 from ..options import CompressOptions
-from .base import FittedLayer, allocation_record, refine_record
+from .base import FittedLayer, layer_record
 
 __all__ = ["ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
 
@@ -362,16 +362,9 @@ class RotaryMethod:
 
     def record(self, layer: FittedLayer) -> _mf.LayerRecord:
         spec, rn = layer.spec, rotary_names(layer.spec.module)
-        return _mf.LayerRecord(
-            module=spec.module, index=spec.index, heads=spec.n_head, head_dim=spec.head_dim,
-            d_model=spec.d_model, shared_dim=layer.shared_dim, scale=spec.scale,
-            relative_error=round(layer.relative_error, 8), relative_error_plain=round(layer.plain_error, 8),
-            energy_spectral=round(layer.energy_spectral, 8), iterations=0, seconds=round(layer.seconds, 4),
-            tensors=_mf.LayerTensors(spec.query, rn["key"], rn["mixing"], None, None, rn["key_freq"],
-                                     rn["key_bias"] if spec.key_bias else None),
-            removed=tuple(layer.removed), family=spec.family, fused=None,
-            query_bias=spec.query_bias is not None, key_bias=spec.key_bias is not None,
-            refine=refine_record(layer), kv_heads=spec.n_kv_head, rotary=True, allocation=allocation_record(layer))
+        tensors = _mf.LayerTensors(spec.query, rn["key"], rn["mixing"], None, None, rn["key_freq"],
+                                   rn["key_bias"] if spec.key_bias else None)
+        return layer_record(layer, tensors, iterations=0, fused=None, kv_heads=spec.n_kv_head, rotary=True)
 
     def config_entry(self, layer: FittedLayer) -> dict[str, Any]:
         spec = layer.spec
