@@ -108,3 +108,16 @@ def test_no_private_imports_across_modules():
 def test_no_module_over_700_lines(module):
     lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{module}: {lines} lines"
+
+
+def test_the_package_exports_the_public_api():
+    import collabcompress
+
+    for name in collabcompress.__all__:
+        assert getattr(collabcompress, name) is not None, name
+    from collabcompress.commands.compress import compress
+    from collabcompress.hf import load_model
+
+    assert collabcompress.compress is compress and collabcompress.load_model is load_model
+    with pytest.raises(AttributeError):
+        collabcompress.no_such_name  # noqa: B018
