@@ -135,7 +135,7 @@ def test_sighup_while_writing_exits_129_and_removes_the_temporary_directory(tmp_
         pytest.fail("still running 60 s after SIGHUP")
     text = stderr.read_text(errors="replace")
     assert proc.exitcode == 129, text
-    assert split_stage_lines(text)[1] == ["hung up"] and "Traceback" not in text
+    assert split_stage_lines(text)[1] == ["hung up"] and "Traceback" not in text, text
     assert sorted(p.name for p in ws.iterdir()) == ["src"]  # no output, no temporary directory
     assert listing(src) == before
 
