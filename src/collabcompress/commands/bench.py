@@ -57,8 +57,9 @@ from ..defaults import (DEFAULT_BENCH_BATCH_SIZES, DEFAULT_BENCH_CONTEXT, DEFAUL
 from ..errors import BadInputError, MissingExtraError, UnsupportedArchitectureError
 from ..files.limits import check_memory, forward_bytes, usable_cores
 from ..files.bench_record import FORMAT, LEVELS, outputs_sha256
+from ..methods import method_for
 from ..runtime.adapters import loadable_family
-from ..runtime.attention import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention
+from ..runtime.attention import collaborative_attention
 
 __all__ = ["Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
            "measured_crossover", "bench", "MEMORY_METHODS"]
@@ -240,24 +241,6 @@ def _value_projection(ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
                         "module-level bench needs the query, key and value tensors of every compressed layer")
 
 
-def _collab_module(out, layer, spec) -> torch.nn.Module:
-    t = layer.tensors
-    if layer.rotary:
-        module = CollaborativeRotaryAttention(layer.d_model, layer.kv_heads, layer.shared_dim,
-                                              key_bias=bool(t.key_bias))
-        state = {"collab_key.weight": out.load(t.key, torch.float32, finite=True),
-                 "collab_key_freq": out.load(t.key_freq).long(),
-                 "collab_mixing": out.load(t.mixing, torch.float32, finite=True)}
-        if t.key_bias:
-            state["collab_key.bias"] = out.load(t.key_bias, torch.float32, finite=True)
-        module.load_state_dict(state)
-        return module.eval()
-    return CollaborativeAttention.from_tensors(
-        out.load(t.query, torch.float32, finite=True), out.load(t.key, torch.float32, finite=True),
-        out.load(t.mixing, torch.float32, finite=True), out.load(t.content_bias, torch.float32, finite=True),
-        spec.scale).eval()
-
-
 def _module_layers(source, out, manifest) -> list[_Layer]:
     from ..files.arch import load_query_key
 
@@ -269,7 +252,7 @@ def _module_layers(source, out, manifest) -> list[_Layer]:
         qk = load_query_key(source.ckpt, spec, torch.float32)
         w_value, b_value = _value_projection(source.ckpt, spec)
         layers.append(_Layer(spec, qk.w_query, qk.b_query, qk.w_key, qk.b_key, w_value, b_value,
-                             _collab_module(out, layer, spec)))
+                             method_for(layer).output_module(out, layer, spec)))
     return layers
 
 

@@ -84,6 +84,9 @@ class LayerMethod(Protocol):
     def layer_cost(self, directory: Path, rec: dict[str, Any], out: Checkpoint, qk_before: dict[str, int]) -> Any:
         """The layer's costs (``report``), from a manifest record whose tensors are checked here."""
 
+    def output_module(self, out: Checkpoint, layer: LayerRecord, spec: AttentionSpec) -> torch.nn.Module:
+        """The layer's query/key side as a torch module, from the output's tensors (float32, eval)."""
+
     def runtime_module(self, old: torch.nn.Module, layer: LayerRecord, module_name: str, family: Any) -> torch.nn.Module:
         """The transformers attention module ``old`` running the compressed layer (``hf``)."""
 

@@ -246,6 +246,15 @@ class CollaborativeMethod:
                                 f"not the {cost.qk_params(True)} of their shapes in the manifest")
         return cost
 
+    def output_module(self, out: Checkpoint, layer: _mf.LayerRecord, spec: AttentionSpec) -> torch.nn.Module:
+        from ..runtime.attention import CollaborativeAttention
+
+        t = layer.tensors
+        return CollaborativeAttention.from_tensors(
+            out.load(t.query, torch.float32, finite=True), out.load(t.key, torch.float32, finite=True),
+            out.load(t.mixing, torch.float32, finite=True), out.load(t.content_bias, torch.float32, finite=True),
+            spec.scale).eval()
+
     def runtime_module(self, old: torch.nn.Module, layer: _mf.LayerRecord, module_name: str,
                        family: Any) -> torch.nn.Module:
         """``old`` (a transformers attention module) made collaborative (:mod:`collabcompress.runtime.adapters`)."""

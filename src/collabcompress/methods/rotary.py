@@ -388,6 +388,19 @@ class RotaryMethod:
                    qk_before: dict[str, int]) -> RotaryLayerCost:
         return _layer_cost(directory, rec, out, qk_before)
 
+    def output_module(self, out: Checkpoint, layer: _mf.LayerRecord, spec: AttentionSpec) -> torch.nn.Module:
+        from ..runtime.attention import CollaborativeRotaryAttention
+
+        t = layer.tensors
+        module = CollaborativeRotaryAttention(layer.d_model, layer.kv_heads, layer.shared_dim, key_bias=bool(t.key_bias))
+        state = {"collab_key.weight": out.load(t.key, torch.float32, finite=True),
+                 "collab_key_freq": out.load(t.key_freq).long(),
+                 "collab_mixing": out.load(t.mixing, torch.float32, finite=True)}
+        if t.key_bias:
+            state["collab_key.bias"] = out.load(t.key_bias, torch.float32, finite=True)
+        module.load_state_dict(state)
+        return module.eval()
+
     def runtime_module(self, old: torch.nn.Module, layer: _mf.LayerRecord, module_name: str,
                        family: Any) -> torch.nn.Module:
         """``old`` (a LLaMA-family attention module) with shared rotary keys (:mod:`collabcompress.runtime.adapters`)."""
