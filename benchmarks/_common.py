@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -284,3 +285,18 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode,
             "stderr": stderr.decode(errors="replace"), "peak_rss": usage.ru_maxrss * 1024,
             "peak_vmhwm": peaks["VmHWM"], "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"]}
+
+
+def shard_groups(shapes: Mapping[str, Sequence[int]], shard_bytes: int, element_bytes: int) -> list[list[str]]:
+    """Tensor names split into shards as transformers splits them: in order, a new shard when the
+    next tensor would pass ``shard_bytes``."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = element_bytes * math.prod(shape)
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import check, collabcompress_command, log, parser, report, run_measured
+from _common import check, collabcompress_command, log, parser, report, run_measured, shard_groups
 
 NAME = "memory"
 GIB = 1 << 30
@@ -81,15 +81,7 @@ def generate(directory: Path, *, layers: int, d_model: int, heads: int, intermed
     shapes["bert.pooler.dense.weight"] = (d_model, d_model)
     shapes["bert.pooler.dense.bias"] = (d_model,)
 
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():  # model order, like transformers' shard splitting
-        nbytes = 4 * int(torch.tensor(shape).prod()) if shape else 4
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    groups = shard_groups(shapes, shard_bytes, 4)  # float32
     weight_map: dict[str, str] = {}
     total = largest = 0
     for k, names in enumerate(groups, 1):

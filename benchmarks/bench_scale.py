@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from _common import check, collabcompress_command, log, parser, report, run_measured
+from _common import check, collabcompress_command, log, parser, report, run_measured, shard_groups
 
 NAME = "scale"
 GB = 10**9
@@ -167,15 +167,7 @@ def write_checkpoint(directory: Path, synth: Synthetic, shard_bytes: int) -> dic
     s = synth.shape
     directory.mkdir(parents=True)
     shapes = synth.names()
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():  # as transformers splits: in order, a new shard when full
-        nbytes = 2 * math.prod(shape)
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    groups = shard_groups(shapes, shard_bytes, 2)  # bfloat16
     weight_map: dict[str, str] = {}
     total = 0
     for k, names in enumerate(groups, 1):

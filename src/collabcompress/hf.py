@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -227,14 +228,14 @@ def from_pretrained(directory: str | os.PathLike, *, model_class: type | str | N
     dtype, device = _torch_dtype(dtype), _torch_device(device)
     manifest, out = _mf.open_output(directory)  # every output file checked against its recorded hash
     try:
-        tensors = _load_tensors(out)
+        config = _auto_config(transformers, directory, attn_implementation)
+        if family.model_types and config.model_type not in family.model_types:
+            raise BadInputError(f"{directory / 'config.json'} has model_type {config.model_type!r}, but the manifest "
+                                f"records the {family.name} family ({', '.join(family.model_types)})")
+        cls = _model_class(transformers, config, model_class, out.names(), directory)
+        tensors = _load_tensors(out)  # only once the config and the class are known good
     finally:
         out.close()
-    config = _auto_config(transformers, directory, attn_implementation)
-    if family.model_types and config.model_type not in family.model_types:
-        raise BadInputError(f"{directory / 'config.json'} has model_type {config.model_type!r}, but the manifest "
-                            f"records the {family.name} family ({', '.join(family.model_types)})")
-    cls = _model_class(transformers, config, model_class, tensors, directory)
     if dtype is None:
         dtype = _DTYPES.get(manifest.source.dtype) if manifest.source.dtype else None
     model = _build(cls, config, dtype, device, directory)
@@ -292,14 +293,14 @@ def load_model(directory: str | os.PathLike, *, model_class: type | str | None =
         raise BadInputError(f"{directory} has no config.json: a transformers model cannot be built from it")
     ckpt = open_checkpoint(directory)
     try:
-        tensors = _load_tensors(ckpt)
+        config = _auto_config(transformers, directory, attn_implementation)
+        cls = _model_class(transformers, config, model_class, ckpt.names(), directory)
+        tensors = _load_tensors(ckpt)  # only once the config and the class are known good
     finally:
         ckpt.close()
-    config = _auto_config(transformers, directory, attn_implementation)
-    cls = _model_class(transformers, config, model_class, tensors, directory)
-    if dtype is None:
-        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else None
+    if dtype is None:  # the weights' own: the most common floating dtype among them
+        floats = Counter(t.dtype for t in tensors.values() if t.is_floating_point())
+        dtype = floats.most_common(1)[0][0] if floats else None
     model = _build(cls, config, dtype, device, directory)
     _load_state(model, tensors, {}, _renamer(model), directory)
     return model.eval()
