@@ -285,9 +285,14 @@ def _evaluate_stage(name: str, total: int) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _warnings_to_stderr():
-    """Show warnings as plain ``warning: ...`` lines (no file and line number)."""
+    """Show warnings as plain ``warning: ...`` lines (no file and line number).
+
+    ResourceWarning stays hidden, as Python hides it by default: it speaks to developers, and a
+    signal landing between ``open`` and ``with`` leaves a file to the collector, not to the user.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
             yield
         finally:
