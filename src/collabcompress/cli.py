@@ -374,6 +374,7 @@ class DType(str, Enum):
 
 
 HealDType = Enum("HealDType", {name: name for name in ("auto", *COMPUTE_NAMES)}, type=str)  # compress --heal-dtype
+BudgetOf = Enum("BudgetOf", {name: name for name in ("keys", "kv")}, type=str)  # compress --budget-of
 
 
 @app.command(cls=_Command)
@@ -402,6 +403,16 @@ def compress(
                          "across layers by a loss measured on the kept calibration sequences (rotary causal LMs: "
                          "the model's next-token KL with one layer compressed at a time; else attention KL) "
                          "(needs --calibration with `calibrate --keep-sequences N`).")] = None,
+    budget_of: Annotated[BudgetOf, typer.Option(
+        "--budget-of", help="What --budget counts: keys (the key cache) or kv (the key and value cache, allocated "
+                            "across layers and between keys and values by the same loss).")] = BudgetOf.keys,
+    value_rank: Annotated[Optional[int], typer.Option(
+        "--value-rank", parser=_int("--value-rank"), help="Shared values: a value latent of this width r_v per "
+                                                          "layer (the value cache per token), all heads sharing it.")] = None,
+    value_energy: Annotated[Optional[float], typer.Option(
+        "--value-energy", help="Shared values: per-layer r_v keeping this energy of the value fit, in (0, 1].")] = None,
+    force_data_free: Annotated[bool, _flag(
+        "--force-data-free", help="Fit a causal LM's shared values without --calibration (far worse).")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
                              "(next-token distributions; embeddings for encoders) on the calibration windows (causal "
                              "LMs: also on the same sentences shuffled), a few held out, into the new tensors "
@@ -432,7 +443,8 @@ def compress(
                               max_iter=max_iter, tol=tol, seed=seed, device=device, dtype=dtype.value,
                               layers=layers, calibration=str(calibration) if calibration else None,
                               refine_steps=refine_steps, budget=budget, heal_steps=heal_steps,
-                              heal_dtype=heal_dtype.value)
+                              heal_dtype=heal_dtype.value, value_rank=value_rank, value_energy=value_energy,
+                              budget_of=budget_of.value, force_data_free=force_data_free)
     progress, step = _progress("compressing", json_path != "-", "compress", _compress_stage)
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,

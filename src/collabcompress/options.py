@@ -34,10 +34,41 @@ class CompressOptions:
     budget: float | None = None
     heal_steps: int = 0
     heal_dtype: str = "auto"
+    value_rank: int | None = None
+    value_energy: float | None = None
+    budget_of: str = "keys"
+    force_data_free: bool = False
+
+    @property
+    def values(self) -> bool:
+        """Whether the values are shared too (docs/method.md, "Shared values")."""
+        return self.value_rank is not None or self.value_energy is not None or \
+            (self.budget is not None and self.budget_of == "kv")
+
+    @property
+    def keys_full(self) -> bool:
+        """Values only: every layer's keys stay at their full width (exact)."""
+        return self.rank is None and self.energy is None and self.budget is None
 
     def check(self) -> None:
-        if sum(v is not None for v in (self.rank, self.energy, self.budget)) != 1:
-            raise BadInputError("pass exactly one of --rank and --energy, or --budget alone")
+        keys = sum(v is not None for v in (self.rank, self.energy, self.budget))
+        value_choice = sum(v is not None for v in (self.value_rank, self.value_energy))
+        if keys > 1 or (keys == 0 and value_choice == 0):
+            raise BadInputError("pass exactly one of --rank and --energy, or --budget alone "
+                                "(and --value-rank or --value-energy for shared values)")
+        if value_choice > 1:
+            raise BadInputError("pass at most one of --value-rank and --value-energy")
+        if self.budget_of not in ("keys", "kv"):
+            raise BadInputError(f"unknown --budget-of {self.budget_of!r}; choose keys or kv")
+        if self.budget_of == "kv" and self.budget is None:
+            raise BadInputError("--budget-of kv goes with --budget F (F: the fraction of the key and value cache)")
+        if self.budget_of == "kv" and value_choice:
+            raise BadInputError("--budget F --budget-of kv chooses the value widths too: drop --value-rank and "
+                                "--value-energy")
+        if self.value_rank is not None and self.value_rank < 1:
+            raise BadInputError(f"--value-rank must be at least 1, got {self.value_rank}")
+        if self.value_energy is not None and not (0.0 < self.value_energy <= 1.0):
+            raise BadInputError(f"--value-energy must be in (0, 1], got {self.value_energy}")
         if self.budget is not None and not (0.0 < self.budget <= 1.0):
             raise BadInputError(f"--budget must be in (0, 1], got {self.budget}")
         if self.budget is not None and not self.calibration:

@@ -27,11 +27,17 @@ Their statistics also hold ``{M}.query_energy`` (H, d/2) float64: E|q_{h,j}|^2, 
 of each head's query (q_proj output, bias included) at each rotary frequency j (dimension j
 paired with j + d/2, :func:`collabcompress.maths.rotary.rotary_pairs`), before the rotation, which
 keeps |q|. ``compress`` weighs the shared-key fit with them (docs/method.md).
+
+Every module also gets ``{M}.value_second_moment`` (D, D) and ``{M}.value_mean`` (D,): the
+moments of the attention-weighted inputs z_h = sum_s p_hs y_s of its heads, summed over the
+heads (the shared-value fit whitens by them, docs/method.md "Shared values"). The attention
+weights p are the model's own: the model runs with eager attention, which returns them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -142,7 +148,8 @@ def _reservoir(start: int, size: int, capacity: int, g: torch.Generator) -> list
 def _accumulator_bytes(specs: list[AttentionSpec], family: Any) -> tuple[int, str]:
     """The float64 accumulators :func:`calibrate` holds for the whole run (one or, for
     cross-attention, two :class:`_Accumulator` per module), and what they are."""
-    needed = sum(8 * (s.d_model ** 2 + s.d_model) * (2 if family.is_cross(s.module) else 1) for s in specs)
+    # the query (and key) input moments, and the attention-weighted inputs' (shared values)
+    needed = sum(8 * (s.d_model ** 2 + s.d_model) * (3 if family.is_cross(s.module) else 2) for s in specs)
     modules = f"{len(specs)} attention module{'s' if len(specs) > 1 else ''}"
     return needed, f"the D x D calibration accumulators of {modules} (d_model {max(s.d_model for s in specs):,})"
 
@@ -153,11 +160,27 @@ class _Accumulator:
         self.total = torch.zeros(d_model, dtype=torch.float64)
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, count: int | None = None) -> None:
+        """Add the rows of ``x`` (n, D); ``count``: the tokens they stand for (default n)."""
         x = x.double()  # (n, D)
         self.second += x.T @ x
         self.total += x.sum(0)
-        self.count += x.shape[0]
+        self.count += x.shape[0] if count is None else count
+
+
+def _attention_weights(output: Any, heads: int, n_query: int, n_key: int) -> torch.Tensor | None:
+    """The attention weights (B, H, N, M) in an attention module's output, or ``None``: the 4-D
+    tensor of that shape whose rows sum to one (T5 also returns its position bias)."""
+    for t in output if isinstance(output, tuple) else ():
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and tuple(t.shape[1:]) == (heads, n_query, n_key) \
+                and t.shape[0] and bool(torch.allclose(t[0, 0, :1].sum(-1), t.new_ones(1), atol=1e-3)):
+            return t
+    return None
+
+
+def _parents(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """id(module) -> its parent module."""
+    return {id(child): parent for parent in model.modules() for child in parent.children()}
 
 
 def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *, max_tokens: int = 100_000,
@@ -206,7 +229,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
 
     # every weight from the file or a documented tie (a tied head stored as lm_head.weight alone
     # is the embedding), or a refusal naming the missing ones: never a random initialisation
-    model = hf.load_model(model_dir)
+    # eager attention returns the attention weights the shared-value statistics need
+    model = hf.load_model(model_dir, attn_implementation="eager")
     run = model.base_model  # the body: hidden states, not a head's logits over the vocabulary
     max_length = min(max_length, position_limit(model.config, tokenizer))
     special = 0 if family.causal_lm else tokenizer.num_special_tokens_to_add()
@@ -219,6 +243,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
     else:
         batches = windows(tokenizer, texts, max_length, batch_size, max_tokens)
     acc: dict[str, tuple[_Accumulator, _Accumulator | None]] = {}
+    values: dict[str, _Accumulator] = {}  # module -> moments of sum over heads of z_h (shared values)
+    inputs_seen: dict[str, torch.Tensor] = {}  # module -> its key-side input of the current forward
     state: dict[str, Any] = {"mask": None, "keep": None}
     kept: dict[str, dict[int, torch.Tensor]] = {}  # module -> reservoir slot -> (T, D)
     kept_keys: dict[str, dict[int, torch.Tensor]] = {}
@@ -236,6 +262,8 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                 return
             q_acc, k_acc = acc[spec.module]
             (q_acc if side == "query" else k_acc).add(x[mask.bool()])
+            if side == "key" or k_acc is None:
+                inputs_seen[spec.module] = x
             for b, slot in state["keep"]:
                 (kept if side == "query" else kept_keys).setdefault(spec.module, {})[slot] = \
                     x[b, : int(mask[b].sum())].detach().float().clone()
@@ -252,8 +280,31 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             energy[spec.module] += pairs.abs().square().sum(-1)  # (H, d/2)
         return fn
 
+    def value_hook(spec: AttentionSpec):
+        def fn(_module, _args, _kwargs, output):
+            y, mask = inputs_seen.pop(spec.module, None), state["mask"]  # (B, M, D), (B, N)
+            if y is None or mask is None:
+                return
+            probs = _attention_weights(output, spec.n_head, mask.shape[1], y.shape[1])
+            if probs is None:
+                return
+            z = probs.float() @ y.float()[:, None]  # (B, H, N, D)
+            rows = z.transpose(1, 2)[mask.bool()]  # (n, H, D): the query tokens that are not padding
+            # sum over heads of z_h z_h^T: every head's rows, counted once per token
+            values[spec.module].add(rows.reshape(-1, rows.shape[-1]), count=rows.shape[0])
+        return fn
+
+    def ask_for_weights(_module, args, kwargs):
+        return args, {**kwargs, "output_attentions": True}  # (MPNet returns the weights only when asked)
+
+    parents = _parents(model)
     for spec in specs:
         q_mod, k_mod = find_modules(model, ckpt, spec)
+        attention = parents[id(q_mod)]
+        values[spec.module] = _Accumulator(spec.d_model)
+        handles.append(attention.register_forward_hook(value_hook(spec), with_kwargs=True))
+        if "output_attentions" in inspect.signature(attention.forward).parameters:
+            handles.append(attention.register_forward_pre_hook(ask_for_weights, with_kwargs=True))
         if spec.rotary:
             energy[spec.module] = torch.zeros(spec.n_head, spec.head_dim // 2, dtype=torch.float64)
             handles.append(q_mod.register_forward_hook(energy_hook(spec)))
@@ -299,6 +350,9 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         tensors[f"{module}.mean"] = q_acc.total / q_acc.count
         if module in energy:
             tensors[f"{module}.query_energy"] = energy[module] / q_acc.count
+        if values[module].count:
+            tensors[f"{module}.value_second_moment"] = values[module].second / values[module].count
+            tensors[f"{module}.value_mean"] = values[module].total / values[module].count
         if k_acc is not None:
             tensors[f"{module}.key_second_moment"] = k_acc.second / max(k_acc.count, 1)
             tensors[f"{module}.key_mean"] = k_acc.total / max(k_acc.count, 1)

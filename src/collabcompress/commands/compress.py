@@ -111,10 +111,19 @@ def _write_weights(ckpt: Checkpoint, layers: list[FittedLayer], tmp: Path, optio
 
 def _run_layers(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, out_dtype: torch.dtype,
                 stats: dict[str, Any], sequences: dict[str, Any], workers: int,
-                progress: Progress | None, ranks: dict[str, int] | None = None) -> list[FittedLayer]:
+                progress: Progress | None, ranks: dict[str, int] | None = None,
+                value_stats: Mapping[str, Any] | None = None,
+                value_ranks: dict[str, int] | None = None) -> list[FittedLayer]:
+    from ..methods.values import VALUES
+
     def one(spec: AttentionSpec) -> FittedLayer:
-        return method_for(spec).fit(ckpt, spec, options, out_dtype, stats.get(spec.module),
-                                    sequences.get(spec.module), (ranks or {}).get(spec.module))
+        method = method_for(spec)
+        rank = (ranks or {}).get(spec.module, method.full_width(spec) if options.keys_full else None)
+        layer = method.fit(ckpt, spec, options, out_dtype, stats.get(spec.module), sequences.get(spec.module), rank)
+        if options.values:
+            layer.add_values(VALUES.fit(ckpt, spec, options, out_dtype, (value_stats or {}).get(spec.module),
+                                        (value_ranks or {}).get(spec.module)))
+        return layer
 
     step = (lambda spec, done, total: progress(spec.module, done, total)) if progress else None
     return map_layers(one, specs, workers=1 if options.device != "cpu" else workers, progress=step)
@@ -203,6 +212,29 @@ def _allocation(specs: list[AttentionSpec], curves: list[dict[int, float]], budg
     return {s.module: r for s, r in zip(specs, ranks)}
 
 
+def _value_statistics(ckpt: Checkpoint, specs: list[AttentionSpec],
+                      options: CompressOptions) -> Mapping[str, Any] | None:
+    """Shared values: check the layers can take them and read their statistics (``None``: data-free).
+
+    A causal LM's data-free value fit is refused without ``--force-data-free``: measured on
+    SmolLM2 at r_v = 64 of 192, its perplexity is in the tens of thousands (docs/method.md)."""
+    from ..methods.values import VALUES, value_sources
+
+    if not options.values:
+        return None
+    for s in specs:
+        value_sources(ckpt, s)
+        if options.value_rank is not None:
+            VALUES.check_rank(s, options.value_rank)
+    if options.calibration:
+        return VALUES.load_statistics(Path(options.calibration), ckpt, specs)
+    if all(method_for(s).causal_lm for s in specs) and not options.force_data_free:
+        raise BadInputError("shared values of a causal LM need --calibration statistics: the data-free value fit "
+                            "is useless there (SmolLM2, 64 of 192 values: perplexity 44,246 against 32); "
+                            "pass --force-data-free to fit without them anyway")
+    return None
+
+
 def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, *, heads: int | None = None,
              arch: str | None = None, force: bool = False, workers: int | None = None,
              remote_code: bool = False, progress: Progress | None = None,
@@ -237,6 +269,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     if options.rank is not None:
         for s in specs:
             method_for(s).check_rank(s, options.rank)
+    value_stats = _value_statistics(ckpt, specs, options)
     check_memory(*spectra_bytes([method_for(s).memory(s, options.calibration is not None) for s in specs],
                                 max((s.d_model for s in specs), default=0), 1 if options.device != "cpu" else workers))
     stats, sequences = {}, {}
@@ -255,7 +288,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     if options.budget is not None:
         curve_name, curves = _budget_curves(ckpt, specs, options, stats, sequences, workers, progress)
         ranks = _allocation(specs, curves, options.budget)
-    layers = _run_layers(ckpt, specs, options, out_dtype, stats, sequences, workers, progress, ranks)
+    layers = _run_layers(ckpt, specs, options, out_dtype, stats, sequences, workers, progress, ranks, value_stats)
     if curves is not None:
         for layer, curve in zip(layers, curves):
             layer.curve, layer.curve_loss = curve, curve_name
@@ -411,7 +444,10 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
     settings = asdict(options)
     settings["calibration"] = calibration
     healing = options.heal_steps > 0  # recorded only when used: older manifests stay as they were
-    for key, used in (("budget", options.budget is not None), ("heal_steps", healing), ("heal_dtype", healing)):
+    values = options.values
+    for key, used in (("budget", options.budget is not None), ("heal_steps", healing), ("heal_dtype", healing),
+                      ("value_rank", values), ("value_energy", values), ("budget_of", values),
+                      ("force_data_free", values)):
         if not used:
             del settings[key]
     if kv_heads is not None:

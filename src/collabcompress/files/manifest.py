@@ -190,10 +190,24 @@ class LayerRecord:
     kv_heads: int | None = None
     rotary: bool = False
     allocation: dict[str, Any] | None = None  # --budget: the loss curve and the loss at the chosen width
+    value_rank: int | None = None  # shared values: r_v, the value latent's width (None: values unchanged)
+    value: dict[str, Any] | None = None  # shared values: their fit and tensors {"weight", "bias", "up"}
+
+    @property
+    def value_heads(self) -> int:
+        """G, the layer's value heads (H without grouped-query attention)."""
+        return self.kv_heads or self.heads
+
+    def value_tensors(self) -> dict[str, str]:
+        """Shared values: role (``weight``, ``bias``, ``up``) -> tensor name, for those that exist."""
+        named = (self.value or {}).get("tensors") or {}
+        return {k: named[k] for k in ("weight", "bias", "up") if isinstance(named.get(k), str)}
 
     def to_json(self) -> dict[str, Any]:
         rotary = {"kv_heads": self.kv_heads, "rotary": True} if self.rotary else {}
         allocation = {"allocation": self.allocation} if self.allocation is not None else {}
+        if self.value_rank is not None:
+            allocation.update(value_rank=self.value_rank, value=self.value)
         return {"module": self.module, "index": self.index, "heads": self.heads, **rotary, "head_dim": self.head_dim,
                 "d_model": self.d_model, "shared_dim": self.shared_dim, "scale": self.scale,
                 "relative_error": self.relative_error, "relative_error_plain": self.relative_error_plain,
@@ -243,6 +257,15 @@ class LayerRecord:
         values["key_bias"] = bool(g("key_bias", bool, where, optional=True))
         values["refine"] = g("refine", dict, where, optional=True)
         values["allocation"] = g("allocation", dict, where, optional=True)
+        values["value_rank"] = g("value_rank", int, where, optional=True)
+        if values["value_rank"] is not None:
+            if values["value_rank"] < 1:
+                raise w.error(f"{where}.value_rank must be positive")
+            value = values["value"] = g("value", dict, where)
+            vt = w.get(value, "tensors", dict, f"{where}.value")
+            for role in ("weight", "up"):
+                w.get(vt, role, str, f"{where}.value.tensors")
+            w.get(vt, "bias", str, f"{where}.value.tensors", optional=True)
         return cls(**values)
 
 
@@ -390,7 +413,17 @@ def check_shapes(manifest: Manifest, out: Checkpoint) -> None:
                 raise BadInputError(f"{out.path}: the collab tensors of {la.module} do not match the manifest "
                                     f"(shared_dim {r}, {h} heads, d_model {d}): {name} has shape "
                                     f"{list(out.shape(name))}, expected {list(shape)}")
-        if t.value is not None and t.value in out and out.shape(t.value)[-1] != la.heads * la.head_dim:
+        if la.value_rank is not None:
+            rows, named = la.value_heads * la.head_dim, la.value_tensors()
+            want = {"weight": (la.value_rank, d), "bias": (la.value_rank,), "up": (rows, la.value_rank)}
+            for role, name in named.items():
+                if name not in out:
+                    raise BadInputError(f"{out.path} is missing tensor {name!r} named in its manifest")
+                if tuple(out.shape(name)) != want[role]:
+                    raise BadInputError(f"{out.path}: the shared values of {la.module} do not match the manifest "
+                                        f"(value_rank {la.value_rank}): {name} has shape {list(out.shape(name))}, "
+                                        f"expected {list(want[role])}")
+        elif t.value is not None and t.value in out and out.shape(t.value)[-1] != la.heads * la.head_dim:
             raise BadInputError(f"{out.path}: tensor {t.value} does not fit {la.heads} heads of width {la.head_dim}")
 
 

@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint, regular_file
 from .hashing import sha256_file
 
 __all__ = ["STATS_FORMAT", "source_sha256", "per_module", "load_whitening", "load_moments", "load_sequences", "load_input_ids",
-           "load_window_ids", "load_query_energies"]
+           "load_window_ids", "load_query_energies", "load_value_moments"]
 
 STATS_FORMAT = "collabcompress-stats/1"
 
@@ -285,3 +285,36 @@ def load_query_energies(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]
                                 f"entries; expected non-negative ({s.n_head}, {s.head_dim // 2})")
         out[s.module] = energy
     return out
+
+
+def _read_value_moments(path: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            mean = _checked(f.get_tensor(f"{module}.value_mean"), f"{module}.value_mean", path)
+            return mean, _second_moment(f, f"{module}.value_second_moment", path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInputError(f"cannot read the value moments of {module} from the calibration statistics {path}: "
+                            f"{e}") from e
+
+
+def load_value_moments(path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module (mean (D,), second moment (D, D)) of the attention-weighted inputs summed over
+    the heads (``{M}.value_mean``, ``{M}.value_second_moment``), read and checked here, then
+    read again at each lookup (as :func:`load_moments`).
+
+    Raises:
+        BadInputError: a module without them (statistics made before shared values existed:
+            run ``calibrate`` again), or malformed ones.
+    """
+    f, names, _ = _open_stats(path, ckpt, specs)
+    for s in specs:
+        for key, want in (("value_second_moment", (s.d_model, s.d_model)), ("value_mean", (s.d_model,))):
+            name = f"{s.module}.{key}"
+            if name not in names:
+                raise BadInputError(f"calibration statistics {path} hold no value moments for {s.module}; run "
+                                    "`calibrate` again with this version for shared values")
+            if tuple(f.get_slice(name).get_shape()) != want:
+                raise BadInputError(f"calibration statistics {path}: {name} has shape "
+                                    f"{list(f.get_slice(name).get_shape())}, expected {list(want)}")
+        _read_value_moments(path, s.module)
+    return per_module([s.module for s in specs], lambda module: _read_value_moments(path, module))

@@ -32,6 +32,13 @@ class FittedLayer:
     curve: dict[int, float] | None = None  # --budget: candidate R -> loss
     curve_loss: str = "attention_kl"  # what the curve measures (curve_loss)
     iterations: int = 0  # CP-ALS sweeps (0 for a rotary layer)
+    values: Any = None  # shared values (collabcompress.methods.values.ValueFit), or None
+
+    def add_values(self, fit: Any) -> None:
+        """Take the layer's shared values: their tensors in, the value tensors out."""
+        self.values = fit
+        self.tensors.update(fit.tensors)
+        self.removed.extend(fit.removed)
 
 
 class LayerMethod(Protocol):
@@ -116,4 +123,5 @@ def layer_record(layer: FittedLayer, tensors: LayerTensors, **method_fields: Any
         energy_spectral=round(layer.energy_spectral, 8), seconds=round(layer.seconds, 4), tensors=tensors,
         removed=tuple(layer.removed), family=spec.family, query_bias=spec.query_bias is not None,
         key_bias=spec.key_bias is not None, refine=refine_record(layer), allocation=allocation_record(layer),
-        **method_fields)
+        value_rank=None if layer.values is None else layer.values.rank,
+        value=None if layer.values is None else layer.values.record(), **method_fields)

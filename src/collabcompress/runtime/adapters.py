@@ -27,6 +27,7 @@ from ..files.arch import AttentionSpec
 from ..files.checkpoint import Checkpoint
 from ..files.families import FAMILIES, Family, find_family
 from ..files.manifest import LayerRecord
+from .values import add_value_parameters, has_shared_values, lift_values
 from .attention import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention, \
     collaborative_query_states, mixed_query
 
@@ -55,6 +56,7 @@ class _Adapter:
     """
 
     _removed: tuple[str, ...] = ()
+    _value_attr = "value"  # the value projection (shared values replace it)
     _heads_attr = "num_attention_heads"
     _head_dim_attr = "attention_head_size"
     _eager: Any = None  # the family's eager attention function, set per wrapper class
@@ -64,7 +66,14 @@ class _Adapter:
         """(B, N, H*d) -> (B, H, N, d)."""
         return states.view(*states.shape[:-1], -1, getattr(self, self._head_dim_attr)).transpose(1, 2)
 
-    def _keys_values(self, hidden_states, key_value_states, cache, value_proj, kwargs):
+    def _value_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Values (B, G, M, d) from the value projection, or with shared values the latent
+        (B, 1, M, r_v) all heads read (:mod:`collabcompress.runtime.values`)."""
+        if has_shared_values(self):
+            return self.collab_value(states)[:, None]
+        return self._split_heads(getattr(self, self._value_attr)(states))
+
+    def _keys_values(self, hidden_states, key_value_states, cache, kwargs):
         """Collaborative keys (B, 1, M, R+H), shared by the heads, and values (B, H, M, d),
         through the model's cache (a cross-attention cache already filled is reused as it is).
 
@@ -76,7 +85,7 @@ class _Adapter:
             return current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
         states = key_value_states if cross else hidden_states
         key = self.key_states(states)  # (B, 1, M, R+H)
-        value = self._split_heads(value_proj(states))  # (B, H, M, d)
+        value = self._value_states(states)  # (B, H, M, d), or the shared latent (B, 1, M, r_v)
         if current is not None and isinstance(current.layers[self.layer_idx], _static_layer()):
             raise NotImplementedError("a collaborative model needs a dynamic cache: its keys (R + H per token) do "
                                       "not fit a static cache shaped for H heads of width d; drop "
@@ -112,15 +121,25 @@ class _Adapter:
             out, weights = collaborative_attention(query, key, value, mixing=mixing, attention_mask=mask,
                                                    is_causal=causal, position_bias=kwargs.get("position_bias"),
                                                    dropout=dropout, need_weights=implementation == "eager")
-            return out.transpose(1, 2), weights  # (B, N, H, d), contiguous without autograd
+            return self._lifted(out.transpose(1, 2)), weights  # (B, N, H, d), contiguous without autograd
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         if mixing is not None:
             query = mixed_query(query, mixing)  # (B, H, N, K)
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, type(self)._eager)
+        if has_shared_values(self):  # the latent as every value head, a view: the interface repeats groups itself
+            value = value.expand(-1, self.collab_value_up.out_features // self._head_dim(), -1, -1)
         key = key.expand(-1, value.shape[1], -1, -1)  # (B, G, M, K), no copy
-        return interface(self, query, key, value, mask, dropout=dropout, scaling=1.0, **kwargs)
+        out, weights = interface(self, query, key, value, mask, dropout=dropout, scaling=1.0, **kwargs)
+        return self._lifted(out), weights
+
+    def _head_dim(self) -> int:
+        return getattr(self, self._head_dim_attr)
+
+    def _lifted(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, d): with shared values, each head's weighted latent lifted to its width."""
+        return lift_values(out, self.collab_value_up.weight, self._head_dim()) if has_shared_values(self) else out
 
 
 # transformers keyword arguments that do not change the attention maths (or that _attend handles)
@@ -156,18 +175,19 @@ class _BertSelf(_Adapter):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
         query = self.collab_query(hidden_states)  # (B, N, R), mixed per head by the kernel
-        key, value = self._keys_values(hidden_states, None, cache, self.value, kwargs)
+        key, value = self._keys_values(hidden_states, None, cache, kwargs)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, self.query_mixing(), **kwargs)
         return out.reshape(*input_shape, -1).contiguous(), weights  # (B, N, H*d)
 
 
 class _DistilBert(_Adapter):
     _removed = ("q_lin", "k_lin")
+    _value_attr = "v_lin"
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
-        value = self._split_heads(self.v_lin(hidden_states))  # (B, H, N, d)
+        value = self._value_states(hidden_states)  # (B, H, N, d) or (B, 1, N, r_v)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout.p, self.query_mixing(), **kwargs)
         return self.out_lin(out.reshape(*input_shape, -1).contiguous()), weights
 
@@ -178,7 +198,7 @@ class _Albert(_Adapter):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
-        value = self._split_heads(self.value(hidden_states))  # (B, H, N, d)
+        value = self._value_states(hidden_states)  # (B, H, N, d) or (B, 1, N, r_v)
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout.p, self.query_mixing(),
                                     **kwargs)
         out = self.output_dropout(self.dense(out.reshape(*input_shape, -1).contiguous()))
@@ -187,12 +207,13 @@ class _Albert(_Adapter):
 
 class _ViT(_Adapter):
     _removed = ("q_proj", "k_proj")
+    _value_attr = "v_proj"
     _head_dim_attr = "head_dim"
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
-        value = self._split_heads(self.v_proj(hidden_states))  # (B, H, N, d)
+        value = self._value_states(hidden_states)  # (B, H, N, d) or (B, 1, N, r_v)
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout, self.query_mixing(),
                                     **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -202,15 +223,16 @@ class _MPNet(_Adapter):
     """MPNetSelfAttention computes its attention itself (relative position bias added before the mask)."""
 
     _removed = ("q", "k")
+    _value_attr = "v"
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
         query, key = self.collab_query(hidden_states), self.key_states(hidden_states)  # (B, N, R), (B, 1, N, R+H)
-        value = self._split_heads(self.v(hidden_states))  # (B, H, N, d)
+        value = self._value_states(hidden_states)  # (B, H, N, d) or (B, 1, N, r_v)
         out, probs = collaborative_attention(query, key, value, mixing=self.query_mixing(),
                                              attention_mask=attention_mask, position_bias=position_bias,
                                              dropout=self.dropout.p if self.training else 0.0,
                                              need_weights=bool(output_attentions))
-        c = out.permute(0, 2, 1, 3).contiguous()  # (B, N, H, d), no copy without autograd
+        c = self._lifted(out.permute(0, 2, 1, 3)).contiguous()  # (B, N, H, d), no copy without autograd
         o = self.o(c.view(*c.shape[:-2], -1))  # (B, N, D)
         return (o, probs) if output_attentions else (o,)
 
@@ -219,6 +241,7 @@ class _GPT2(_Adapter):
     """GPT2Attention (self-attention; the fused c_attn is replaced by collab_value, Conv1D layout)."""
 
     _removed = ("c_attn",)
+    _value_attr = "collab_value"
     _heads_attr = "num_heads"
     _head_dim_attr = "head_dim"
 
@@ -227,7 +250,7 @@ class _GPT2(_Adapter):
         cache = kwargs.pop("past_key_values", cache)
         if encoder_hidden_states is not None:
             raise NotImplementedError("collaborative GPT-2 cross-attention is not supported")
-        key, value = self._keys_values(hidden_states, None, cache, self.collab_value, kwargs)
+        key, value = self._keys_values(hidden_states, None, cache, kwargs)
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:  # scales by itself
             query = collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing)
             key = key.expand(-1, value.shape[1], -1, -1)  # this path reshapes the head axis into the batch
@@ -244,6 +267,7 @@ class _T5(_Adapter):
     """T5Attention: self- or cross-attention, relative position bias, scale 1; returns (out, bias, weights)."""
 
     _removed = ("q", "k")
+    _value_attr = "v"
     _heads_attr = "n_heads"
     _head_dim_attr = "key_value_proj_dim"
 
@@ -253,7 +277,7 @@ class _T5(_Adapter):
         past_seen = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
         query = self.collab_query(hidden_states)  # (B, N, R), mixed per head by the kernel
-        key, value = self._keys_values(hidden_states, key_value_states, cache, self.v, kwargs)
+        key, value = self._keys_values(hidden_states, key_value_states, cache, kwargs)
         if position_bias is None:
             key_length = key.shape[-2]
             if not self.has_relative_attention_bias:
@@ -274,6 +298,7 @@ class _Bart(_Adapter):
     """BartAttention and its copies: self- or cross-attention with caches; returns (out, weights)."""
 
     _removed = ("q_proj", "k_proj")
+    _value_attr = "v_proj"
     _heads_attr = "num_heads"
     _head_dim_attr = "head_dim"
 
@@ -281,7 +306,7 @@ class _Bart(_Adapter):
         cache = kwargs.pop("past_key_values", cache)
         input_shape = hidden_states.shape[:-1]
         query = self.collab_query(hidden_states)  # (B, N, R), mixed per head by the kernel
-        key, value = self._keys_values(hidden_states, key_value_states, cache, self.v_proj, kwargs)
+        key, value = self._keys_values(hidden_states, key_value_states, cache, kwargs)
         out, weights = self._attend(query, key, value, attention_mask, self.dropout, self.query_mixing(), **kwargs)
         return self.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
@@ -335,8 +360,21 @@ def collaborative_module(old: nn.Module, layer: LayerRecord, module_name: str, f
         from transformers.pytorch_utils import Conv1D
 
         new.collab_value = Conv1D(heads * head_dim, d_model).to(device=ref.device, dtype=ref.dtype)
+    _add_values(new, layer, family, ref)
     new.scale = float(getattr(old, "scaling", None) or layer.scale)
     return new
+
+
+def _add_values(new: nn.Module, layer: LayerRecord, family: Family | None, ref: torch.Tensor) -> None:
+    """Shared values in place of the value projection, when the layer has them (uninitialised)."""
+    if layer.value_rank is None:
+        return
+    if family is None or family.value is None:
+        raise UnsupportedArchitectureError(f"{layer.module}: shared values of family {layer.family!r} (no separate "
+                                           "value projection) cannot be run")
+    add_value_parameters(new, type(new)._value_attr, layer.d_model, layer.value_rank,
+                         layer.value_heads * layer.head_dim, bias="bias" in layer.value_tensors(), device=ref.device,
+                         dtype=ref.dtype)
 
 
 def collaborative_modules(model: nn.Module) -> dict[str, CollaborativeAttention | CollaborativeRotaryAttention]:
@@ -363,6 +401,8 @@ class _LlamaRotary(_Adapter):
     """
 
     _removed = ("k_proj",)
+    _value_attr = "v_proj"
+    _head_dim_attr = "head_dim"
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
@@ -371,13 +411,13 @@ class _LlamaRotary(_Adapter):
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         query = self.query_states(query, cos, sin, self.scale)  # (B, H, N, R), scale included
         key = self.key_states(hidden_states, cos, sin)  # (B, 1, N, R)
-        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, G, N, d)
+        value = self._value_states(hidden_states)  # (B, G, N, d), or the shared latent (B, 1, N, r_v)
         if cache is not None:
             if isinstance(cache.layers[self.layer_idx], _static_layer()):
                 raise NotImplementedError("a collaborative rotary model needs a dynamic cache: its keys (R per token, "
                                           "one head) do not fit a static cache shaped for G heads of width d; drop "
                                           "cache_implementation='static'")
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, 1, M, R), (B, G, M, d)
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, 1, M, R), values as above
         sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout,
                                     sliding_window=sliding, **kwargs)
@@ -429,6 +469,7 @@ def rotary_module(old: nn.Module, layer: LayerRecord) -> nn.Module:
     ref = old.q_proj.weight
     new._add_collab_parameters(d_model, kv_heads, shared, key_bias=old.k_proj.bias is not None, device=ref.device,
                                dtype=ref.dtype)
+    _add_values(new, layer, find_family(layer.family), ref)
     new.scale = float(old.scaling)
     return new
 

@@ -1,0 +1,176 @@
+"""Shared values: the value side of a layer as one latent shared by all heads (docs/method.md,
+"Shared values"), fitted after the layer's key method and added to its :class:`FittedLayer`.
+
+The value tensor (``v_proj`` or the family's) goes; ``{M}.collab_value.weight`` (r_v, D),
+``{M}.collab_value.bias`` (r_v, where the values had a bias) and ``{M}.collab_value_up.weight``
+(G*d, r_v) come. The fit (:func:`collabcompress.maths.values.value_factors`) weighs each group by
+its heads' output projections and, with calibration statistics, whitens by the moments of the
+attention-weighted inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..defaults import DEFAULT_MULTIPLE_OF
+from ..errors import BadInputError, UnsupportedArchitectureError
+from ..files.arch import AttentionSpec
+from ..files.checkpoint import Checkpoint
+from ..files.families import find_family
+from ..maths.spectra import choose_rank
+from ..options import CompressOptions
+
+__all__ = ["VALUES", "ValueFit", "ValueMethod", "value_names", "value_sources"]
+
+
+def value_names(module: str) -> dict[str, str]:
+    """Tensor names of a layer's shared values (docs/method.md)."""
+    return {"weight": f"{module}.collab_value.weight", "bias": f"{module}.collab_value.bias",
+            "up": f"{module}.collab_value_up.weight"}
+
+
+@dataclass(frozen=True)
+class ValueSources:
+    """Where a layer's values live in the checkpoint: the value weight (G*d, D) and bias names,
+    the output projection weight name (D_out, H*d), all nn.Linear layout."""
+
+    weight: str
+    bias: str | None
+    output: str
+
+
+def value_sources(ckpt: Checkpoint, spec: AttentionSpec) -> ValueSources:
+    """The value and output tensors of ``spec``, checked against its shapes.
+
+    Raises:
+        UnsupportedArchitectureError: a fused family (its values share a tensor with queries and keys).
+        BadInputError: the checkpoint lacks them or they do not fit the layer.
+    """
+    family = find_family(spec.family)
+    if family is None or family.value is None or family.output is None or family.fused:
+        raise UnsupportedArchitectureError(f"shared values: {spec.module} ({spec.family}) stores its values in a fused "
+                                           "query/key/value tensor, which shared values do not split yet")
+    fields = {"m": spec.module, "parent": spec.module.rsplit(".", 1)[0]}
+    weight, output = family.value.format(**fields), family.output.format(**fields)
+    bias = weight[: -len("weight")] + "bias"
+    for name in (weight, output):
+        if name not in ckpt:
+            raise BadInputError(f"shared values: {spec.module} has no tensor {name} in {ckpt.path}")
+    rows = spec.n_kv_head * spec.head_dim
+    if ckpt.shape(weight) != (rows, spec.d_model):
+        raise BadInputError(f"shared values: {weight} has shape {list(ckpt.shape(weight))}, expected "
+                            f"[{rows}, {spec.d_model}] ({spec.n_kv_head} value heads of width {spec.head_dim})")
+    out_shape = ckpt.shape(output)
+    if len(out_shape) != 2 or out_shape[1] != spec.width:
+        raise BadInputError(f"shared values: {output} has shape {list(out_shape)}, expected [*, {spec.width}]")
+    if bias in ckpt and ckpt.shape(bias) != (rows,):
+        raise BadInputError(f"shared values: {bias} has shape {list(ckpt.shape(bias))}, expected [{rows}]")
+    return ValueSources(weight, bias if bias in ckpt else None, output)
+
+
+@dataclass
+class ValueFit:
+    """A layer's fitted shared values, as ``compress`` writes and records them."""
+
+    rank: int
+    relative_error: float
+    energy: float
+    seconds: float
+    tensors: dict[str, torch.Tensor]
+    removed: list[str]
+    names: dict[str, str | None]
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``value`` object of the layer (its ``value_rank`` sits beside it)."""
+        return {"relative_error": round(self.relative_error, 8), "energy_spectral": round(self.energy, 8),
+                "seconds": round(self.seconds, 4), "tensors": dict(self.names)}
+
+
+class ValueMethod:
+    """Shared values of one layer: statistics, spectrum, rank choice and fit."""
+
+    name = "values"
+
+    def full_width(self, spec: AttentionSpec) -> int:
+        """G*d: the original value cache per token and layer."""
+        return spec.n_kv_head * spec.head_dim
+
+    def check_rank(self, spec: AttentionSpec, rank: int) -> None:
+        if not 1 <= rank <= self.full_width(spec):
+            raise BadInputError(f"--value-rank {rank} for {spec.module}: at most the value width "
+                                f"G*d = {self.full_width(spec)}")
+
+    def load_statistics(self, path: Path, ckpt: Checkpoint, specs: list[AttentionSpec]) -> Mapping[str, Any]:
+        from ..files.statistics import load_value_moments
+
+        return load_value_moments(path, ckpt, specs)
+
+    def _inputs(self, ckpt: Checkpoint, spec: AttentionSpec, moments: tuple[torch.Tensor, torch.Tensor] | None):
+        from ..maths.values import output_weights, value_moment
+
+        src = value_sources(ckpt, spec)
+        w = ckpt.load(src.weight, torch.float64, finite=True)
+        b = ckpt.load(src.bias, torch.float64, finite=True) if src.bias else None
+        w_out = ckpt.load(src.output, torch.float64, finite=True)
+        weights = output_weights(w_out, spec.n_head, spec.n_kv_head, spec.head_dim)
+        moment = None if moments is None else value_moment(moments[1], moments[0], spec.n_head, b is not None)
+        return src, w, b, weights, moment
+
+    def spectrum(self, ckpt: Checkpoint, spec: AttentionSpec,
+                 moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The singular values the layer's value fit truncates (data-free: of the concatenated W_O,h W_V,h)."""
+        from ..maths.values import value_spectrum
+
+        _, w, b, weights, moment = self._inputs(ckpt, spec, moments)
+        return value_spectrum(w, b if moment is not None else None, weights, spec.n_kv_head, spec.head_dim, moment)
+
+    def rank(self, spec: AttentionSpec, opts: CompressOptions, sv: torch.Tensor | None) -> int:
+        """r_v: --value-rank, or the rank at --value-energy then --multiple-of, at most G*d."""
+        from ..maths.values import value_rank_at
+
+        full = self.full_width(spec)
+        if opts.value_rank is not None:
+            return opts.value_rank
+        return choose_rank(value_rank_at(sv, opts.value_energy), full, min_rank=1, max_rank=None,
+                           multiple_of=opts.multiple_of or DEFAULT_MULTIPLE_OF)
+
+    def fit(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
+            moments: tuple[torch.Tensor, torch.Tensor] | None, rank: int | None = None) -> ValueFit:
+        from ..maths.values import value_factors, value_spectrum
+
+        start = time.perf_counter()
+        src, w, b, weights, moment = self._inputs(ckpt, spec, moments)
+        if rank is None:
+            sv = value_spectrum(w, b, weights, spec.n_kv_head, spec.head_dim, moment) \
+                if opts.value_energy is not None else None
+            rank = self.rank(spec, opts, sv)
+        try:
+            f = value_factors(w, b, rank, out_weights=weights, n_kv_head=spec.n_kv_head, head_dim=spec.head_dim,
+                              moment=moment)
+        except ValueError as e:
+            raise BadInputError(f"shared values of {spec.module}: {e}") from e
+        names = value_names(spec.module)
+        tensors = {names["weight"]: f.down.to(out_dtype).contiguous(), names["up"]: f.up.to(out_dtype).contiguous()}
+        if f.down_bias is not None:
+            tensors[names["bias"]] = f.down_bias.to(out_dtype).contiguous()
+        recorded = {"weight": names["weight"], "bias": names["bias"] if f.down_bias is not None else None,
+                    "up": names["up"]}
+        removed = [n for n in (src.weight, src.bias) if n]
+        return ValueFit(rank, f.relative_error, f.energy, time.perf_counter() - start, tensors, removed, recorded)
+
+
+VALUES = ValueMethod()
+
+
+def check_value_family(spec: AttentionSpec) -> None:
+    """Refuse (exit 4) a family whose values shared values cannot take."""
+    family = find_family(spec.family)
+    if family is None or family.value is None or family.fused:
+        raise UnsupportedArchitectureError(f"shared values: the {spec.family} family stores its values in a fused "
+                                           "query/key/value tensor, which shared values do not split yet")
