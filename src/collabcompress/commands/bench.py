@@ -200,7 +200,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _rope(config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' position embeddings (cos, sin), (1, N, d) each, attention scaling included."""
-    from ..files.arch import rope_frequencies
+    from ..files.rope import rope_frequencies
 
     theta, scaling = rope_frequencies(config, head_dim)  # (d/2,)
     angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta[None, :]  # (N, d/2)

@@ -92,7 +92,7 @@ def _rotary_fit_inputs(ckpt: Checkpoint, spec: AttentionSpec, moments: tuple[tor
 
 def _rotary_kl(ckpt: Checkpoint, spec: AttentionSpec, qk, sequences: tuple[torch.Tensor, torch.Tensor], seed: int):
     """The attention KL of a rotary layer on its kept sequences (:class:`collabcompress.maths.refine.RotaryKL`)."""
-    from ..files.arch import rope_frequencies
+    from ..files.rope import rope_frequencies
     from ..maths.refine import RotaryKL
 
     theta, attention_scaling = rope_frequencies(ckpt.config, spec.head_dim)
@@ -202,7 +202,7 @@ def model_curves(model: torch.nn.Module, ckpt: Checkpoint, specs: list[Attention
 def _scores(directory: Path, out: Checkpoint, layer: Any, spec: AttentionSpec, qk: Any, x: torch.Tensor,
                    config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Original and shared-key scores of a rotary layer, rotated at positions 0..N-1 (B, H, N, N)."""
-    from ..files.arch import rope_frequencies
+    from ..files.rope import rope_frequencies
     from ..maths.rotary import RotaryFactors, rotary_scores
 
     if layer.kv_heads != spec.n_kv_head:
