@@ -43,6 +43,31 @@ class LayerMethod(Protocol):
 
     name: str
     causal_lm: bool  # its layers belong to a causal LM (the budget may measure the next-token KL)
+    # What its layers show in the tables (collabcompress.tables):
+    width_label: str  # the original key width column ("H*d")
+    needed: str  # what analyze's summary counts at each tau
+    analysis_caption: str | None  # analyze's table caption
+    analysis_columns: tuple[str, ...]  # analyze's columns after H (cells: analysis_cells)
+    energy_plot: str  # analyze --plot: "query_key" (the cumulative energy of both sides) or "frequency"
+    key_cache_text: str  # report: the key cache before and after
+
+    def claims(self, layer: AttentionSpec | LayerRecord | dict[str, Any]) -> bool:
+        """Whether ``layer`` (a spec, a manifest record, parsed or as JSON) is compressed by this method."""
+
+    def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
+        """The layer's cells of :attr:`analysis_columns`."""
+
+    def key_width(self, rec: dict[str, Any]) -> int:
+        """The original key width of a layer's manifest or report record (the :attr:`width_label` column)."""
+
+    def sweeps(self, rec: dict[str, Any]) -> str:
+        """compress's "sweeps" cell of a layer's manifest record."""
+
+    def compress_notes(self, manifest: dict[str, Any]) -> list[str]:
+        """Lines printed under the compress table."""
+
+    def report_caption(self, key_cache: str) -> str:
+        """What the report's key/query table caption adds (``key_cache``: the key cache at each N)."""
 
     def full_width(self, spec: AttentionSpec) -> int:
         """The layer's original key width (H*d; a rotary layer's key cache G*d): the top of its rank ladder."""

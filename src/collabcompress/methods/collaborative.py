@@ -163,6 +163,30 @@ class CollaborativeMethod:
 
     name = "collaborative"
     causal_lm = False
+    width_label = "H*d"
+    needed = "shared width needed"
+    analysis_caption = None
+    analysis_columns = ()
+    energy_plot = "query_key"
+    key_cache_text = "H*d before, R + H after"
+
+    def claims(self, layer: AttentionSpec | _mf.LayerRecord | dict[str, Any]) -> bool:
+        return True  # the method of every layer no other method claims
+
+    def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
+        return ()
+
+    def key_width(self, rec: dict[str, Any]) -> int:
+        return rec["heads"] * rec["head_dim"]
+
+    def sweeps(self, rec: dict[str, Any]) -> str:
+        return str(rec["iterations"])
+
+    def compress_notes(self, manifest: dict[str, Any]) -> list[str]:
+        return []
+
+    def report_caption(self, key_cache: str) -> str:
+        return ""
 
     def full_width(self, spec: AttentionSpec) -> int:
         return spec.width

@@ -28,8 +28,12 @@ from ..maths.spectra import choose_rank
 from ..options import CompressOptions
 from .base import FittedLayer, layer_record
 
-__all__ = ["ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
+__all__ = ["DATA_FREE_WARNING", "ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
 
+DATA_FREE_WARNING = (
+    "warning: rotary layers compressed without --calibration: the data-free fit is far worse for rotary models "
+    "(measured on SmolLM2 at a key cache of 128 of 192: perplexity x25 data-free, +11.6 % whitened; docs/rotary.md); "
+    "run `calibrate` and pass --calibration STATS")
 CURVE_WINDOWS = 1  # kept windows the next-token KL curves are measured on (one forward each per rung and layer)
 CURVE_TOKENS = 256  # leading tokens of each
 CURVE_STEPS = 8  # about this many candidate key caches per rotary layer
@@ -322,6 +326,43 @@ class RotaryMethod:
 
     name = "rotary"
     causal_lm = True
+    width_label = "G*d"
+    needed = "key cache needed (reals per token)"
+    analysis_caption = (
+        "Rotary layers: G = key/value heads; r@tau = the key cache R (reals per token and layer, even) whose "
+        "shared rotary components keep tau of the weighted per-frequency key energy (data-free query-energy "
+        "weights), against the original G*d; red = 1 - R/(G*d); spectrum = the per-frequency singular "
+        "values, all frequencies ranked together.")
+    analysis_columns = ("G",)
+    energy_plot = "frequency"
+    key_cache_text = "G*d before, R after"
+
+    def claims(self, layer: AttentionSpec | _mf.LayerRecord | dict[str, Any]) -> bool:
+        """A rotary layer: the spec's or record's ``rotary`` flag (the manifest's ``"rotary": true``)."""
+        return bool(layer.get("rotary") if isinstance(layer, dict) else layer.rotary)
+
+    def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
+        return (str(spec.n_kv_head),)
+
+    def key_width(self, rec: dict[str, Any]) -> int:
+        return rec["kv_heads"] * rec["head_dim"]
+
+    def sweeps(self, rec: dict[str, Any]) -> str:
+        return "-"  # a rotary fit is one SVD per frequency
+
+    def compress_notes(self, manifest: dict[str, Any]) -> list[str]:
+        """What R means for rotary layers, and the data-free warning."""
+        notes = ["Rotary layers: G*d is the original key cache (reals per token and layer), R the shared rotary key "
+                 "cache; energy@R and rel. error are those of the weighted per-frequency fit (docs/method.md)."]
+        if not manifest["settings"].get("calibration"):
+            notes.append(DATA_FREE_WARNING)
+        return notes
+
+    def report_caption(self, key_cache: str) -> str:
+        return ("\nRotary layers: G×d = the original key cache G*d (reals per token and layer); R = the shared rotary "
+                "key cache; params = q_proj + k_proj before, q_proj (unchanged) + shared keys, mixing and frequency "
+                "indices after; the scores cost H*R instead of H*d multiply-adds per query and cached token. Key "
+                f"cache at {key_cache} over these layers.")
 
     def full_width(self, spec: AttentionSpec) -> int:
         return spec.key_cache
