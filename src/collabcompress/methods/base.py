@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,6 +115,17 @@ class LayerMethod(Protocol):
 
     def runtime_module(self, old: torch.nn.Module, layer: LayerRecord, module_name: str, family: Any) -> torch.nn.Module:
         """The transformers attention module ``old`` running the compressed layer (``hf``)."""
+
+    def query_statistic(self, spec: AttentionSpec) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """What ``calibrate`` sums over the tokens of the layer's query outputs: (zeros, the term of
+        the query outputs (n, H*d)); ``None``: nothing."""
+
+    def value_projection(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The layer's value weight and bias as ``bench`` runs them (float32), or ``None`` when not stored."""
+
+    def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (cos, sin) position embeddings ``bench`` passes to the layer, or ``None``."""
 
 
 def refine_record(layer: FittedLayer) -> dict[str, Any] | None:

@@ -286,5 +286,17 @@ class CollaborativeMethod:
 
         return collaborative_module(old, layer, module_name, family)
 
+    def query_statistic(self, spec: AttentionSpec) -> None:
+        return None
+
+    def value_projection(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, None] | None:
+        """The value weight (H*d, D) of the value/output pair, without its bias."""
+        value_output = load_value_output(ckpt, spec, torch.float32)
+        return None if value_output is None else (value_output[0], None)
+
+    def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+                            device: torch.device) -> None:
+        return None
+
 
 COLLABORATIVE = CollaborativeMethod()

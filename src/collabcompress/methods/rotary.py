@@ -449,5 +449,37 @@ class RotaryMethod:
 
         return rotary_module(old, layer)
 
+    def query_statistic(self, spec: AttentionSpec) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The query energies: the sum over tokens of |q_{h,j}|^2, (H, d/2)."""
+        from ..maths.rotary import rotary_pairs
+
+        def term(q: torch.Tensor) -> torch.Tensor:
+            return rotary_pairs(q.T, spec.n_head, spec.head_dim).abs().square().sum(-1)  # (H, d/2)
+        return torch.zeros(spec.n_head, spec.head_dim // 2, dtype=torch.float64), term
+
+    def value_projection(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The value weight (G*d, D) and its bias, by the family's value name."""
+        from ..files.families import find_family
+
+        family = find_family(spec.family)
+        if family is None or family.value is None:
+            return None
+        name = family.value.format(m=spec.module, parent=spec.module.rsplit(".", 1)[0])
+        bias = name[: -len("weight")] + "bias"
+        if name not in ckpt:
+            return None
+        return ckpt.load(name, torch.float32, finite=True), (ckpt.load(bias, torch.float32) if bias in ckpt else None)
+
+    def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' position embeddings (cos, sin), (1, N, d) each, attention scaling included."""
+        from ..files.rope import rope_frequencies
+
+        theta, scaling = rope_frequencies(config, head_dim)  # (d/2,)
+        angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta[None, :]  # (N, d/2)
+        emb = torch.cat([angles, angles], dim=-1)  # (N, d)
+        return ((emb.cos() * scaling).to(dtype=dtype, device=device)[None],
+                (emb.sin() * scaling).to(dtype=dtype, device=device)[None])
+
 
 ROTARY = RotaryMethod()
