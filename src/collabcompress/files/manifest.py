@@ -191,10 +191,23 @@ class LayerRecord:
     rotary: bool = False
     allocation: dict[str, Any] | None = None  # --budget: the loss curve and the loss at the chosen width
 
+    def shapes(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """The shape of each collaborative tensor (query and key (R, D), mixing (H, R), content_bias
+        (H, D); a rotary layer: q_proj (H*d, D), key (R, D), mixing (G, R/2, 2), key_freq (R/2,),
+        key_bias (R,)); an odd R of a rotary layer is refused, naming the manifest ``path``."""
+        t, r, h, d = self.tensors, self.shared_dim, self.heads, self.d_model
+        if self.rotary:
+            if r % 2:
+                raise BadInputError(f"{path}: {self.module} is rotary with an odd shared_dim {r}")
+            return {t.query: (h * self.head_dim, d), t.key: (r, d), t.mixing: (self.kv_heads, r // 2, 2),
+                    t.key_freq: (r // 2,), **({t.key_bias: (r,)} if t.key_bias else {})}
+        return {t.query: (r, d), t.key: (r, d), t.mixing: (h, r), t.content_bias: (h, d)}
+
     def to_json(self) -> dict[str, Any]:
-        rotary = {"kv_heads": self.kv_heads, "rotary": True} if self.rotary else {}
+        # a rotary layer's fields, written when set (docs/method.md "Rotary layers")
+        grouped = {k: v for k, v in (("kv_heads", self.kv_heads), ("rotary", self.rotary)) if v}
         allocation = {"allocation": self.allocation} if self.allocation is not None else {}
-        return {"module": self.module, "index": self.index, "heads": self.heads, **rotary, "head_dim": self.head_dim,
+        return {"module": self.module, "index": self.index, "heads": self.heads, **grouped, "head_dim": self.head_dim,
                 "d_model": self.d_model, "shared_dim": self.shared_dim, "scale": self.scale,
                 "relative_error": self.relative_error, "relative_error_plain": self.relative_error_plain,
                 "energy_spectral": self.energy_spectral, "iterations": self.iterations, "seconds": self.seconds,
@@ -372,18 +385,10 @@ def check_outputs(directory: str | Path, manifest: Manifest) -> None:
 
 def check_shapes(manifest: Manifest, out: Checkpoint) -> None:
     """The collaborative tensors of every layer have the shapes the manifest records
-    (query and key (R, D), mixing (H, R), content_bias (H, D); rotary layers: q_proj (H*d, D),
-    key (R, D), mixing (G, R/2, 2), key_freq (R/2,), key_bias (R,))."""
+    (:meth:`LayerRecord.shapes`)."""
     for la in manifest.layers:
         t, r, h, d = la.tensors, la.shared_dim, la.heads, la.d_model
-        if la.rotary:
-            if r % 2:
-                raise BadInputError(f"{manifest.path}: {la.module} is rotary with an odd shared_dim {r}")
-            expected = {t.query: (h * la.head_dim, d), t.key: (r, d), t.mixing: (la.kv_heads, r // 2, 2),
-                        t.key_freq: (r // 2,), **({t.key_bias: (r,)} if t.key_bias else {})}
-        else:
-            expected = {t.query: (r, d), t.key: (r, d), t.mixing: (h, r), t.content_bias: (h, d)}
-        for name, shape in expected.items():
+        for name, shape in la.shapes(manifest.path).items():
             if name not in out:
                 raise BadInputError(f"{out.path} is missing tensor {name!r} named in its manifest")
             if tuple(out.shape(name)) != shape:
