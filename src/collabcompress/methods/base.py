@@ -55,6 +55,9 @@ class LayerMethod(Protocol):
     def claims(self, layer: AttentionSpec | LayerRecord | dict[str, Any]) -> bool:
         """Whether ``layer`` (a spec, a manifest record, parsed or as JSON) is compressed by this method."""
 
+    def analysis_fields(self, spectrum: Any) -> dict[str, Any]:
+        """What the layer's ``analyze --json`` record adds after ``heads`` (its :meth:`spectrum`'s figures)."""
+
     def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
         """The layer's cells of :attr:`analysis_columns`."""
 

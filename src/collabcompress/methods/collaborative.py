@@ -173,6 +173,9 @@ class CollaborativeMethod:
     def claims(self, layer: AttentionSpec | _mf.LayerRecord | dict[str, Any]) -> bool:
         return True  # the method of every layer no other method claims
 
+    def analysis_fields(self, spectrum: Any) -> dict[str, Any]:
+        return {}
+
     def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
         return ()
 

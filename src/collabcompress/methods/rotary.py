@@ -341,6 +341,11 @@ class RotaryMethod:
         """A rotary layer: the spec's or record's ``rotary`` flag (the manifest's ``"rotary": true``)."""
         return bool(layer.get("rotary") if isinstance(layer, dict) else layer.rotary)
 
+    def analysis_fields(self, spectrum: Any) -> dict[str, Any]:
+        """G, the rotary flag and the per-frequency energy (d/2 rows of G)."""
+        return {"kv_heads": spectrum.n_kv_head, "rotary": True,
+                "frequency_energy": [[round(float(e), 8) for e in row] for row in spectrum.frequency_energy()]}
+
     def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
         return (str(spec.n_kv_head),)
 
