@@ -65,7 +65,6 @@ def _rotary_layout_reasons(cfg: dict[str, Any]) -> list[str]:
     return reasons
 
 
-
 def rotary_family(names: list[str], config: dict[str, Any] | None, arch: str | None) -> Family | None:
     """The rotary family of the checkpoint (its rope settings checked: :func:`_check_rope_settings`),
     or ``None``."""
@@ -150,7 +149,6 @@ def _looks_rotary(names: list[str]) -> bool:
     return any((m := _LLAMA_SIBLINGS.match(n)) and m.group("layer") in with_query for n in names)
 
 
-
 def _number(value: Any) -> bool:
     """A finite real number (not a bool, not a string), as float() sees it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -219,7 +217,6 @@ def _transformers_rope_types() -> set[str]:
     except ImportError:
         return set(_ROPE_TYPES)
     return set(_ROPE_TYPES) | set(ROPE_INIT_FUNCTIONS)
-
 
 
 def _rotary_spec(ckpt: Checkpoint, spec: Any, kv_heads: int | None,
