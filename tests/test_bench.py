@@ -289,8 +289,7 @@ def test_exact_rank_layers_match_the_original(family, rank, rotary_checkpoints, 
         compress(original, out, CompressOptions(rank=rank))
     layers, config = _layers(original, out)
     x = torch.randn(2, 6, layers[0].spec.d_model, generator=torch.Generator().manual_seed(0))
-    rope = latency._rope(config, layers[0].spec.head_dim, 6, torch.float32, torch.device("cpu"))
     for la in layers:
-        r = rope if la.spec.rotary else None
+        r = la.method.position_embeddings(config, la.spec.head_dim, 6, torch.float32, torch.device("cpu"))
         torch.testing.assert_close(latency._compressed_layer(la, x, r), latency._original_layer(la, x, r),
                                    atol=2e-4, rtol=2e-4)

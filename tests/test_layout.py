@@ -121,3 +121,48 @@ def test_the_package_exports_the_public_api():
     assert collabcompress.compress is compress and collabcompress.load_model is load_model
     with pytest.raises(AttributeError):
         collabcompress.no_such_name  # noqa: B018
+
+
+# Where a layer may be told rotary from not (docs/method.md "Rotary decoders"): the rotary
+# method, its maths, its runtime module, and files/rope.py, the file-side home of rope detection
+# and settings. Elsewhere code asks the layer's method (collabcompress.methods.method_for).
+# Two more hold named definitions: files/manifest.py's LayerRecord, the manifest's record format,
+# parsed in files/, which methods/ import (so methods cannot be asked there without a cycle), and
+# the rotary adapter's helpers in runtime/adapters.py. None: the whole module.
+ROTARY_HOMES = {"collabcompress.methods.rotary": None, "collabcompress.maths.rotary": None,
+                "collabcompress.runtime.attention": None, "collabcompress.files.rope": None,
+                "collabcompress.files.manifest": {"LayerRecord"},
+                "collabcompress.runtime.adapters": {"_rotary_classes", "check_rotary_frequencies"}}
+
+
+def _mentions_rotary(test: ast.AST) -> bool:
+    return any("rotary" in (n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute)
+                            else n.value if isinstance(n, ast.Constant) and isinstance(n.value, str) else "").lower()
+               for n in ast.walk(test))
+
+
+def _rotary_branches(tree: ast.AST, allowed: set[str]) -> list[int]:
+    """Lines of ``if``/``elif``/``while``, conditional expressions and comprehension filters that
+    test for rotary, outside the top-level definitions named in ``allowed``."""
+    found = []
+
+    def visit(node: ast.AST, owner: str | None) -> None:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and owner is None:
+            owner = node.name
+        tests = [node.test] if isinstance(node, (ast.If, ast.IfExp, ast.While)) else \
+            node.ifs if isinstance(node, ast.comprehension) else []
+        if owner not in allowed and any(_mentions_rotary(t) for t in tests):
+            found.append(tests[0].lineno)
+        for child in ast.iter_child_nodes(node):
+            visit(child, owner)
+
+    visit(tree, None)
+    return found
+
+
+def test_rotary_is_told_only_in_its_homes():
+    """No ``if ... rotary`` outside the rotary method and its homes: other code asks the layer's method."""
+    branches = [f"{me}:{line}" for me, path in sorted(MODULES.items())
+                if me not in ROTARY_HOMES or ROTARY_HOMES[me] is not None
+                for line in _rotary_branches(ast.parse(path.read_text(encoding="utf-8")), ROTARY_HOMES.get(me) or set())]
+    assert not branches, branches

@@ -163,10 +163,9 @@ def _ignored_patterns(model: nn.Module) -> tuple[re.Pattern[str] | None, re.Patt
     unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
     buffers = [name for name, _ in model.named_buffers()]
-    if any(b.endswith("position_ids") for b in buffers):  # persistent in old checkpoints, not any more
-        unexpected.add(r"(^|\.)position_ids$")
-    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
-        unexpected.add(r"rotary_emb\.inv_freq")
+    # buffers persistent in old checkpoints, not any more: (the buffer's name ends, its pattern)
+    stale = (("position_ids", r"(^|\.)position_ids$"), ("rotary_emb.inv_freq", r"rotary_emb\.inv_freq"))
+    unexpected.update(pattern for end, pattern in stale if any(b.endswith(end) for b in buffers))
 
     def compile_(patterns: set[str]) -> re.Pattern[str] | None:
         return re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None

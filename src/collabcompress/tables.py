@@ -37,18 +37,16 @@ def sparkline(values: torch.Tensor, width: int = 16) -> str:
 
 def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Table:
     """One row per layer: H, d, D, shared rank needed at each tau, redundancy, spectrum sparkline."""
+    from .methods import method_of_layers
+
     mid = result.energies[len(result.energies) // 2]
-    rotary = any(getattr(la.spec, "rotary", False) for la in result.layers)
-    caption = ("Rotary layers: G = key/value heads; r@tau = the key cache R (reals per token and layer, even) whose "
-               "shared rotary components keep tau of the weighted per-frequency key energy (data-free query-energy "
-               "weights), against the original G*d; red = 1 - R/(G*d); spectrum = the per-frequency singular "
-               "values, all frequencies ranked together." if rotary else None)
+    method = method_of_layers(la.spec for la in result.layers)
     table = Table(title=f"Head redundancy: {result.checkpoint} ({result.architecture})", title_justify="left",
-                  box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
+                  box=box.SIMPLE_HEAD, caption=method.analysis_caption, caption_justify="left")
     table.add_column("layer", justify="right")
     if show_module:
         table.add_column("module")
-    for col in ("H", *(("G",) if rotary else ()), "d", "D"):
+    for col in ("H", *method.analysis_columns, "d", "D"):
         table.add_column(col, justify="right")
     for tau in result.energies:
         table.add_column(f"r@{tau:g}", justify="right")
@@ -57,17 +55,19 @@ def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Tabl
     for la in result.layers:
         sp = la.spectrum
         table.add_row(str(la.spec.index), *([la.spec.module] if show_module else []),
-                      str(sp.n_head), *((str(la.spec.n_kv_head),) if rotary else ()), str(sp.head_dim), str(sp.d_model),
+                      str(sp.n_head), *method.analysis_cells(la.spec), str(sp.head_dim), str(sp.d_model),
                       *[str(sp.rank_at(t)) for t in result.energies],
                       f"{sp.redundancy(mid):.0%}", sparkline(sp.sv_query, 12))
     return table
 
 
 def analysis_summary(result: AnalysisResult) -> str:
+    from .methods import method_of_layers
+
     s = result.summary()
     parts = [f"{s['total_rank_at'][k]}/{s['total_width']} at {k} ({s['redundancy'][k]:.0%} redundant)"
              for k in s["total_rank_at"]]
-    what = "key cache needed (reals per token)" if any(la.spec.rotary for la in result.layers) else "shared width needed"
+    what = method_of_layers(la.spec for la in result.layers).needed
     return f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
 
 
@@ -96,22 +96,31 @@ def plot_energy(result: AnalysisResult, path: Path, name: str | None = None) -> 
     rotary layers the weighted key energy of each frequency (summed over components) instead.
     Lines are coloured by layer (a colormap and a colorbar beyond 10 layers). ``name`` stands
     for the checkpoint's path in the title."""
+    from .methods import method_of_layers
+
     plt = require_matplotlib()
     title = f"{name or result.checkpoint} ({result.architecture})"
-    if any(la.spec.rotary for la in result.layers):
-        layers = [la for la in result.layers if la.spec.rotary]
-        indices = [la.spec.index for la in layers]
-        fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
-        for la, colour in zip(layers, _layer_colours(plt, indices)):
-            per_freq = la.spectrum.frequency_energy().sum(1).numpy()  # (d/2,)
-            ax.plot(range(len(per_freq)), per_freq, label=f"layer {la.spec.index}", lw=1.2, color=colour)
-        ax.set_xlabel("frequency index j (theta_j decreasing)")
-        ax.set_ylabel("share of the weighted key energy")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        _layer_key(plt, fig, [ax], indices)
-        save_figure(plt, fig, f"{title}: per-frequency key energy", path)
-        return
+    plot = {"frequency": _plot_frequency_energy, "query_key": _plot_side_energy}
+    plot[method_of_layers(la.spec for la in result.layers).energy_plot](plt, result, title, path)
+
+
+def _plot_frequency_energy(plt, result: AnalysisResult, title: str, path: Path) -> None:
+    """Per layer, the weighted key energy of each rotary frequency (summed over components)."""
+    indices = [la.spec.index for la in result.layers]
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    for la, colour in zip(result.layers, _layer_colours(plt, indices)):
+        per_freq = la.spectrum.frequency_energy().sum(1).numpy()  # (d/2,)
+        ax.plot(range(len(per_freq)), per_freq, label=f"layer {la.spec.index}", lw=1.2, color=colour)
+    ax.set_xlabel("frequency index j (theta_j decreasing)")
+    ax.set_ylabel("share of the weighted key energy")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    _layer_key(plt, fig, [ax], indices)
+    save_figure(plt, fig, f"{title}: per-frequency key energy", path)
+
+
+def _plot_side_energy(plt, result: AnalysisResult, title: str, path: Path) -> None:
+    """Per layer, the cumulative energy of the query and the key side, with the thresholds."""
     indices = [la.spec.index for la in result.layers]
     colours = _layer_colours(plt, indices)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
@@ -146,46 +155,37 @@ def compress_table(manifest: dict) -> Table:
     minimised. With ``--refine-steps`` the attention KL before and after refinement is shown
     (refinement lowers the KL and may raise either error).
     """
+    from .methods import method_for, method_of_layers
+
     layers = manifest["layers"]
     whitened = bool(manifest["settings"].get("calibration"))
     refined = any(la.get("refine") for la in layers)
     table = Table(title=f"Compressed {manifest['source']['path']} ({manifest['source']['architecture']})",
                   title_justify="left", box=box.SIMPLE_HEAD)
-    rotary = all(la.get("rotary") for la in layers)
-    columns = ["layer", "G*d" if rotary else "H*d", "R", "energy@R", "rel. error"]
+    columns = ["layer", method_of_layers(layers).width_label, "R", "energy@R", "rel. error"]
     columns += ["rel. error (whitened)"] * whitened + ["KL before refine", "KL after refine"] * refined
     for col in (*columns, "sweeps", "seconds"):
         table.add_column(col, justify="right")
     for layer in layers:
         plain = layer.get("relative_error_plain", layer["relative_error"]) if whitened else layer["relative_error"]
-        width = layer["kv_heads"] * layer["head_dim"] if layer.get("rotary") else layer["heads"] * layer["head_dim"]
-        row = [str(layer["index"]), str(width), str(layer["shared_dim"]),
+        method = method_for(layer)
+        row = [str(layer["index"]), str(method.key_width(layer)), str(layer["shared_dim"]),
                f"{layer['energy_spectral']:.3f}", f"{plain:.4f}"]
         if whitened:
             row.append(f"{layer['relative_error']:.4f}")
         if refined:
             r = layer.get("refine") or {}
             row += [f"{r['kl_before']:.3g}" if r else "", f"{r['kl_after']:.3g}" if r else ""]
-        sweeps = "-" if layer.get("rotary") else str(layer["iterations"])  # a rotary fit is one SVD per frequency
-        table.add_row(*row, sweeps, f"{layer['seconds']:.2f}")
+        table.add_row(*row, method.sweeps(layer), f"{layer['seconds']:.2f}")
     return table
 
 
-DATA_FREE_ROTARY_WARNING = (
-    "warning: rotary layers compressed without --calibration: the data-free fit is far worse for rotary models "
-    "(measured on SmolLM2 at a key cache of 128 of 192: perplexity x25 data-free, +11.6 % whitened; docs/rotary.md); "
-    "run `calibrate` and pass --calibration STATS")
-
-
 def compress_notes(manifest: dict) -> list[str]:
-    """Lines printed under the compress table: what R means for rotary layers, and the data-free warning."""
-    if not any(la.get("rotary") for la in manifest["layers"]):
-        return []
-    notes = ["Rotary layers: G*d is the original key cache (reals per token and layer), R the shared rotary key "
-             "cache; energy@R and rel. error are those of the weighted per-frequency fit (docs/method.md)."]
-    if not manifest["settings"].get("calibration"):
-        notes.append(DATA_FREE_ROTARY_WARNING)
-    return notes
+    """Lines printed under the compress table: what the method of the layers adds (rotary: what R
+    means, and the data-free warning)."""
+    from .methods import method_of_layers
+
+    return method_of_layers(manifest["layers"]).compress_notes(manifest)
 
 
 def verify_table(result: dict) -> Table:
@@ -242,6 +242,7 @@ def report_tables(report: Report) -> list[Table]:
     """The rich tables of ``collabcompress report``: the key/query side per layer, its FLOPs per
     token per layer, and the whole model."""
     from .files.manifest import MANIFEST_NAME  # imports io (torch): only where a report exists already
+    from .methods import method_for, method_of_layers
 
     d = report.to_dict()
     q, m = d["qk_total"], d["model"]
@@ -251,30 +252,21 @@ def report_tables(report: Report) -> list[Table]:
                 f"{rec['qk_params_saved_fraction']:.1%}", f"{rec['key_cache_elements_per_token_before']:,}",
                 f"{rec['key_cache_elements_per_token_after']:,}"]
 
-    rotary = any(la.get("rotary") for la in d["layers"])
-    all_rotary = rotary and all(la.get("rotary") for la in d["layers"])
+    method = method_of_layers(d["layers"])
     per_n = ", ".join(f"{n:,} tokens: {n * q['key_cache_bytes_per_token_before']:,} → "
                       f"{n * q['key_cache_bytes_per_token_after']:,} bytes" for n in report.seq_lens)
-    rotary_caption = (
-        "\nRotary layers: G×d = the original key cache G*d (reals per token and layer); R = the shared rotary key "
-        "cache; params = q_proj + k_proj before, q_proj (unchanged) + shared keys, mixing and frequency indices "
-        "after; the scores cost H*R instead of H*d multiply-adds per query and cached token. Key cache at "
-        f"{per_n} over these layers." if rotary else "")
-
-    def width(la: dict[str, Any]) -> str:
-        return str((la["kv_heads"] if la.get("rotary") else la["heads"]) * la["head_dim"])
 
     t1 = _table(
         f"Key/query side per layer: {report.directory}",
-        ("layer", "G×d" if all_rotary else "H×d", "R", "rel. error", "params before", "params after", "saved",
+        ("layer", method.width_label.replace("*", "×"), "R", "rel. error", "params before", "params after", "saved",
          "K-cache before",
          "K-cache after"),
-        [[params_row(str(la["index"]), (width(la), str(la["shared_dim"]),
+        [[params_row(str(la["index"]), (str(method_for(la).key_width(la)), str(la["shared_dim"]),
                                         f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
          [params_row("all", ("", "", ""), q)]],
-        f"K-cache: key-cache elements per token ({'G*d before, R after' if all_rotary else 'H*d before, R + H after'}); "
+        f"K-cache: key-cache elements per token ({method.key_cache_text}); "
         f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
-        f"over these layers ({report.dtype_before} → {report.dtype_after})." + rotary_caption)
+        f"over these layers ({report.dtype_before} → {report.dtype_after})." + method.report_caption(per_n))
 
     def flops_rows(label: str, rec: dict[str, Any]) -> list[list[str]]:
         rows = []

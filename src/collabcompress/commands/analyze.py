@@ -50,15 +50,12 @@ class LayerAnalysis:
 
     def to_dict(self, energies: Sequence[float]) -> dict[str, Any]:
         sp = self.spectrum
-        rotary = {}
-        if isinstance(sp, RotarySpectrum):
-            rotary = {"kv_heads": sp.n_kv_head, "rotary": True,
-                      "frequency_energy": [[round(float(e), 8) for e in row] for row in sp.frequency_energy()]}
+        method_fields = method_for(self.spec).analysis_fields(sp)
         return {
             "module": self.spec.module,
             "index": self.spec.index,
             "heads": sp.n_head,
-            **rotary,
+            **method_fields,
             "head_dim": sp.head_dim,
             "d_model": sp.d_model,
             "energy_query": [round(float(e), 8) for e in sp.energy_query],

@@ -197,23 +197,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def _rope(config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
-          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' position embeddings (cos, sin), (1, N, d) each, attention scaling included."""
-    from ..files.arch import rope_frequencies
-
-    theta, scaling = rope_frequencies(config, head_dim)  # (d/2,)
-    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta[None, :]  # (N, d/2)
-    emb = torch.cat([angles, angles], dim=-1)  # (N, d)
-    return ((emb.cos() * scaling).to(dtype=dtype, device=device)[None],
-            (emb.sin() * scaling).to(dtype=dtype, device=device)[None])
-
-
 @dataclass
 class _Layer:
     """One compressed layer's tensors on both sides, ready to run."""
 
     spec: Any  # the original's AttentionSpec
+    method: Any  # its LayerMethod
     w_query: torch.Tensor
     b_query: torch.Tensor | None
     w_key: torch.Tensor
@@ -223,20 +212,10 @@ class _Layer:
     collab: torch.nn.Module
 
 
-def _value_projection(ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The value weight (G*d or H*d, D) and its bias, from the original checkpoint."""
-    from ..files.arch import load_value_output
-    from ..files.families import find_family
-
-    family = find_family(spec.family)
-    if spec.rotary and family is not None and family.value is not None:
-        name = family.value.format(m=spec.module, parent=spec.module.rsplit(".", 1)[0])
-        bias = name[: -len("weight")] + "bias"
-        if name in ckpt:
-            return ckpt.load(name, torch.float32, finite=True), (ckpt.load(bias, torch.float32) if bias in ckpt
-                                                                 else None)
-    elif (vo := load_value_output(ckpt, spec, torch.float32)) is not None:
-        return vo[0], None
+def _value_projection(method, ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The value weight (G*d or H*d, D) and its bias, from the original checkpoint (``method``: the layer's)."""
+    if (value := method.value_projection(ckpt, spec)) is not None:
+        return value
     raise BadInputError(f"the original checkpoint holds no value projection of {spec.module} that fits it; the "
                         "module-level bench needs the query, key and value tensors of every compressed layer")
 
@@ -249,10 +228,11 @@ def _module_layers(source, out, manifest) -> list[_Layer]:
         spec = source.specs.get(layer.module)
         if spec is None:
             raise BadInputError(f"module {layer.module} of the manifest is not in the original checkpoint")
+        method = method_for(layer)
         qk = load_query_key(source.ckpt, spec, torch.float32)
-        w_value, b_value = _value_projection(source.ckpt, spec)
-        layers.append(_Layer(spec, qk.w_query, qk.b_query, qk.w_key, qk.b_key, w_value, b_value,
-                             method_for(layer).output_module(out, layer, spec)))
+        w_value, b_value = _value_projection(method, source.ckpt, spec)
+        layers.append(_Layer(spec, method, qk.w_query, qk.b_query, qk.w_key, qk.b_key, w_value, b_value,
+                             method.output_module(out, layer, spec)))
     return layers
 
 
@@ -318,14 +298,15 @@ class _ModulePair:
             d_model, head_dim = la.spec.d_model, la.spec.head_dim
             if d_model not in inputs:
                 inputs[d_model] = torch.randn(batch, seq_len, d_model, generator=g).to(self.device, self.dtype)
-            if la.spec.rotary and head_dim not in ropes:
-                ropes[head_dim] = _rope(self.config, head_dim, seq_len, self.dtype, self.device)
+            if (la.method.name, head_dim) not in ropes:
+                ropes[la.method.name, head_dim] = la.method.position_embeddings(self.config, head_dim, seq_len,
+                                                                                self.dtype, self.device)
 
         def run(layer_fn) -> Run:
             @torch.inference_mode()
             def forward() -> None:
                 for la in self.layers:
-                    layer_fn(la, inputs[la.spec.d_model], ropes[la.spec.head_dim] if la.spec.rotary else None)
+                    layer_fn(la, inputs[la.spec.d_model], ropes[la.method.name, la.spec.head_dim])
             return forward
 
         return run(_original_layer), run(_compressed_layer)
@@ -343,7 +324,7 @@ class _ModelPair:
         from ..files.texts import position_limit
 
         self.reference, self.model, self.dtype, self.device = reference, model, dtype, device
-        self.causal = bool(family.rotary or model.can_generate())
+        self.causal = bool(family.causal_lm or model.can_generate())
         # an encoder's hidden states (the encoder of an encoder-decoder model); a causal LM whole
         self.runners = (reference, model) if self.causal else (encoder_of(reference), encoder_of(model))
         self.vocab = int(getattr(model.config, "vocab_size", 0) or 0)

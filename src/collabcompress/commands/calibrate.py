@@ -59,6 +59,7 @@ from ..files.output import check_output_file, write_safetensors
 from ..files.statistics import STATS_FORMAT, source_sha256
 from ..runtime.adapters import find_modules
 from ..files.texts import leading_text, load_tokenizer, position_limit
+from ..methods import method_for
 
 __all__ = ["calibrate", "causal_windows", "windows"]
 
@@ -269,15 +270,12 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
                     x[b, : int(mask[b].sum())].detach().float().clone()
         return fn
 
-    def energy_hook(spec: AttentionSpec):
-        from ..maths.rotary import rotary_pairs
-
+    def energy_hook(spec: AttentionSpec, statistic: Callable[[torch.Tensor], torch.Tensor]):
         def fn(_module, _args, q):
             mask = state["mask"]  # (B, T)
             if q.dim() != 3 or mask is None or q.shape[:2] != mask.shape:
                 return
-            pairs = rotary_pairs(q[mask.bool()].T, spec.n_head, spec.head_dim)  # (H, d/2, n) complex
-            energy[spec.module] += pairs.abs().square().sum(-1)  # (H, d/2)
+            energy[spec.module] += statistic(q[mask.bool()])  # (H, d/2)
         return fn
 
     def value_hook(spec: AttentionSpec):
@@ -305,9 +303,10 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
         handles.append(attention.register_forward_hook(value_hook(spec), with_kwargs=True))
         if "output_attentions" in inspect.signature(attention.forward).parameters:
             handles.append(attention.register_forward_pre_hook(ask_for_weights, with_kwargs=True))
-        if spec.rotary:
-            energy[spec.module] = torch.zeros(spec.n_head, spec.head_dim // 2, dtype=torch.float64)
-            handles.append(q_mod.register_forward_hook(energy_hook(spec)))
+        # the layer's method may sum a statistic of its query outputs (rotary: the query energies)
+        if (statistic := method_for(spec).query_statistic(spec)) is not None:
+            energy[spec.module] = statistic[0]
+            handles.append(q_mod.register_forward_hook(energy_hook(spec, statistic[1])))
         cross = family.is_cross(spec.module)
         acc[spec.module] = (_Accumulator(spec.d_model), _Accumulator(spec.d_model) if cross else None)
         handles.append(q_mod.register_forward_pre_hook(hook(spec, "query"), with_kwargs=True))

@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files.arch import detect, find_family, stored_qk_params
-from ..maths.costs import LayerCost, RotaryLayerCost, linear_crossover, matmul_flops, saved_fraction
+from ..maths.costs import LayerCost, linear_crossover, matmul_flops, saved_fraction
 from ..defaults import DEFAULT_SEQ_LEN
 from ..dtypes import ELEMENT_SIZE, dtype_name
 from ..errors import BadInputError
@@ -242,8 +242,7 @@ class Report:
         for la in self.layers:
             record = {"module": la.module, "index": la.index, "heads": la.n_head, "head_dim": la.head_dim,
                       "d_model": la.d_model, "shared_dim": la.shared_dim, "relative_error": la.relative_error}
-            if isinstance(la, RotaryLayerCost):
-                record.update(kv_heads=la.n_kv_head, rotary=True)
+            record.update(la.record_fields())
             record.update(self._qk_record([la], dtypes))
             layers.append(record)
         qk_total = {"layers": len(self.layers), **self._qk_record(self.layers, dtypes)}

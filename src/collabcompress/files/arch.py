@@ -11,38 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..maths.costs import qk_params
 from ..dtypes import FLOATS
 from ..errors import BadInputError, UnsupportedArchitectureError
-from .families import FAMILIES, KV_HEAD_KEYS, REFUSED_ROTARY_MODEL_TYPES, Family, family_of_model_type, find_family
+from . import rope
+from .families import FAMILIES, Family, find_family
 from .checkpoint import Checkpoint
 
 __all__ = ["Family", "AttentionSpec", "QueryKey", "FAMILIES", "find_family", "detect", "load_query_key",
-           "load_value_output", "rope_frequencies", "stored_qk_params", "COLLAB_SUFFIXES"]
+           "load_value_output", "stored_qk_params", "COLLAB_SUFFIXES"]
 
 COLLAB_SUFFIXES = (".collab_query.weight", ".collab_key.weight", ".collab_mixing", ".collab_content_bias.weight",
                    ".collab_key_freq")
 
-_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base",
-                "rotary_emb_fraction", "partial_rotary_factor")
-_INTERLEAVE_KEYS = ("rope_interleave", "rope_interleaved", "rotary_interleave", "rotary_interleaved",
-                    "interleaved_rope")
-# Numeric rotary settings (top level, in rope_parameters or rope_scaling): finite numbers, the
-# first four positive; transformers would otherwise compute NaN or nonsense frequencies.
-_ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
-                 "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow", "mscale",
-                 "mscale_all_dim")
-_ROPE_POSITIVE = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings")
-_ROPE_LISTS = ("short_factor", "long_factor")
-# rope types known without importing transformers; any other is looked up in transformers' table
-_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 _MAX_LAYER_DIGITS = 9  # a longer number in a module name is damage, not a layer index (int() refuses > 4300)
 _QK_NORM = re.compile(r"(?:^|\.)(?:q_norm|k_norm|query_norm|key_norm|q_layernorm|k_layernorm)(?:\.|$)")
 
@@ -91,7 +77,7 @@ class AttentionSpec:
 
     @property
     def key_cache(self) -> int:
-        """G*d: the original key cache per token (reals) of a rotary layer."""
+        """G*d: the original key rows (a rotary layer's key cache per token, reals); H*d unless grouped-query."""
         return self.n_kv_head * self.head_dim
 
 
@@ -113,82 +99,22 @@ def _natural(s: str, family: Family) -> tuple:
     return (side, tuple(int(t) if t.isdigit() else (family.is_cross(t), t) for t in re.split(r"(\d+)", s)))
 
 
-def _rotary_config(cfg: dict[str, Any]) -> bool:
-    return (any(k in cfg for k in _ROTARY_KEYS) or cfg.get("position_embedding_type") == "rotary"
-            or (isinstance(cfg.get("model_type"), str) and cfg["model_type"] in REFUSED_ROTARY_MODEL_TYPES))
-
-
-def _rope_setting(cfg: dict[str, Any], key: str) -> Any:
-    """``cfg[key]``, or the same key inside ``rope_parameters`` / ``rope_scaling``."""
-    for where in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling")):
-        if isinstance(where, dict) and where.get(key) is not None:
-            return where[key]
-    return None
-
-
-def _rotary_layout_reasons(cfg: dict[str, Any]) -> list[str]:
-    """Why a rotary checkpoint of a registered family still cannot be compressed."""
-    reasons = []
-    partial = _rope_setting(cfg, "partial_rotary_factor")
-    if isinstance(partial, (int, float)) and not isinstance(partial, bool) and partial < 1:
-        reasons.append(f"partial rotary embeddings (partial_rotary_factor = {partial}): only part of each head is "
-                       "rotated, which the shared rotary keys do not model")
-    if any(_rope_setting(cfg, k) for k in _INTERLEAVE_KEYS):
-        reasons.append("an interleaved rotary pair layout (dimension 2j paired with 2j+1): the shared rotary keys "
-                       "need transformers' rotate_half layout (j paired with j + d/2)")
-    return reasons
-
-
 def _refusal_reasons(names: list[str], config: dict[str, Any] | None,
                      family: Family | None) -> list[str]:
-    """Why the checkpoint is refused (exit 4); ``family`` is the rotary family it belongs to, if any."""
+    """Why the checkpoint is refused (exit 4); ``family``: the rotary family it belongs to, or ``None``."""
     reasons = []
     if any(_QK_NORM.search(n) for n in names):
         reasons.append("per-head query/key normalisation (q_norm/k_norm tensors): the normalisation between the "
                        "projections and the product breaks the shared bilinear form")
     cfg = config or {}
     if family is not None:
-        return reasons + _rotary_layout_reasons(cfg)
+        return reasons + rope.refusal_reasons(names, cfg, family)
     heads = cfg.get("num_attention_heads")
     kv = cfg.get("num_key_value_heads")
     if (isinstance(kv, int) and isinstance(heads, int) and kv < heads) or cfg.get("multi_query") is True:
         reasons.append(f"grouped-query or multi-query attention ({kv} key/value heads for {heads} query heads): "
                        "key rows differ from query rows outside the rotary families (llama, mistral, qwen2)")
-    if _rotary_config(cfg) or _looks_rotary(names):
-        reasons.append("rotary position embeddings: the rotation between query and key breaks the shared "
-                       "bilinear form (supported rotary families: "
-                       f"{', '.join(f.name for f in FAMILIES if f.rotary)})")
-    return reasons
-
-
-def _rotary_family(names: list[str], config: dict[str, Any] | None, arch: str | None) -> Family | None:
-    """The rotary family of the checkpoint: by ``--arch``, config.json's ``model_type``, or (no
-    config, or a config without a model type) LLaMA-style names and siblings."""
-    if arch is not None:
-        chosen = find_family(arch)
-        return chosen if chosen is not None and chosen.rotary else None
-    cfg = config or {}
-    by_type = family_of_model_type(cfg.get("model_type"))
-    if by_type is not None:
-        return by_type if by_type.rotary else None
-    if cfg.get("model_type") is None and _looks_rotary(names) and any(
-            n.endswith(".self_attn.q_proj.weight") or n.startswith("self_attn.q_proj.") for n in names):
-        return find_family("llama")
-    return None
-
-
-_LLAMA_SIBLINGS = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?:self_attn\.o_proj\.weight|mlp\.gate_proj\.weight|"
-                             r"input_layernorm\.weight|post_attention_layernorm\.weight)$")
-
-
-def _looks_rotary(names: list[str]) -> bool:
-    """A LLaMA-style rotary decoder told by its tensor names alone (no config needed): a
-    ``rotary_emb`` buffer, or a layer whose ``self_attn.q_proj`` sits beside ``self_attn.o_proj``
-    (BART-style layers name it ``out_proj``), ``mlp.gate_proj`` or ``input_layernorm``."""
-    if any("rotary_emb" in n for n in names):
-        return True
-    with_query = {n[: -len(".self_attn.q_proj.weight")] for n in names if n.endswith(".self_attn.q_proj.weight")}
-    return any((m := _LLAMA_SIBLINGS.match(n)) and m.group("layer") in with_query for n in names)
+    return reasons + rope.refusal_reasons(names, cfg, None)
 
 
 def _config_section(config: dict[str, Any], family: Family, module: str) -> tuple[str, dict[str, Any]]:
@@ -274,76 +200,6 @@ def _refuse_incomplete(family: Family, names: list[str]) -> None:
                             "the checkpoint is incomplete")
 
 
-def _number(value: Any) -> bool:
-    """A finite real number (not a bool, not a string), as float() sees it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _rope_places(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Where rotary settings live: the top level, ``rope_parameters`` and ``rope_scaling`` (and
-    their per-layer-type sub-dicts), each with its name as a prefix for messages."""
-    places = [("", cfg)]
-    for key in ("rope_parameters", "rope_scaling"):
-        value = cfg.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, dict):
-            raise BadInputError(f"config.json gives {key} = {json.dumps(value)[:40]}, not an object; fix config.json")
-        places.append((f"{key}.", value))
-        places += [(f"{key}.{k}.", v) for k, v in value.items() if isinstance(v, dict)]
-    return places
-
-
-def _check_rope_settings(config: dict[str, Any] | None) -> None:
-    """Refuse rotary settings transformers would turn into wrong frequencies: a numeric setting
-    that is not a finite number (``"10000"``, NaN) or not positive, a ``partial_rotary_factor``
-    above 1 (exit 3), and a rope type transformers does not know (exit 4)."""
-    for where, place in _rope_places(config or {}):
-        for key in (*_ROPE_NUMBERS, *_ROPE_LISTS):
-            value = place.get(key)
-            if value is None:
-                continue
-            if key in _ROPE_LISTS:
-                ok = isinstance(value, list) and bool(value) and all(_number(v) and v > 0 for v in value)
-            else:
-                ok = _number(value) and (key not in _ROPE_POSITIVE or value > 0)
-                ok = ok and (key != "partial_rotary_factor" or value <= 1)
-            if not ok:
-                want = {"partial_rotary_factor": "a number in (0, 1]"}.get(
-                    key, "a list of positive numbers" if key in _ROPE_LISTS else
-                    "a positive finite number" if key in _ROPE_POSITIVE else "a finite number")
-                raise BadInputError(f"config.json gives {where}{key} = {json.dumps(value)[:40]}, not {want}; "
-                                    "fix config.json")
-        if not where:
-            continue
-        kind = place.get("rope_type", place.get("type"))
-        if kind is None or kind in _ROPE_TYPES:
-            continue
-        if not isinstance(kind, str):
-            raise BadInputError(f"config.json gives {where}rope_type = {json.dumps(kind)[:40]}, not a name; "
-                                "fix config.json")
-        known = _transformers_rope_types()
-        if kind not in known:
-            raise UnsupportedArchitectureError(
-                f"unsupported architecture: rope type {kind[:40]!r} ({where}rope_type in config.json) is not one "
-                f"transformers knows; known: {', '.join(sorted(known))}")
-
-
-def _transformers_rope_types() -> set[str]:
-    """The rope types of the installed transformers' rope initialisation (only :data:`_ROPE_TYPES`
-    without it), imported only for a type outside those."""
-    try:
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    except ImportError:
-        return set(_ROPE_TYPES)
-    return set(_ROPE_TYPES) | set(ROPE_INIT_FUNCTIONS)
-
-
 def _check_against_config(config: dict[str, Any] | None, family: Family, specs: list[AttentionSpec],
                           whole_model: bool) -> None:
     """Refuse a config.json that contradicts the weights: the input width D, the number of layers
@@ -352,7 +208,7 @@ def _check_against_config(config: dict[str, Any] | None, family: Family, specs: 
     if not config:
         return
     # transformers builds the class of config.json's model_type, whatever --arch says
-    bias_rule = (family_of_model_type(config.get("model_type")) or family).attention_bias if family.rotary else None
+    bias_rule = rope.attention_bias_rule(config, family)
     layers: dict[tuple[str, str, int], list[AttentionSpec]] = {}
     for spec in specs:
         label, cfg = _config_section(config, family, spec.module)
@@ -379,21 +235,22 @@ def _check_against_config(config: dict[str, Any] | None, family: Family, specs: 
                                 "the config and the weights are of different models")
 
 
-def _detect_family(names: list[str], arch: str | None, rotary: Family | None = None,
+def _detect_family(names: list[str], arch: str | None, chosen: Family | None = None,
                    whole_model: bool = True) -> tuple[Family, list[tuple[str, str]]]:
-    """-> (family, [(module prefix, query weight name)]). Rotary families are tried only when
-    the checkpoint was found rotary (``rotary``): BART-style names look alike. With
+    """-> (family, [(module prefix, query weight name)]). Only ``chosen`` is tried when the
+    checkpoint's rope chose it (:func:`collabcompress.files.rope.rotary_family`), else the
+    ``--arch`` family or every family without rope (BART-style names look alike). With
     ``whole_model``, a module of the family holding its query weight without its key weight
     (or the reverse) is refused rather than left out."""
-    if rotary is not None:
-        candidates = [rotary]
+    if chosen is not None:
+        candidates = [chosen]
     elif arch is not None:
         chosen = find_family(arch)
         if chosen is None:
             raise BadInputError(f"unknown --arch {arch!r}; choose one of: {', '.join(f.name for f in FAMILIES)}")
         candidates = [chosen]
     else:
-        candidates = [f for f in FAMILIES if not f.rotary]
+        candidates = rope.plain_families()
     best: tuple[Family, list[tuple[str, str]]] | None = None
     for family in candidates:
         found = [(m.group("m"), n) for n in names if (m := family.pattern.match(n))]
@@ -404,7 +261,7 @@ def _detect_family(names: list[str], arch: str | None, rotary: Family | None = N
     if whole_model and (best is not None or len(candidates) == 1):
         _refuse_incomplete(best[0] if best is not None else candidates[0], names)
     if best is None:
-        if arch is not None or rotary is not None:
+        if arch is not None or chosen is not None:
             raise BadInputError(f"no attention tensors of family {candidates[0].name!r} found (expected names like "
                                 f"{candidates[0].example}); check --arch or run `collabcompress archs`")
         raise UnsupportedArchitectureError(
@@ -443,10 +300,8 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
     if any(n.endswith(COLLAB_SUFFIXES) for n in names):
         raise BadInputError(f"{ckpt.path} is already compressed by collabcompress (it holds collab_* tensors); "
                             "use the original checkpoint")
-    rotary = _rotary_family(names, ckpt.config, arch)
-    if rotary is not None:
-        _check_rope_settings(ckpt.config)
-    reasons = _refusal_reasons(names, ckpt.config, rotary)
+    chosen = rope.rotary_family(names, ckpt.config, arch)
+    reasons = _refusal_reasons(names, ckpt.config, chosen)
     if reasons:
         model_type = (ckpt.config or {}).get("model_type")
         what = f"model_type {model_type!r}" if model_type else str(ckpt.path)
@@ -455,75 +310,19 @@ def detect(ckpt: Checkpoint, *, heads: int | None = None, arch: str | None = Non
         raise BadInputError(f"--heads must be a positive integer, got {heads}")
     if kv_heads is not None and kv_heads < 1:
         raise BadInputError(f"--kv-heads must be a positive integer, got {kv_heads}")
-    family, found = _detect_family(names, arch, rotary, whole_model)
+    family, found = _detect_family(names, arch, chosen, whole_model)
     _check_layer_numbers(found)
     name_set = set(names)
     specs = []
     for index, (module, qname) in enumerate(sorted(found, key=lambda f: _natural(f[0], family))):
-        spec = _spec(ckpt, family, module, qname, index, heads, name_set, rotary=family.rotary)
-        specs.append(_rotary_spec(ckpt, spec, kv_heads) if family.rotary else spec)
+        spec = _spec(ckpt, family, module, qname, index, heads, name_set)
+        specs.append(rope.finish_spec(ckpt, family, spec, kv_heads, _head_count))
     _check_against_config(ckpt.config, family, specs, whole_model)
     return specs
 
 
-def _rotary_spec(ckpt: Checkpoint, spec: AttentionSpec, kv_heads: int | None) -> AttentionSpec:
-    """``spec`` with G from the key rows, checked against --kv-heads, config.json and head_dim."""
-    cfg = ckpt.config or {}
-    key_rows = ckpt.shape(spec.key)[0]
-    if key_rows % spec.head_dim:
-        raise BadInputError(f"{spec.key} has {key_rows} rows, not a multiple of head_dim {spec.head_dim} "
-                            f"({spec.n_head} heads); check --heads or config.json")
-    found = key_rows // spec.head_dim
-    given = kv_heads if kv_heads is not None else _head_count(cfg, KV_HEAD_KEYS[0])
-    if given is None and ckpt.config is not None:
-        given = spec.n_head  # transformers' default: num_key_value_heads = num_attention_heads
-    if given is not None and given != found:
-        where = "--kv-heads" if kv_heads is not None else "config.json (num_key_value_heads)"
-        raise BadInputError(f"{where} gives {given} key/value heads, but {spec.key} holds {found} of width "
-                            f"{spec.head_dim}; pass --kv-heads {found} or fix --heads")
-    if spec.n_head % found:
-        raise BadInputError(f"{spec.n_head} query heads are not a multiple of {found} key/value heads in "
-                            f"{spec.module}; check --heads and --kv-heads")
-    head_dim = cfg.get("head_dim")
-    if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim != spec.head_dim:
-        raise BadInputError(f"config.json gives head_dim {head_dim}, but {spec.query} has {spec.width} rows for "
-                            f"{spec.n_head} heads (width {spec.head_dim}); check --heads or config.json")
-    if spec.head_dim % 2:
-        raise BadInputError(f"{spec.module}: head width {spec.head_dim} is odd; rotary heads pair their dimensions")
-    return AttentionSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "n_kv_head": found,
-                            "rotary": True})
-
-
-def rope_frequencies(config: dict[str, Any] | None, head_dim: int) -> tuple[torch.Tensor, float]:
-    """The rotary frequencies theta_j (d/2,) float64 and the attention scaling of a rotary model.
-
-    Through transformers' own rope initialisation (``ROPE_INIT_FUNCTIONS``) where transformers
-    is installed, so every rope type it supports gives its theta_j; else the default formula
-    ``theta_j = base^(-2j/d)`` with ``base`` = ``rope_theta`` (default 10000). Only ``verify``
-    needs them: the fit does not depend on theta.
-    """
-    cfg = config or {}
-    try:
-        import transformers
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        model_type = cfg.get("model_type") or "llama"
-        hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items()
-                                                                     if k != "model_type"})
-        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-        if rope_type == "default":
-            raise LookupError  # the formula below; older transformers have no "default" entry
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-        return inv_freq.to(torch.float64)[: head_dim // 2], float(scaling)
-    except (ImportError, LookupError, ValueError, TypeError, KeyError, AttributeError):
-        base = _rope_setting(cfg, "rope_theta") or cfg.get("rotary_emb_base") or 10000.0
-        j = torch.arange(0, head_dim, 2, dtype=torch.float64)
-        return 1.0 / float(base) ** (j / head_dim), 1.0
-
-
 def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
-          heads: int | None, names: set[str], *, rotary: bool = False) -> AttentionSpec:
+          heads: int | None, names: set[str]) -> AttentionSpec:
     kname = qname if family.fused else f"{module}.{family.key}.weight"
     for n in {qname, kname}:
         if ckpt.dtype(n) not in FLOATS:
@@ -542,18 +341,14 @@ def _spec(ckpt: Checkpoint, family: Family, module: str, qname: str, index: int,
         kshape = ckpt.shape(kname)
         if kshape[1] != d_model:
             raise BadInputError(f"{kname} has shape {list(kshape)} but {qname} has {list(qshape)}")
-        if kshape[0] != width and not rotary:
-            raise UnsupportedArchitectureError(
-                f"unsupported architecture: {kname} has {kshape[0]} rows and {qname} {width}: grouped-query or "
-                "multi-query attention (key rows differ from query rows)")
+        rope.check_key_rows(family, kname, kshape[0], qname, width)
     if family.fused and three % 3:
         raise BadInputError(f"fused tensor {qname!r} of shape {list(qshape)} is not three equal blocks")
     n_head = heads if heads is not None else _config_heads(ckpt.config, family, module)
     if n_head is None:
         where = ("config.json beside the weights gives none (num_attention_heads, n_head, n_heads or num_heads)"
                  if ckpt.config is not None else "no config.json beside the weights")
-        kv = " (and --kv-heads G for a grouped-query rotary model)" if rotary else ""
-        raise BadInputError(f"no head count for {module}: {where}; pass --heads N{kv}")
+        raise BadInputError(f"no head count for {module}: {where}; pass --heads N{rope.head_count_hint(family)}")
     if width % n_head:
         raise BadInputError(f"head count {n_head} does not divide the query width {width} of {module}; "
                             "check --heads or config.json")
@@ -629,10 +424,8 @@ def stored_qk_params(spec: AttentionSpec, numel: Callable[[str], int]) -> int:
         numel: element count of a tensor by name (``Checkpoint.numel``); for a fused layer
             the query/key two thirds of its bias are counted from the shapes instead.
     """
-    if spec.rotary:  # G key heads: the stored tensors, not H*d rows on both sides
-        return sum(numel(n) for n in (spec.query, spec.key, spec.query_bias, spec.key_bias) if n)
     if spec.fused:
         bias = 2 * spec.width if spec.query_bias else 0
     else:
         bias = sum(numel(n) for n in (spec.query_bias, spec.key_bias) if n)
-    return qk_params(spec.d_model, spec.n_head, spec.head_dim, bias_elements=bias)
+    return (spec.width + spec.key_cache) * spec.d_model + bias  # H*d query rows, G*d key rows

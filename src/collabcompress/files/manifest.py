@@ -203,12 +203,30 @@ class LayerRecord:
         named = (self.value or {}).get("tensors") or {}
         return {k: named[k] for k in ("weight", "bias", "up") if isinstance(named.get(k), str)}
 
+    def shapes(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """The shape of each collaborative tensor (query and key (R, D), mixing (H, R), content_bias
+        (H, D); a rotary layer: q_proj (H*d, D), key (R, D), mixing (G, R/2, 2), key_freq (R/2,),
+        key_bias (R,)); an odd R of a rotary layer is refused, naming the manifest ``path``."""
+        t, r, h, d = self.tensors, self.shared_dim, self.heads, self.d_model
+        values = {}
+        if self.value_rank is not None:  # shared values: weight (r_v, D), bias (r_v,), up (G*d, r_v)
+            rv = self.value_rank
+            want = {"weight": (rv, d), "bias": (rv,), "up": (self.value_heads * self.head_dim, rv)}
+            values = {name: want[role] for role, name in self.value_tensors().items()}
+        if self.rotary:
+            if r % 2:
+                raise BadInputError(f"{path}: {self.module} is rotary with an odd shared_dim {r}")
+            return {t.query: (h * self.head_dim, d), t.key: (r, d), t.mixing: (self.kv_heads, r // 2, 2),
+                    t.key_freq: (r // 2,), **({t.key_bias: (r,)} if t.key_bias else {}), **values}
+        return {t.query: (r, d), t.key: (r, d), t.mixing: (h, r), t.content_bias: (h, d), **values}
+
     def to_json(self) -> dict[str, Any]:
-        rotary = {"kv_heads": self.kv_heads, "rotary": True} if self.rotary else {}
+        # a rotary layer's fields, written when set (docs/method.md "Rotary layers")
+        grouped = {k: v for k, v in (("kv_heads", self.kv_heads), ("rotary", self.rotary)) if v}
         allocation = {"allocation": self.allocation} if self.allocation is not None else {}
         if self.value_rank is not None:
             allocation.update(value_rank=self.value_rank, value=self.value)
-        return {"module": self.module, "index": self.index, "heads": self.heads, **rotary, "head_dim": self.head_dim,
+        return {"module": self.module, "index": self.index, "heads": self.heads, **grouped, "head_dim": self.head_dim,
                 "d_model": self.d_model, "shared_dim": self.shared_dim, "scale": self.scale,
                 "relative_error": self.relative_error, "relative_error_plain": self.relative_error_plain,
                 "energy_spectral": self.energy_spectral, "iterations": self.iterations, "seconds": self.seconds,
@@ -395,35 +413,17 @@ def check_outputs(directory: str | Path, manifest: Manifest) -> None:
 
 def check_shapes(manifest: Manifest, out: Checkpoint) -> None:
     """The collaborative tensors of every layer have the shapes the manifest records
-    (query and key (R, D), mixing (H, R), content_bias (H, D); rotary layers: q_proj (H*d, D),
-    key (R, D), mixing (G, R/2, 2), key_freq (R/2,), key_bias (R,))."""
+    (:meth:`LayerRecord.shapes`)."""
     for la in manifest.layers:
         t, r, h, d = la.tensors, la.shared_dim, la.heads, la.d_model
-        if la.rotary:
-            if r % 2:
-                raise BadInputError(f"{manifest.path}: {la.module} is rotary with an odd shared_dim {r}")
-            expected = {t.query: (h * la.head_dim, d), t.key: (r, d), t.mixing: (la.kv_heads, r // 2, 2),
-                        t.key_freq: (r // 2,), **({t.key_bias: (r,)} if t.key_bias else {})}
-        else:
-            expected = {t.query: (r, d), t.key: (r, d), t.mixing: (h, r), t.content_bias: (h, d)}
-        for name, shape in expected.items():
+        for name, shape in la.shapes(manifest.path).items():
             if name not in out:
                 raise BadInputError(f"{out.path} is missing tensor {name!r} named in its manifest")
             if tuple(out.shape(name)) != shape:
                 raise BadInputError(f"{out.path}: the collab tensors of {la.module} do not match the manifest "
                                     f"(shared_dim {r}, {h} heads, d_model {d}): {name} has shape "
                                     f"{list(out.shape(name))}, expected {list(shape)}")
-        if la.value_rank is not None:
-            rows, named = la.value_heads * la.head_dim, la.value_tensors()
-            want = {"weight": (la.value_rank, d), "bias": (la.value_rank,), "up": (rows, la.value_rank)}
-            for role, name in named.items():
-                if name not in out:
-                    raise BadInputError(f"{out.path} is missing tensor {name!r} named in its manifest")
-                if tuple(out.shape(name)) != want[role]:
-                    raise BadInputError(f"{out.path}: the shared values of {la.module} do not match the manifest "
-                                        f"(value_rank {la.value_rank}): {name} has shape {list(out.shape(name))}, "
-                                        f"expected {list(want[role])}")
-        elif t.value is not None and t.value in out and out.shape(t.value)[-1] != la.heads * la.head_dim:
+        if la.value_rank is None and t.value is not None and t.value in out and out.shape(t.value)[-1] != la.heads * la.head_dim:
             raise BadInputError(f"{out.path}: tensor {t.value} does not fit {la.heads} heads of width {la.head_dim}")
 
 

@@ -147,6 +147,10 @@ class LayerCost:
     def _r(self, after: bool) -> int | None:
         return self.shared_dim if after else None
 
+    def record_fields(self) -> dict[str, int | bool]:
+        """What the report's record of the layer adds to the common fields (a rotary layer: ``kv_heads``, ``rotary``)."""
+        return {}
+
     def qk_params(self, after: bool) -> int:
         if not after or self.shared_dim is None:
             return self.qk_params_before
@@ -197,6 +201,9 @@ class RotaryLayerCost(LayerCost):
     n_kv_head: int = 1
     key_bias: bool = False
     query_params: int = 0  # q_proj weight and bias elements, unchanged
+
+    def record_fields(self) -> dict[str, int | bool]:
+        return {"kv_heads": self.n_kv_head, "rotary": True}
 
     def qk_params(self, after: bool) -> int:
         if not after or self.shared_dim is None:

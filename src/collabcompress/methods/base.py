@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +51,34 @@ class LayerMethod(Protocol):
 
     name: str
     causal_lm: bool  # its layers belong to a causal LM (the budget may measure the next-token KL)
+    # What its layers show in the tables (collabcompress.tables):
+    width_label: str  # the original key width column ("H*d")
+    needed: str  # what analyze's summary counts at each tau
+    analysis_caption: str | None  # analyze's table caption
+    analysis_columns: tuple[str, ...]  # analyze's columns after H (cells: analysis_cells)
+    energy_plot: str  # analyze --plot: "query_key" (the cumulative energy of both sides) or "frequency"
+    key_cache_text: str  # report: the key cache before and after
+
+    def claims(self, layer: AttentionSpec | LayerRecord | dict[str, Any]) -> bool:
+        """Whether ``layer`` (a spec, a manifest record, parsed or as JSON) is compressed by this method."""
+
+    def analysis_fields(self, spectrum: Any) -> dict[str, Any]:
+        """What the layer's ``analyze --json`` record adds after ``heads`` (its :meth:`spectrum`'s figures)."""
+
+    def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
+        """The layer's cells of :attr:`analysis_columns`."""
+
+    def key_width(self, rec: dict[str, Any]) -> int:
+        """The original key width of a layer's manifest or report record (the :attr:`width_label` column)."""
+
+    def sweeps(self, rec: dict[str, Any]) -> str:
+        """compress's "sweeps" cell of a layer's manifest record."""
+
+    def compress_notes(self, manifest: dict[str, Any]) -> list[str]:
+        """Lines printed under the compress table."""
+
+    def report_caption(self, key_cache: str) -> str:
+        """What the report's key/query table caption adds (``key_cache``: the key cache at each N)."""
 
     def full_width(self, spec: AttentionSpec) -> int:
         """The layer's original key width (H*d; a rotary layer's key cache G*d): the top of its rank ladder."""
@@ -96,6 +125,17 @@ class LayerMethod(Protocol):
 
     def runtime_module(self, old: torch.nn.Module, layer: LayerRecord, module_name: str, family: Any) -> torch.nn.Module:
         """The transformers attention module ``old`` running the compressed layer (``hf``)."""
+
+    def query_statistic(self, spec: AttentionSpec) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """What ``calibrate`` sums over the tokens of the layer's query outputs: (zeros, the term of
+        the query outputs (n, H*d)); ``None``: nothing."""
+
+    def value_projection(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The layer's value weight and bias as ``bench`` runs them (float32), or ``None`` when not stored."""
+
+    def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (cos, sin) position embeddings ``bench`` passes to the layer, or ``None``."""
 
 
 def refine_record(layer: FittedLayer) -> dict[str, Any] | None:

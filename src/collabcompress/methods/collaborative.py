@@ -163,6 +163,33 @@ class CollaborativeMethod:
 
     name = "collaborative"
     causal_lm = False
+    width_label = "H*d"
+    needed = "shared width needed"
+    analysis_caption = None
+    analysis_columns = ()
+    energy_plot = "query_key"
+    key_cache_text = "H*d before, R + H after"
+
+    def claims(self, layer: AttentionSpec | _mf.LayerRecord | dict[str, Any]) -> bool:
+        return True  # the method of every layer no other method claims
+
+    def analysis_fields(self, spectrum: Any) -> dict[str, Any]:
+        return {}
+
+    def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
+        return ()
+
+    def key_width(self, rec: dict[str, Any]) -> int:
+        return rec["heads"] * rec["head_dim"]
+
+    def sweeps(self, rec: dict[str, Any]) -> str:
+        return str(rec["iterations"])
+
+    def compress_notes(self, manifest: dict[str, Any]) -> list[str]:
+        return []
+
+    def report_caption(self, key_cache: str) -> str:
+        return ""
 
     def full_width(self, spec: AttentionSpec) -> int:
         return spec.width
@@ -261,6 +288,18 @@ class CollaborativeMethod:
         from ..runtime.adapters import collaborative_module
 
         return collaborative_module(old, layer, module_name, family)
+
+    def query_statistic(self, spec: AttentionSpec) -> None:
+        return None
+
+    def value_projection(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, None] | None:
+        """The value weight (H*d, D) of the value/output pair, without its bias."""
+        value_output = load_value_output(ckpt, spec, torch.float32)
+        return None if value_output is None else (value_output[0], None)
+
+    def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+                            device: torch.device) -> None:
+        return None
 
 
 COLLABORATIVE = CollaborativeMethod()

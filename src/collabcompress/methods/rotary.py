@@ -28,8 +28,12 @@ from ..maths.spectra import choose_rank
 from ..options import CompressOptions
 from .base import FittedLayer, layer_record
 
-__all__ = ["ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
+__all__ = ["DATA_FREE_WARNING", "ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
 
+DATA_FREE_WARNING = (
+    "warning: rotary layers compressed without --calibration: the data-free fit is far worse for rotary models "
+    "(measured on SmolLM2 at a key cache of 128 of 192: perplexity x25 data-free, +11.6 % whitened; docs/rotary.md); "
+    "run `calibrate` and pass --calibration STATS")
 CURVE_WINDOWS = 1  # kept windows the next-token KL curves are measured on (one forward each per rung and layer)
 CURVE_TOKENS = 256  # leading tokens of each
 CURVE_STEPS = 8  # about this many candidate key caches per rotary layer
@@ -92,7 +96,7 @@ def _rotary_fit_inputs(ckpt: Checkpoint, spec: AttentionSpec, moments: tuple[tor
 
 def _rotary_kl(ckpt: Checkpoint, spec: AttentionSpec, qk, sequences: tuple[torch.Tensor, torch.Tensor], seed: int):
     """The attention KL of a rotary layer on its kept sequences (:class:`collabcompress.maths.refine.RotaryKL`)."""
-    from ..files.arch import rope_frequencies
+    from ..files.rope import rope_frequencies
     from ..maths.refine import RotaryKL
 
     theta, attention_scaling = rope_frequencies(ckpt.config, spec.head_dim)
@@ -202,7 +206,7 @@ def model_curves(model: torch.nn.Module, ckpt: Checkpoint, specs: list[Attention
 def _scores(directory: Path, out: Checkpoint, layer: Any, spec: AttentionSpec, qk: Any, x: torch.Tensor,
                    config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Original and shared-key scores of a rotary layer, rotated at positions 0..N-1 (B, H, N, N)."""
-    from ..files.arch import rope_frequencies
+    from ..files.rope import rope_frequencies
     from ..maths.rotary import RotaryFactors, rotary_scores
 
     if layer.kv_heads != spec.n_kv_head:
@@ -322,6 +326,48 @@ class RotaryMethod:
 
     name = "rotary"
     causal_lm = True
+    width_label = "G*d"
+    needed = "key cache needed (reals per token)"
+    analysis_caption = (
+        "Rotary layers: G = key/value heads; r@tau = the key cache R (reals per token and layer, even) whose "
+        "shared rotary components keep tau of the weighted per-frequency key energy (data-free query-energy "
+        "weights), against the original G*d; red = 1 - R/(G*d); spectrum = the per-frequency singular "
+        "values, all frequencies ranked together.")
+    analysis_columns = ("G",)
+    energy_plot = "frequency"
+    key_cache_text = "G*d before, R after"
+
+    def claims(self, layer: AttentionSpec | _mf.LayerRecord | dict[str, Any]) -> bool:
+        """A rotary layer: the spec's or record's ``rotary`` flag (the manifest's ``"rotary": true``)."""
+        return bool(layer.get("rotary") if isinstance(layer, dict) else layer.rotary)
+
+    def analysis_fields(self, spectrum: Any) -> dict[str, Any]:
+        """G, the rotary flag and the per-frequency energy (d/2 rows of G)."""
+        return {"kv_heads": spectrum.n_kv_head, "rotary": True,
+                "frequency_energy": [[round(float(e), 8) for e in row] for row in spectrum.frequency_energy()]}
+
+    def analysis_cells(self, spec: AttentionSpec) -> tuple[str, ...]:
+        return (str(spec.n_kv_head),)
+
+    def key_width(self, rec: dict[str, Any]) -> int:
+        return rec["kv_heads"] * rec["head_dim"]
+
+    def sweeps(self, rec: dict[str, Any]) -> str:
+        return "-"  # a rotary fit is one SVD per frequency
+
+    def compress_notes(self, manifest: dict[str, Any]) -> list[str]:
+        """What R means for rotary layers, and the data-free warning."""
+        notes = ["Rotary layers: G*d is the original key cache (reals per token and layer), R the shared rotary key "
+                 "cache; energy@R and rel. error are those of the weighted per-frequency fit (docs/method.md)."]
+        if not manifest["settings"].get("calibration"):
+            notes.append(DATA_FREE_WARNING)
+        return notes
+
+    def report_caption(self, key_cache: str) -> str:
+        return ("\nRotary layers: G×d = the original key cache G*d (reals per token and layer); R = the shared rotary "
+                "key cache; params = q_proj + k_proj before, q_proj (unchanged) + shared keys, mixing and frequency "
+                "indices after; the scores cost H*R instead of H*d multiply-adds per query and cached token. Key "
+                f"cache at {key_cache} over these layers.")
 
     def full_width(self, spec: AttentionSpec) -> int:
         return spec.key_cache
@@ -407,6 +453,38 @@ class RotaryMethod:
         from ..runtime.adapters import rotary_module
 
         return rotary_module(old, layer)
+
+    def query_statistic(self, spec: AttentionSpec) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The query energies: the sum over tokens of |q_{h,j}|^2, (H, d/2)."""
+        from ..maths.rotary import rotary_pairs
+
+        def term(q: torch.Tensor) -> torch.Tensor:
+            return rotary_pairs(q.T, spec.n_head, spec.head_dim).abs().square().sum(-1)  # (H, d/2)
+        return torch.zeros(spec.n_head, spec.head_dim // 2, dtype=torch.float64), term
+
+    def value_projection(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The value weight (G*d, D) and its bias, by the family's value name."""
+        from ..files.families import find_family
+
+        family = find_family(spec.family)
+        if family is None or family.value is None:
+            return None
+        name = family.value.format(m=spec.module, parent=spec.module.rsplit(".", 1)[0])
+        bias = name[: -len("weight")] + "bias"
+        if name not in ckpt:
+            return None
+        return ckpt.load(name, torch.float32, finite=True), (ckpt.load(bias, torch.float32) if bias in ckpt else None)
+
+    def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' position embeddings (cos, sin), (1, N, d) each, attention scaling included."""
+        from ..files.rope import rope_frequencies
+
+        theta, scaling = rope_frequencies(config, head_dim)  # (d/2,)
+        angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta[None, :]  # (N, d/2)
+        emb = torch.cat([angles, angles], dim=-1)  # (N, d)
+        return ((emb.cos() * scaling).to(dtype=dtype, device=device)[None],
+                (emb.sin() * scaling).to(dtype=dtype, device=device)[None])
 
 
 ROTARY = RotaryMethod()

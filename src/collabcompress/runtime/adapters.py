@@ -321,12 +321,17 @@ def loadable_family(name: str, directory: str | os.PathLike) -> Family:
     return family
 
 
+def _refuse_unknown_class(original: type[nn.Module], known: tuple[str, ...], how: str, listed: str) -> None:
+    """Refuse ``original`` unless it is (or derives from) a class named in ``known``."""
+    if not any(c.__name__ in known for c in original.__mro__):
+        raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
+                                           f"{original.__name__} {how} (known: {listed})")
+
+
 @functools.lru_cache(maxsize=None)
 def _wrapper_class(original: type[nn.Module], family: Family) -> type[nn.Module]:
-    if not any(c.__name__ in family.hf_classes for c in original.__mro__):
-        raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
-                                           f"{original.__name__} as family {family.name!r} (known: "
-                                           f"{', '.join(sorted(family.hf_classes))})")
+    _refuse_unknown_class(original, family.hf_classes, f"as family {family.name!r}",
+                          ", ".join(sorted(family.hf_classes)))
     adapter = globals()[family.hf_adapter]
     eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
     return type(f"Collaborative{original.__name__}", (adapter, CollaborativeAttention, original),
@@ -426,10 +431,8 @@ class _LlamaRotary(_Adapter):
 
 @functools.lru_cache(maxsize=None)
 def _rotary_wrapper_class(original: type[nn.Module]) -> type[nn.Module]:
-    if not any(c.__name__ in _rotary_classes() for c in original.__mro__):
-        raise UnsupportedArchitectureError(f"collabcompress.hf cannot run attention modules of class "
-                                           f"{original.__name__} with shared rotary keys (known: "
-                                           f"{', '.join(dict.fromkeys(_rotary_classes()))})")
+    known = _rotary_classes()
+    _refuse_unknown_class(original, known, "with shared rotary keys", ", ".join(dict.fromkeys(known)))
     eager = getattr(sys.modules[original.__module__], "eager_attention_forward", None)
     return type(f"Collaborative{original.__name__}", (_LlamaRotary, CollaborativeRotaryAttention, original),
                 {"__module__": __name__, "_eager": staticmethod(eager) if eager else None,
