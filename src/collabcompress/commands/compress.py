@@ -165,23 +165,38 @@ def curve_loss(ckpt: Checkpoint, specs: list[AttentionSpec], refine_steps: int =
 
 
 def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions, stats: dict[str, Any],
-                   sequences: dict[str, Any], workers: int,
-                   progress: Progress | None) -> tuple[str, list[dict[int, float]]]:
-    """The loss :func:`curve_loss` names and its curves, one per layer."""
+                   sequences: dict[str, Any], workers: int, progress: Progress | None,
+                   value_stats: Mapping[str, Any] | None = None) -> tuple[str, list[dict[int, float]], list | None]:
+    """The loss :func:`curve_loss` names and its curves, one per layer; with ``--budget-of kv``
+    also the value curves (both by the next-token KL: the only loss keys and values share)."""
     from ..files.statistics import load_input_ids
-    from ..methods.rotary import model_curves
+    from ..methods.rotary import CURVE_STEPS, model_curves
 
-    loss = curve_loss(ckpt, specs, options.refine_steps)
+    kv = options.budget_of == "kv"
+    loss = "next_token_kl" if kv else curve_loss(ckpt, specs, options.refine_steps)
     if loss == "next_token_kl":
         from .. import hf
         from ..extras import quiet_transformers, require_transformers
 
+        if kv and curve_loss(ckpt, specs) != "next_token_kl":
+            raise BadInputError("--budget-of kv allocates by the next-token KL of a causal LM: pass a rotary "
+                                "decoder's model directory (with config.json) and install the hf extra")
         ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
         transformers = require_transformers("--budget on a causal LM")
         with quiet_transformers():
             model = hf.load_model(ckpt.directory, model_class=transformers.AutoModelForCausalLM).float()
-        return loss, model_curves(model, ckpt, specs, options, stats, ids, lengths, progress)
-    return loss, _loss_curves(ckpt, specs, options, stats, sequences, workers, progress)
+        curves = model_curves(model, ckpt, specs, options, stats, ids, lengths, progress)
+        values = None
+        if kv:
+            from ..methods.rotary import curve_tokens
+            from ..methods.values import VALUES
+
+            _, log_probs = curve_tokens(model, ids, lengths)
+            with torch.inference_mode():
+                values = VALUES.model_curves(model, ckpt, specs, options, value_stats, log_probs(), log_probs,
+                                             progress, CURVE_STEPS)
+        return loss, curves, values
+    return loss, _loss_curves(ckpt, specs, options, stats, sequences, workers, progress), None
 
 
 def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path, *, multiple_of: int = DEFAULT_MULTIPLE_OF,
@@ -196,20 +211,27 @@ def loss_curves(ckpt: Checkpoint, specs: list[AttentionSpec], calibration: Path,
                               refine_steps=refine_steps)
     attention = curve_loss(ckpt, specs, refine_steps) == "attention_kl"
     sequences = load_sequences(calibration, ckpt, specs) if attention else {}
-    return _budget_curves(ckpt, specs, options, stats, sequences, workers, None)
+    return _budget_curves(ckpt, specs, options, stats, sequences, workers, None)[:2]
 
 
-def _allocation(specs: list[AttentionSpec], curves: list[dict[int, float]], budget: float) -> dict[str, int]:
-    """The key cache R of each layer under ``budget`` (a fraction of the layers' original key cache)."""
+def _allocation(specs: list[AttentionSpec], curves: list[dict[int, float]], budget: float,
+                value_curves: list[dict[int, float]] | None = None) -> tuple[dict[str, int], dict[str, int] | None]:
+    """The key cache R of each layer under ``budget`` (a fraction of the layers' original key
+    cache); with value curves, R and r_v of each layer under ``budget`` of the key and value cache."""
     from ..maths.budget import allocate
+    from ..methods.values import VALUES
 
     full = sum(method_for(s).full_width(s) for s in specs)
+    if value_curves is not None:
+        full += sum(VALUES.full_width(s) for s in specs)
     try:
-        ranks = allocate(curves, int(budget * full + 1e-9))
+        ranks = allocate(curves + (value_curves or []), int(budget * full + 1e-9))
     except ValueError as e:
         raise BadInputError(f"--budget {budget}: {e}; the smallest key cache per layer is "
-                            f"{min(curves[0])} of {full // len(specs)}") from e
-    return {s.module: r for s, r in zip(specs, ranks)}
+                            f"{min(curves[0])} of {method_for(specs[0]).full_width(specs[0])}") from e
+    keys = {s.module: r for s, r in zip(specs, ranks)}
+    values = None if value_curves is None else {s.module: r for s, r in zip(specs, ranks[len(specs):])}
+    return keys, values
 
 
 def _value_statistics(ckpt: Checkpoint, specs: list[AttentionSpec],
@@ -284,14 +306,18 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
             load_window_ids(Path(options.calibration), ckpt, specs)
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
-    curves, ranks = None, None
+    curves, ranks, value_curves, value_ranks = None, None, None, None
     if options.budget is not None:
-        curve_name, curves = _budget_curves(ckpt, specs, options, stats, sequences, workers, progress)
-        ranks = _allocation(specs, curves, options.budget)
-    layers = _run_layers(ckpt, specs, options, out_dtype, stats, sequences, workers, progress, ranks, value_stats)
+        curve_name, curves, value_curves = _budget_curves(ckpt, specs, options, stats, sequences, workers, progress,
+                                                          value_stats)
+        ranks, value_ranks = _allocation(specs, curves, options.budget, value_curves)
+    layers = _run_layers(ckpt, specs, options, out_dtype, stats, sequences, workers, progress, ranks, value_stats,
+                         value_ranks)
     if curves is not None:
         for layer, curve in zip(layers, curves):
             layer.curve, layer.curve_loss = curve, curve_name
+    for layer, curve in zip(layers, value_curves or []):
+        layer.values.curve = curve
     source_files = ckpt.files + ([ckpt.index_file] if ckpt.index_file else [])
     config_path = ckpt.directory / "config.json"
     if ckpt.config is not None:
@@ -301,8 +327,7 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         if ckpt.config is not None:
             config = dict(ckpt.config)
             config["collaborative_attention"] = {"format": FORMAT, "version": __version__, "family": specs[0].family,
-                                                 "layers": {la.spec.module: method_for(la.spec).config_entry(la)
-                                                            for la in layers}}
+                                                 "layers": {la.spec.module: _config_entry(la) for la in layers}}
             write_json(config, tmp / "config.json")
             outputs.append(tmp / "config.json")
         if Path(checkpoint).is_dir() or ckpt.sharded or ckpt.config is not None:
@@ -324,6 +349,14 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         _publishable(tmp)
     ckpt.close()
     return manifest.to_json()
+
+
+def _config_entry(layer: FittedLayer) -> dict[str, Any]:
+    """The layer's entry in config.json's ``collaborative_attention`` block (with shared values: ``value_rank``)."""
+    entry = method_for(layer.spec).config_entry(layer)
+    if layer.values is not None:
+        entry["value_rank"] = layer.values.rank
+    return entry
 
 
 def _heal(ckpt: Checkpoint, checkpoint: Path, tmp: Path, layers: list[FittedLayer], options: CompressOptions,

@@ -137,6 +137,7 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         moments_by_module = load_moments(Path(calibration), source.ckpt, list(source.specs.values()))
     records = []
     kl_sum, rows, kl_max, err_num, err_den = 0.0, 0, 0.0, 0.0, 0.0
+    value_num, value_den = 0.0, 0.0
     for layer in manifest.layers:
         spec = source.specs.get(layer.module)
         if spec is None:
@@ -155,6 +156,13 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         records.append({"module": spec.module, "index": layer.index, "shared_dim": r,
                         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
                         "relative_score_error": (num / den) ** 0.5 if den > 0 else 0.0, "probe": probe})
+        if layer.value_rank is not None:  # shared values: the heads' value outputs on the same probe
+            from ..methods.values import VALUES
+
+            v_num, v_den = VALUES.output_error(source.ckpt, spec, out, layer, x)
+            records[-1].update(value_rank=layer.value_rank,
+                               relative_value_error=(v_num / v_den) ** 0.5 if v_den > 0 else 0.0)
+            value_num, value_den = value_num + v_num, value_den + v_den
         kl_sum += float(kl.sum())
         rows += kl.numel()
         kl_max = max(kl_max, float(kl.max()))
@@ -171,6 +179,8 @@ def verify(directory: str | Path, *, original: str | Path | None = None, max_kl:
         "max_kl": max_kl,
         "passed": max_kl is None or all(r["kl_mean"] <= max_kl for r in records),
     }
+    if any(la.value_rank is not None for la in manifest.layers):
+        result["overall"]["relative_value_error"] = (value_num / value_den) ** 0.5 if value_den > 0 else 0.0
     return result
 
 

@@ -158,6 +158,20 @@ def _curve(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions,
     return curve
 
 
+def curve_tokens(model: torch.nn.Module, ids: torch.Tensor,
+                 lengths: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """The token ids the next-token KL curves are measured on (the first CURVE_TOKENS tokens of the
+    first CURVE_WINDOWS kept windows, (n, t)) and a function giving ``model``'s log-probabilities
+    on them (n, t, V)."""
+    n = min(CURVE_WINDOWS, ids.shape[0])
+    x = ids[:n, :min(CURVE_TOKENS, int(lengths[:n].min()))]  # (n, t)
+
+    def log_probs() -> torch.Tensor:
+        return torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)  # (n, t, V)
+
+    return x, log_probs
+
+
 def model_curves(model: torch.nn.Module, ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions,
                  stats: Mapping[str, Any], ids: torch.Tensor, lengths: torch.Tensor,
                  progress: Callable[[str, int, int], None] | None) -> list[dict[int, float]]:
@@ -171,13 +185,7 @@ def model_curves(model: torch.nn.Module, ckpt: Checkpoint, specs: list[Attention
     from ..maths.rotary import key_projection, rotary_factors
     from ..runtime.adapters import find_modules
 
-    n = min(CURVE_WINDOWS, ids.shape[0])
-    t = min(CURVE_TOKENS, int(lengths[:n].min()))
-    x = ids[:n, :t]  # (n, t)
-
-    def log_probs() -> torch.Tensor:
-        return torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)  # (n, t, V)
-
+    _, log_probs = curve_tokens(model, ids, lengths)
     curves = []
     with torch.inference_mode():
         target = log_probs()

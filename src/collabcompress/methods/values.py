@@ -11,7 +11,7 @@ attention-weighted inputs.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +85,17 @@ class ValueFit:
     tensors: dict[str, torch.Tensor]
     removed: list[str]
     names: dict[str, str | None]
+    curve: dict[int, float] | None = None  # --budget-of kv: value width -> next-token KL
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``value`` object of the layer (its ``value_rank`` sits beside it)."""
-        return {"relative_error": round(self.relative_error, 8), "energy_spectral": round(self.energy, 8),
-                "seconds": round(self.seconds, 4), "tensors": dict(self.names)}
+        out = {"relative_error": round(self.relative_error, 8), "energy_spectral": round(self.energy, 8),
+               "seconds": round(self.seconds, 4), "tensors": dict(self.names)}
+        if self.curve is not None:
+            out["allocation"] = {"loss": "next_token_kl",
+                                 "losses": {str(r): round(v, 8) for r, v in sorted(self.curve.items())},
+                                 "chosen_loss": round(self.curve[self.rank], 8)}
+        return out
 
 
 class ValueMethod:
@@ -163,6 +169,75 @@ class ValueMethod:
                     "up": names["up"]}
         removed = [n for n in (src.weight, src.bias) if n]
         return ValueFit(rank, f.relative_error, f.energy, time.perf_counter() - start, tensors, removed, recorded)
+
+
+    def output_error(self, ckpt: Checkpoint, spec: AttentionSpec, out: Checkpoint, layer: Any,
+                     x: torch.Tensor) -> tuple[float, float]:
+        """(squared error, squared norm) of the heads' value outputs W_O,h v_g(x) on the probe ``x``
+        (B, N, D), original against the shared values that ``out`` holds for ``layer`` (``verify``)."""
+        _, w, b, weights, _ = self._inputs(ckpt, spec, None)
+        named = layer.value_tensors()
+        try:
+            down, up = out.load(named["weight"], torch.float64, finite=True), out.load(named["up"], torch.float64,
+                                                                                      finite=True)
+            bias = out.load(named["bias"], torch.float64, finite=True) if "bias" in named else None
+        except KeyError as e:
+            raise BadInputError(f"{out.path}: the manifest names no {e} tensor for the shared values of "
+                                f"{spec.module}") from e
+        v = x @ w.T + (b if b is not None else 0.0)  # (B, N, G*d)
+        latent = x @ down.T + (bias if bias is not None else 0.0)  # (B, N, r_v)
+        diff = (v - latent @ up.T).reshape(*v.shape[:-1], spec.n_kv_head, spec.head_dim)
+        ref = v.reshape(diff.shape)
+        err = torch.einsum("gij,bngj->bngi", weights, diff).square().sum()
+        norm = torch.einsum("gij,bngj->bngi", weights, ref).square().sum()
+        return float(err), float(norm)
+
+    def model_curves(self, model: torch.nn.Module, ckpt: Checkpoint, specs: list[AttentionSpec],
+                     options: CompressOptions, stats: Mapping[str, Any] | None, target: torch.Tensor,
+                     log_probs: Callable[[], torch.Tensor], progress: Callable[[str, int, int], None] | None,
+                     steps: int) -> list[dict[int, float]]:
+        """Per layer: value width r_v -> the mean next-token KL(original || model) of the whole causal
+        LM ``model`` with only that layer's values replaced by the fit at r_v (as value weights
+        B A and bias B a, which compute what the latent computes): ``log_probs()`` against the
+        original's ``target``; the weights are put back after each layer."""
+        from ..maths.budget import rank_ladder
+        from ..maths.values import value_factors
+
+        curves = []
+        for done, spec in enumerate(specs):
+            _, w, b, weights, moment = self._inputs(ckpt, spec, None if stats is None else stats[spec.module])
+            v_proj = _value_module(model, ckpt, spec)
+            weight = v_proj.weight.detach().clone()
+            bias = None if v_proj.bias is None else v_proj.bias.detach().clone()
+            full = self.full_width(spec)
+            curve = {full: 0.0}  # the exact latent is the original layer
+            for r in rank_ladder(full, options.multiple_of, even=True, steps=steps)[:-1]:
+                f = value_factors(w, b, r, out_weights=weights, n_kv_head=spec.n_kv_head, head_dim=spec.head_dim,
+                                  moment=moment)
+                v_proj.weight.copy_(f.up @ f.down)
+                if bias is not None:
+                    v_proj.bias.copy_(f.up @ f.down_bias)
+                curve[r] = float((target.exp() * (target - log_probs())).sum(-1).mean())
+            v_proj.weight.copy_(weight)
+            if bias is not None:
+                v_proj.bias.copy_(bias)
+            curves.append(dict(sorted(curve.items())))
+            if progress:
+                progress(f"value loss curve {spec.module}", done + 1, len(specs))
+        return curves
+
+
+def _value_module(model: torch.nn.Module, ckpt: Checkpoint, spec: AttentionSpec) -> torch.nn.Module:
+    """The value projection module of ``spec`` in a loaded transformers ``model`` (the sibling of its query)."""
+    from ..runtime.adapters import find_modules
+
+    q_mod, _ = find_modules(model, ckpt, spec)
+    parent = {id(c): m for m in model.modules() for c in m.children()}[id(q_mod)]
+    for name in ("v_proj", "value", "v", "v_lin"):
+        module = getattr(parent, name, None)
+        if isinstance(module, torch.nn.Linear):
+            return module
+    raise BadInputError(f"--budget-of kv: cannot find the value projection of {spec.module} in the model")
 
 
 VALUES = ValueMethod()

@@ -27,6 +27,10 @@ TRAINED = ("collab_query", "collab_key", "collab_mixing")  # parameter name pref
 # at 6e-4, 33.46 at 3e-4, and 1e-3 the best over a third to two thirds of the cache; MiniLM (--budget 0.25, 40 steps)
 # kept no block at 1e-3 (cosine 0.97505 unchanged), 10 of 40 steps at 3e-4 (0.97595), 25 at 1e-4 (0.97544).
 STEP_SIZE = {"causal": 1e-3, "encoder": 3e-4}
+# Shared values (collab_value, collab_value_up) train at this fraction of STEP_SIZE: they diverged at the keys' step
+# (SmolLM2, values 64 of 192: perplexity 49.7 -> 119.5 at 1e-3, 43.4 at 1e-4 after 50 steps).
+VALUE_STEP_FRACTION = float(__import__("os").environ.get("COLLAB_VALUE_STEP", "0.1"))
+VALUE_TRAINED = ("collab_value", "collab_value_up")
 # A causal LM also heals on GENERATED windows of its original's own text: nucleus sampling (TOP_P) continuing the
 # first PROMPT_TOKENS tokens of training sentences. Measured (SmolLM2, two thirds of the key cache, refined, 80 steps,
 # float32): see docs/rotary.md.
@@ -54,11 +58,13 @@ class HealResult:
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The collaborative parameters of ``model`` that healing trains, by state-dict name."""
     from .adapters import collaborative_modules
+    from .values import has_shared_values
 
     out = {}
     for prefix, module in collaborative_modules(model).items():
+        names = TRAINED + (VALUE_TRAINED if has_shared_values(module) else ())
         for name, p in module.named_parameters():
-            if name.startswith(TRAINED):
+            if name.startswith(names):
                 out[f"{prefix}.{name}"] = p
     return out
 
@@ -251,7 +257,8 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
         raise ValueError(f"healing computes in float32 or bfloat16, not {compute}")
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    params = list(trainable(model).values())
+    named = trainable(model)
+    params = list(named.values())
     if not params:
         raise ValueError("the model has no collaborative tensors to heal")
     reference.eval()
@@ -261,8 +268,9 @@ def heal(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, 
     for p in params:
         p.requires_grad_(True)
     lr = STEP_SIZE["causal" if causal else "encoder"] if lr is None else lr
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))}
-                            for p in params])
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * (VALUE_STEP_FRACTION if ".collab_value" in name else 1.0)
+                             * float(p.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))}
+                            for name, p in named.items()])
     n_train = ids.shape[0] - held_out
     targets = _Targets(reference, causal, model, ids[-1, : int(lengths[-1])], compute)
     device = params[0].device.type
