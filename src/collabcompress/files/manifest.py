@@ -138,7 +138,9 @@ class Settings:
 
 @dataclass(frozen=True)
 class LayerTensors:
-    """Names of a layer's collaborative tensors in the output (``value``: GPT-2's split fused value).
+    """Names of a layer's collaborative tensors in the output (``value``: the value slice of a fused
+    query/key/value tensor (GPT-2, timm), ``None`` when shared values replace it: their names are the
+    record's ``value["tensors"]``).
 
     A rotary layer names its unchanged q_proj weight as ``query``, adds ``key_freq`` and
     ``key_bias`` (``None`` without a source key bias) and has no ``content_bias``.
@@ -284,6 +286,9 @@ class LayerRecord:
             for role in ("weight", "up"):
                 w.get(vt, role, str, f"{where}.value.tensors")
             w.get(vt, "bias", str, f"{where}.value.tensors", optional=True)
+            if values["tensors"].value is not None:
+                raise w.error(f"{where}.tensors.value names a fused value slice, but the layer has shared values "
+                              "(value_rank), which replace it")
         return cls(**values)
 
 

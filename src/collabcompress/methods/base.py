@@ -36,8 +36,11 @@ class FittedLayer:
     values: Any = None  # shared values (collabcompress.methods.values.ValueFit), or None
 
     def add_values(self, fit: Any) -> None:
-        """Take the layer's shared values: their tensors in, the value tensors out."""
+        """Take the layer's shared values: their tensors in, the value tensors out (a fused layer's
+        value slice, written by the key method, is dropped)."""
         self.values = fit
+        for name in fit.replaced:
+            self.tensors.pop(name, None)
         self.tensors.update(fit.tensors)
         self.removed.extend(fit.removed)
 

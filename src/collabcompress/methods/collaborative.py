@@ -225,8 +225,9 @@ class CollaborativeMethod:
 
     def record(self, layer: FittedLayer) -> _mf.LayerRecord:
         spec, names = layer.spec, collab_names(layer.spec.module)
+        # a fused layer's value slice, unless shared values replaced it (their names are in ``value``)
         tensors = _mf.LayerTensors(names["query"], names["key"], names["mixing"], names["content_bias"],
-                                   names["value"] if spec.fused else None)
+                                   names["value"] if spec.fused and layer.values is None else None)
         return layer_record(layer, tensors, iterations=layer.iterations, fused=spec.fused)
 
     def config_entry(self, layer: FittedLayer) -> dict[str, Any]:

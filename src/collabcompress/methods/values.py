@@ -3,7 +3,9 @@
 
 The value tensor (``v_proj`` or the family's) goes; ``{M}.collab_value.weight`` (r_v, D),
 ``{M}.collab_value.bias`` (r_v, where the values had a bias) and ``{M}.collab_value_up.weight``
-(G*d, r_v) come. The fit (:func:`collabcompress.maths.values.value_factors`) weighs each group by
+(G*d, r_v) come, nn.Linear layout in every family. A fused family (GPT-2 ``c_attn``, timm ``qkv``)
+takes its values from the value slice of the fused tensor and bias; the key method already removes
+the fused tensor, and the shared values replace the value slice it writes under the same names. The fit (:func:`collabcompress.maths.values.value_factors`) weighs each group by
 its heads' output projections and, with calibration statistics, whitens by the moments of the
 attention-weighted inputs.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,31 +39,68 @@ def value_names(module: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ValueSources:
-    """Where a layer's values live in the checkpoint: the value weight (G*d, D) and bias names,
-    the output projection weight name (D_out, H*d), all nn.Linear layout."""
+    """Where a layer's values live in the checkpoint: the value weight and bias names and the
+    output projection weight name. A fused family's values are the last third of its fused
+    query/key/value tensor ``weight`` (and bias), laid out as ``fused`` says (``"conv1d"``:
+    (D, 3*H*d), ``"linear"``: (3*H*d, D)); its output projection is in the same layout."""
 
     weight: str
     bias: str | None
     output: str
+    fused: str | None = None
+
+    def load(self, ckpt: Checkpoint, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(value weight (G*d, D), value bias (G*d,) or ``None``, output weight (D_out, H*d)), nn.Linear
+        layout, float64; NaN or Inf refused with the tensor's name."""
+        w = ckpt.load(self.weight, torch.float64, finite=True)
+        b = ckpt.load(self.bias, torch.float64, finite=True) if self.bias else None
+        w_out = ckpt.load(self.output, torch.float64, finite=True)
+        if self.fused == "conv1d":
+            w, w_out = w.T, w_out.T  # (3*H*d, D), (D_out, H*d)
+        if self.fused:
+            rows = 2 * spec.width  # queries and keys come first
+            w, b = w[rows:], (b[rows:] if b is not None else None)  # (H*d, D), (H*d,)
+        return w.contiguous(), (b.contiguous() if b is not None else None), w_out.contiguous()
+
+
+def _fused_sources(ckpt: Checkpoint, spec: AttentionSpec, output: str) -> ValueSources:
+    """The value slice of the fused tensor ``spec.query`` (its last H*d rows, or columns in
+    Conv1D layout) and its output projection, checked against the layer's shapes."""
+    rows, d_model = 3 * spec.width, spec.d_model
+    fused_shape = (d_model, rows) if spec.fused == "conv1d" else (rows, d_model)
+    if ckpt.shape(spec.query) != fused_shape:
+        raise BadInputError(f"shared values: {spec.query} has shape {list(ckpt.shape(spec.query))}, expected "
+                            f"{list(fused_shape)} (queries, keys and values of {spec.n_head} heads of width "
+                            f"{spec.head_dim})")
+    out_shape = ckpt.shape(output)
+    want_in = 0 if spec.fused == "conv1d" else 1  # the axis of the output projection's input
+    if len(out_shape) != 2 or out_shape[want_in] != spec.width:
+        expected = f"[{spec.width}, *]" if spec.fused == "conv1d" else f"[*, {spec.width}]"
+        raise BadInputError(f"shared values: {output} has shape {list(out_shape)}, expected {expected}")
+    return ValueSources(spec.query, spec.query_bias, output, spec.fused)
 
 
 def value_sources(ckpt: Checkpoint, spec: AttentionSpec) -> ValueSources:
     """The value and output tensors of ``spec``, checked against its shapes.
 
     Raises:
-        UnsupportedArchitectureError: a fused family (its values share a tensor with queries and keys).
+        UnsupportedArchitectureError: a family whose value or output projection is not registered.
         BadInputError: the checkpoint lacks them or they do not fit the layer.
     """
     family = find_family(spec.family)
-    if family is None or family.value is None or family.output is None or family.fused:
-        raise UnsupportedArchitectureError(f"shared values: {spec.module} ({spec.family}) stores its values in a fused "
-                                           "query/key/value tensor, which shared values do not split yet")
+    if family is None or family.output is None or (family.value is None and not family.fused):
+        raise UnsupportedArchitectureError(f"shared values: {spec.module} ({spec.family}): the family's value or "
+                                           "output projection is not known")
     fields = {"m": spec.module, "parent": spec.module.rsplit(".", 1)[0]}
-    weight, output = family.value.format(**fields), family.output.format(**fields)
+    output = family.output.format(**fields)
+    if output not in ckpt:
+        raise BadInputError(f"shared values: {spec.module} has no tensor {output} in {ckpt.path}")
+    if family.value is None:
+        return _fused_sources(ckpt, spec, output)
+    weight = family.value.format(**fields)
     bias = weight[: -len("weight")] + "bias"
-    for name in (weight, output):
-        if name not in ckpt:
-            raise BadInputError(f"shared values: {spec.module} has no tensor {name} in {ckpt.path}")
+    if weight not in ckpt:
+        raise BadInputError(f"shared values: {spec.module} has no tensor {weight} in {ckpt.path}")
     rows = spec.n_kv_head * spec.head_dim
     if ckpt.shape(weight) != (rows, spec.d_model):
         raise BadInputError(f"shared values: {weight} has shape {list(ckpt.shape(weight))}, expected "
@@ -85,6 +124,7 @@ class ValueFit:
     tensors: dict[str, torch.Tensor]
     removed: list[str]
     names: dict[str, str | None]
+    replaced: list[str] = field(default_factory=list)  # the key method's tensors these replace (a fused value slice)
     curve: dict[int, float] | None = None  # --budget-of kv: value width -> next-token KL
 
     def record(self) -> dict[str, Any]:
@@ -121,9 +161,7 @@ class ValueMethod:
         from ..maths.values import output_weights, value_moment
 
         src = value_sources(ckpt, spec)
-        w = ckpt.load(src.weight, torch.float64, finite=True)
-        b = ckpt.load(src.bias, torch.float64, finite=True) if src.bias else None
-        w_out = ckpt.load(src.output, torch.float64, finite=True)
+        w, b, w_out = src.load(ckpt, spec)  # (G*d, D), (G*d,) or None, (D_out, H*d)
         weights = output_weights(w_out, spec.n_head, spec.n_kv_head, spec.head_dim)
         moment = None if moments is None else value_moment(moments[1], moments[0], spec.n_head, b is not None)
         return src, w, b, weights, moment
@@ -167,8 +205,12 @@ class ValueMethod:
             tensors[names["bias"]] = f.down_bias.to(out_dtype).contiguous()
         recorded = {"weight": names["weight"], "bias": names["bias"] if f.down_bias is not None else None,
                     "up": names["up"]}
-        removed = [n for n in (src.weight, src.bias) if n]
-        return ValueFit(rank, f.relative_error, f.energy, time.perf_counter() - start, tensors, removed, recorded)
+        if src.fused:  # the key method removed the fused tensor and wrote its value slice: these replace the slice
+            removed, replaced = [], [names["weight"], names["bias"]]
+        else:
+            removed, replaced = [n for n in (src.weight, src.bias) if n], []
+        return ValueFit(rank, f.relative_error, f.energy, time.perf_counter() - start, tensors, removed, recorded,
+                        replaced)
 
 
     def output_error(self, ckpt: Checkpoint, spec: AttentionSpec, out: Checkpoint, layer: Any,
@@ -242,10 +284,3 @@ def _value_module(model: torch.nn.Module, ckpt: Checkpoint, spec: AttentionSpec)
 
 VALUES = ValueMethod()
 
-
-def check_value_family(spec: AttentionSpec) -> None:
-    """Refuse (exit 4) a family whose values shared values cannot take."""
-    family = find_family(spec.family)
-    if family is None or family.value is None or family.fused:
-        raise UnsupportedArchitectureError(f"shared values: the {spec.family} family stores its values in a fused "
-                                           "query/key/value tensor, which shared values do not split yet")

@@ -238,7 +238,8 @@ class _MPNet(_Adapter):
 
 
 class _GPT2(_Adapter):
-    """GPT2Attention (self-attention; the fused c_attn is replaced by collab_value, Conv1D layout)."""
+    """GPT2Attention (self-attention): the fused c_attn is replaced by collab_value, its value slice in
+    Conv1D layout, or with shared values the latent (an nn.Linear, D -> r_v) and collab_value_up."""
 
     _removed = ("c_attn",)
     _value_attr = "collab_value"
@@ -253,8 +254,11 @@ class _GPT2(_Adapter):
         key, value = self._keys_values(hidden_states, None, cache, kwargs)
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:  # scales by itself
             query = collaborative_query_states(hidden_states, self.collab_query.weight, self.collab_mixing)
-            key = key.expand(-1, value.shape[1], -1, -1)  # this path reshapes the head axis into the batch
+            # this path reshapes the head axis into the batch: the shared key (and latent) as every head's, views
+            value = value.expand(-1, query.shape[1], -1, -1)  # (B, H, M, d), or the latent (B, H, M, r_v)
+            key = key.expand(-1, query.shape[1], -1, -1)
             out, weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
+            out = self._lifted(out)  # (B, N, H, d)
         else:
             query = self.collab_query(hidden_states)  # (B, N, R), mixed per head (scale included) by the kernel
             out, weights = self._attend(query, key, value, attention_mask, self.attn_dropout.p, self.query_mixing(),
@@ -361,7 +365,7 @@ def collaborative_module(old: nn.Module, layer: LayerRecord, module_name: str, f
     new = _rebuilt_as(old, cls)
     ref = next(iter(old.parameters()))
     new._add_collab_parameters(d_model, heads, shared, device=ref.device, dtype=ref.dtype)
-    if cls._removed == ("c_attn",):  # GPT-2: the value slice of the fused tensor, same Conv1D layout
+    if cls._removed == ("c_attn",) and layer.value_rank is None:  # GPT-2: the fused tensor's value slice, Conv1D
         from transformers.pytorch_utils import Conv1D
 
         new.collab_value = Conv1D(heads * head_dim, d_model).to(device=ref.device, dtype=ref.dtype)
@@ -374,8 +378,8 @@ def _add_values(new: nn.Module, layer: LayerRecord, family: Family | None, ref: 
     """Shared values in place of the value projection, when the layer has them (uninitialised)."""
     if layer.value_rank is None:
         return
-    if family is None or family.value is None:
-        raise UnsupportedArchitectureError(f"{layer.module}: shared values of family {layer.family!r} (no separate "
+    if family is None or (family.value is None and not family.fused):
+        raise UnsupportedArchitectureError(f"{layer.module}: shared values of family {layer.family!r} (no known "
                                            "value projection) cannot be run")
     add_value_parameters(new, type(new)._value_attr, layer.d_model, layer.value_rank,
                          layer.value_heads * layer.head_dim, bias="bias" in layer.value_tensors(), device=ref.device,
