@@ -51,13 +51,20 @@ def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Tabl
     for tau in result.energies:
         table.add_column(f"r@{tau:g}", justify="right")
     table.add_column(f"red@{mid:g}", justify="right")
+    values = any(la.value_sv is not None for la in result.layers)
+    if values:  # the value latent r_v needed at the middle tau, of the value width G*d
+        table.add_column(f"values@{mid:g}", justify="right")
+        table.caption = ((table.caption + "\n") if table.caption else "") + (
+            f"values@{mid:g}: the shared value latent r_v that keeps {mid:g} of the value energy (data-free, "
+            "W_O,h W_V,h), of G×d.")
     table.add_column("spectrum", no_wrap=True)
     for la in result.layers:
         sp = la.spectrum
+        value_cell = [f"{la.value_rank_at(mid)}/{la.value_width}" if la.value_sv is not None else "-"] if values else []
         table.add_row(str(la.spec.index), *([la.spec.module] if show_module else []),
                       str(sp.n_head), *method.analysis_cells(la.spec), str(sp.head_dim), str(sp.d_model),
                       *[str(sp.rank_at(t)) for t in result.energies],
-                      f"{sp.redundancy(mid):.0%}", sparkline(sp.sv_query, 12))
+                      f"{sp.redundancy(mid):.0%}", *value_cell, sparkline(sp.sv_query, 12))
     return table
 
 
@@ -68,7 +75,12 @@ def analysis_summary(result: AnalysisResult) -> str:
     parts = [f"{s['total_rank_at'][k]}/{s['total_width']} at {k} ({s['redundancy'][k]:.0%} redundant)"
              for k in s["total_rank_at"]]
     what = method_of_layers(la.spec for la in result.layers).needed
-    return f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
+    line = f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
+    if "total_value_rank_at" in s:
+        width = s["total_value_width"]
+        line += "; shared value latent needed: " + ", ".join(
+            f"{v}/{width} at {k}" for k, v in s["total_value_rank_at"].items())
+    return line
 
 
 _LEGEND_LAYERS = 10  # more lines than the default colour cycle's 10 colours get a colormap instead
