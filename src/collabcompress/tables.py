@@ -259,10 +259,14 @@ def report_tables(report: Report) -> list[Table]:
     d = report.to_dict()
     q, m = d["qk_total"], d["model"]
 
+    values = any(la["value_rank"] is not None for la in d["layers"])  # shared values: V-cache columns
+
     def params_row(label: str, shape: tuple[str, str, str], rec: dict[str, Any]) -> list[str]:
         return [label, *shape, f"{rec['qk_params_before']:,}", f"{rec['qk_params_after']:,}",
                 f"{rec['qk_params_saved_fraction']:.1%}", f"{rec['key_cache_elements_per_token_before']:,}",
-                f"{rec['key_cache_elements_per_token_after']:,}"]
+                f"{rec['key_cache_elements_per_token_after']:,}",
+                *([f"{rec['value_cache_elements_per_token_before']:,}",
+                   f"{rec['value_cache_elements_per_token_after']:,}"] if values else [])]
 
     method = method_of_layers(d["layers"])
     per_n = ", ".join(f"{n:,} tokens: {n * q['key_cache_bytes_per_token_before']:,} → "
@@ -272,13 +276,16 @@ def report_tables(report: Report) -> list[Table]:
         f"Key/query side per layer: {report.directory}",
         ("layer", method.width_label.replace("*", "×"), "R", "rel. error", "params before", "params after", "saved",
          "K-cache before",
-         "K-cache after"),
+         "K-cache after", *(("V-cache before", "V-cache after") if values else ())),
         [[params_row(str(la["index"]), (str(method_for(la).key_width(la)), str(la["shared_dim"]),
                                         f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
          [params_row("all", ("", "", ""), q)]],
         f"K-cache: key-cache elements per token ({method.key_cache_text}); "
         f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
-        f"over these layers ({report.dtype_before} → {report.dtype_after})." + method.report_caption(per_n))
+        f"over these layers ({report.dtype_before} → {report.dtype_after})." + method.report_caption(per_n)
+        + (f"\nV-cache: value-cache elements per token (G×d before, the shared value latent r_v after); "
+           f"KV cache {q['kv_cache_bytes_per_token_before']:,} → {q['kv_cache_bytes_per_token_after']:,} bytes "
+           "per token over these layers." if values else ""))
 
     def flops_rows(label: str, rec: dict[str, Any]) -> list[list[str]]:
         rows = []
@@ -312,6 +319,10 @@ def report_tables(report: Report) -> list[Table]:
                     m["key_cache_elements_per_token_after"]))
     rows.append(row("key cache per token, bytes", m["key_cache_bytes_per_token_before"],
                     m["key_cache_bytes_per_token_after"]))
+    for what, key in (("value cache", "value_cache"), ("KV cache (keys + values)", "kv_cache")):
+        for unit in ("elements", "bytes"):
+            rows.append(row(f"{what} per token, {unit}", m[f"{key}_{unit}_per_token_before"],
+                            m[f"{key}_{unit}_per_token_after"]))
     where = "on disk" if report.source_used else "as recorded in the manifest"
     t3 = _table(f"Whole model ({m['compressed_layers']} of {m['attention_layers']} attention layers compressed)",
                 ("", "before", "after", "change"), [rows],
