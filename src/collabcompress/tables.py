@@ -367,6 +367,11 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2 ** 20:,.1f}"
 
 
+def _per_token(decode: dict[str, Any], what: str) -> str:
+    o, c = (decode.get(f"{what}_cache_bytes_per_token_{side}") for side in ("original", "compressed"))
+    return "" if o is None else f"; per token {o:,.1f} → {c:,.1f}"
+
+
 def bench_tables(result: dict[str, Any]) -> list[Any]:
     """The tables of ``collabcompress bench``: forward latency and memory per (N, batch), and decoding."""
     rows = []
@@ -404,9 +409,14 @@ def bench_tables(result: dict[str, Any]) -> list[Any]:
         table.add_row("step time ratio", _ratio(d["ratio"]["median"]),
                       "compressed / original, median of interleaved step pairs")
         table.add_row("key cache bytes", f"{d['key_cache_bytes_original']:,} → {d['key_cache_bytes_compressed']:,}",
-                      f"ratio {_ratio(d['key_cache_ratio'])}; summed from the cache tensors after the prefill")
+                      f"ratio {_ratio(d['key_cache_ratio'])}; summed from the cache tensors after the prefill"
+                      + _per_token(d, "key"))
         table.add_row("value cache bytes", f"{d['value_cache_bytes_original']:,} → "
-                      f"{d['value_cache_bytes_compressed']:,}", "")
+                      f"{d['value_cache_bytes_compressed']:,}",
+                      f"ratio {_ratio(d.get('value_cache_ratio'))}" + _per_token(d, "value"))
+        if "kv_cache_bytes_original" in d:
+            table.add_row("KV cache bytes", f"{d['kv_cache_bytes_original']:,} → {d['kv_cache_bytes_compressed']:,}",
+                          f"ratio {_ratio(d['kv_cache_ratio'])}; keys + values" + _per_token(d, "kv"))
         out.append(table)
     out.extend(f"note: {n}" for n in result["notes"])
     return out
