@@ -171,7 +171,7 @@ def test_report_on_a_collaborative_layer_with_shared_values(sample_dir, tmp_path
 
 # ---- bench ----------------------------------------------------------------------------------
 
-def test_bench_measures_the_value_cache_of_shared_values(cli, rotary_checkpoints, llama_values):
+def test_bench_measures_the_value_cache_of_shared_values(cli, rotary_checkpoints, llama_values, tmp_path):
     context = 20
     data = _json(cli("bench", rotary_checkpoints["llama"], llama_values, "--level", "model", "--lengths", "8",
                      "--batch-sizes", "1", *FAST, "--context", str(context), "--decode-steps", "2", "--json", "-"))
@@ -190,6 +190,10 @@ def test_bench_measures_the_value_cache_of_shared_values(cli, rotary_checkpoints
     model = build_report(llama_values).to_dict()["model"]
     assert d["kv_cache_bytes_per_token_compressed"] == model["kv_cache_bytes_per_token_after"]
     assert d["kv_cache_bytes_per_token_original"] == model["kv_cache_bytes_per_token_before"]
+    record = tmp_path / "bench.json"
+    record.write_text(json.dumps(data))
+    measured = build_report(llama_values, measured=record).to_dict()["measured"]["decode"]
+    assert measured["kv_cache_ratio"] == d["kv_cache_ratio"] and measured["value_cache_ratio"] == d["value_cache_ratio"]
     table = cli("bench", rotary_checkpoints["llama"], llama_values, "--level", "model", "--lengths", "8",
                 "--batch-sizes", "1", *FAST, "--context", str(context), "--decode-steps", "2")
     assert table.exit_code == 0 and "KV cache bytes" in table.stdout

@@ -348,7 +348,8 @@ def measured_table(measured: dict[str, Any]) -> Table:
     if decode:
         tail = (f"\nDecode at a {decode['context']:,}-token context: tokens per second compressed / original "
                 f"{_ratio(decode['tokens_per_second_ratio'])}; key cache bytes compressed / original "
-                f"{_ratio(decode['key_cache_ratio'])} (measured).")
+                f"{_ratio(decode['key_cache_ratio'])}, KV cache bytes {_ratio(decode.get('kv_cache_ratio'))} "
+                "(measured).")
     return _table(f"Measured latency beside the FLOP model ({measured['file']}: level {measured['level']}, "
                   f"{measured['device']}, {measured['threads']} thread(s), {measured['dtype']})",
                   ("N", "batch", "measured ratio", "IQR", "FLOP-model ratio"), [rows],

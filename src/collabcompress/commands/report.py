@@ -66,7 +66,8 @@ negative when the compressed model needs more)::
      "measured": {only with ``measured=``: "file", "level", "device", "threads", "dtype",
                   "forward": [{"seq_len", "batch_size", "ratio", "ratio_q1", "ratio_q3", "flop_model_ratio"}],
                   "crossover": {"measured": {"<batch>": int | null}, "flop_model": float | null},
-                  "decode": null | {"context", "tokens_per_second_ratio", "key_cache_ratio"}}}
+                  "decode": null | {"context", "tokens_per_second_ratio", "key_cache_ratio",
+                                    "value_cache_ratio", "kv_cache_ratio"}}}
 
 ``matmul_flops_per_token_*`` is the part that does not depend on N (every Linear, the
 key/query projections included); ``attention_flops_per_token_*`` the part that does
@@ -349,7 +350,8 @@ class Report:
                 "crossover": {"measured": (b.get("crossover") or {}).get("measured"),
                               "flop_model": _round(self.flop_model_crossover(level))},
                 "decode": None if decode is None else {
-                    k: decode.get(k) for k in ("context", "tokens_per_second_ratio", "key_cache_ratio")}}
+                    k: decode.get(k) for k in ("context", "tokens_per_second_ratio", "key_cache_ratio",
+                                               "value_cache_ratio", "kv_cache_ratio")}}
 
 
 def _round(x: float | None) -> float | None:
