@@ -26,6 +26,8 @@ LAYER_KEYS = {
     "qk_proj_flops_per_token_before", "qk_proj_flops_per_token_after", "crossover_seq_len",
     "key_cache_elements_per_token_before", "key_cache_elements_per_token_after",
     "key_cache_bytes_per_token_before", "key_cache_bytes_per_token_after", "at_seq_len",
+    "value_rank", "value_proj_flops_per_token_before", "value_proj_flops_per_token_after",
+    *(f"{c}_cache_{u}_per_token_{w}" for c in ("value", "kv") for u in ("elements", "bytes") for w in ("before", "after")),
 }
 AT_QK_KEYS = {"qk_score_flops_per_token_before", "qk_score_flops_per_token_after", "qk_flops_per_token_before",
               "qk_flops_per_token_after", "qk_flops_saved_fraction", "costs_more"}
@@ -36,6 +38,7 @@ MODEL_KEYS = {
     "attention_layers", "compressed_layers", "matmul_flops_per_token_before", "matmul_flops_per_token_after",
     "crossover_seq_len", "key_cache_elements_per_token_before", "key_cache_elements_per_token_after",
     "key_cache_bytes_per_token_before", "key_cache_bytes_per_token_after", "at_seq_len",
+    *(f"{c}_cache_{u}_per_token_{w}" for c in ("value", "kv") for u in ("elements", "bytes") for w in ("before", "after")),
 }
 AT_MODEL_KEYS = {"attention_flops_per_token_before", "attention_flops_per_token_after", "flops_per_token_before",
                  "flops_per_token_after", "flops_saved_fraction", "costs_more"}
@@ -146,7 +149,7 @@ def test_json_keys_and_units(minilm_192, cli, tmp_path):
         for at in layer["at_seq_len"].values():
             assert set(at) == AT_QK_KEYS
     assert set(data["qk_total"]) == (LAYER_KEYS - {"module", "index", "heads", "head_dim", "d_model", "shared_dim",
-                                                   "relative_error"}) | {"layers"}
+                                                   "relative_error", "value_rank"}) | {"layers"}
     assert set(data["model"]) == MODEL_KEYS
     for at in data["model"]["at_seq_len"].values():
         assert set(at) == AT_MODEL_KEYS

@@ -51,13 +51,20 @@ def analysis_table(result: AnalysisResult, *, show_module: bool = False) -> Tabl
     for tau in result.energies:
         table.add_column(f"r@{tau:g}", justify="right")
     table.add_column(f"red@{mid:g}", justify="right")
+    values = any(la.value_sv is not None for la in result.layers)
+    if values:  # the value latent r_v needed at the middle tau, of the value width G*d
+        table.add_column(f"values@{mid:g}", justify="right")
+        table.caption = ((table.caption + "\n") if table.caption else "") + (
+            f"values@{mid:g}: the shared value latent r_v that keeps {mid:g} of the value energy (data-free, "
+            "W_O,h W_V,h), of G×d.")
     table.add_column("spectrum", no_wrap=True)
     for la in result.layers:
         sp = la.spectrum
+        value_cell = [f"{la.value_rank_at(mid)}/{la.value_width}" if la.value_sv is not None else "-"] if values else []
         table.add_row(str(la.spec.index), *([la.spec.module] if show_module else []),
                       str(sp.n_head), *method.analysis_cells(la.spec), str(sp.head_dim), str(sp.d_model),
                       *[str(sp.rank_at(t)) for t in result.energies],
-                      f"{sp.redundancy(mid):.0%}", sparkline(sp.sv_query, 12))
+                      f"{sp.redundancy(mid):.0%}", *value_cell, sparkline(sp.sv_query, 12))
     return table
 
 
@@ -68,7 +75,12 @@ def analysis_summary(result: AnalysisResult) -> str:
     parts = [f"{s['total_rank_at'][k]}/{s['total_width']} at {k} ({s['redundancy'][k]:.0%} redundant)"
              for k in s["total_rank_at"]]
     what = method_of_layers(la.spec for la in result.layers).needed
-    return f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
+    line = f"{s['layers']} attention layers; {what}: " + ", ".join(parts)
+    if "total_value_rank_at" in s:
+        width = s["total_value_width"]
+        line += "; shared value latent needed: " + ", ".join(
+            f"{v}/{width} at {k}" for k, v in s["total_value_rank_at"].items())
+    return line
 
 
 _LEGEND_LAYERS = 10  # more lines than the default colour cycle's 10 colours get a colormap instead
@@ -247,10 +259,14 @@ def report_tables(report: Report) -> list[Table]:
     d = report.to_dict()
     q, m = d["qk_total"], d["model"]
 
+    values = any(la["value_rank"] is not None for la in d["layers"])  # shared values: V-cache columns
+
     def params_row(label: str, shape: tuple[str, str, str], rec: dict[str, Any]) -> list[str]:
         return [label, *shape, f"{rec['qk_params_before']:,}", f"{rec['qk_params_after']:,}",
                 f"{rec['qk_params_saved_fraction']:.1%}", f"{rec['key_cache_elements_per_token_before']:,}",
-                f"{rec['key_cache_elements_per_token_after']:,}"]
+                f"{rec['key_cache_elements_per_token_after']:,}",
+                *([f"{rec['value_cache_elements_per_token_before']:,}",
+                   f"{rec['value_cache_elements_per_token_after']:,}"] if values else [])]
 
     method = method_of_layers(d["layers"])
     per_n = ", ".join(f"{n:,} tokens: {n * q['key_cache_bytes_per_token_before']:,} → "
@@ -260,13 +276,16 @@ def report_tables(report: Report) -> list[Table]:
         f"Key/query side per layer: {report.directory}",
         ("layer", method.width_label.replace("*", "×"), "R", "rel. error", "params before", "params after", "saved",
          "K-cache before",
-         "K-cache after"),
+         "K-cache after", *(("V-cache before", "V-cache after") if values else ())),
         [[params_row(str(la["index"]), (str(method_for(la).key_width(la)), str(la["shared_dim"]),
                                         f"{la['relative_error']:.4f}"), la) for la in d["layers"]],
          [params_row("all", ("", "", ""), q)]],
         f"K-cache: key-cache elements per token ({method.key_cache_text}); "
         f"{q['key_cache_bytes_per_token_before']:,} → {q['key_cache_bytes_per_token_after']:,} bytes per token "
-        f"over these layers ({report.dtype_before} → {report.dtype_after})." + method.report_caption(per_n))
+        f"over these layers ({report.dtype_before} → {report.dtype_after})." + method.report_caption(per_n)
+        + (f"\nV-cache: value-cache elements per token (G×d before, the shared value latent r_v after); "
+           f"KV cache {q['kv_cache_bytes_per_token_before']:,} → {q['kv_cache_bytes_per_token_after']:,} bytes "
+           "per token over these layers." if values else ""))
 
     def flops_rows(label: str, rec: dict[str, Any]) -> list[list[str]]:
         rows = []
@@ -300,6 +319,10 @@ def report_tables(report: Report) -> list[Table]:
                     m["key_cache_elements_per_token_after"]))
     rows.append(row("key cache per token, bytes", m["key_cache_bytes_per_token_before"],
                     m["key_cache_bytes_per_token_after"]))
+    for what, key in (("value cache", "value_cache"), ("KV cache (keys + values)", "kv_cache")):
+        for unit in ("elements", "bytes"):
+            rows.append(row(f"{what} per token, {unit}", m[f"{key}_{unit}_per_token_before"],
+                            m[f"{key}_{unit}_per_token_after"]))
     where = "on disk" if report.source_used else "as recorded in the manifest"
     t3 = _table(f"Whole model ({m['compressed_layers']} of {m['attention_layers']} attention layers compressed)",
                 ("", "before", "after", "change"), [rows],
@@ -325,7 +348,8 @@ def measured_table(measured: dict[str, Any]) -> Table:
     if decode:
         tail = (f"\nDecode at a {decode['context']:,}-token context: tokens per second compressed / original "
                 f"{_ratio(decode['tokens_per_second_ratio'])}; key cache bytes compressed / original "
-                f"{_ratio(decode['key_cache_ratio'])} (measured).")
+                f"{_ratio(decode['key_cache_ratio'])}, KV cache bytes {_ratio(decode.get('kv_cache_ratio'))} "
+                "(measured).")
     return _table(f"Measured latency beside the FLOP model ({measured['file']}: level {measured['level']}, "
                   f"{measured['device']}, {measured['threads']} thread(s), {measured['dtype']})",
                   ("N", "batch", "measured ratio", "IQR", "FLOP-model ratio"), [rows],
@@ -342,6 +366,11 @@ def _ms(seconds: float) -> str:
 
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2 ** 20:,.1f}"
+
+
+def _per_token(decode: dict[str, Any], what: str) -> str:
+    o, c = (decode.get(f"{what}_cache_bytes_per_token_{side}") for side in ("original", "compressed"))
+    return "" if o is None else f"; per token {o:,.1f} → {c:,.1f}"
 
 
 def bench_tables(result: dict[str, Any]) -> list[Any]:
@@ -381,9 +410,14 @@ def bench_tables(result: dict[str, Any]) -> list[Any]:
         table.add_row("step time ratio", _ratio(d["ratio"]["median"]),
                       "compressed / original, median of interleaved step pairs")
         table.add_row("key cache bytes", f"{d['key_cache_bytes_original']:,} → {d['key_cache_bytes_compressed']:,}",
-                      f"ratio {_ratio(d['key_cache_ratio'])}; summed from the cache tensors after the prefill")
+                      f"ratio {_ratio(d['key_cache_ratio'])}; summed from the cache tensors after the prefill"
+                      + _per_token(d, "key"))
         table.add_row("value cache bytes", f"{d['value_cache_bytes_original']:,} → "
-                      f"{d['value_cache_bytes_compressed']:,}", "")
+                      f"{d['value_cache_bytes_compressed']:,}",
+                      f"ratio {_ratio(d.get('value_cache_ratio'))}" + _per_token(d, "value"))
+        if "kv_cache_bytes_original" in d:
+            table.add_row("KV cache bytes", f"{d['kv_cache_bytes_original']:,} → {d['kv_cache_bytes_compressed']:,}",
+                          f"ratio {_ratio(d['kv_cache_ratio'])}; keys + values" + _per_token(d, "kv"))
         out.append(table)
     out.extend(f"note: {n}" for n in result["notes"])
     return out

@@ -8,7 +8,8 @@ the record, :mod:`collabcompress.tables`). Two levels:
   value tensors (rotary layers: rotated queries and keys, grouped values, causal); the
   compressed one is :class:`~collabcompress.runtime.attention.CollaborativeAttention` (or the shared
   rotary keys of :class:`~collabcompress.runtime.attention.CollaborativeRotaryAttention`) from the output's
-  tensors, with the same value projection. Inputs are seeded random tokens (B, N, D); one
+  tensors, with the same value projection (a layer with shared values: its latent, weighted by
+  the attention, then lifted per head). Inputs are seeded random tokens (B, N, D); one
   forward runs every compressed layer in turn, so its time is the sum of the layers'
   times. The output projection is the same on both sides and is left out.
 * ``model``: the whole transformers model, the original loaded as ``evaluate`` loads it and
@@ -16,7 +17,8 @@ the record, :mod:`collabcompress.tables`). Two levels:
   ids (the encoder's last hidden states; a causal LM's logits). Causal decoders also get a
   decode measurement: a prefill of ``context`` tokens into a ``DynamicCache`` (batch 1),
   then ``decode_steps`` one-token steps; the key and value cache bytes are summed from the
-  cache tensors after the prefill.
+  cache tensors after the prefill (and divided by the context for the bytes per token; with
+  shared values the value cache holds each layer's latent).
 
 Timing: ``warmup`` untimed runs, then ``repeats`` timed runs of the original and the
 compressed forward INTERLEAVED (original, compressed, original, ...), so a change of the
@@ -60,6 +62,7 @@ from ..files.bench_record import FORMAT, LEVELS, outputs_sha256
 from ..methods import method_for
 from ..runtime.adapters import loadable_family
 from ..runtime.attention import collaborative_attention
+from ..runtime.values import lift_values
 
 __all__ = ["Spread", "spread", "interleaved", "pair_ratio", "peak_memory", "cache_bytes",
            "measured_crossover", "bench", "MEMORY_METHODS"]
@@ -210,6 +213,9 @@ class _Layer:
     w_value: torch.Tensor
     b_value: torch.Tensor | None
     collab: torch.nn.Module
+    latent: torch.Tensor | None = None  # shared values: A (r_v, D), the compressed side's value projection
+    latent_bias: torch.Tensor | None = None  # a (r_v,)
+    value_up: torch.Tensor | None = None  # B (G*d, r_v)
 
 
 def _value_projection(method, ckpt, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -231,14 +237,17 @@ def _module_layers(source, out, manifest) -> list[_Layer]:
         method = method_for(layer)
         qk = load_query_key(source.ckpt, spec, torch.float32)
         w_value, b_value = _value_projection(method, source.ckpt, spec)
+        names = layer.value_tensors()  # shared values: {"weight", "bias", "up"}, empty without
+        shared = {role: out.load(name, torch.float32, finite=True) for role, name in names.items()}
         layers.append(_Layer(spec, method, qk.w_query, qk.b_query, qk.w_key, qk.b_key, w_value, b_value,
-                             method.output_module(out, layer, spec)))
+                             method.output_module(out, layer, spec), shared.get("weight"), shared.get("bias"),
+                             shared.get("up")))
     return layers
 
 
 def _to(layers: list[_Layer], dtype: torch.dtype, device: torch.device) -> None:
     for la in layers:
-        for name in ("w_query", "b_query", "w_key", "b_key", "w_value", "b_value"):
+        for name in ("w_query", "b_query", "w_key", "b_key", "w_value", "b_value", "latent", "latent_bias", "value_up"):
             t = getattr(la, name)
             if t is not None:
                 setattr(la, name, t.to(dtype=dtype, device=device))
@@ -267,15 +276,22 @@ def _original_layer(la: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch
 
 def _compressed_layer(la: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     s = la.spec
-    v = _heads(F.linear(x, la.w_value, la.b_value), s.head_dim)  # (B, G, N, d)
+    if la.latent is not None:  # shared values: one latent value head for all heads
+        v = F.linear(x, la.latent, la.latent_bias)[:, None]  # (B, 1, N, r_v)
+    else:
+        v = _heads(F.linear(x, la.w_value, la.b_value), s.head_dim)  # (B, G, N, d)
     if rope is None:
-        return la.collab(x, v)[0]  # (B, H, N, d)
-    cos, sin = rope
-    query = _heads(F.linear(x, la.w_query, la.b_query), s.head_dim)  # (B, H, N, d)
-    q = la.collab.query_states(query, cos, sin, s.scale)  # (B, H, N, R), scale included
-    k = la.collab.key_states(x, cos, sin)  # (B, 1, N, R), one key head for all
-    # the runtime's kernel, as the transformers adapter runs it (grouped values, no repeat)
-    return collaborative_attention(q, k, v, is_causal=True, need_weights=False)[0]  # (B, H, N, d)
+        out = la.collab(x, v)[0]  # (B, H, N, d or r_v)
+    else:
+        cos, sin = rope
+        query = _heads(F.linear(x, la.w_query, la.b_query), s.head_dim)  # (B, H, N, d)
+        q = la.collab.query_states(query, cos, sin, s.scale)  # (B, H, N, R), scale included
+        k = la.collab.key_states(x, cos, sin)  # (B, 1, N, R), one key head for all
+        # the runtime's kernel, as the transformers adapter runs it (grouped values, no repeat)
+        out = collaborative_attention(q, k, v, is_causal=True, need_weights=False)[0]  # (B, H, N, d or r_v)
+    if la.value_up is None:
+        return out
+    return lift_values(out.transpose(1, 2), la.value_up, s.head_dim).transpose(1, 2)  # (B, H, N, d)
 
 
 class _ModulePair:
@@ -385,6 +401,9 @@ class _ModelPair:
         so, sc = spread(times_o), spread(times_c)
         ratio = pair_ratio(times_o, times_c)
         (ko, vo), (kc, vc) = sizes
+        per_token = {f"{what}_cache_bytes_per_token_{side}": round(n / context, 3)
+                     for what, (o, c) in (("key", (ko, kc)), ("value", (vo, vc)), ("kv", (ko + vo, kc + vc)))
+                     for side, n in (("original", o), ("compressed", c))}
         return {
             "context": context, "steps": steps, "batch_size": 1,
             "original": {"tokens_per_second": round(1.0 / so.median, 3), **so.to_dict("_s")},
@@ -394,6 +413,10 @@ class _ModelPair:
             "key_cache_bytes_original": ko, "key_cache_bytes_compressed": kc,
             "value_cache_bytes_original": vo, "value_cache_bytes_compressed": vc,
             "key_cache_ratio": round(kc / ko, 6) if ko else None,
+            "kv_cache_bytes_original": ko + vo, "kv_cache_bytes_compressed": kc + vc,
+            **per_token,
+            "value_cache_ratio": round(vc / vo, 6) if vo else None,
+            "kv_cache_ratio": round((kc + vc) / (ko + vo), 6) if ko + vo else None,
         }
 
 

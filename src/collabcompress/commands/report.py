@@ -9,7 +9,9 @@ report says so. No tensor data is read; headers are enough.
 
 Counting rules: docs/method.md, as :mod:`collabcompress.maths.costs` computes them, and:
 
-* key-cache bytes: the elements times the element size of the key tensors' dtype.
+* key-cache bytes: the elements times the element size of the key tensors' dtype; value-cache
+  bytes likewise (``G*d`` elements per token and layer before, ``r_v`` with shared values);
+  the KV cache is their sum.
 * bytes on disk: *weights* = the safetensors files (and sharded index); *files* = before,
   every source file that ``compress`` read or copied (weights, index, config.json and the
   other files it copied, e.g. the tokenizer); after, every file of the output directory,
@@ -31,12 +33,18 @@ negative when the compressed model needs more)::
                  "crossover_seq_len": float | null,
                  "key_cache_elements_per_token_before": int, "key_cache_elements_per_token_after": int,
                  "key_cache_bytes_per_token_before": int, "key_cache_bytes_per_token_after": int,
+                 "value_rank": int | null,
+                 "value_proj_flops_per_token_before": int, "value_proj_flops_per_token_after": int,
+                 "value_cache_elements_per_token_before": int, "value_cache_elements_per_token_after": int,
+                 "value_cache_bytes_per_token_before": int, "value_cache_bytes_per_token_after": int,
+                 "kv_cache_elements_per_token_before": int, "kv_cache_elements_per_token_after": int,
+                 "kv_cache_bytes_per_token_before": int, "kv_cache_bytes_per_token_after": int,
                  "at_seq_len": {"128": {"qk_score_flops_per_token_before": int,
                                         "qk_score_flops_per_token_after": int,
                                         "qk_flops_per_token_before": int, "qk_flops_per_token_after": int,
                                         "qk_flops_saved_fraction": float, "costs_more": bool}}}],
-     "qk_total": {the same keys summed over the compressed layers, without the per-layer identity keys;
-                  "layers": int},
+     "qk_total": {the same keys summed over the compressed layers, without the per-layer identity keys
+                  and value_rank; "layers": int},
      "model": {"params_before": int, "params_after": int, "params_saved_fraction": float,
                "weights_bytes_before": int, "weights_bytes_after": int, "weights_bytes_saved_fraction": float,
                "files_bytes_before": int, "files_bytes_after": int, "files_bytes_saved_fraction": float,
@@ -46,6 +54,10 @@ negative when the compressed model needs more)::
                "crossover_seq_len": float | null,
                "key_cache_elements_per_token_before": int, "key_cache_elements_per_token_after": int,
                "key_cache_bytes_per_token_before": int, "key_cache_bytes_per_token_after": int,
+               "value_cache_elements_per_token_before": int, "value_cache_elements_per_token_after": int,
+               "value_cache_bytes_per_token_before": int, "value_cache_bytes_per_token_after": int,
+               "kv_cache_elements_per_token_before": int, "kv_cache_elements_per_token_after": int,
+               "kv_cache_bytes_per_token_before": int, "kv_cache_bytes_per_token_after": int,
                "at_seq_len": {"128": {"attention_flops_per_token_before": int,
                                       "attention_flops_per_token_after": int,
                                       "flops_per_token_before": int, "flops_per_token_after": int,
@@ -54,7 +66,8 @@ negative when the compressed model needs more)::
      "measured": {only with ``measured=``: "file", "level", "device", "threads", "dtype",
                   "forward": [{"seq_len", "batch_size", "ratio", "ratio_q1", "ratio_q3", "flop_model_ratio"}],
                   "crossover": {"measured": {"<batch>": int | null}, "flop_model": float | null},
-                  "decode": null | {"context", "tokens_per_second_ratio", "key_cache_ratio"}}}
+                  "decode": null | {"context", "tokens_per_second_ratio", "key_cache_ratio",
+                                    "value_cache_ratio", "kv_cache_ratio"}}}
 
 ``matmul_flops_per_token_*`` is the part that does not depend on N (every Linear, the
 key/query projections included); ``attention_flops_per_token_*`` the part that does
@@ -126,7 +139,8 @@ class Report:
         return sum(la.proj_flops(after) + la.score_flops(seq_len, after) for la in self.layers)
 
     def attention_flops(self, seq_len: int, after: bool) -> int:
-        return sum(la.score_flops(seq_len, after) + la.value_flops(seq_len) for la in self.layers + self.other_layers)
+        return sum(la.score_flops(seq_len, after) + la.value_flops(seq_len, after)
+                   for la in self.layers + self.other_layers)
 
     def model_flops(self, seq_len: int, after: bool) -> int:
         return (self.matmul_after if after else self.matmul_before) + self.attention_flops(seq_len, after)
@@ -144,9 +158,10 @@ class Report:
 
     def module_flops(self, seq_len: int, after: bool) -> int:
         """FLOPs per token of the compressed attention layers alone, as ``bench --level module`` runs them:
-        key/query projections, scores, value mixing and the value projection (``2*D*G*d``, the same after)."""
-        return sum(la.proj_flops(after) + la.score_flops(seq_len, after) + la.value_flops(seq_len)
-                   + 2 * la.d_model * getattr(la, "n_kv_head", la.n_head) * la.head_dim for la in self.layers)
+        key/query projections, scores, value mixing and the value projection (``2*D*G*d``; with shared
+        values ``2*D*r_v + 2*H*r_v*d``, docs/method.md)."""
+        return sum(la.proj_flops(after) + la.score_flops(seq_len, after) + la.value_flops(seq_len, after)
+                   + la.value_proj_flops(after) for la in self.layers)
 
     def flop_model_ratio(self, seq_len: int, level: str = "model") -> float:
         """The FLOP model's compressed / original FLOPs per token at ``seq_len``: the whole model
@@ -158,6 +173,10 @@ class Report:
         """The FLOP model's N* for that level (terms equal before and after cancel, so the attention
         layers' N* is the key/query side's)."""
         return self.model_crossover if level == "model" else self.qk_crossover
+
+    def cache_bytes(self, elements: int, after: bool) -> int:
+        """Bytes of ``elements`` cache elements in the dtype before or after (key and value caches alike)."""
+        return elements * ELEMENT_SIZE[self.dtype_after if after else self.dtype_before]
 
     def key_cache_bytes(self, elements: int, after: bool) -> int:
         return elements * ELEMENT_SIZE[self.dtype_after if after else self.dtype_before]
@@ -184,6 +203,7 @@ class Report:
         notes = [self.source_note] if self.source_note else []
         notes.extend(self.notes_extra)
         notes.append(FLOP_MODEL_NOTE)
+        notes.append(self.cache_note())
         n_star = self.qk_crossover
         if n_star is None:
             why = "the projections cost more than before"
@@ -212,7 +232,33 @@ class Report:
                              f"than the original: {a:,} vs {b:,} (+{(a - b) / b:.1%}){tail}")
         return notes
 
+    def cache_note(self) -> str:
+        """One sentence: the KV cache per token, keys and values, over every attention layer."""
+        c = self._cache_record(self.layers + self.other_layers)
+        every = self.layers + self.other_layers
+        kb, ka = sum(la.key_cache(False) for la in every), sum(la.key_cache(True) for la in every)
+        shared = sum(la.value_rank is not None for la in self.layers)
+        values = (f"shared values in {shared} layer(s): the value cache holds each layer's r_v-wide latent"
+                  if shared else "values unchanged")
+        return (f"KV cache per token over the {len(every)} attention layers: keys {kb:,} → {ka:,} and values "
+                f"{c['value_cache_elements_per_token_before']:,} → {c['value_cache_elements_per_token_after']:,} "
+                f"elements, {c['kv_cache_bytes_per_token_before']:,} → {c['kv_cache_bytes_per_token_after']:,} bytes "
+                f"in all ({values}).")
+
     # ---- JSON ----------------------------------------------------------------------------
+    def _cache_record(self, layers: Sequence[LayerCost]) -> dict[str, int]:
+        """The value cache and the KV cache (keys + values) per token over ``layers``."""
+        kb, ka = sum(la.key_cache(False) for la in layers), sum(la.key_cache(True) for la in layers)
+        vb, va = sum(la.value_cache(False) for la in layers), sum(la.value_cache(True) for la in layers)
+        return {
+            "value_cache_elements_per_token_before": vb, "value_cache_elements_per_token_after": va,
+            "value_cache_bytes_per_token_before": self.cache_bytes(vb, False),
+            "value_cache_bytes_per_token_after": self.cache_bytes(va, True),
+            "kv_cache_elements_per_token_before": kb + vb, "kv_cache_elements_per_token_after": ka + va,
+            "kv_cache_bytes_per_token_before": self.cache_bytes(kb, False) + self.cache_bytes(vb, False),
+            "kv_cache_bytes_per_token_after": self.cache_bytes(ka, True) + self.cache_bytes(va, True),
+        }
+
     def _qk_record(self, layers: Sequence[LayerCost], dtype: tuple[str, str]) -> dict[str, Any]:
         pb, pa = sum(la.qk_params(False) for la in layers), sum(la.qk_params(True) for la in layers)
         fb, fa = sum(la.proj_flops(False) for la in layers), sum(la.proj_flops(True) for la in layers)
@@ -233,6 +279,9 @@ class Report:
             "key_cache_elements_per_token_before": kb, "key_cache_elements_per_token_after": ka,
             "key_cache_bytes_per_token_before": kb * ELEMENT_SIZE[dtype[0]],
             "key_cache_bytes_per_token_after": ka * ELEMENT_SIZE[dtype[1]],
+            "value_proj_flops_per_token_before": sum(la.value_proj_flops(False) for la in layers),
+            "value_proj_flops_per_token_after": sum(la.value_proj_flops(True) for la in layers),
+            **self._cache_record(layers),
             "at_seq_len": at,
         }
 
@@ -243,6 +292,7 @@ class Report:
             record = {"module": la.module, "index": la.index, "heads": la.n_head, "head_dim": la.head_dim,
                       "d_model": la.d_model, "shared_dim": la.shared_dim, "relative_error": la.relative_error}
             record.update(la.record_fields())
+            record["value_rank"] = la.value_rank
             record.update(self._qk_record([la], dtypes))
             layers.append(record)
         qk_total = {"layers": len(self.layers), **self._qk_record(self.layers, dtypes)}
@@ -265,6 +315,7 @@ class Report:
             "key_cache_elements_per_token_before": kb, "key_cache_elements_per_token_after": ka,
             "key_cache_bytes_per_token_before": self.key_cache_bytes(kb, False),
             "key_cache_bytes_per_token_after": self.key_cache_bytes(ka, True),
+            **self._cache_record(all_layers),
             "at_seq_len": {},
         }
         for n in self.seq_lens:
@@ -299,7 +350,8 @@ class Report:
                 "crossover": {"measured": (b.get("crossover") or {}).get("measured"),
                               "flop_model": _round(self.flop_model_crossover(level))},
                 "decode": None if decode is None else {
-                    k: decode.get(k) for k in ("context", "tokens_per_second_ratio", "key_cache_ratio")}}
+                    k: decode.get(k) for k in ("context", "tokens_per_second_ratio", "key_cache_ratio",
+                                               "value_cache_ratio", "kv_cache_ratio")}}
 
 
 def _round(x: float | None) -> float | None:
@@ -312,6 +364,12 @@ def _collab_names(manifest: dict[str, Any]) -> set[str]:
     """The output tensors that replace the key/query projections (counted by the cost model, not as Linears)."""
     keys = ("query", "key", "mixing", "content_bias", "key_freq", "key_bias")
     return {layer["tensors"][k] for layer in manifest["layers"] for k in keys if layer["tensors"].get(k)}
+
+
+def _shared_value_names(manifest: dict[str, Any]) -> set[str]:
+    """The shared-value tensors (latent and up-projection) of the output (counted by the cost model)."""
+    return {name for layer in manifest["layers"] if layer.get("value_rank") is not None
+            for name in ((layer.get("value") or {}).get("tensors") or {}).values() if isinstance(name, str)}
 
 
 def _matmul_total(ckpt: Checkpoint, skip: set[str] = frozenset()) -> int:
@@ -408,17 +466,25 @@ def _build(directory: Path, manifest: dict[str, Any], out: Checkpoint, src: Chec
            seq_lens: tuple[int, ...]) -> Report:
     qk_before = _qk_before_from_source(src, manifest) if src is not None else {}
     layers = []
-    for i, rec in enumerate(manifest["layers"]):
-        layers.append(method_for(rec).layer_cost(directory, rec, out, qk_before))
+    for rec in manifest["layers"]:
+        cost = method_for(rec).layer_cost(directory, rec, out, qk_before)
+        if rec.get("value_rank") is not None:  # shared values: their shapes were checked by open_output
+            cost = dataclasses.replace(cost, value_rank=rec["value_rank"])
+        layers.append(cost)
     other = _uncompressed_layers(out, manifest)
     collab = _collab_names(manifest)
-    matmul_after = _matmul_total(out, collab) + sum(la.proj_flops(True) for la in layers)
+    # Shared values run per head (the lift), not as one Linear of their shapes: the cost model counts them.
+    shared = [la for la in layers if la.value_rank is not None]
+    skip = collab | _shared_value_names(manifest)
+    matmul_after = (_matmul_total(out, skip) + sum(la.proj_flops(True) for la in layers)
+                    + sum(la.value_proj_flops(True) for la in shared))
     if src is not None:
         matmul_before = _matmul_total(src)
         params_before = sum(src.numel(n) for n in src.names())
     else:
         # Every other tensor is copied unchanged, so the output holds the rest of the model.
-        matmul_before = _matmul_total(out, collab) + sum(la.proj_flops(False) for la in layers)
+        matmul_before = (_matmul_total(out, skip) + sum(la.proj_flops(False) for la in layers)
+                         + sum(la.value_proj_flops(False) for la in shared))
         params_before = manifest["totals"]["params_before"]
     params_after = sum(out.numel(n) for n in out.names())
 

@@ -65,7 +65,8 @@ def read_measured(path: str | Path, directory: str | Path, manifest: Manifest) -
     decode = data.get("decode")
     if decode is not None and (not isinstance(decode, dict)
                                or not all(_number(decode.get(k)) or decode.get(k) is None
-                                          for k in ("context", "tokens_per_second_ratio", "key_cache_ratio"))):
+                                          for k in ("context", "tokens_per_second_ratio", "key_cache_ratio",
+                                                    "value_cache_ratio", "kv_cache_ratio"))):
         raise fail("decode must be null or hold numbers")
     if data.get("crossover") is not None and not isinstance(data["crossover"], dict):
         raise fail("crossover must be an object")

@@ -21,6 +21,13 @@ Counting rules (docs/method.md; per token, sequence length N, multiply-add = 2 F
   weights are shared across layers (ALBERT) is counted once.
 * key cache per token and layer: ``H*d`` elements before, ``R + H`` after (V^T y and the
   H content-bias terms c_h . y).
+* shared values (docs/method.md "Shared values"; G = value heads, H without grouped-query
+  attention, r_v = the latent's width): value cache per token and layer ``G*d`` before,
+  ``r_v`` after; value projection ``2*D*G*d`` FLOPs per token before, ``2*D*r_v + 2*H*r_v*d``
+  after (the latent c = A y, then each head's attention-weighted latent lifted by its
+  group's B_g: per head, not per group, so the up-projection (G*d, r_v) is not counted from
+  its shape); value mixing ``2*N*H*d`` before, ``2*N*H*r_v`` after (the attention weights
+  the latent). A layer without shared values keeps its value figures.
 
 :mod:`collabcompress.commands.report` applies these to a compressed directory; the CLI renders the
 result (:mod:`collabcompress.tables`). Imports neither torch nor rich.
@@ -38,7 +45,7 @@ from dataclasses import dataclass
 __all__ = [
     "qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
     "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
-    "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost",
+    "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost", "value_cache_elements", "value_proj_flops",
 ]
 
 # Tables looked up by index (gathers), not multiplied: no matmul FLOPs.
@@ -67,9 +74,23 @@ def score_flops(seq_len: int, n_head: int, head_dim: int, shared_dim: int | None
     return 2 * seq_len * n_head * (head_dim if shared_dim is None else shared_dim)
 
 
-def value_flops(seq_len: int, n_head: int, head_dim: int) -> int:
-    """Value-mixing FLOPs per token, ``2*N*H*d`` (unchanged by the compression)."""
-    return 2 * seq_len * n_head * head_dim
+def value_flops(seq_len: int, n_head: int, head_dim: int, value_rank: int | None = None) -> int:
+    """Value-mixing FLOPs per token: ``2*N*H*d``, or ``2*N*H*r_v`` with shared values (the
+    attention weights each head's copy of the r_v-wide latent)."""
+    return 2 * seq_len * n_head * (head_dim if value_rank is None else value_rank)
+
+
+def value_proj_flops(d_model: int, n_head: int, n_value_head: int, head_dim: int, value_rank: int | None = None) -> int:
+    """Value-projection FLOPs per token: ``2*D*G*d`` before; with shared values
+    ``2*D*r_v + 2*H*r_v*d`` (the latent, then each head's lift by its group's up-projection)."""
+    if value_rank is None:
+        return 2 * d_model * n_value_head * head_dim
+    return 2 * d_model * value_rank + 2 * n_head * value_rank * head_dim
+
+
+def value_cache_elements(n_value_head: int, head_dim: int, value_rank: int | None = None) -> int:
+    """Value-cache elements per token and layer: ``G*d`` before, ``r_v`` with shared values."""
+    return n_value_head * head_dim if value_rank is None else value_rank
 
 
 def key_cache_elements(n_head: int, head_dim: int, shared_dim: int | None = None) -> int:
@@ -126,6 +147,7 @@ class LayerCost:
 
     ``shared_dim`` is ``None`` for a layer that was not compressed (its figures are the
     same before and after); ``qk_params_before`` counts the bias elements that exist.
+    ``value_rank`` is r_v for a layer with shared values, else ``None`` (values unchanged).
     """
 
     module: str
@@ -136,13 +158,20 @@ class LayerCost:
     shared_dim: int | None
     relative_error: float | None
     qk_params_before: int
+    value_rank: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_head", "head_dim", "d_model"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.shared_dim is not None and self.shared_dim < 1:
-            raise ValueError("shared_dim must be positive")
+        for name in ("shared_dim", "value_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def value_heads(self) -> int:
+        """G, the value heads (H here; a rotary layer's key/value heads)."""
+        return self.n_head
 
     def _r(self, after: bool) -> int | None:
         return self.shared_dim if after else None
@@ -162,11 +191,20 @@ class LayerCost:
     def score_flops(self, seq_len: int, after: bool) -> int:
         return score_flops(seq_len, self.n_head, self.head_dim, self._r(after))
 
-    def value_flops(self, seq_len: int) -> int:
-        return value_flops(seq_len, self.n_head, self.head_dim)
+    def _rv(self, after: bool) -> int | None:
+        return self.value_rank if after else None
+
+    def value_flops(self, seq_len: int, after: bool = False) -> int:
+        return value_flops(seq_len, self.n_head, self.head_dim, self._rv(after))
+
+    def value_proj_flops(self, after: bool) -> int:
+        return value_proj_flops(self.d_model, self.n_head, self.value_heads, self.head_dim, self._rv(after))
 
     def key_cache(self, after: bool) -> int:
         return key_cache_elements(self.n_head, self.head_dim, self._r(after))
+
+    def value_cache(self, after: bool) -> int:
+        return value_cache_elements(self.value_heads, self.head_dim, self._rv(after))
 
     @property
     def crossover(self) -> float | None:
@@ -204,6 +242,10 @@ class RotaryLayerCost(LayerCost):
 
     def record_fields(self) -> dict[str, int | bool]:
         return {"kv_heads": self.n_kv_head, "rotary": True}
+
+    @property
+    def value_heads(self) -> int:
+        return self.n_kv_head
 
     def qk_params(self, after: bool) -> int:
         if not after or self.shared_dim is None:
