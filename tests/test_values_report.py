@@ -90,14 +90,16 @@ def test_analyze_matches_the_value_method_spectrum(rotary_checkpoints):
         ckpt.close()
 
 
-def test_analyze_skips_the_values_of_a_fused_family(cli, tmp_path):
+def test_analyze_reports_the_values_of_a_fused_family(cli, tmp_path):
+    """GPT-2's values are the value slice of its fused c_attn: analysed like any other family's."""
     from families import make_checkpoint
 
     data = _json(cli("analyze", make_checkpoint("gpt2", tmp_path / "gpt2"), "--json", "-"))
-    assert data["layers"] and all("value_energy" not in la and "value_rank_at" not in la for la in data["layers"])
-    assert "total_value_rank_at" not in data["summary"]
+    width = data["layers"][0]["heads"] * data["layers"][0]["head_dim"]
+    assert data["layers"] and all(len(la["value_energy"]) <= width and la["value_rank_at"] for la in data["layers"])
+    assert "total_value_rank_at" in data["summary"]
     table = cli("analyze", tmp_path / "gpt2")
-    assert table.exit_code == 0 and "values@" not in table.stdout
+    assert table.exit_code == 0 and "values@" in table.stdout
 
 
 # ---- report ---------------------------------------------------------------------------------
