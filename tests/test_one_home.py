@@ -87,27 +87,49 @@ def test_compress_help_shows_the_real_defaults(cli):
     assert f"Stop when the fit changes less than this. [default: {DEFAULT_TOL:g}]" in out
 
 
+PRINT_ONLY = [["archs"], ["archs", "--json", "-"], ["--help"], ["compress", "--help"]]
+
+# One fresh interpreter runs every command of PRINT_ONLY in turn (a child per command cost a
+# Python start each): before each, a marker line on stdout and stderr; after each, whether torch
+# is imported by then and the exit code. The torch check is cumulative, so a command that
+# imports torch fails its own test and every later one.
 _NO_TORCH = """
-import sys
+import json, sys
 from collabcompress.cli import main
-sys.argv = ["collabcompress", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-print("TORCH" if "torch" in sys.modules else "NO-TORCH", code, file=sys.stderr)
+for i, args in enumerate(json.loads(sys.argv[1])):
+    print(f"=== run {i}", flush=True)
+    print(f"=== run {i}", file=sys.stderr, flush=True)
+    sys.argv = ["collabcompress", *args]
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    sys.stdout.flush()
+    print("TORCH" if "torch" in sys.modules else "NO-TORCH", code, file=sys.stderr, flush=True)
 """
 
 
-@pytest.mark.parametrize("args", [["archs"], ["archs", "--json", "-"], ["--help"], ["compress", "--help"]])
-def test_commands_that_only_print_do_not_import_torch(args):
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None")
-    assert "Usage" in done.stdout or "bert" in done.stdout
+@pytest.fixture(scope="module")
+def print_only_runs() -> tuple[int, list[str], list[str]]:
+    """(the child's exit code, each command's stdout, each command's stderr), for PRINT_ONLY."""
+    import json
+    import re
+
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps(PRINT_ONLY)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    split = re.compile(r"^=== run \d+\n", re.M)
+    return done.returncode, split.split(done.stdout)[1:], split.split(done.stderr)[1:]
+
+
+@pytest.mark.parametrize("args", PRINT_ONLY)
+def test_commands_that_only_print_do_not_import_torch(args, print_only_runs):
+    returncode, stdouts, stderrs = print_only_runs
+    assert returncode == 0 and len(stdouts) == len(stderrs) == len(PRINT_ONLY), stderrs
+    i = PRINT_ONLY.index(args)
+    assert stderrs[i].strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None"), stderrs[i]
+    assert "Usage" in stdouts[i] or "bert" in stdouts[i]
 
 
 def test_multiple_of_has_one_home():
