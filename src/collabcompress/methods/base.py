@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -14,7 +15,8 @@ from ..files.checkpoint import Checkpoint
 from ..files.manifest import LayerRecord, LayerTensors
 from ..options import CompressOptions
 
-__all__ = ["FittedLayer", "LayerMethod", "allocation_record", "layer_record", "refine_record"]
+__all__ = ["FittedLayer", "LayerMethod", "allocation_record", "layer_record", "next_token_kl", "refine_record",
+           "swapped_curve"]
 
 
 @dataclass
@@ -139,6 +141,36 @@ class LayerMethod(Protocol):
     def position_embeddings(self, config: dict[str, Any] | None, head_dim: int, seq_len: int, dtype: torch.dtype,
                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (cos, sin) position embeddings ``bench`` passes to the layer, or ``None``."""
+
+
+def swapped_curve(module: torch.nn.Module, full: int, ladder: list[int],
+                  projection: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+                  loss: Callable[[], float]) -> dict[int, float]:
+    """Width -> ``loss()`` with the Linear ``module``'s weight (and bias) replaced by
+    ``projection(width)``, for each width of ``ladder`` below ``full`` (``full`` is the original:
+    0); the module's tensors are put back afterwards (a budget's loss curve of one layer)."""
+    weight = module.weight.detach().clone()
+    bias = None if module.bias is None else module.bias.detach().clone()
+    curve = {full: 0.0}
+    try:
+        for r in ladder:
+            if r == full:
+                continue
+            w_hat, b_hat = projection(r)
+            module.weight.copy_(w_hat)
+            if bias is not None:
+                module.bias.copy_(b_hat)
+            curve[r] = loss()
+    finally:
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return dict(sorted(curve.items()))
+
+
+def next_token_kl(target: torch.Tensor, log_probs: torch.Tensor) -> float:
+    """Mean over tokens of KL(original || model) from log-probabilities (..., V)."""
+    return float((target.exp() * (target - log_probs)).sum(-1).mean())
 
 
 def refine_record(layer: FittedLayer) -> dict[str, Any] | None:

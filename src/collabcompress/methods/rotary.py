@@ -26,7 +26,7 @@ from ..files.checkpoint import Checkpoint
 from ..maths.costs import RotaryLayerCost, rotary_key_params
 from ..maths.spectra import choose_rank
 from ..options import CompressOptions
-from .base import FittedLayer, layer_record
+from .base import FittedLayer, layer_record, next_token_kl, swapped_curve
 
 __all__ = ["DATA_FREE_WARNING", "ROTARY", "RotaryMethod", "RotarySpectrum", "model_curves", "rotary_names", "rotary_spectrum_of"]
 
@@ -191,21 +191,15 @@ def model_curves(model: torch.nn.Module, ckpt: Checkpoint, specs: list[Attention
         target = log_probs()
         for done, spec in enumerate(specs):
             _, k_proj = find_modules(model, ckpt, spec)
-            weight, bias = k_proj.weight.detach().clone(), None if k_proj.bias is None else k_proj.bias.detach().clone()
             qk, _, weights, lower = _rotary_fit_inputs(ckpt, spec, *stats.get(spec.module, (None, None)))
-            ladder = rank_ladder(spec.key_cache, options.multiple_of, even=True, steps=CURVE_STEPS)
-            curve = {spec.key_cache: 0.0}  # the exact layout is the original layer
-            for r in ladder[:-1]:
+
+            def projection(r: int, qk=qk, spec=spec, weights=weights, lower=lower):
                 f = rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, r, weights=weights, lower=lower)
-                w_hat, b_hat = key_projection(f, spec.head_dim)
-                k_proj.weight.copy_(w_hat)
-                if bias is not None:
-                    k_proj.bias.copy_(b_hat)
-                curve[r] = float((target.exp() * (target - log_probs())).sum(-1).mean())
-            k_proj.weight.copy_(weight)
-            if bias is not None:
-                k_proj.bias.copy_(bias)
-            curves.append(dict(sorted(curve.items())))
+                return key_projection(f, spec.head_dim)
+
+            ladder = rank_ladder(spec.key_cache, options.multiple_of, even=True, steps=CURVE_STEPS)
+            curve = swapped_curve(k_proj, spec.key_cache, ladder, projection, lambda: next_token_kl(target, log_probs()))
+            curves.append(curve)
             if progress:
                 progress(f"loss curve {spec.module}", done + 1, len(specs))
     return curves

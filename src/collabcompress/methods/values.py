@@ -27,6 +27,7 @@ from ..files.checkpoint import Checkpoint
 from ..files.families import find_family
 from ..maths.spectra import choose_rank
 from ..options import CompressOptions
+from .base import next_token_kl, swapped_curve
 
 __all__ = ["VALUES", "ValueFit", "ValueMethod", "value_names", "value_sources"]
 
@@ -248,22 +249,16 @@ class ValueMethod:
         curves = []
         for done, spec in enumerate(specs):
             _, w, b, weights, moment = self._inputs(ckpt, spec, None if stats is None else stats[spec.module])
-            v_proj = _value_module(model, ckpt, spec)
-            weight = v_proj.weight.detach().clone()
-            bias = None if v_proj.bias is None else v_proj.bias.detach().clone()
-            full = self.full_width(spec)
-            curve = {full: 0.0}  # the exact latent is the original layer
-            for r in rank_ladder(full, options.multiple_of, even=True, steps=steps)[:-1]:
+
+            def projection(r: int, w=w, b=b, weights=weights, moment=moment, spec=spec):
                 f = value_factors(w, b, r, out_weights=weights, n_kv_head=spec.n_kv_head, head_dim=spec.head_dim,
                                   moment=moment)
-                v_proj.weight.copy_(f.up @ f.down)
-                if bias is not None:
-                    v_proj.bias.copy_(f.up @ f.down_bias)
-                curve[r] = float((target.exp() * (target - log_probs())).sum(-1).mean())
-            v_proj.weight.copy_(weight)
-            if bias is not None:
-                v_proj.bias.copy_(bias)
-            curves.append(dict(sorted(curve.items())))
+                return f.up @ f.down, (None if f.down_bias is None else f.up @ f.down_bias)
+
+            full = self.full_width(spec)
+            curves.append(swapped_curve(_value_module(model, ckpt, spec), full,
+                                        rank_ladder(full, options.multiple_of, even=True, steps=steps), projection,
+                                        lambda: next_token_kl(target, log_probs())))
             if progress:
                 progress(f"value loss curve {spec.module}", done + 1, len(specs))
         return curves
