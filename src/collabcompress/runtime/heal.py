@@ -27,9 +27,10 @@ TRAINED = ("collab_query", "collab_key", "collab_mixing")  # parameter name pref
 # at 6e-4, 33.46 at 3e-4, and 1e-3 the best over a third to two thirds of the cache; MiniLM (--budget 0.25, 40 steps)
 # kept no block at 1e-3 (cosine 0.97505 unchanged), 10 of 40 steps at 3e-4 (0.97595), 25 at 1e-4 (0.97544).
 STEP_SIZE = {"causal": 1e-3, "encoder": 3e-4}
-# Shared values (collab_value, collab_value_up) train at this fraction of STEP_SIZE: they diverged at the keys' step
-# (SmolLM2, values 64 of 192: perplexity 49.7 -> 119.5 at 1e-3, 43.4 at 1e-4 after 50 steps).
-VALUE_STEP_FRACTION = float(__import__("os").environ.get("COLLAB_VALUE_STEP", "0.1"))
+# Shared values (collab_value, collab_value_up) train at this fraction of STEP_SIZE: a prototype's value factors
+# diverged at the keys' 1e-3 (SmolLM2, values 64 of 192: perplexity 49.7 -> 119.5) and healed at 1e-4 (-> 43.4 in
+# 50 steps). Measured here: keys 128 + values 128, --refine-steps 100 --heal-steps 80: 34.27 (+7.0 %), 35 of 80 steps kept.
+VALUE_STEP_FRACTION = 0.1
 VALUE_TRAINED = ("collab_value", "collab_value_up")
 # A causal LM also heals on GENERATED windows of its original's own text: nucleus sampling (TOP_P) continuing the
 # first PROMPT_TOKENS tokens of training sentences. Measured (SmolLM2, two thirds of the key cache, refined, 80 steps,
