@@ -8,9 +8,10 @@ Everything through the CLI, as a user runs it (``collabcompress calibrate``, ``c
   token and layer, of G*d = 192), data-free and calibrated (``calibrate`` on the first
   ``--calib-tokens`` tokens of ``lee_background.cor``), on the first ``--eval-tokens`` tokens of
   ``lee.cor`` (the 50 Lee documents joined with newlines, ``--window``-token windows; a different
-  set of documents), beside the figures SPEC section 2 lists;
-- variants (``--variants``: compress options such as ``rank=128,refine_steps=100,heal_steps=80`` or
-  ``budget=0.5,...``), calibrated with ``--keep-windows`` kept windows of the first
+  set of documents), beside the reference figures of docs/rotary.md ("Quality of the fit alone");
+- variants (``--variants``: compress options such as ``rank=128,refine_steps=100,heal_steps=80``,
+  ``budget=0.5,...`` or, sharing the values too, ``rank=128,value_rank=128,...`` and
+  ``budget=0.75,budget_of=kv``), calibrated with ``--keep-windows`` kept windows of the first
   ``--variant-tokens`` tokens of ``lee_background.cor``, each with its perplexity on lee.cor and on
   all of the bundled sample texts, its key cache over all layers, and the time of compress and of
   its healing;
@@ -33,8 +34,8 @@ from pathlib import Path
 from _common import cli, lee, log, missing, parser, read_corpus, report, smollm2, utf8_copy
 
 NAME = "rotary"
-# SPEC section 2: perplexity at each key cache (data-free, calibrated); the original's 32.04
-SPEC = {"original": 32.04, 128: (806.0, 35.77), 96: (880.0, 43.33), 64: (1219.0, 86.64)}
+# reference perplexity at each key cache (data-free, calibrated; docs/rotary.md); the original's 32.04
+REFERENCE = {"original": 32.04, 128: (806.01, 35.81), 96: (879.57, 43.38), 64: (1218.61, 87.45)}
 VARIANTS = ["rank=128,refine_steps=100", "rank=128,refine_steps=100,heal_steps=80",
             "budget=0.667,refine_steps=100,heal_steps=80", "budget=0.5,refine_steps=100,heal_steps=80",
             "budget=0.333,refine_steps=100,heal_steps=80"]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{kind}_ppl"] = figures["compressed"]
                 row[f"{kind}_compress_s"] = seconds
                 log(f"rank {rank} {kind}: perplexity {figures['compressed']:.4f}")
-            row["spec_data_free_ppl"], row["spec_calibrated_ppl"] = SPEC.get(rank, (None, None))
+            row["reference_data_free_ppl"], row["reference_calibrated_ppl"] = REFERENCE.get(rank, (None, None))
             rows.append(row)
         if args.variants:
             kept = tmp / "kept.safetensors"
@@ -130,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": variant, "ppl": figures["compressed"], "ppl_bundled": bundled["compressed"],
                          "key_cache": sum(layer["shared_dim"] for layer in manifest["layers"]),
                          "full_key_cache": sum(layer["kv_heads"] * layer["head_dim"] for layer in manifest["layers"]),
+                         "value_cache": sum(layer.get("value_rank") or layer["kv_heads"] * layer["head_dim"]
+                                            for layer in manifest["layers"]),
                          "compress_s": seconds, "heal_s": heal.get("seconds"), "heal_steps_kept": heal.get("accepted"),
                          "heal_dtype": heal.get("dtype")})
             log(f"{variant}: perplexity {figures['compressed']:.4f}, bundled texts {bundled['compressed']:.4f}")
-    rows.insert(0, {"model": "original", "ppl": original, "spec_ppl": SPEC["original"],
+    rows.insert(0, {"model": "original", "ppl": original, "reference_ppl": REFERENCE["original"],
                     "ppl_bundled": original_bundled})
     return report(NAME, args, rows + steps)
 
