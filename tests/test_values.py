@@ -277,3 +277,15 @@ def test_a_manifest_whose_value_rank_was_edited_is_refused(tiny, halves, tmp_pat
     manifest["layers"][0]["value_rank"] = 4
     path.write_text(json.dumps(manifest))
     assert_clean_failure(run_cli("report", edited), 3, "collab_value")
+
+
+def test_kv_budget_needs_a_causal_lm(tmp_path):
+    from families import make_checkpoint
+
+    model = make_checkpoint("bert", tmp_path / "bert")
+    out = tmp_path / "out"
+    stats = tmp_path / "stats.safetensors"
+    stats.write_bytes(b"")  # never read: the refusal comes first
+    assert_clean_failure(run_cli("compress", model, "--out", out, "--budget", 0.5, "--budget-of", "kv",
+                                 "--calibration", stats), 3, "--budget-of kv", "causal LM")
+    assert not out.exists()

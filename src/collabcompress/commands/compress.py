@@ -178,9 +178,6 @@ def _budget_curves(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compre
         from .. import hf
         from ..extras import quiet_transformers, require_transformers
 
-        if kv and curve_loss(ckpt, specs) != "next_token_kl":
-            raise BadInputError("--budget-of kv allocates by the next-token KL of a causal LM: pass a rotary "
-                                "decoder's model directory (with config.json) and install the hf extra")
         ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
         transformers = require_transformers("--budget on a causal LM")
         with quiet_transformers():
@@ -291,6 +288,9 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
     if options.rank is not None:
         for s in specs:
             method_for(s).check_rank(s, options.rank)
+    if options.budget_of == "kv" and curve_loss(ckpt, specs) != "next_token_kl":
+        raise BadInputError("--budget-of kv allocates by the next-token KL of a causal LM: pass a rotary "
+                            "decoder's model directory (with config.json) and install the hf extra")
     value_stats = _value_statistics(ckpt, specs, options)
     check_memory(*spectra_bytes([method_for(s).memory(s, options.calibration is not None) for s in specs],
                                 max((s.d_model for s in specs), default=0), 1 if options.device != "cpu" else workers))
