@@ -178,12 +178,13 @@ def test_values_only_keep_the_keys_exact_and_the_model_runs(tiny, tmp_path):
     assert torch.allclose(original, compressed, atol=1e-4)
 
 
-def test_cached_decoding_equals_the_cache_free_forward(halves):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decoding_equals_the_cache_free_forward(halves, attn):
     from collabcompress import hf
 
     ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(1))
     with quiet_transformers(), torch.no_grad():
-        model = hf.from_pretrained(halves).eval()
+        model = hf.from_pretrained(halves, attn_implementation=attn).eval()
         full = model(input_ids=ids).logits
         out = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
