@@ -290,3 +290,21 @@ def test_kv_budget_needs_a_causal_lm(tmp_path):
     assert_clean_failure(run_cli("compress", model, "--out", out, "--budget", 0.5, "--budget-of", "kv",
                                  "--calibration", stats), 3, "--budget-of kv", "causal LM")
     assert not out.exists()
+
+
+def test_a_narrow_latent_is_absorbed_into_the_output_projection(halves, monkeypatch):
+    """r_v (D - d) < D d: o_proj takes each head's weighted latent through W_O,h B_g, the same numbers."""
+    from collabcompress import hf
+    from collabcompress.maths.costs import output_absorbed, value_proj_flops
+
+    ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(2))
+    with quiet_transformers(), torch.no_grad():
+        model = hf.from_pretrained(halves).eval()
+        attention = next(m for m in model.modules() if hasattr(m, "_absorbs"))
+        assert attention._absorbs() and output_absorbed(32, 8, 8) and not output_absorbed(32, 8, 16)
+        absorbed = model(input_ids=ids).logits
+        monkeypatch.setattr(type(attention), "_absorbs", lambda self: False)
+        lifted = model(input_ids=ids).logits
+    assert torch.allclose(absorbed, lifted, atol=1e-5)
+    # the cost model counts what runs: the absorbed output projection where it is cheaper
+    assert value_proj_flops(32, 4, 2, 8, 8, absorbed=True) < value_proj_flops(32, 4, 2, 8, 8)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from collabcompress.maths.costs import output_absorbed
+
 from collabcompress.commands.analyze import analyze
 from collabcompress.commands.compress import compress
 from collabcompress.commands.report import build_report
@@ -115,8 +117,10 @@ def test_report_counts_keys_and_values_per_layer_and_in_total(llama_values):
         assert la["kv_cache_bytes_per_token_after"] == 4 * (R + R_V)  # float32
         assert la["value_cache_bytes_per_token_before"] == 4 * full
         assert la["value_proj_flops_per_token_before"] == 2 * D_MODEL * full
-        # the latent, then each head's lift by its group's up-projection
-        assert la["value_proj_flops_per_token_after"] == 2 * D_MODEL * R_V + 2 * HEADS * R_V * HEAD_DIM
+        # the latent, then each head's lift absorbed into o_proj (cheaper at this narrow r_v): o_proj's
+        # 2*D*H*d (counted from its stored shape) becomes 2*D*H*r_v
+        assert output_absorbed(D_MODEL, HEAD_DIM, R_V)
+        assert la["value_proj_flops_per_token_after"] == 2 * D_MODEL * R_V + 2 * D_MODEL * HEADS * (R_V - HEAD_DIM)
     for total in (d["qk_total"], d["model"]):
         assert total["value_cache_elements_per_token_after"] == LAYERS * R_V
         assert total["kv_cache_elements_per_token_before"] == LAYERS * 2 * full
@@ -144,7 +148,7 @@ def test_report_flops_of_shared_values(llama_values, llama_keys_only):
     n = 16
     with_values, keys_only = build_report(llama_values, [n]), build_report(llama_keys_only, [n])
     full = GROUPS * HEAD_DIM
-    proj = LAYERS * (2 * D_MODEL * R_V + 2 * HEADS * R_V * HEAD_DIM - 2 * D_MODEL * full)
+    proj = LAYERS * (2 * D_MODEL * R_V + 2 * D_MODEL * HEADS * (R_V - HEAD_DIM) - 2 * D_MODEL * full)
     assert with_values.matmul_after - keys_only.matmul_after == proj
     assert with_values.matmul_before == keys_only.matmul_before
     mixing = LAYERS * 2 * n * HEADS * (R_V - HEAD_DIM)

@@ -27,7 +27,10 @@ Counting rules (docs/method.md; per token, sequence length N, multiply-add = 2 F
   after (the latent c = A y, then each head's attention-weighted latent lifted by its
   group's B_g: per head, not per group, so the up-projection (G*d, r_v) is not counted from
   its shape); value mixing ``2*N*H*d`` before, ``2*N*H*r_v`` after (the attention weights
-  the latent). A layer without shared values keeps its value figures.
+  the latent). A layer without shared values keeps its value figures. A rotary decoder absorbs
+  each head's lift into its output projection where that is cheaper (``r_v (D - d) < D d``,
+  :func:`output_absorbed`): then the lift term is the change of the output projection,
+  ``2*D*H*(r_v - d)`` (negative for r_v < d), since o_proj is counted from its stored shape.
 
 :mod:`collabcompress.commands.report` applies these to a compressed directory; the CLI renders the
 result (:mod:`collabcompress.tables`). Imports neither torch nor rich.
@@ -45,7 +48,7 @@ from dataclasses import dataclass
 __all__ = [
     "qk_params", "projection_flops", "score_flops", "value_flops", "key_cache_elements",
     "crossover_seq_len", "linear_crossover", "matmul_flops", "saved_fraction", "LayerCost",
-    "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost", "value_cache_elements", "value_proj_flops",
+    "rotary_key_params", "rotary_proj_flops", "RotaryLayerCost", "value_cache_elements", "value_proj_flops", "output_absorbed",
 ]
 
 # Tables looked up by index (gathers), not multiplied: no matmul FLOPs.
@@ -80,12 +83,23 @@ def value_flops(seq_len: int, n_head: int, head_dim: int, value_rank: int | None
     return 2 * seq_len * n_head * (head_dim if value_rank is None else value_rank)
 
 
-def value_proj_flops(d_model: int, n_head: int, n_value_head: int, head_dim: int, value_rank: int | None = None) -> int:
+def output_absorbed(d_model: int, head_dim: int, value_rank: int) -> bool:
+    """Whether a rotary decoder's shared values are cheaper with each head's lift absorbed into the
+    output projection (W_O,h B_g: D x r_v per head, 2*D*H*r_v FLOPs per token) than lifted
+    first (2*H*r_v*d, then the original 2*D*H*d): when ``r_v (D - d) < D d``."""
+    return value_rank * (d_model - head_dim) < d_model * head_dim
+
+
+def value_proj_flops(d_model: int, n_head: int, n_value_head: int, head_dim: int, value_rank: int | None = None,
+                     *, absorbed: bool = False) -> int:
     """Value-projection FLOPs per token: ``2*D*G*d`` before; with shared values
-    ``2*D*r_v + 2*H*r_v*d`` (the latent, then each head's lift by its group's up-projection)."""
+    ``2*D*r_v + 2*H*r_v*d`` (the latent, then each head's lift by its group's up-projection), or
+    with the lift ``absorbed`` into the output projection ``2*D*r_v + 2*D*H*(r_v - d)`` (the
+    output projection, counted from its stored shape at 2*D*H*d, then costs 2*D*H*r_v)."""
     if value_rank is None:
         return 2 * d_model * n_value_head * head_dim
-    return 2 * d_model * value_rank + 2 * n_head * value_rank * head_dim
+    lift = 2 * d_model * n_head * (value_rank - head_dim) if absorbed else 2 * n_head * value_rank * head_dim
+    return 2 * d_model * value_rank + lift
 
 
 def value_cache_elements(n_value_head: int, head_dim: int, value_rank: int | None = None) -> int:
@@ -258,6 +272,13 @@ class RotaryLayerCost(LayerCost):
 
     def key_cache(self, after: bool) -> int:
         return self.shared_dim if after and self.shared_dim is not None else self.n_kv_head * self.head_dim
+
+    def value_proj_flops(self, after: bool) -> int:
+        """As :class:`LayerCost`, with the lift absorbed into o_proj where that is cheaper (:func:`output_absorbed`:
+        the rotary decoders' runtime chooses so)."""
+        rv = self._rv(after)
+        absorbed = rv is not None and output_absorbed(self.d_model, self.head_dim, rv)
+        return value_proj_flops(self.d_model, self.n_head, self.value_heads, self.head_dim, rv, absorbed=absorbed)
 
     @property
     def crossover(self) -> float | None:

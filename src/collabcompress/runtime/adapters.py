@@ -27,7 +27,8 @@ from ..files.arch import AttentionSpec
 from ..files.checkpoint import Checkpoint
 from ..files.families import FAMILIES, Family, find_family
 from ..files.manifest import LayerRecord
-from .values import add_value_parameters, has_shared_values, lift_values
+from ..maths.costs import output_absorbed
+from .values import absorbed_output, add_value_parameters, has_shared_values, lift_values
 from .attention import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention, \
     collaborative_query_states, mixed_query
 
@@ -430,7 +431,29 @@ class _LlamaRotary(_Adapter):
         sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
         out, weights = self._attend(query, key, value, attention_mask, self.attention_dropout,
                                     sliding_window=sliding, **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        out = out.reshape(*input_shape, -1).contiguous()  # (B, N, H*d), or (B, N, H*r_v) with the lift absorbed
+        if self._absorbs():
+            return nn.functional.linear(out, self._absorbed_output(), self.o_proj.bias), weights
+        return self.o_proj(out), weights
+
+    def _absorbs(self) -> bool:
+        """Shared values whose lift is cheaper absorbed into o_proj (:func:`~collabcompress.maths.costs.output_absorbed`)."""
+        return has_shared_values(self) and output_absorbed(self.o_proj.out_features, self.head_dim,
+                                                           self.collab_value.out_features)
+
+    def _lifted(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self._absorbs() else super()._lifted(out)
+
+    def _absorbed_output(self) -> torch.Tensor:
+        """o_proj with the lift absorbed (D, H*r_v); cached while neither weight changes (not while training them)."""
+        up, output = self.collab_value_up.weight, self.o_proj.weight
+        if torch.is_grad_enabled() and (up.requires_grad or output.requires_grad):
+            return absorbed_output(up, output, self.head_dim)
+        stamp = (up._version, output._version, up.data_ptr(), output.data_ptr(), up.dtype)
+        cached = self.__dict__.get("_collab_absorbed")
+        if cached is None or cached[0] != stamp:
+            cached = self.__dict__["_collab_absorbed"] = (stamp, absorbed_output(up, output, self.head_dim).detach())
+        return cached[1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["add_value_parameters", "has_shared_values", "lift_values"]
+__all__ = ["absorbed_output", "add_value_parameters", "has_shared_values", "lift_values"]
 
 
 def has_shared_values(module: nn.Module) -> bool:
@@ -37,3 +37,12 @@ def lift_values(out: torch.Tensor, up: torch.Tensor, head_dim: int) -> torch.Ten
     per_group = out.reshape(batch, n, groups, heads // groups, rank)
     lifted = torch.einsum("bngpr,gdr->bngpd", per_group, up.view(groups, head_dim, rank).to(out.dtype))
     return lifted.reshape(batch, n, heads, head_dim)
+
+
+def absorbed_output(up: torch.Tensor, output: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The output projection with each head's lift absorbed: (D, H*r_v), head h's block W_O,h B_g(h),
+    from ``up`` (G*d, r_v) and the output weight ``output`` (D, H*d)."""
+    rows, rank = up.shape
+    groups, heads = rows // head_dim, output.shape[1] // head_dim
+    per_head = output.view(output.shape[0], groups, heads // groups, head_dim)  # (D, G, H/G, d)
+    return torch.einsum("ogpd,gdr->ogpr", per_head, up.view(groups, head_dim, rank)).reshape(output.shape[0], -1)
