@@ -104,7 +104,8 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = ["make_checkpoint", "FAMILIES", "REFUSED", "qk_tensors", "family_names", "make_rotary_checkpoint",
-           "ROTARY", "ROTARY_REFUSED", "rotary_names", "rotary_facts", "rotary_tensors", "make_char_tokenizer"]
+           "ROTARY", "ROTARY_REFUSED", "rotary_names", "rotary_facts", "rotary_tensors", "make_char_tokenizer",
+           "model_inputs"]
 
 VOCAB = 100
 D = 32
@@ -557,3 +558,18 @@ def make_rotary_checkpoint(name: str, directory: Path, *, seed: int = 0, with_co
         (directory / "config.json").unlink(missing_ok=True)
         (directory / "generation_config.json").unlink(missing_ok=True)
     return directory
+
+
+def model_inputs(name: str, *, low: int = 1, high: int = 100, image_size: int = 32) -> dict[str, torch.Tensor]:
+    """Seeded inputs for the family fixture ``name``: pixels for vit; else token ids in [low, high)
+    with padding in the second sequence (and decoder ids for t5 and bart)."""
+    g = torch.Generator().manual_seed(0)
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, image_size, image_size, generator=g)}
+    ids = torch.randint(low, high, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding in the second sequence
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if name in ("t5", "bart"):
+        inputs["decoder_input_ids"] = torch.randint(low, high, (2, 5), generator=g)
+    return inputs

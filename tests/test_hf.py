@@ -20,7 +20,7 @@ import pytest
 import torch
 
 
-from families import FAMILIES, make_checkpoint
+from families import FAMILIES, make_checkpoint, model_inputs
 from helpers import rerecord_outputs
 
 transformers = pytest.importorskip("transformers")
@@ -77,16 +77,7 @@ def _sharpen(directory: Path, name: str, factor: float = 6.0) -> Path:
 
 
 def _inputs(name: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    if name == "vit":
-        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
-    ids = torch.randint(1, 100, (2, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # padding in the second sequence
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if name in ("t5", "bart"):
-        inputs["decoder_input_ids"] = torch.randint(1, 100, (2, 5), generator=g)
-    return inputs
+    return model_inputs(name)
 
 
 def resolve_original(name: str, directory: Path, **kw):

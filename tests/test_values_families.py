@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from families import FAMILIES, REFUSED, ROTARY, ROTARY_REFUSED, make_checkpoint, make_rotary_checkpoint, \
+from families import FAMILIES, REFUSED, model_inputs, ROTARY, ROTARY_REFUSED, make_checkpoint, make_rotary_checkpoint, \
     quiet_transformers
 
 transformers = pytest.importorskip("transformers")
@@ -76,16 +76,7 @@ def _manifest(directory: Path) -> dict:
 
 
 def _inputs(name: str, config) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    if name == "vit":
-        return {"pixel_values": torch.randn(2, 3, config.image_size, config.image_size, generator=g)}
-    ids = torch.randint(3, 60, (2, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # padding in the second sequence
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if name in ("t5", "bart"):
-        inputs["decoder_input_ids"] = torch.randint(3, 60, (2, 5), generator=g)
-    return inputs
+    return model_inputs(name, low=3, high=60, image_size=getattr(config, "image_size", 32))
 
 
 def _output(out) -> torch.Tensor:
