@@ -457,6 +457,26 @@ def compress(
 
 
 @app.command(cls=_Command)
+def export(
+    directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", help="Directory of the exported model (created atomically).", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="stock: a plain transformers model with one key/value head of size R (served by vLLM as is).")] = "stock",
+    force: Annotated[bool, _flag("--force", help="Replace an existing export.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Write a compressed rotary decoder as a plain transformers checkpoint (multi-query attention)."""
+    _check_targets([directory, out], json_path)
+    from .commands.export import export as run_export
+
+    with _warnings_to_stderr():
+        record = run_export(directory, out, fmt=fmt, force=force)
+    s = record["stock"]
+    _emit(record, json_path, lambda: [f"{s['layers']} layers as multi-query attention of head size {s['head_dim']}: KV "
+                                      f"cache {s['kv_cache_per_token_and_layer']} of {s['kv_cache_before']} per token "
+                                      f"and layer; written to {out}"])
+
+
+@app.command(cls=_Command)
 def verify(
     directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
     original: Annotated[Optional[Path], typer.Option(

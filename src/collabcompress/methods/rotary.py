@@ -334,6 +334,7 @@ class RotaryMethod:
 
     name = "rotary"
     causal_lm = True
+    stock = True  # `export --format stock` can write its layers as multi-query attention (docs/export.md)
     width_label = "G*d"
     needed = "key cache needed (reals per token)"
     analysis_caption = (
