@@ -122,8 +122,9 @@ def _fit(ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype
         sv = rotary.rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights, lower) \
             if opts.energy is not None else None
         shared_dim = _rotary_rank(spec, opts, sv)
+    counts = None if opts.frequency_counts is None else torch.tensor(opts.frequency_counts)
     factors = rotary.rotary_factors(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, shared_dim,
-                                    weights=weights, lower=lower)
+                                    weights=weights, lower=lower, counts=counts)
     refined = None
     if opts.refine_steps and sequences is not None:
         kl = _rotary_kl(ckpt, spec, qk, sequences, opts.seed)
@@ -409,6 +410,23 @@ class RotaryMethod:
             shared_dim: int | None = None) -> FittedLayer:
         moments, energy = stats if stats is not None else (None, None)
         return _fit(ckpt, spec, opts, out_dtype, moments, energy, sequences, shared_dim)
+
+    def stock_counts(self, ckpt: Checkpoint, specs: list[AttentionSpec], opts: CompressOptions,
+                     stats: Mapping[str, Any]) -> list[int]:
+        """--stock: the R_j of the one frequency table all layers keep (``--rank`` R), chosen jointly
+        over the layers from their weighted (calibrated: whitened) spectra
+        (:func:`collabcompress.maths.rotary.shared_counts`)."""
+        from ..maths import rotary
+
+        shapes = {(s.n_kv_head, s.head_dim) for s in specs}
+        if len(shapes) > 1:
+            raise BadInputError("--stock needs the same key heads and head width in every layer")
+        spectra = []
+        for spec in specs:
+            moments, energy = stats.get(spec.module) or (None, None)
+            qk, _, weights, lower = _rotary_fit_inputs(ckpt, spec, moments, energy)
+            spectra.append(rotary.rotary_spectrum(qk.w_key, qk.b_key, spec.n_kv_head, spec.head_dim, weights, lower))
+        return rotary.shared_counts(spectra, opts.rank).tolist()
 
     def loss_curve(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, stats: Any,
                    sequences: tuple[torch.Tensor, torch.Tensor]) -> dict[int, float]:
