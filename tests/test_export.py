@@ -207,3 +207,27 @@ def test_smollm2_full_width_export_is_the_original(smollm2_dir, tmp_path):
         greedy = [m.generate(ids[:, :20], max_new_tokens=32, do_sample=False) for m in models]
     assert float((logits[0] - logits[1]).abs().max()) <= 1e-4
     assert torch.equal(*greedy)
+
+
+def test_evaluate_and_bench_take_an_export(sources, tmp_path):
+    src = sources["llama"]
+    compress(src, tmp_path / "c", CompressOptions(rank=8, stock=True, force_data_free=True), workers=1)
+    export(tmp_path / "c", tmp_path / "e")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat and looked at the dog\n" * 20, encoding="utf-8")
+    results = []
+    for target in ("c", "e"):
+        r = run_cli("evaluate", src, tmp_path / target, "--texts", texts, "--max-tokens", "64", "--window", "32",
+                    "--prompts", "1", "--new-tokens", "4", "--json", "-")
+        assert r.exit_code == 0, r.stderr
+        results.append(json.loads(r.stdout))
+    assert results[0]["perplexity"]["compressed"] == pytest.approx(results[1]["perplexity"]["compressed"], rel=1e-4)
+    assert results[1]["shared_dims"] == [8]
+    r = run_cli("bench", src, tmp_path / "e", "--lengths", "8", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                "--context", "8", "--decode-steps", "2", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["level"] == "model" and record["compressed"] == str(tmp_path / "e")
+    assert_clean_failure(run_cli("bench", src, tmp_path / "e", "--level", "module"), 3, "--level model")
+    (tmp_path / "e" / "tokenizer.json").write_text("{}", encoding="utf-8")
+    assert_clean_failure(run_cli("evaluate", src, tmp_path / "e", "--texts", texts), 3, "export the model again")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ..files.output import (EXPORT_FORMAT, EXPORT_MANIFEST, atomic_directory, ch
                             file_record, write_json, write_safetensors)
 from ..methods import method_for
 
-__all__ = ["FORMATS", "EXPORTABLE", "export", "check_stock"]
+__all__ = ["FORMATS", "EXPORTABLE", "ExportedModel", "check_stock", "export", "export_source", "read_export"]
 
 FORMATS = ("stock",)
 EXPORTABLE = ("compress a rotary decoder (llama, mistral, qwen2) with `compress --stock --rank R --calibration STATS`, "
@@ -194,13 +195,81 @@ def _record(directory: Path, manifest: Manifest, rank: int, table: torch.Tensor,
             "outputs": [file_record(p, tmp) for p in sorted(outputs)]}
 
 
-def load_export_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """The export manifest of ``directory``, or ``None`` when it is not an export."""
-    path = Path(directory) / EXPORT_MANIFEST
-    if not path.is_file():
+@dataclass(frozen=True)
+class StockLayer:
+    """One attention layer of an exported model, read like a manifest's layer record."""
+
+    heads: int
+    head_dim: int
+    d_model: int
+    shared_dim: int
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    architecture: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ``export`` output, read like a manifest where ``evaluate`` and ``bench`` need one: its
+    family, its layers (from its config.json) and the compress output it came from."""
+
+    path: Path
+    source: ExportSource
+    layers: tuple[StockLayer, ...]
+    outputs: tuple[Any, ...]
+
+
+def read_export(directory: str | Path) -> ExportedModel | None:
+    """The export in ``directory`` with every output file checked against its recorded sha256, or
+    ``None`` when ``directory`` holds no export manifest (:data:`EXPORT_MANIFEST`).
+
+    Raises:
+        BadInputError: an unreadable export manifest or config.json, or an output file missing or changed.
+    """
+    from ..files.checkpoint import regular_file
+    from ..files.hashing import sha256_file
+    from ..files.manifest import FileRecord
+
+    directory = Path(directory)
+    path = directory / EXPORT_MANIFEST
+    if not path.is_file() or (directory / MANIFEST_NAME).exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{path} is unreadable ({e}); export the model again") from e
-    return data if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT else None
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        if data.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"format {str(data.get('format'))[:40]!r}, not {EXPORT_FORMAT}")
+        outputs = tuple(FileRecord(str(o["name"]), str(o["sha256"]), int(o["bytes"])) for o in data["outputs"])
+        source = ExportSource(str(data["source"]["architecture"]), str(data["source"]["path"]))
+        head_dim = int(config["head_dim"])
+        layer = StockLayer(int(config["num_attention_heads"]), head_dim, int(config["hidden_size"]), head_dim)
+        layers = (layer,) * int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BadInputError(f"{directory}: the export is unreadable ({e}); export the model again") from e
+    for record in outputs:
+        file = regular_file(directory / record.name, directory, f"output file {record.name!r}")
+        if file.stat().st_size != record.bytes or sha256_file(file) != record.sha256:
+            raise BadInputError(f"{directory}: {record.name} is not the file export wrote (its sha256 or size differs "
+                                f"from {EXPORT_MANIFEST}); export the model again")
+    return ExportedModel(directory, source, layers, outputs)
+
+
+def export_source(exported: ExportedModel) -> Path:
+    """The compress output ``exported`` came from, checked to be unchanged (its manifest's sha256).
+
+    Raises:
+        BadInputError: it is gone or changed.
+    """
+    from ..files.hashing import sha256_file
+
+    source = Path(exported.source.path)
+    manifest = source / MANIFEST_NAME
+    data = json.loads((exported.path / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    want = next((f["sha256"] for f in data["source"]["files"] if f["name"] == MANIFEST_NAME), None)
+    if not manifest.is_file() or sha256_file(manifest) != want:
+        raise BadInputError(f"{exported.path}: the compress output it was exported from, {source}, is gone or changed; "
+                            "bench needs it for the FLOP model")
+    return source
