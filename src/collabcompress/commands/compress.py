@@ -363,7 +363,22 @@ def _stock_table(ckpt: Checkpoint, specs: list[AttentionSpec], options: Compress
     if not all(method_for(s).stock and method_for(s) is method for s in specs):
         raise BadInputError(f"--stock makes an output `export --format stock` can write, which needs a rotary decoder "
                             f"(llama, mistral, qwen2); this is a {specs[0].family} model")
-    return dataclasses.replace(options, frequency_counts=tuple(method.stock_counts(ckpt, specs, options, stats)))
+    model = ids = lengths = None
+    if options.calibration and curve_loss(ckpt, specs) == "next_token_kl":  # weigh the layers by measured loss
+        from .. import hf
+        from ..extras import quiet_transformers, require_transformers
+        from ..files.statistics import load_input_ids
+
+        try:
+            ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
+        except BadInputError as e:
+            warnings.warn(f"--stock: the frequency table weighs every layer alike ({e})", stacklevel=2)
+        if ids is not None:
+            with quiet_transformers():
+                model = hf.load_model(ckpt.directory, model_class=require_transformers("--stock").AutoModelForCausalLM)
+            model = model.float()
+    counts = method.stock_counts(ckpt, specs, options, stats, model, ids, lengths)
+    return dataclasses.replace(options, frequency_counts=tuple(counts))
 
 
 def _config_entry(layer: FittedLayer) -> dict[str, Any]:

@@ -442,15 +442,18 @@ def _counted(counts, rank: int, per_freq: int, n_kv_head: int, head_dim: int) ->
     return torch.cat([j * per_freq + torch.arange(int(c)) for j, c in enumerate(counts.tolist())])
 
 
-def shared_counts(spectra: list[torch.Tensor], rank: int) -> torch.Tensor:
+def shared_counts(spectra: list[torch.Tensor], rank: int, layer_weights: list[float] | None = None) -> torch.Tensor:
     """One allocation R_j of ``rank/2`` components over the frequencies for several layers (the
     stock export's single frequency table): slots (j, i) ranked by their squared singular value
     summed over the layers, each layer's spectrum normalised to total 1 first
-    (:func:`frequency_energy`), so that no layer outweighs the others by its scale.
+    (:func:`frequency_energy`) and multiplied by its weight: the loss it causes per unit of
+    normalised energy it loses (measured: next-token KL over lost energy at its own best
+    allocation), so that the table minimises the layers' summed loss rather than their energy.
 
     Args:
         spectra: per layer ``(head_dim/2, n_kv_head)`` from :func:`rotary_spectrum`, same shape.
         rank: R, even.
+        layer_weights: one non-negative weight per layer, or None for all ones.
 
     Returns:
         ``(head_dim/2,)`` int64 R_j, summing to ``rank/2``.
@@ -459,7 +462,10 @@ def shared_counts(spectra: list[torch.Tensor], rank: int) -> torch.Tensor:
         raise ValueError("shared_counts needs one or more spectra of the same shape")
     half, n_kv_head = spectra[0].shape
     _check_rank(rank, half * 2 * n_kv_head)
-    total = sum(frequency_energy(s) for s in spectra)  # (d/2, G), descending along each row
+    weights = [1.0] * len(spectra) if layer_weights is None else [float(w) for w in layer_weights]
+    if len(weights) != len(spectra) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError("layer_weights must be one finite non-negative number per spectrum")
+    total = sum(w * frequency_energy(s) for w, s in zip(weights, spectra))  # (d/2, G), descending along each row
     chosen = total.flatten().sort(descending=True, stable=True).indices[: rank // 2]  # (R/2,) j*G + i
     return torch.bincount(chosen // n_kv_head, minlength=half)  # (d/2,)
 
