@@ -231,3 +231,33 @@ def test_evaluate_and_bench_take_an_export(sources, tmp_path):
     assert_clean_failure(run_cli("bench", src, tmp_path / "e", "--level", "module"), 3, "--level model")
     (tmp_path / "e" / "tokenizer.json").write_text("{}", encoding="utf-8")
     assert_clean_failure(run_cli("evaluate", src, tmp_path / "e", "--texts", texts), 3, "export the model again")
+
+
+def test_calibrated_stock_weighs_layers_by_measured_loss(sources, tmp_path, monkeypatch):
+    """With kept windows, the table comes from the layers' spectra weighted by their next-token KL
+    per unit of lost energy; the weights are measured on the original model, one layer at a time."""
+    from collabcompress.methods import rotary as method
+
+    src = sources["llama"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["the cat sat on the mat and looked at the dog in the garden"] * 6), encoding="utf-8")
+    stats = tmp_path / "stats.safetensors"
+    r = run_cli("calibrate", src, "--texts", texts, "--out", stats, "--max-length", 32, "--max-tokens", 256,
+                "--keep-sequences", 3)
+    assert r.exit_code == 0, r.stderr
+    seen = []
+    real = method.layer_sensitivities
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(method, "layer_sensitivities", spy)
+    manifest = compress(src, tmp_path / "c", CompressOptions(rank=8, stock=True, calibration=str(stats)), workers=1)
+    assert len(seen) == 1 and len(seen[0]) == 2 and all(w >= 0 for w in seen[0])
+    assert sum(manifest["settings"]["frequency_counts"]) == 4
+    export(tmp_path / "c", tmp_path / "e")
+    with torch.no_grad():
+        plain = _plain(tmp_path / "e")(IDS).logits
+        ours = hf.from_pretrained(tmp_path / "c").float()(IDS).logits
+    assert float((plain - ours).abs().max()) <= 1e-4
