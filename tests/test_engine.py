@@ -4,7 +4,7 @@ vLLM lives in its own virtual environment (its CPU build pins its own torch): th
 Python in ``COLLABCOMPRESS_VLLM_PYTHON``, or uses this interpreter when it imports vllm, and is
 skipped otherwise. A tiny LLaMA compressed with ``--stock`` at full width and exported must load in
 vLLM with no plug-in, give the same greedy tokens as transformers on the export (and as the
-original), and allocate (R + R) x layers x 4 bytes of KV cache per token.
+original), and allocate (R + R) x layers x 4 bytes (here R = G*d = 64) of KV cache per token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from families import make_rotary_checkpoint
+from families import make_char_tokenizer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
 
@@ -30,6 +30,20 @@ def _vllm_python() -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
+def _llama(directory: Path) -> Path:
+    """A tiny LLaMA whose head size vLLM's CPU attention supports (32; the fixtures' 8 is refused)."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
+    make_char_tokenizer(directory)
+    return directory
+
+
 @pytest.mark.slow
 def test_vllm_serves_the_stock_export(tmp_path):
     python = _vllm_python()
@@ -39,8 +53,8 @@ def test_vllm_serves_the_stock_export(tmp_path):
     from collabcompress.commands.compress import CompressOptions, compress
     from collabcompress.commands.export import export
 
-    src = make_rotary_checkpoint("llama", tmp_path / "src")
-    compress(src, tmp_path / "c", CompressOptions(rank=16, stock=True, force_data_free=True), workers=1)
+    src = _llama(tmp_path / "src")
+    compress(src, tmp_path / "c", CompressOptions(rank=64, stock=True, force_data_free=True), workers=1)
     export(tmp_path / "c", tmp_path / "e")
     out = tmp_path / "engine.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--original", str(src), "--export", str(tmp_path / "e"),
@@ -50,7 +64,7 @@ def test_vllm_serves_the_stock_export(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = {r["model"]: r for r in doc["rows"]}
-    assert rows["export"]["kv_heads"] == 1 and rows["export"]["head_size"] == 16
-    assert rows["export"]["kv_bytes_per_token"] == 2 * 16 * 2 * 4
+    assert rows["export"]["kv_heads"] == 1 and rows["export"]["head_size"] == 64
+    assert rows["export"]["kv_bytes_per_token"] == rows["original"]["kv_bytes_per_token"] == 2 * 64 * 2 * 4
     assert all(c["passed"] in (True, None) for c in doc["checks"])
     assert doc["checks"][-1]["value"] == 2  # full width: the original's tokens
