@@ -510,7 +510,7 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
     values = options.values
     for key, used in (("budget", options.budget is not None), ("heal_steps", healing), ("heal_dtype", healing),
                       ("value_rank", values), ("value_energy", values), ("budget_of", values),
-                      ("force_data_free", values), ("stock", options.stock), ("frequency_counts", options.stock)):
+                      ("force_data_free", values), ("stock", options.stock), ("frequency_counts", options.frequency_counts is not None)):
         if not used:
             del settings[key]
     if kv_heads is not None:
