@@ -413,6 +413,7 @@ def compress(
         "--value-energy", help="Shared values: per-layer r_v keeping this energy of the value fit, in (0, 1].")] = None,
     force_data_free: Annotated[bool, _flag(
         "--force-data-free", help="Fit a causal LM's shared values without --calibration (far worse).")] = False,
+    stock: Annotated[bool, _flag("--stock", help="Make an output `export --format stock` can write: --rank R in every layer, one frequency table, values of width R (needs --calibration).")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", parser=_int("--heal-steps"), help="After compressing: Adam steps distilling the original model's outputs "
                              "(next-token distributions; embeddings for encoders) on the calibration windows (causal "
                              "LMs: also on the same sentences shuffled), a few held out, into the new tensors "
@@ -444,7 +445,7 @@ def compress(
                               layers=layers, calibration=str(calibration) if calibration else None,
                               refine_steps=refine_steps, budget=budget, heal_steps=heal_steps,
                               heal_dtype=heal_dtype.value, value_rank=value_rank, value_energy=value_energy,
-                              budget_of=budget_of.value, force_data_free=force_data_free)
+                              budget_of=budget_of.value, force_data_free=force_data_free, stock=stock)
     progress, step = _progress("compressing", json_path != "-", "compress", _compress_stage)
     with progress, _warnings_to_stderr():
         manifest = run_compress(checkpoint, out, options, heads=heads, arch=arch, force=force, workers=workers,
@@ -454,6 +455,25 @@ def compress(
         compress_table(manifest), *compress_notes(manifest),
         f"key/query parameters {t['qk_params_before']:,} -> {t['qk_params_after']:,}; "
         f"model parameters {t['params_before']:,} -> {t['params_after']:,}; written to {out}"])
+
+
+@app.command(cls=_Command)
+def export(
+    directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", help="Directory of the exported model (created atomically).", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="stock: a plain transformers model with one key/value head of size R (served by vLLM as is).")] = "stock",
+    force: Annotated[bool, _flag("--force", help="Replace an existing export.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Write a compressed rotary decoder as a plain transformers checkpoint (multi-query attention)."""
+    _check_targets([directory, out], json_path)
+    from .commands.export import export as run_export
+
+    with _warnings_to_stderr():
+        record = run_export(directory, out, fmt=fmt, force=force)
+    s = record["stock"]
+    _emit(record, json_path, lambda: [f"{s['layers']} layers as multi-query attention of head size {s['head_dim']}: KV cache "
+                                      f"{s['kv_cache_per_token_and_layer']} of {s['kv_cache_before']} per token and layer; written to {out}"])
 
 
 @app.command(cls=_Command)

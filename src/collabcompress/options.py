@@ -38,11 +38,13 @@ class CompressOptions:
     value_energy: float | None = None
     budget_of: str = "keys"
     force_data_free: bool = False
+    stock: bool = False  # exportable by `export --format stock`: one R, one frequency table, r_v = R
+    frequency_counts: tuple[int, ...] | None = None  # --stock: the R_j every layer keeps (set by compress)
 
     @property
     def values(self) -> bool:
         """Whether the values are shared too (docs/method.md, "Shared values")."""
-        return self.value_rank is not None or self.value_energy is not None or \
+        return self.value_rank is not None or self.value_energy is not None or self.stock or \
             (self.budget is not None and self.budget_of == "kv")
 
     @property
@@ -51,6 +53,8 @@ class CompressOptions:
         return self.rank is None and self.energy is None and self.budget is None
 
     def check(self) -> None:
+        if self.stock:
+            self._check_stock()
         keys = sum(v is not None for v in (self.rank, self.energy, self.budget))
         value_choice = sum(v is not None for v in (self.value_rank, self.value_energy))
         if keys > 1 or (keys == 0 and value_choice == 0):
@@ -105,3 +109,17 @@ class CompressOptions:
             raise BadInputError(f"unknown --device {self.device!r}; choose cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BadInputError("--device cuda was asked for but CUDA is not available here")
+
+    def _check_stock(self) -> None:
+        """--stock: one width R for every layer (--rank), values of the same width, calibrated."""
+        if self.rank is None or self.energy is not None or self.budget is not None:
+            raise BadInputError("--stock needs --rank R: the stock export has one width for every layer, which "
+                                "--energy and --budget do not give")
+        if self.value_energy is not None or self.value_rank not in (None, self.rank):
+            raise BadInputError(f"--stock shares the values at the width of the keys (r_v = R = {self.rank}): drop "
+                                "--value-rank and --value-energy")
+        if self.layers is not None:
+            raise BadInputError("--stock compresses every layer: drop --layers")
+        if not self.calibration and not self.force_data_free:
+            raise BadInputError("--stock needs --calibration statistics (the data-free fit of a rotary model is far "
+                                "worse); pass --force-data-free to fit without them anyway")

@@ -426,7 +426,7 @@ def _load_models(original: Path, compressed: Path, device: torch.device):
     from ..extras import quiet_transformers
 
     with quiet_transformers():
-        model = hf.from_pretrained(compressed, device=device)
+        model = hf.load_model(compressed, device=device)  # an export loads as a plain model
         reference = hf.load_model(original, model_class=type(model), device=device)
     if reference.config.model_type != model.config.model_type:
         raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
@@ -497,6 +497,7 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
     """
     from ..files.manifest import open_output
     from .report import build_report
+    from .export import export_source, read_export
     from .verify import resolve_original
 
     lengths, batch_sizes = sorted(set(int(n) for n in lengths)), sorted(set(int(b) for b in batch_sizes))
@@ -507,14 +508,19 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
     original, compressed = Path(original), Path(compressed)
     if not original.exists():
         raise BadInputError(f"original checkpoint not found: {original}")
+    model_dir, exported, notes = compressed, read_export(compressed), []
+    if exported is not None:  # a plain model: timed whole, beside the FLOP model of the output it came from
+        if level == "module":
+            raise BadInputError(f"{compressed} is an export (a plain model): bench it with --level model")
+        level, compressed = "model", export_source(exported)
+        notes.append(f"exported model; the FLOP model is that of {compressed}, the output it was exported from")
     manifest, out = open_output(compressed)
-    notes: list[str] = []
     try:
         source, _ = resolve_original(manifest, original)  # verify --original's check: the recorded sha256
         try:
             pair = None
             if level in (None, "model"):
-                pair = _model_pair(original, compressed, manifest, out, dev, level, notes)
+                pair = _model_pair(original, model_dir, manifest, out, dev, level, notes)
             if pair is None:
                 layers = _module_layers(source, out, manifest)
                 dtype = _work_dtype(_stored_dtype(out, manifest), dev)
@@ -573,7 +579,7 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, *, level: 
 
     return {
         "format": FORMAT,
-        "original": str(original), "compressed": str(compressed), "outputs_sha256": outputs_sha256(manifest),
+        "original": str(original), "compressed": str(model_dir), "outputs_sha256": outputs_sha256(exported or manifest),
         "family": manifest.source.architecture, "level": pair.level, "device": dev.type,
         "dtype": str(pair.dtype).removeprefix("torch."), "threads": threads if threads is not None else threads_before,
         "torch": torch.__version__, "warmup": warmup, "repeats": repeats,

@@ -7,6 +7,7 @@ block, the source directory's other files, ``collab_manifest.json``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import re
@@ -275,6 +276,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         BadInputError, UnsupportedArchitectureError: see docs/method.md.
     """
     options.check()
+    if options.stock:  # r_v = R
+        options = dataclasses.replace(options, value_rank=options.rank)
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise BadInputError(f"--workers must be at least 1, got {workers}")
@@ -304,6 +307,8 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         if options.heal_steps:  # the token ids healing trains on, checked before any work
             load_input_ids(Path(options.calibration), ckpt, specs)
             load_window_ids(Path(options.calibration), ckpt, specs)
+    if options.stock:
+        options = _stock_table(ckpt, specs, options, stats)
     source_dtype = ckpt.dtype(specs[0].query)
     out_dtype = to_torch(options.dtype if options.dtype != "auto" else source_dtype)
     curves, ranks, value_curves, value_ranks = None, None, None, None
@@ -349,6 +354,31 @@ def compress(checkpoint: str | Path, out: str | Path, options: CompressOptions, 
         _publishable(tmp)
     ckpt.close()
     return manifest.to_json()
+
+
+def _stock_table(ckpt: Checkpoint, specs: list[AttentionSpec], options: CompressOptions,
+                 stats: Mapping[str, Any]) -> CompressOptions:
+    """--stock: ``options`` with the one frequency table every layer keeps (``frequency_counts``)."""
+    method = method_for(specs[0])
+    if not all(method_for(s).stock and method_for(s) is method for s in specs):
+        raise BadInputError(f"--stock makes an output `export --format stock` can write, which needs a rotary decoder "
+                            f"(llama, mistral, qwen2); this is a {specs[0].family} model")
+    model = ids = lengths = None
+    if options.calibration and curve_loss(ckpt, specs) == "next_token_kl":  # weigh the layers by measured loss
+        from .. import hf
+        from ..extras import quiet_transformers, require_transformers
+        from ..files.statistics import load_input_ids
+
+        try:
+            ids, lengths = load_input_ids(Path(options.calibration), ckpt, specs)
+        except BadInputError as e:
+            warnings.warn(f"--stock: the frequency table weighs every layer alike ({e})", stacklevel=2)
+        if ids is not None:
+            with quiet_transformers():
+                model = hf.load_model(ckpt.directory, model_class=require_transformers("--stock").AutoModelForCausalLM)
+            model = model.float()
+    counts = method.stock_counts(ckpt, specs, options, stats, model, ids, lengths)
+    return dataclasses.replace(options, frequency_counts=tuple(counts))
 
 
 def _config_entry(layer: FittedLayer) -> dict[str, Any]:
@@ -480,7 +510,7 @@ def _manifest(ckpt: Checkpoint, checkpoint: str | Path, specs: list[AttentionSpe
     values = options.values
     for key, used in (("budget", options.budget is not None), ("heal_steps", healing), ("heal_dtype", healing),
                       ("value_rank", values), ("value_energy", values), ("budget_of", values),
-                      ("force_data_free", values)):
+                      ("force_data_free", values), ("stock", options.stock), ("frequency_counts", options.frequency_counts is not None)):
         if not used:
             del settings[key]
     if kv_heads is not None:

@@ -104,7 +104,7 @@ def _models(original: Path, compressed: Path):
     from .. import hf
 
     with quiet_transformers():
-        model = hf.from_pretrained(compressed)
+        model = hf.load_model(compressed)  # an export (no collab_manifest.json) loads as a plain model
         reference = hf.load_model(original, model_class=type(model))
     if reference.config.model_type != model.config.model_type:
         raise BadInputError(f"{original} is a {reference.config.model_type!r} model but {compressed} was compressed "
@@ -144,12 +144,13 @@ def evaluate(original: str | os.PathLike, compressed: str | os.PathLike, texts: 
         MissingExtraError: transformers is not installed.
     """
     from ..files.manifest import read
+    from .export import read_export
 
     start = time.perf_counter()
     original, compressed = Path(original), Path(compressed)
     if max_length < 2 or batch_size < 1:
         raise BadInputError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
-    manifest = read(compressed)
+    manifest = read_export(compressed) or read(compressed)  # an export is a plain model
     family = manifest.source.architecture
     if loadable_family(family, compressed).causal_lm:
         return evaluate_causal(original, compressed, texts, max_tokens=max_tokens, window=window, prompts=prompts,
@@ -257,13 +258,14 @@ def evaluate_causal(original: str | os.PathLike, compressed: str | os.PathLike, 
         BadInputError: unreadable models, no tokenizer, too little text, bad options.
     """
     from ..files.manifest import read
+    from .export import read_export
 
     start = time.perf_counter()
     original, compressed = Path(original), Path(compressed)
     if max_tokens < 2 or window < 2 or prompts < 0 or new_tokens < 1:
         raise BadInputError(f"--max-tokens and --window must be >= 2, --prompts >= 0 and --new-tokens >= 1 (got "
                             f"{max_tokens}, {window}, {prompts}, {new_tokens})")
-    manifest = read(compressed)
+    manifest = read_export(compressed) or read(compressed)  # an export is a plain model
     _check_models(original, compressed)
     source, texts = _texts(texts, texts_name)
     model, reference, tokenizer = _models(original, compressed)

@@ -43,10 +43,12 @@ if TYPE_CHECKING:
 
 __all__ = ["atomic_directory", "file_record", "write_manifest", "copy_other_files", "check_output_path",
            "check_output_dir", "check_output_file", "input_paths", "is_collab_output", "write_json",
-           "write_safetensors", "TEMP_MARKER"]
+           "write_safetensors", "TEMP_MARKER", "EXPORT_MANIFEST", "EXPORT_FORMAT"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
-_SKIP_NAMES = {"collab_manifest.json", "config.json"}
+_SKIP_NAMES = {"collab_manifest.json", "config.json", "export_manifest.json"}
+EXPORT_MANIFEST = "export_manifest.json"  # `export` writes it (docs/export.md)
+EXPORT_FORMAT = "collabcompress-export/1"
 TEMP_MARKER = ".collabcompress-tmp"  # inside a temporary directory; holds the token of its name
 _TEMP_NAME = re.compile(r"\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<token>[0-9a-f]{16})")
 _MANIFEST_LIMIT = 64 << 20
@@ -111,11 +113,12 @@ def _read_format(path: Path) -> object:
 
 
 def is_collab_output(directory: Path) -> bool:
-    """True when ``directory`` was written by ``compress`` (its manifest names our format) or
+    """True when ``directory`` was written by ``compress`` (its manifest names our format), by
+    ``export`` (its export manifest names the export format) or
     by ``demo`` (``demo.json`` beside a ``model/`` that was written by ``compress``)."""
     from .manifest import FORMAT, MANIFEST_NAME  # the manifest reader imports torch; the light commands do not
 
-    if _read_format(directory / MANIFEST_NAME) == FORMAT:
+    if _read_format(directory / MANIFEST_NAME) == FORMAT or _read_format(directory / EXPORT_MANIFEST) == EXPORT_FORMAT:
         return True
     demo = directory / "demo.json"
     return demo.is_file() and not demo.is_symlink() and _read_format(directory / "model" / MANIFEST_NAME) == FORMAT

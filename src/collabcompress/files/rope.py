@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint
 from .families import FAMILIES, KV_HEAD_KEYS, REFUSED_ROTARY_MODEL_TYPES, Family, family_of_model_type, find_family
 
 __all__ = ["rotary_family", "plain_families", "refusal_reasons", "check_key_rows", "head_count_hint",
-           "finish_spec", "attention_bias_rule", "rope_frequencies", "rope_setting"]
+           "finish_spec", "attention_bias_rule", "rope_frequencies", "rope_setting", "stock_rope", "max_positions"]
 
 _ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base",
                 "rotary_emb_fraction", "partial_rotary_factor")
@@ -275,3 +275,43 @@ def rope_frequencies(config: dict[str, Any] | None, head_dim: int) -> tuple[torc
         return 1.0 / float(base) ** (j / head_dim), 1.0
 
 
+
+
+def stock_rope(config: dict[str, Any] | None, head_dim: int, key_freq: torch.Tensor) -> dict[str, Any]:
+    """The ``rope_parameters`` of the stock export (docs/export.md): a ``longrope`` factor per rotary
+    pair r of a head of size R = 2 * len(key_freq), turning pair r at the source's theta_{j(r)}
+    (``short_factor`` = ``long_factor``, ``factor`` 1, ``attention_factor`` 1 (the source's attention
+    scaling is folded into the queries), ``original_max_position_embeddings`` =
+    ``max_position_embeddings``: what transformers and vLLM read without a warning).
+
+    Raises:
+        BadInputError: rope settings whose frequencies change with the sequence length (``dynamic``,
+            ``longrope`` with different short and long factors), which one table cannot hold.
+    """
+    from ..maths.stock import longrope_factors
+
+    cfg = config or {}
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind == "dynamic" or (kind == "longrope" and rope.get("short_factor") != rope.get("long_factor")):
+        raise BadInputError(f"the source's rope type {kind!r} changes its frequencies with the sequence length; "
+                            "the stock export writes one frequency table and cannot hold it")
+    theta, _ = rope_frequencies(cfg, head_dim)
+    base = float(rope_setting(cfg, "rope_theta") or cfg.get("rotary_emb_base") or 10000.0)
+    positions = max_positions(cfg)
+    factors = longrope_factors(theta, key_freq, base)
+    return {"rope_type": "longrope", "rope_theta": base, "factor": 1.0, "attention_factor": 1.0,
+            "original_max_position_embeddings": positions, "short_factor": factors, "long_factor": list(factors)}
+
+
+def max_positions(config: dict[str, Any]) -> int:
+    """config.json's ``max_position_embeddings``, else the default of its transformers class."""
+    value = config.get("max_position_embeddings")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    try:
+        import transformers
+
+        return int(transformers.AutoConfig.for_model(config.get("model_type") or "llama").max_position_embeddings)
+    except (ImportError, ValueError, AttributeError, TypeError) as e:
+        raise BadInputError("config.json gives no max_position_embeddings; add it") from e

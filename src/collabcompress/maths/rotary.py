@@ -49,6 +49,7 @@ __all__ = [
     "rotary_pairs",
     "rotary_scores",
     "rotary_spectrum",
+    "shared_counts",
 ]
 
 _F64 = torch.float64
@@ -431,6 +432,44 @@ def _exact(w: torch.Tensor, b: torch.Tensor | None, n_kv_head: int, head_dim: in
     return RotaryFactors(key, key_bias, freq, mixing, relative_error=0.0, energy=1.0)
 
 
+def _counted(counts, rank: int, per_freq: int, n_kv_head: int, head_dim: int) -> torch.Tensor:
+    """The kept slots j*k + i (i < R_j) of a fixed allocation ``counts``, checked."""
+    if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (head_dim // 2,) or counts.is_floating_point():
+        raise ValueError(f"counts must be an integer tensor of shape ({head_dim // 2},)")
+    if bool((counts < 0).any()) or bool((counts > min(per_freq, n_kv_head)).any()) or int(counts.sum()) != rank // 2:
+        raise ValueError(f"counts must be between 0 and {min(per_freq, n_kv_head)} per frequency and sum to R/2 = "
+                         f"{rank // 2}, got {counts.tolist()}")
+    return torch.cat([j * per_freq + torch.arange(int(c)) for j, c in enumerate(counts.tolist())])
+
+
+def shared_counts(spectra: list[torch.Tensor], rank: int, layer_weights: list[float] | None = None) -> torch.Tensor:
+    """One allocation R_j of ``rank/2`` components over the frequencies for several layers (the
+    stock export's single frequency table): slots (j, i) ranked by their squared singular value
+    summed over the layers, each layer's spectrum normalised to total 1 first
+    (:func:`frequency_energy`) and multiplied by its weight: the loss it causes per unit of
+    normalised energy it loses (measured: next-token KL over lost energy at its own best
+    allocation), so that the table minimises the layers' summed loss rather than their energy.
+
+    Args:
+        spectra: per layer ``(head_dim/2, n_kv_head)`` from :func:`rotary_spectrum`, same shape.
+        rank: R, even.
+        layer_weights: one non-negative weight per layer, or None for all ones.
+
+    Returns:
+        ``(head_dim/2,)`` int64 R_j, summing to ``rank/2``.
+    """
+    if not spectra or any(s.shape != spectra[0].shape for s in spectra):
+        raise ValueError("shared_counts needs one or more spectra of the same shape")
+    half, n_kv_head = spectra[0].shape
+    _check_rank(rank, half * 2 * n_kv_head)
+    weights = [1.0] * len(spectra) if layer_weights is None else [float(w) for w in layer_weights]
+    if len(weights) != len(spectra) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError("layer_weights must be one finite non-negative number per spectrum")
+    total = sum(w * frequency_energy(s) for w, s in zip(weights, spectra))  # (d/2, G), descending along each row
+    chosen = total.flatten().sort(descending=True, stable=True).indices[: rank // 2]  # (R/2,) j*G + i
+    return torch.bincount(chosen // n_kv_head, minlength=half)  # (d/2,)
+
+
 def rotary_factors(
     w_key: torch.Tensor,
     b_key: torch.Tensor | None,
@@ -440,6 +479,7 @@ def rotary_factors(
     *,
     weights: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> RotaryFactors:
     """Shared rotary keys with a key cache of ``rank`` reals per token (docs/method.md).
 
@@ -464,6 +504,9 @@ def rotary_factors(
         weights: ``(n_kv_head, head_dim/2)`` squared weights from :func:`group_weights`, or
             None for the plain (unweighted) fit.
         lower: lower-triangular ``(D', D')`` from :func:`key_whitening`, or None = I.
+        counts: ``(head_dim/2,)`` integers R_j summing to ``rank/2``: keep exactly the R_j leading
+            components of each frequency j (a frequency table fixed beforehand, e.g. one for all
+            layers: :func:`shared_counts`), instead of ranking them across frequencies.
 
     Returns:
         :class:`RotaryFactors`, float64 CPU tensors; bitwise identical for the same inputs.
@@ -483,7 +526,8 @@ def rotary_factors(
     if rank // 2 > sv.numel():
         raise ValueError(f"R={rank} needs {rank // 2} components; d_model allows only {sv.numel()}")
     power = sv.square().flatten()  # (d/2*k,), index j*k + i
-    order = power.sort(descending=True, stable=True).indices[: rank // 2]
+    order = power.sort(descending=True, stable=True).indices[: rank // 2] if counts is None else \
+        _counted(counts, rank, per_freq, n_kv_head, head_dim)
     chosen = order.sort().values  # (R/2,) frequency ascending, then by singular value
     freq = chosen // per_freq  # (R/2,)
     v = vh.flatten(0, 1)[chosen].conj()  # (R/2, D') the kept right singular vectors v_k

@@ -56,6 +56,7 @@ class LayerMethod(Protocol):
 
     name: str
     causal_lm: bool  # its layers belong to a causal LM (the budget may measure the next-token KL)
+    stock: bool  # `export --format stock` can write its layers as a stock multi-query layer
     # What its layers show in the tables (collabcompress.tables):
     width_label: str  # the original key width column ("H*d")
     needed: str  # what analyze's summary counts at each tau

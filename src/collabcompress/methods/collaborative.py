@@ -163,6 +163,7 @@ class CollaborativeMethod:
 
     name = "collaborative"
     causal_lm = False
+    stock = False
     width_label = "H*d"
     needed = "shared width needed"
     analysis_caption = None

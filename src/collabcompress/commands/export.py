@@ -1,0 +1,275 @@
+"""Export a compressed rotary decoder as a plain transformers checkpoint (``export --format stock``).
+
+A layer with shared rotary keys of width R and a value latent of width R is exactly a
+multi-query layer of head size R (docs/export.md, :mod:`collabcompress.maths.stock`). The
+export writes that layer in the family's own tensor names, a config.json with
+``num_key_value_heads`` 1, ``head_dim`` R and ``longrope`` parameters holding the frequency of
+each pair, every other tensor and file of the compressed directory, and
+``export_manifest.json`` (the source directory's files and their sha256). The result loads with
+``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` and serves with ``vllm serve OUT``,
+with no collabcompress code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..dtypes import to_torch
+from ..errors import BadInputError
+from ..files.checkpoint import Checkpoint
+from ..files.families import find_family
+from ..files.manifest import MANIFEST_NAME, LayerRecord, Manifest, open_output
+from ..files.output import (EXPORT_FORMAT, EXPORT_MANIFEST, atomic_directory, check_output_dir, copy_other_files,
+                            file_record, write_json, write_safetensors)
+from ..methods import method_for
+
+__all__ = ["FORMATS", "EXPORTABLE", "ExportedModel", "check_stock", "export", "export_source", "read_export"]
+
+FORMATS = ("stock",)
+EXPORTABLE = ("compress a rotary decoder (llama, mistral, qwen2) with `compress --stock --rank R --calibration STATS`, "
+              "or with `--rank R --value-rank R` on every layer")
+_REMOTE_CODE = "modeling_collabcompress.py"  # compress --remote-code's file: a plain model has no use for it
+
+
+def check_stock(manifest: Manifest, out: Checkpoint, config: dict[str, Any] | None) -> tuple[int, torch.Tensor]:
+    """The shared width R and the frequency table j(r) (R/2,) of an output the stock form can hold.
+
+    Raises:
+        BadInputError: (exit 3) naming what the stock form cannot hold and how to compress instead.
+    """
+    def refuse(why: str) -> BadInputError:
+        return BadInputError(f"{manifest.path.parent}: the stock form cannot hold {why}; {EXPORTABLE}")
+
+    layers = manifest.layers
+    if not layers or not all(method_for(la).stock for la in layers):
+        raise refuse(f"the layers of a {manifest.source.architecture!r} model (only shared rotary keys become stock "
+                     "multi-query attention)")
+    if config is None:
+        raise refuse("a directory without config.json")
+    count = config.get("num_hidden_layers")
+    if isinstance(count, int) and sorted(la.index for la in layers) != list(range(count)):
+        raise refuse(f"a model with {count} layers of which {len(layers)} are compressed (every layer must be)")
+    widths = sorted({la.shared_dim for la in layers})
+    if len(widths) > 1:
+        raise refuse(f"different key widths R per layer ({', '.join(map(str, widths))})")
+    rank = widths[0]
+    values = sorted({la.value_rank for la in layers}, key=lambda v: -1 if v is None else v)
+    if values != [rank]:
+        shown = ", ".join("none" if v is None else str(v) for v in values)
+        raise refuse(f"value latents of width {shown} with keys of width {rank} (it needs r_v = R in every layer)")
+    table = out.load(layers[0].tensors.key_freq).long()
+    for la in layers[1:]:
+        if not torch.equal(out.load(la.tensors.key_freq).long(), table):
+            raise refuse(f"different frequency tables in {layers[0].module} and {la.module} (one table for all layers)")
+    return rank, table
+
+
+def _stock_names(layer: LayerRecord) -> dict[str, str]:
+    """The family's own q/k/v/o tensor names of ``layer`` (weight and bias)."""
+    family = find_family(layer.family or "llama")
+    m, parent = layer.module, layer.module.rsplit(".", 1)[0]
+    names = {"q": layer.tensors.query, "k": f"{m}.{family.key}.weight",
+             "v": family.value.format(m=m, parent=parent), "o": family.output.format(m=m, parent=parent)}
+    out = {}
+    for role, weight in names.items():
+        out[f"{role}.weight"] = weight
+        out[f"{role}.bias"] = weight[: -len("weight")] + "bias"
+    return out
+
+
+def _layer_entries(out: Checkpoint, layer: LayerRecord, rank: int, scale: float, dtype: torch.dtype,
+                   biased: bool) -> tuple[list[tuple], set[str]]:
+    """The stock q/k/v/o tensors of one layer as lazy write entries, and the output's names they replace."""
+    from ..maths.stock import stock_output, stock_query
+
+    t, vt, names = layer.tensors, layer.value_tensors(), _stock_names(layer)
+    h, d, dm = layer.heads, layer.head_dim, layer.d_model
+
+    def f64(name: str | None) -> torch.Tensor | None:
+        return None if not name or name not in out else out.load(name, torch.float64, finite=True)
+
+    def query() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return stock_query(f64(t.query), f64(names["q.bias"]), out.load(t.key_freq).long(), f64(t.mixing), h, d, scale)
+
+    made: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor | None]]] = {
+        "q.weight": ((h * rank, dm), lambda: query()[0]),
+        "k.weight": ((rank, dm), lambda: f64(t.key)),
+        "v.weight": ((rank, dm), lambda: f64(vt["weight"])),
+        "o.weight": ((dm, h * rank), lambda: stock_output(f64(names["o.weight"]), f64(vt["up"]), h, d)),
+    }
+    if biased:  # the stock class has q, k and v biases together: a missing one is zero
+        made["q.bias"] = ((h * rank,), lambda: query()[1])
+        made["k.bias"] = ((rank,), lambda: f64(t.key_bias))
+        made["v.bias"] = ((rank,), lambda: f64(vt.get("bias")))
+    entries = []
+    for role, (shape, make) in made.items():
+        def load(make=make, shape=shape) -> torch.Tensor:
+            value = make()
+            return (torch.zeros(shape) if value is None else value).to(dtype).contiguous()
+        entries.append((names[role], shape, dtype, load))
+    replaced = {names["q.weight"], names["q.bias"], names["o.weight"], t.key, t.mixing, t.key_freq,
+                *([t.key_bias] if t.key_bias else []), *vt.values()}
+    return entries, replaced
+
+
+def _config(config: dict[str, Any], rank: int, table: torch.Tensor, head_dim: int) -> dict[str, Any]:
+    from ..files.rope import stock_rope
+
+    cfg = {k: v for k, v in config.items() if k not in ("collaborative_attention", "auto_map", "rope_scaling")}
+    cfg.update(num_key_value_heads=1, head_dim=rank, rope_parameters=stock_rope(config, head_dim, table))
+    return cfg
+
+
+def export(directory: str | Path, out_dir: str | Path, *, fmt: str = "stock", force: bool = False) -> dict[str, Any]:
+    """Write the compressed ``directory`` as a plain transformers checkpoint in ``out_dir``.
+
+    Args:
+        directory: an output of ``compress`` whose layers the stock form holds (:func:`check_stock`).
+        out_dir: the new directory (created atomically; an existing export is replaced with ``force``).
+        fmt: ``"stock"``: multi-query attention with one key/value head of size R.
+
+    Returns:
+        The export manifest (``export_manifest.json``).
+
+    Raises:
+        BadInputError: a format other than stock, an output the stock form cannot hold, unreadable
+            or changed files, an output directory that may not be written.
+    """
+    from ..files.rope import rope_frequencies
+
+    if fmt not in FORMATS:
+        raise BadInputError(f"unknown --format {fmt!r}; available: {', '.join(FORMATS)}")
+    directory, out_dir = Path(directory), Path(out_dir)
+    check_output_dir(out_dir, [directory], force=force)
+    manifest, out = open_output(directory)
+    try:
+        rank, table = check_stock(manifest, out, out.config)
+        first = manifest.layers[0]
+        _, scaling = rope_frequencies(out.config, first.head_dim)
+        config = _config(out.config, rank, table, first.head_dim)
+        dtype = to_torch(out.dtype(first.tensors.query))
+        entries, replaced = [], set()
+        for layer in manifest.layers:
+            biased = any(n in out for n in (_stock_names(layer)["q.bias"], layer.tensors.key_bias or "",
+                                            layer.value_tensors().get("bias", "")) if n)
+            made, gone = _layer_entries(out, layer, rank, layer.scale * scaling ** 2, dtype, biased)
+            entries += made
+            replaced |= gone
+        names = {e[0] for e in entries}
+        entries += [(n, out.shape(n), to_torch(out.dtype(n)), lambda n=n: out.load(n))
+                    for n in out.names() if n not in replaced and n not in names]
+        with atomic_directory(out_dir, force=force) as tmp:
+            write_safetensors(tmp / "model.safetensors", entries, {"format": "pt"})
+            write_json(config, tmp / "config.json")
+            outputs = [tmp / "model.safetensors", tmp / "config.json"]
+            outputs += copy_other_files(directory, tmp, {directory / _REMOTE_CODE})
+            record = _record(directory, manifest, rank, table, outputs, tmp)
+            write_json(record, tmp / EXPORT_MANIFEST)
+    finally:
+        out.close()
+    return record
+
+
+def _record(directory: Path, manifest: Manifest, rank: int, table: torch.Tensor, outputs: list[Path],
+            tmp: Path) -> dict[str, Any]:
+    """``export_manifest.json``: what was exported from what (the source files as its manifest
+    records them, checked on reading, and the manifest itself)."""
+    files = [o.to_json() for o in manifest.outputs] + [file_record(directory / MANIFEST_NAME, directory)]
+    return {"format": EXPORT_FORMAT, "export_format": "stock",
+            "tool": {"name": "collabcompress", "version": __version__},
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "source": {"path": str(directory.resolve()), "architecture": manifest.source.architecture,
+                       "files": sorted(files, key=lambda f: f["name"])},
+            "stock": {"layers": len(manifest.layers), "head_dim": rank, "num_key_value_heads": 1,
+                      "kv_cache_per_token_and_layer": 2 * rank,
+                      "kv_cache_before": 2 * manifest.layers[0].value_heads * manifest.layers[0].head_dim,
+                      "key_freq": table.tolist()},
+            "outputs": [file_record(p, tmp) for p in sorted(outputs)]}
+
+
+@dataclass(frozen=True)
+class StockLayer:
+    """One attention layer of an exported model, read like a manifest's layer record."""
+
+    heads: int
+    head_dim: int
+    d_model: int
+    shared_dim: int
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    architecture: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ``export`` output, read like a manifest where ``evaluate`` and ``bench`` need one: its
+    family, its layers (from its config.json) and the compress output it came from."""
+
+    path: Path
+    source: ExportSource
+    layers: tuple[StockLayer, ...]
+    outputs: tuple[Any, ...]
+
+
+def read_export(directory: str | Path) -> ExportedModel | None:
+    """The export in ``directory`` with every output file checked against its recorded sha256, or
+    ``None`` when ``directory`` holds no export manifest (:data:`EXPORT_MANIFEST`).
+
+    Raises:
+        BadInputError: an unreadable export manifest or config.json, or an output file missing or changed.
+    """
+    from ..files.checkpoint import regular_file
+    from ..files.hashing import sha256_file
+    from ..files.manifest import FileRecord
+
+    directory = Path(directory)
+    path = directory / EXPORT_MANIFEST
+    if not path.is_file() or (directory / MANIFEST_NAME).exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        if data.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"format {str(data.get('format'))[:40]!r}, not {EXPORT_FORMAT}")
+        outputs = tuple(FileRecord(str(o["name"]), str(o["sha256"]), int(o["bytes"])) for o in data["outputs"])
+        source = ExportSource(str(data["source"]["architecture"]), str(data["source"]["path"]))
+        head_dim = int(config["head_dim"])
+        layer = StockLayer(int(config["num_attention_heads"]), head_dim, int(config["hidden_size"]), head_dim)
+        layers = (layer,) * int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BadInputError(f"{directory}: the export is unreadable ({e}); export the model again") from e
+    for record in outputs:
+        file = regular_file(directory / record.name, directory, f"output file {record.name!r}")
+        if file.stat().st_size != record.bytes or sha256_file(file) != record.sha256:
+            raise BadInputError(f"{directory}: {record.name} is not the file export wrote (its sha256 or size differs "
+                                f"from {EXPORT_MANIFEST}); export the model again")
+    return ExportedModel(directory, source, layers, outputs)
+
+
+def export_source(exported: ExportedModel) -> Path:
+    """The compress output ``exported`` came from, checked to be unchanged (its manifest's sha256).
+
+    Raises:
+        BadInputError: it is gone or changed.
+    """
+    from ..files.hashing import sha256_file
+
+    source = Path(exported.source.path)
+    manifest = source / MANIFEST_NAME
+    data = json.loads((exported.path / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    want = next((f["sha256"] for f in data["source"]["files"] if f["name"] == MANIFEST_NAME), None)
+    if not manifest.is_file() or sha256_file(manifest) != want:
+        raise BadInputError(f"{exported.path}: the compress output it was exported from, {source}, is gone or changed; "
+                            "bench needs it for the FLOP model")
+    return source

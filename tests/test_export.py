@@ -1,0 +1,263 @@
+"""export --format stock: a compressed rotary decoder as a plain multi-query transformers model.
+
+Tiny LLaMA, Mistral, Qwen2 (q/k/v biases), multi-head LLaMA and LLaMA with llama3, linear and
+yarn rope (yarn: attention scaling 1.0693) at full width (R = r_v = G*d) must give the original's
+logits in plain transformers (no collabcompress code) and the same greedy tokens; below full width,
+the export must give the compressed model's logits (the stock form is exact, not only at full
+width). What the stock form cannot hold is refused with exit 3 and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from families import make_checkpoint, make_rotary_checkpoint  # noqa: E402
+from helpers import assert_clean_failure, run_cli  # noqa: E402
+
+from collabcompress import hf  # noqa: E402
+from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
+from collabcompress.commands.export import export  # noqa: E402
+
+NAMES = ["llama", "llama-mha", "mistral", "qwen2", "llama-rope-linear", "llama-rope-llama3", "llama-rope-yarn"]
+IDS = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def _full(src: Path) -> int:
+    cfg = json.loads((src / "config.json").read_text())
+    return cfg["num_key_value_heads"] * cfg["head_dim"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-src")
+    return {name: make_rotary_checkpoint(name, root / name) for name in NAMES}
+
+
+def _plain(directory: Path, caplog=None):
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def _compress_export(src: Path, root: Path, rank: int, value_rank: int | None = None, **options) -> Path:
+    compress(src, root / "c", CompressOptions(rank=rank, value_rank=value_rank or rank, force_data_free=True,
+                                              **options), workers=1)
+    export(root / "c", root / "e")
+    return root / "e"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_width_export_is_the_original_in_plain_transformers(sources, tmp_path, name, caplog):
+    src = sources[name]
+    with caplog.at_level(logging.WARNING):
+        out = _compress_export(src, tmp_path, _full(src))
+        model = _plain(out)
+    assert not [r for r in caplog.records if "rope" in r.getMessage().lower()], caplog.text
+    reference = _plain(src)
+    with torch.no_grad():
+        diff = (model(IDS).logits - reference(IDS).logits).abs().max()
+        greedy = [m.generate(IDS[:, :8], max_new_tokens=16, do_sample=False) for m in (model, reference)]
+    assert float(diff) <= 1e-4
+    assert torch.equal(*greedy)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 1 and cfg["head_dim"] == _full(src)
+    assert "collaborative_attention" not in cfg and "rope_scaling" not in cfg
+    rope = cfg["rope_parameters"]
+    assert rope["rope_type"] == "longrope" and rope["short_factor"] == rope["long_factor"]
+    assert rope["factor"] == 1.0 and rope["attention_factor"] == 1.0
+    assert rope["original_max_position_embeddings"] == cfg["max_position_embeddings"]
+    assert len(rope["short_factor"]) == _full(src) // 2
+    assert not (out / "collab_manifest.json").exists() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-rope-yarn"])
+def test_below_full_width_the_export_is_the_compressed_model(sources, tmp_path, name):
+    out = _compress_export(sources[name], tmp_path, 8, stock=True)
+    with torch.no_grad():
+        plain = _plain(out)(IDS).logits
+        ours = hf.from_pretrained(tmp_path / "c").float()(IDS).logits
+    assert float((plain - ours).abs().max()) <= 1e-4
+    assert json.loads((out / "config.json").read_text())["head_dim"] == 8
+
+
+def test_export_manifest_records_the_source_files(sources, tmp_path):
+    out = _compress_export(sources["llama"], tmp_path, 16)
+    record = json.loads((out / "export_manifest.json").read_text())
+    assert record["format"] == "collabcompress-export/1" and record["export_format"] == "stock"
+    source = {f["name"]: f for f in record["source"]["files"]}
+    collab = json.loads((tmp_path / "c" / "collab_manifest.json").read_text())
+    assert {o["name"] for o in collab["outputs"]} | {"collab_manifest.json"} == set(source)
+    assert all(len(f["sha256"]) == 64 for f in source.values())
+    assert {o["name"] for o in record["outputs"]} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert record["stock"]["head_dim"] == 16 and record["stock"]["kv_cache_per_token_and_layer"] == 32
+
+
+def test_cli_export_and_force(sources, tmp_path):
+    compress(sources["llama"], tmp_path / "c", CompressOptions(rank=8, value_rank=8, force_data_free=True), workers=1)
+    ok = run_cli("export", tmp_path / "c", "--out", tmp_path / "e")
+    assert ok.exit_code == 0, ok.stderr
+    assert "KV cache 16 of 32" in ok.stdout
+    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "e"), 3, "--force")
+    again = run_cli("export", tmp_path / "c", "--out", tmp_path / "e", "--force", "--json", "-")
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["stock"]["head_dim"] == 8
+    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "x", "--format", "gguf"), 3, "stock")
+    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "c" / "inside"), 3, "input")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case, options, needle", [
+    ("no values", {"rank": 8}, "r_v = R"),
+    ("r_v != R", {"rank": 8, "value_rank": 4}, "r_v = R"),
+    ("one layer", {"rank": 8, "value_rank": 8, "layers": "0"}, "every layer"),
+    ("frequency tables", {"rank": 4, "value_rank": 4}, "different frequency tables"),  # layers pick (1, 3), (2, 3)
+])
+def test_refuses_what_the_stock_form_cannot_hold(sources, tmp_path, case, options, needle):
+    compress(sources["llama"], tmp_path / "c", CompressOptions(force_data_free=True, **options), workers=1)
+    result = run_cli("export", tmp_path / "c", "--out", tmp_path / "e")
+    assert_clean_failure(result, 3, needle, "compress --stock")
+    assert not (tmp_path / "e").exists()
+
+
+def test_refuses_different_widths_per_layer(sources, tmp_path):
+    import dataclasses
+
+    from collabcompress.commands.export import check_stock
+    from collabcompress.errors import BadInputError
+    from collabcompress.files.manifest import open_output
+
+    compress(sources["llama"], tmp_path / "c", CompressOptions(rank=8, value_rank=8, force_data_free=True), workers=1)
+    manifest, out = open_output(tmp_path / "c")
+    try:
+        first, second = manifest.layers
+        mixed = dataclasses.replace(manifest, layers=(first, dataclasses.replace(second, shared_dim=4)))
+        with pytest.raises(BadInputError, match="different key widths R per layer"):
+            check_stock(mixed, out, out.config)
+    finally:
+        out.close()
+
+
+def test_refuses_a_non_rotary_family(tmp_path):
+    src = make_checkpoint("bert", tmp_path / "bert")
+    compress(src, tmp_path / "c", CompressOptions(rank=8), workers=1)
+    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "e"), 3, "bert", "rotary")
+    assert not (tmp_path / "e").exists()
+
+
+def test_stock_shares_one_frequency_table_and_exports(sources, tmp_path):
+    from safetensors.torch import load_file
+
+    manifest = compress(sources["llama"], tmp_path / "c", CompressOptions(rank=4, stock=True, force_data_free=True),
+                        workers=1)
+    tensors = load_file(str(tmp_path / "c" / "model.safetensors"))
+    tables = [tensors[f"model.layers.{i}.self_attn.collab_key_freq"] for i in (0, 1)]
+    assert torch.equal(*tables)  # a plain --rank 4 fit picks (1, 3) and (2, 3)
+    assert all(la["value_rank"] == 4 for la in manifest["layers"])
+    assert manifest["settings"]["stock"] is True and sum(manifest["settings"]["frequency_counts"]) == 2
+    export(tmp_path / "c", tmp_path / "e")
+    with torch.no_grad():
+        plain = _plain(tmp_path / "e")(IDS).logits
+        ours = hf.from_pretrained(tmp_path / "c").float()(IDS).logits
+    assert float((plain - ours).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--energy", "0.9", "--force-data-free"], "--rank"),
+    (["--rank", "8", "--value-rank", "4", "--force-data-free"], "r_v = R"),
+    (["--rank", "8", "--layers", "0", "--force-data-free"], "--layers"),
+    (["--rank", "8"], "--calibration"),
+])
+def test_stock_refusals(sources, tmp_path, args, needle):
+    result = run_cli("compress", sources["llama"], "--out", tmp_path / "c", "--stock", *args)
+    assert_clean_failure(result, 3, needle)
+    assert not (tmp_path / "c").exists()
+
+
+def test_stock_refuses_a_non_rotary_family(tmp_path):
+    src = make_checkpoint("bert", tmp_path / "bert")
+    result = run_cli("compress", src, "--out", tmp_path / "c", "--stock", "--rank", "8", "--force-data-free")
+    assert_clean_failure(result, 3, "rotary decoder")
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_smollm2_full_width_export_is_the_original(smollm2_dir, tmp_path):
+    """SmolLM2 at R = r_v = 192: plain transformers gives the original's logits and greedy tokens.
+
+    Eager attention on both sides: SDPA's float32 kernel differs by about 1.3e-4 between head
+    sizes 64 and 192, above the original's own float32 error (9e-5 against float64)."""
+    from collabcompress.runtime.lm import token_ids
+    from collabcompress.files.texts import load_tokenizer
+
+    compress(smollm2_dir, tmp_path / "c", CompressOptions(rank=192, value_rank=192, force_data_free=True))
+    export(tmp_path / "c", tmp_path / "e")
+    tokenizer = load_tokenizer([smollm2_dir])
+    ids = token_ids(tokenizer, "The quick brown fox jumps over the lazy dog. " * 20)[None, :209]  # (1, 209)
+    models = [transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
+                                                                attn_implementation="eager").eval()
+              for d in (smollm2_dir, tmp_path / "e")]
+    with torch.no_grad():
+        logits = [m(ids).logits for m in models]
+        greedy = [m.generate(ids[:, :20], max_new_tokens=32, do_sample=False) for m in models]
+    assert float((logits[0] - logits[1]).abs().max()) <= 1e-4
+    assert torch.equal(*greedy)
+
+
+def test_evaluate_and_bench_take_an_export(sources, tmp_path):
+    src = sources["llama"]
+    compress(src, tmp_path / "c", CompressOptions(rank=8, stock=True, force_data_free=True), workers=1)
+    export(tmp_path / "c", tmp_path / "e")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat and looked at the dog\n" * 20, encoding="utf-8")
+    results = []
+    for target in ("c", "e"):
+        r = run_cli("evaluate", src, tmp_path / target, "--texts", texts, "--max-tokens", "64", "--window", "32",
+                    "--prompts", "1", "--new-tokens", "4", "--json", "-")
+        assert r.exit_code == 0, r.stderr
+        results.append(json.loads(r.stdout))
+    assert results[0]["perplexity"]["compressed"] == pytest.approx(results[1]["perplexity"]["compressed"], rel=1e-4)
+    assert results[1]["shared_dims"] == [8]
+    r = run_cli("bench", src, tmp_path / "e", "--lengths", "8", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                "--context", "8", "--decode-steps", "2", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["level"] == "model" and record["compressed"] == str(tmp_path / "e")
+    assert_clean_failure(run_cli("bench", src, tmp_path / "e", "--level", "module"), 3, "--level model")
+    (tmp_path / "e" / "tokenizer.json").write_text("{}", encoding="utf-8")
+    assert_clean_failure(run_cli("evaluate", src, tmp_path / "e", "--texts", texts), 3, "export the model again")
+
+
+def test_calibrated_stock_weighs_layers_by_measured_loss(sources, tmp_path, monkeypatch):
+    """With kept windows, the table comes from the layers' spectra weighted by their next-token KL
+    per unit of lost energy; the weights are measured on the original model, one layer at a time."""
+    from collabcompress.methods import rotary as method
+
+    src = sources["llama"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["the cat sat on the mat and looked at the dog in the garden"] * 6), encoding="utf-8")
+    stats = tmp_path / "stats.safetensors"
+    r = run_cli("calibrate", src, "--texts", texts, "--out", stats, "--max-length", 32, "--max-tokens", 256,
+                "--keep-sequences", 3)
+    assert r.exit_code == 0, r.stderr
+    seen = []
+    real = method.layer_sensitivities
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(method, "layer_sensitivities", spy)
+    manifest = compress(src, tmp_path / "c", CompressOptions(rank=8, stock=True, calibration=str(stats)), workers=1)
+    assert len(seen) == 1 and len(seen[0]) == 2 and all(w >= 0 for w in seen[0])
+    assert sum(manifest["settings"]["frequency_counts"]) == 4
+    export(tmp_path / "c", tmp_path / "e")
+    with torch.no_grad():
+        plain = _plain(tmp_path / "e")(IDS).logits
+        ours = hf.from_pretrained(tmp_path / "c").float()(IDS).logits
+    assert float((plain - ours).abs().max()) <= 1e-4
