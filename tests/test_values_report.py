@@ -78,14 +78,14 @@ def test_analyze_table_has_the_values_column(cli, rotary_checkpoints):
 
 def test_analyze_matches_the_value_method_spectrum(rotary_checkpoints):
     from collabcompress.files.checkpoint import open_checkpoint
-    from collabcompress.maths.values import value_energy
+    from collabcompress.maths.spectra import cumulative_energy
     from collabcompress.methods.values import VALUES
 
     result = analyze(rotary_checkpoints["llama"])
     ckpt = open_checkpoint(rotary_checkpoints["llama"])
     try:
         for la in result.layers:
-            expected = value_energy(VALUES.spectrum(ckpt, la.spec))
+            expected = cumulative_energy(VALUES.spectrum(ckpt, la.spec))
             got = la.to_dict(result.energies)["value_energy"]
             assert got == pytest.approx(expected.tolist(), abs=1e-8)
     finally:

@@ -85,9 +85,9 @@ class LayerAnalysis:
         }
 
     def _value_fields(self, energies: Sequence[float]) -> dict[str, Any]:
-        from ..maths.values import value_energy
+        from ..maths.spectra import cumulative_energy
 
-        return {"value_energy": [round(float(e), 8) for e in value_energy(self.value_sv)],
+        return {"value_energy": [round(float(e), 8) for e in cumulative_energy(self.value_sv)],
                 "value_rank_at": {_key(t): self.value_rank_at(t) for t in energies}}
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .cp import whitening_factor
+from .spectra import cumulative_energy, rank_at_energy
 
 __all__ = ["ValueFactors", "output_weights", "value_factors", "value_spectrum", "value_rank_at",
            "value_moment"]
@@ -97,18 +98,9 @@ def value_spectrum(w_value: torch.Tensor, b_value: torch.Tensor | None, out_weig
     return torch.linalg.svdvals(x)
 
 
-def value_energy(sv: torch.Tensor) -> torch.Tensor:
-    """Cumulative energy curve of singular values ``sv`` (entry i: rank i + 1)."""
-    e = sv.double().square()
-    total = float(e.sum())
-    return e.cumsum(0) / total if total > 0 else torch.ones_like(e)
-
-
 def value_rank_at(sv: torch.Tensor, tau: float) -> int:
-    """The smallest r_v whose latent keeps ``tau`` of the energy (at least 1)."""
-    curve = value_energy(sv)
-    hits = (curve >= tau - 1e-12).nonzero()
-    return int(hits[0]) + 1 if hits.numel() else curve.numel()
+    """The smallest r_v whose latent keeps ``tau`` of the energy of the singular values ``sv``."""
+    return rank_at_energy(cumulative_energy(sv), tau)
 
 
 def value_factors(w_value: torch.Tensor, b_value: torch.Tensor | None, rank: int, *,

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ..defaults import DEFAULT_MULTIPLE_OF
 from ..errors import BadInputError, UnsupportedArchitectureError
 from ..files.arch import AttentionSpec
 from ..files.checkpoint import Checkpoint
@@ -183,7 +182,7 @@ class ValueMethod:
         if opts.value_rank is not None:
             return opts.value_rank
         return choose_rank(value_rank_at(sv, opts.value_energy), full, min_rank=1, max_rank=None,
-                           multiple_of=opts.multiple_of or DEFAULT_MULTIPLE_OF)
+                           multiple_of=opts.multiple_of)
 
     def fit(self, ckpt: Checkpoint, spec: AttentionSpec, opts: CompressOptions, out_dtype: torch.dtype,
             moments: tuple[torch.Tensor, torch.Tensor] | None, rank: int | None = None) -> ValueFit:
