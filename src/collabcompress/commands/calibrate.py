@@ -31,7 +31,9 @@ keeps |q|. ``compress`` weighs the shared-key fit with them (docs/method.md).
 Every module also gets ``{M}.value_second_moment`` (D, D) and ``{M}.value_mean`` (D,): the
 moments of the attention-weighted inputs z_h = sum_s p_hs y_s of its heads, summed over the
 heads (the shared-value fit whitens by them, docs/method.md "Shared values"). The attention
-weights p are the model's own: the model runs with eager attention, which returns them.
+weights p are the model's own: the model runs with eager attention, which returns them. The
+z_h are never formed: sum_h Z_h^T Z_h = Y^T (sum_h P_h^T P_h) Y, an (M, M) product per window
+instead of one (D, D) Gram per head (:meth:`_Accumulator.add_mixed`).
 """
 
 from __future__ import annotations
@@ -168,6 +170,14 @@ class _Accumulator:
         self.total += x.sum(0)
         self.count += x.shape[0] if count is None else count
 
+    def add_mixed(self, y: torch.Tensor, p: torch.Tensor, count: int) -> None:
+        """Add the rows z = p y, never formed: y (B, M, D) inputs, p (B, R, M) the weights of
+        R rows (every head's queries) over them; ``count``: the tokens they stand for."""
+        y = y.double()
+        self.second += (y.transpose(1, 2) @ ((p.transpose(1, 2) @ p).double() @ y)).sum(0)  # sum_b Y^T P^T P Y
+        self.total += (p.sum(1).double()[:, None] @ y).sum((0, 1))  # sum_b 1^T P Y
+        self.count += count
+
 
 def _attention_weights(output: Any, heads: int, n_query: int, n_key: int) -> torch.Tensor | None:
     """The attention weights (B, H, N, M) in an attention module's output, or ``None``: the 4-D
@@ -286,10 +296,9 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             probs = _attention_weights(output, spec.n_head, mask.shape[1], y.shape[1])
             if probs is None:
                 return
-            z = probs.float() @ y.float()[:, None]  # (B, H, N, D)
-            rows = z.transpose(1, 2)[mask.bool()]  # (n, H, D): the query tokens that are not padding
-            # sum over heads of z_h z_h^T: every head's rows, counted once per token
-            values[spec.module].add(rows.reshape(-1, rows.shape[-1]), count=rows.shape[0])
+            p = probs.float() * mask[:, None, :, None].to(torch.float32)  # (B, H, N, M): no padding query
+            # every head's rows z_h = P_h y, counted once per token
+            values[spec.module].add_mixed(y.float(), p.reshape(p.shape[0], -1, p.shape[-1]), int(mask.sum()))
         return fn
 
     def ask_for_weights(_module, args, kwargs):
