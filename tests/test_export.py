@@ -375,3 +375,36 @@ def test_the_score_scale_is_the_family_s_not_the_manifest_s(compressed, tmp_path
     name = f"{M0}.q_proj.weight"
     assert torch.equal(stored_tensor(tmp_path / "e", name), stored_tensor(compressed / "e", name))
 
+
+def _config_fifo(d: Path) -> None:
+    import os
+
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+
+
+def _link_out(name: str):
+    def link(d: Path) -> None:
+        outside = d.parent / f"outside-{name}"
+        (d / name).rename(outside)
+        (d / name).symlink_to(outside)
+    return link
+
+
+@pytest.mark.parametrize("change, words", [
+    (_config_fifo, ["config.json", "not a regular file"]),  # read before: evaluate and bench blocked for ever
+    (_link_out("config.json"), ["config.json", "points outside"]),
+    (_link_out("export_manifest.json"), ["export manifest", "points outside"]),  # read and trusted before
+], ids=["config-fifo", "config-link-out", "manifest-link-out"])
+def test_an_export_is_read_through_the_one_reader(compressed, tmp_path, change, words):
+    import shutil
+
+    from collabcompress.commands.export import read_export
+    from collabcompress.errors import BadInputError
+
+    out = tmp_path / "e"
+    shutil.copytree(compressed / "e", out)
+    change(out)
+    with pytest.raises(BadInputError) as e:
+        read_export(out)
+    assert all(w in str(e.value) for w in words), str(e.value)

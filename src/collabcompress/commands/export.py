@@ -13,7 +13,6 @@ with no collabcompress code.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
@@ -327,7 +326,7 @@ def read_export(directory: str | Path) -> ExportedModel | None:
     Raises:
         BadInputError: an unreadable export manifest or config.json, or an output file missing or changed.
     """
-    from ..files.checkpoint import regular_file
+    from ..files.checkpoint import read_json, regular_file
     from ..files.hashing import sha256_file
     from ..files.manifest import FileRecord
 
@@ -335,9 +334,9 @@ def read_export(directory: str | Path) -> ExportedModel | None:
     path = directory / EXPORT_MANIFEST
     if not path.is_file() or (directory / MANIFEST_NAME).exists():
         return None
+    data = read_json(path, "export manifest", directory)  # the one reader: no link out, no FIFO
+    config = read_json(directory / "config.json", "config.json", directory)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         if data.get("format") != EXPORT_FORMAT:
             raise ValueError(f"format {str(data.get('format'))[:40]!r}, not {EXPORT_FORMAT}")
         outputs = tuple(FileRecord(str(o["name"]), str(o["sha256"]), int(o["bytes"])) for o in data["outputs"])
@@ -361,11 +360,12 @@ def export_source(exported: ExportedModel) -> Path:
     Raises:
         BadInputError: it is gone or changed.
     """
+    from ..files.checkpoint import read_json
     from ..files.hashing import sha256_file
 
     source = Path(exported.source.path)
     manifest = source / MANIFEST_NAME
-    data = json.loads((exported.path / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    data = read_json(exported.path / EXPORT_MANIFEST, "export manifest", exported.path)
     want = next((f["sha256"] for f in data["source"]["files"] if f["name"] == MANIFEST_NAME), None)
     if not manifest.is_file() or sha256_file(manifest) != want:
         raise BadInputError(f"{exported.path}: the compress output it was exported from, {source}, is gone or changed; "
