@@ -408,3 +408,24 @@ def test_an_export_is_read_through_the_one_reader(compressed, tmp_path, change, 
     with pytest.raises(BadInputError) as e:
         read_export(out)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("signum, code, line", [(1, 129, "hung up"), (15, 143, "terminated")], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_while_exporting_removes_the_temporary_directory(compressed, tmp_path, signum, code, line):
+    import os
+
+    import signal_child
+    from helpers import digest, split_stage_lines
+
+    before = digest(compressed / "c")
+    marker, stderr = tmp_path / "started", tmp_path / "stderr.txt"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    proc = signal_child.start(["export", str(compressed / "c"), "--out", str(ws / "e")], marker, "export", stderr)
+    assert len(list(ws.glob(".e.tmp-*"))) == 1, "the signal should land while the export is being written"
+    os.kill(proc.pid, signum)
+    proc.join(60)
+    text = stderr.read_text(errors="replace")
+    assert proc.exitcode == code, text
+    assert split_stage_lines(text)[1] == [line] and "Traceback" not in text, text
+    assert not list(ws.iterdir()) and digest(compressed / "c") == before
