@@ -20,6 +20,7 @@ import time
 import torch
 
 import collabcompress.commands.compress as c
+import collabcompress.commands.export as export
 import collabcompress.methods.collaborative as collaborative
 from collabcompress import cli
 
@@ -42,7 +43,8 @@ def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
 
         collaborative.cp_als = cp_als
     else:
-        real_write = c.write_safetensors
+        module = export if phase == "export" else c  # "write": compress's output; "export": export's
+        real_write = module.write_safetensors
 
         def write_safetensors(path, entries, metadata):  # a slow disk: 50 ms per tensor
             def slow(load):
@@ -53,7 +55,7 @@ def run(argv: list[str], marker: str, phase: str, stderr: str) -> None:
                 return read
             return real_write(path, [(n, s, d, slow(load)) for n, s, d, load in entries], metadata)
 
-        c.write_safetensors = write_safetensors
+        module.write_safetensors = write_safetensors
     sys.argv = ["collabcompress", *argv]
     cli.main()
 

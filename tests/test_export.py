@@ -261,3 +261,171 @@ def test_calibrated_stock_weighs_layers_by_measured_loss(sources, tmp_path, monk
         plain = _plain(tmp_path / "e")(IDS).logits
         ours = hf.from_pretrained(tmp_path / "c").float()(IDS).logits
     assert float((plain - ours).abs().max()) <= 1e-4
+
+
+# --------------------------------------------------------------------------- tampered outputs (issue 30)
+
+M0 = "model.layers.0.self_attn"
+
+
+@pytest.fixture(scope="module")
+def compressed(sources, tmp_path_factory):
+    """The tiny LLaMA at R = r_v = 8 (exportable) and its export, never changed."""
+    root = tmp_path_factory.mktemp("export-tamper")
+    compress(sources["llama"], root / "c", CompressOptions(rank=8, value_rank=8, force_data_free=True), workers=1)
+    export(root / "c", root / "e")
+    return root
+
+
+def _edit_json(name: str, change):
+    def edit(d: Path) -> None:
+        data = json.loads((d / name).read_text())
+        change(data)
+        (d / name).write_text(json.dumps(data))
+    return edit
+
+
+def _edit_tensors(change):
+    def edit(d: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(d / "model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(d / "model.safetensors"), metadata=meta)
+    return edit
+
+
+def _set_freq(value):
+    def change(t):
+        for i in (0, 1):
+            t[f"model.layers.{i}.self_attn.collab_key_freq"] = torch.tensor(value, dtype=torch.int64)
+    return change
+
+
+def _scaled(**factors):
+    def change(t):
+        for name, factor in factors.items():
+            t[f"{M0}.{name}.weight" if name != "collab_mixing" else f"{M0}.{name}"] *= factor
+    return change
+
+
+def _poison(t):
+    t["model.embed_tokens.weight"][0, 0] = float("inf")
+
+
+def _layers(key, value):
+    return lambda m: [la.__setitem__(key, value) for la in m["layers"]]
+
+
+@pytest.mark.parametrize("change, code, words", [
+    (_edit_json("collab_manifest.json", _layers("family", "bert")), 3, ["model_type 'llama'", "bert"]),
+    (_edit_json("collab_manifest.json", _layers("family", "mistral")), 3, ["model_type 'llama'", "mistral"]),
+    (_edit_json("config.json", lambda c: c.update(model_type="qwen3")), 3, ["model_type 'qwen3'", "llama"]),
+    (_edit_json("config.json", lambda c: c.update(num_attention_heads=8)), 3, ["config.json", "q_proj"]),
+    (_edit_json("config.json", lambda c: c.update(hidden_size=64)), 3, ["config.json"]),
+    (_edit_json("config.json", lambda c: c.update(head_dim=16)), 3, ["head_dim 16", "holds 8"]),
+    (_edit_json("config.json", lambda c: c.update(num_key_value_heads=1)), 3, ["num_key_value_heads 1", "holds 2"]),
+    (_edit_json("config.json", lambda c: c.update(vocab_size=10)), 3, ["config.json", "embed_tokens"]),
+    (_edit_json("config.json", lambda c: c.update(tie_word_embeddings=False)), 3, ["config.json", "lm_head"]),
+    (_edit_json("config.json", lambda c: c.update(architectures=["BertModel"])), 3, ["architectures", "LlamaForCausalLM"]),
+    (_edit_json("config.json", lambda c: c.update(num_hidden_layers="2")), 3, ["config.json", "num_hidden_layers"]),
+    (_edit_json("config.json", lambda c: c["rope_parameters"].update(rope_theta="x")), 3, ["rope_theta"]),
+    (_edit_json("config.json", lambda c: c["rope_parameters"].update(rope_theta=float("nan"))), 3, ["rope_theta"]),
+    (_edit_json("config.json", lambda c: c["rope_parameters"].update(rope_type="made-up")), 4, ["made-up"]),
+    (_edit_tensors(lambda t: t.__setitem__(f"{M0}.o_proj.weight", torch.zeros(32, 16))), 3, ["o_proj", "[32, 16]"]),
+    (_edit_tensors(lambda t: t.pop(f"{M0}.o_proj.weight")), 3, ["o_proj", "missing"]),
+    (_edit_tensors(_set_freq([99] * 4)), 3, ["collab_key_freq", "0..3"]),
+    (_edit_tensors(_set_freq([-1, 0, 1, 2])), 3, ["collab_key_freq", "0..3"]),
+    (_edit_tensors(_scaled(collab_mixing=1e30, q_proj=1e20)), 3, ["NaN or Inf", "q_proj"]),  # finite, overflows float32
+    (_edit_tensors(_scaled(o_proj=1e25, collab_value_up=1e25)), 3, ["NaN or Inf", "o_proj"]),
+    (_edit_tensors(_poison), 3, ["NaN or Inf", "embed_tokens"]),  # a copied tensor
+], ids=["family-bert", "family-mistral", "model_type", "heads", "hidden_size", "head_dim", "kv-heads", "vocab", "untied", "architectures",
+        "layers-string", "rope_theta-string", "rope_theta-nan", "rope-type", "o_proj-shape", "o_proj-missing",
+        "freq-past-d/2", "freq-negative", "overflow-q", "overflow-o", "inf-copied"])
+def test_a_tampered_output_is_refused_before_anything_is_written(compressed, tmp_path, change, code, words):
+    """Outputs edited after compress, hashes re-recorded: exit 3 (4: an unknown rope type) naming
+    the file or tensor, never a traceback, an exit 0 with a broken export, or a leftover."""
+    import shutil
+
+    from helpers import digest, rerecord_outputs
+
+    src = tmp_path / "c"
+    shutil.copytree(compressed / "c", src)
+    change(src)
+    rerecord_outputs(src)
+    before = digest(src)
+    assert_clean_failure(run_cli("export", src, "--out", tmp_path / "e"), code, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"] and digest(src) == before
+
+
+def test_the_score_scale_is_the_family_s_not_the_manifest_s(compressed, tmp_path):
+    """The stock queries carry d^-1/2 from the family (as the runtime's), whatever the manifest records."""
+    import shutil
+
+    from helpers import rerecord_outputs, stored_tensor
+
+    src = tmp_path / "c"
+    shutil.copytree(compressed / "c", src)
+    _edit_json("collab_manifest.json", _layers("scale", 1e300))(src)
+    rerecord_outputs(src)
+    assert run_cli("export", src, "--out", tmp_path / "e").exit_code == 0
+    name = f"{M0}.q_proj.weight"
+    assert torch.equal(stored_tensor(tmp_path / "e", name), stored_tensor(compressed / "e", name))
+
+
+def _config_fifo(d: Path) -> None:
+    import os
+
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+
+
+def _link_out(name: str):
+    def link(d: Path) -> None:
+        outside = d.parent / f"outside-{name}"
+        (d / name).rename(outside)
+        (d / name).symlink_to(outside)
+    return link
+
+
+@pytest.mark.parametrize("change, words", [
+    (_config_fifo, ["config.json", "not a regular file"]),  # read before: evaluate and bench blocked for ever
+    (_link_out("config.json"), ["config.json", "points outside"]),
+    (_link_out("export_manifest.json"), ["export manifest", "points outside"]),  # read and trusted before
+], ids=["config-fifo", "config-link-out", "manifest-link-out"])
+def test_an_export_is_read_through_the_one_reader(compressed, tmp_path, change, words):
+    import shutil
+
+    from collabcompress.commands.export import read_export
+    from collabcompress.errors import BadInputError
+
+    out = tmp_path / "e"
+    shutil.copytree(compressed / "e", out)
+    change(out)
+    with pytest.raises(BadInputError) as e:
+        read_export(out)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("signum, code, line", [(1, 129, "hung up"), (15, 143, "terminated")], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_while_exporting_removes_the_temporary_directory(compressed, tmp_path, signum, code, line):
+    import os
+
+    import signal_child
+    from helpers import digest, split_stage_lines
+
+    before = digest(compressed / "c")
+    marker, stderr = tmp_path / "started", tmp_path / "stderr.txt"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    proc = signal_child.start(["export", str(compressed / "c"), "--out", str(ws / "e")], marker, "export", stderr)
+    assert len(list(ws.glob(".e.tmp-*"))) == 1, "the signal should land while the export is being written"
+    os.kill(proc.pid, signum)
+    proc.join(60)
+    text = stderr.read_text(errors="replace")
+    assert proc.exitcode == code, text
+    assert split_stage_lines(text)[1] == [line] and "Traceback" not in text, text
+    assert not list(ws.iterdir()) and digest(compressed / "c") == before

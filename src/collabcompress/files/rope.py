@@ -22,7 +22,8 @@ from .checkpoint import Checkpoint
 from .families import FAMILIES, KV_HEAD_KEYS, REFUSED_ROTARY_MODEL_TYPES, Family, family_of_model_type, find_family
 
 __all__ = ["rotary_family", "plain_families", "refusal_reasons", "check_key_rows", "head_count_hint",
-           "finish_spec", "attention_bias_rule", "rope_frequencies", "rope_setting", "stock_rope", "max_positions"]
+           "finish_spec", "attention_bias_rule", "check_rope_settings", "rope_frequencies", "rope_setting", "stock_rope",
+           "max_positions"]
 
 _ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base",
                 "rotary_emb_fraction", "partial_rotary_factor")
@@ -66,11 +67,11 @@ def _rotary_layout_reasons(cfg: dict[str, Any]) -> list[str]:
 
 
 def rotary_family(names: list[str], config: dict[str, Any] | None, arch: str | None) -> Family | None:
-    """The rotary family of the checkpoint (its rope settings checked: :func:`_check_rope_settings`),
+    """The rotary family of the checkpoint (its rope settings checked: :func:`check_rope_settings`),
     or ``None``."""
     family = _rotary_family(names, config, arch)
     if family is not None:
-        _check_rope_settings(config)
+        check_rope_settings(config)
     return family
 
 
@@ -174,7 +175,7 @@ def _rope_places(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return places
 
 
-def _check_rope_settings(config: dict[str, Any] | None) -> None:
+def check_rope_settings(config: dict[str, Any] | None) -> None:
     """Refuse rotary settings transformers would turn into wrong frequencies: a numeric setting
     that is not a finite number (``"10000"``, NaN) or not positive, a ``partial_rotary_factor``
     above 1 (exit 3), and a rope type transformers does not know (exit 4)."""

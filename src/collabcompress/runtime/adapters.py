@@ -32,8 +32,8 @@ from .values import absorbed_output, add_value_parameters, has_shared_values, li
 from .attention import CollaborativeAttention, CollaborativeRotaryAttention, collaborative_attention, \
     collaborative_query_states, mixed_query
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "cache_keyword", "find_modules", "check_rotary_frequencies", "collaborative_module",
-           "collaborative_modules", "loadable_family", "rotary_module"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "cache_keyword", "find_modules", "check_key_freq", "check_rotary_frequencies",
+           "collaborative_module", "collaborative_modules", "loadable_family", "rotary_module"]
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")  # the kernels a collaborative module runs with
 
@@ -505,13 +505,22 @@ def rotary_module(old: nn.Module, layer: LayerRecord) -> nn.Module:
 
 
 def check_rotary_frequencies(model: nn.Module, directory: Path) -> None:
-    """Every loaded collab_key_freq names a frequency of its head (0 .. d/2-1)."""
+    """Every loaded collab_key_freq names a frequency of its head (:func:`check_key_freq`)."""
     for name, m in model.named_modules():
-        if isinstance(m, CollaborativeRotaryAttention) and m.collab_key_freq.numel():
-            freq, half = m.collab_key_freq, m.head_dim // 2
-            if int(freq.min()) < 0 or int(freq.max()) >= half:
-                raise BadInputError(f"{directory}: {name}.collab_key_freq holds {int(freq.min())}..{int(freq.max())}, "
-                                    f"outside the head's frequencies 0..{half - 1}")
+        if isinstance(m, CollaborativeRotaryAttention):
+            check_key_freq(m.collab_key_freq, m.head_dim, f"{name}.collab_key_freq", directory)
+
+
+def check_key_freq(freq: torch.Tensor, head_dim: int, name: str, directory: Path) -> None:
+    """``freq`` (R/2,) names frequencies of a head of width ``head_dim`` (0 .. d/2-1).
+
+    Raises:
+        BadInputError: naming the tensor ``name`` of ``directory``.
+    """
+    half = head_dim // 2
+    if freq.numel() and (int(freq.min()) < 0 or int(freq.max()) >= half):
+        raise BadInputError(f"{directory}: {name} holds {int(freq.min())}..{int(freq.max())}, "
+                            f"outside the head's frequencies 0..{half - 1}")
 
 
 # --------------------------------------------------------------------------- finding modules
