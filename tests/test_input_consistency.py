@@ -262,6 +262,11 @@ CONTRADICTIONS = {
     "partial_rotary_factor-string": ("llama", _rope(partial_rotary_factor="0.5"), None, 3,
                                      ["partial_rotary_factor", "0.5"]),
     "rope-type-made-up": ("llama", _rope(rope_type="made-up"), None, 4, ["rope type", "made-up"]),
+    # settings transformers' own rope initialisation rejects: before, the default formula stood in
+    "yarn-without-factor": ("llama", _rope(rope_type="yarn"), None, 3, ["yarn", "factor"]),
+    "llama3-without-bands": ("llama", _rope(rope_type="llama3", factor=8.0), None, 3, ["llama3", "freq_factor"]),
+    "longrope-factors-of-two-lengths": ("llama", _rope(rope_type="longrope", short_factor=[1.0] * 2, long_factor=[1.0] * 3), None,
+                                   3, ["longrope"]),
     "rope_scaling-type-made-up": ("llama", _set(rope_scaling={"type": "made-up", "factor": 2.0}), None, 4,
                                   ["made-up"]),
     "bert-layers-3": ("bert", _set(num_hidden_layers=3), None, 3, ["num_hidden_layers", "query.weight"]),

@@ -9,6 +9,7 @@ asks it rather than testing for rotary itself.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -178,7 +179,8 @@ def _rope_places(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def check_rope_settings(config: dict[str, Any] | None) -> None:
     """Refuse rotary settings transformers would turn into wrong frequencies: a numeric setting
     that is not a finite number (``"10000"``, NaN) or not positive, a ``partial_rotary_factor``
-    above 1 (exit 3), and a rope type transformers does not know (exit 4)."""
+    above 1 (exit 3), a rope type transformers does not know (exit 4), and, where transformers is
+    installed, settings its rope initialisation rejects (a yarn without ``factor``: exit 3)."""
     for where, place in _rope_places(config or {}):
         for key in (*_ROPE_NUMBERS, *_ROPE_LISTS):
             value = place.get(key)
@@ -208,6 +210,9 @@ def check_rope_settings(config: dict[str, Any] | None) -> None:
             raise UnsupportedArchitectureError(
                 f"unsupported architecture: rope type {kind[:40]!r} ({where}rope_type in config.json) is not one "
                 f"transformers knows; known: {', '.join(sorted(known))}")
+    cfg = config or {}
+    if _rope_kind(cfg) != "default" and importlib.util.find_spec("transformers") is not None:
+        _rope_init(cfg, _rope_kind(cfg))  # the type's own settings (yarn's factor, llama3's bands), before any work
 
 
 def _transformers_rope_types() -> set[str]:
@@ -248,34 +253,56 @@ def _rotary_spec(ckpt: Checkpoint, spec: Any, kv_heads: int | None,
     return dataclasses.replace(spec, n_kv_head=found, rotary=True)
 
 
+def _rope_kind(cfg: dict[str, Any]) -> Any:
+    """The rope type of a config (``rope_parameters``, else the legacy ``rope_scaling``)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+
+
+def _rope_init(cfg: dict[str, Any], kind: str) -> tuple[torch.Tensor, float]:
+    """transformers' own frequencies (d/2,) and attention scaling of a rope type other than the
+    default (``ROPE_INIT_FUNCTIONS``), which also checks the type's settings.
+
+    Raises:
+        MissingExtraError: transformers is not installed.
+        UnsupportedArchitectureError: a rope type this transformers does not know (exit 4).
+        BadInputError: rope settings transformers rejects, with its reason.
+    """
+    from ..extras import quiet_transformers, require_transformers
+
+    transformers = require_transformers(f"the {str(kind)[:40]!r} rope of this model")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedArchitectureError(f"rope type {str(kind)[:40]!r} is not one transformers "
+                                           f"{transformers.__version__} knows")
+    try:
+        with quiet_transformers():
+            hf_config = transformers.AutoConfig.for_model(cfg.get("model_type") or "llama",
+                                                          **{k: v for k, v in cfg.items() if k != "model_type"})
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu")
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        raise BadInputError(f"config.json: transformers rejects the {kind} rope settings "
+                            f"({' '.join(str(e).split())[:160]}); fix config.json") from e
+    return inv_freq.to(torch.float64), float(scaling)
+
+
 def rope_frequencies(config: dict[str, Any] | None, head_dim: int) -> tuple[torch.Tensor, float]:
     """The rotary frequencies theta_j (d/2,) float64 and the attention scaling of a rotary model.
 
-    Through transformers' own rope initialisation (``ROPE_INIT_FUNCTIONS``) where transformers
-    is installed, so every rope type it supports gives its theta_j; else the default formula
-    ``theta_j = base^(-2j/d)`` with ``base`` = ``rope_theta`` (default 10000). Only ``verify``
-    needs them: the fit does not depend on theta.
+    The default rope is ``theta_j = base^(-2j/d)`` with ``base`` = ``rope_theta`` (default
+    10000) and scaling 1; every other rope type goes through transformers' own initialisation
+    (:func:`_rope_init`), never a guess: the refinement's and verify's rotations, the bench's
+    position embeddings and the stock export's frequency table depend on them.
     """
     cfg = config or {}
-    try:
-        import transformers
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        model_type = cfg.get("model_type") or "llama"
-        hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items()
-                                                                     if k != "model_type"})
-        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-        if rope_type == "default":
-            raise LookupError  # the formula below; older transformers have no "default" entry
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-        return inv_freq.to(torch.float64)[: head_dim // 2], float(scaling)
-    except (ImportError, LookupError, ValueError, TypeError, KeyError, AttributeError):
+    kind = _rope_kind(cfg)
+    if kind == "default":
         base = rope_setting(cfg, "rope_theta") or cfg.get("rotary_emb_base") or 10000.0
         j = torch.arange(0, head_dim, 2, dtype=torch.float64)
         return 1.0 / float(base) ** (j / head_dim), 1.0
-
-
+    inv_freq, scaling = _rope_init(cfg, kind)
+    return inv_freq[: head_dim // 2], scaling
 
 
 def stock_rope(config: dict[str, Any] | None, head_dim: int, key_freq: torch.Tensor) -> dict[str, Any]:
@@ -293,7 +320,7 @@ def stock_rope(config: dict[str, Any] | None, head_dim: int, key_freq: torch.Ten
 
     cfg = config or {}
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    kind = _rope_kind(cfg)
     if kind == "dynamic" or (kind == "longrope" and rope.get("short_factor") != rope.get("long_factor")):
         raise BadInputError(f"the source's rope type {kind!r} changes its frequencies with the sequence length; "
                             "the stock export writes one frequency table and cannot hold it")
