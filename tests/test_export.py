@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,14 @@ def test_smollm2_full_width_export_is_the_original(smollm2_dir, tmp_path):
         greedy = [m.generate(ids[:, :20], max_new_tokens=8, do_sample=False) for m in models]  # stock cache path
     assert float((logits[0] - logits[1]).abs().max()) <= 1e-4
     assert torch.equal(*greedy)
+
+
+def test_export_without_transformers_gives_the_install_hint(sources, tmp_path, monkeypatch):
+    """The export is checked by building it in transformers: without the hf extra, the hint."""
+    compress(sources["llama"], tmp_path / "c", CompressOptions(rank=8, stock=True, force_data_free=True), workers=1)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "e"), 3, "pip install 'collabcompress[hf]'")
+    assert not (tmp_path / "e").exists()
 
 
 def test_evaluate_and_bench_take_an_export(sources, tmp_path):
