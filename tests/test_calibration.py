@@ -14,6 +14,7 @@ from collabcompress.files.statistics import STATS_FORMAT
 from collabcompress.commands.compress import CompressOptions, compress
 from collabcompress.files.output import write_safetensors
 
+from families import quiet_transformers
 from helpers import write_stats
 
 pytest.importorskip("transformers")
@@ -48,6 +49,39 @@ def test_statistics_file_contents(stats, minilm_dir, texts, minilm_calibration):
             assert f.get_tensor(f"{m}.sequences").shape[0] == 4
     # LayerNorm outputs: per-token mean over features ~ beta's mean, so the moments are of real scale
     assert 0.01 < float(second.diagonal().mean()) < 100
+
+
+def test_value_moments_leave_out_padding_queries(stats, minilm_dir, texts):
+    """Padded windows (texts of different lengths): the attention-weighted moments count only
+    the real queries' rows, as the rows z_h = P_h y written out and masked give them."""
+    from transformers import AutoModel
+
+    from collabcompress.commands.calibrate import windows
+    from collabcompress.files.checkpoint import read_texts
+    from collabcompress.files.texts import load_tokenizer
+
+    tokenizer = load_tokenizer([minilm_dir])
+    with quiet_transformers():
+        model = AutoModel.from_pretrained(str(minilm_dir), attn_implementation="eager").eval()
+    seen = {}
+    layer = model.encoder.layer[2].attention.self
+    handle = layer.query.register_forward_pre_hook(lambda _m, args: seen.__setitem__("y", args[0]))
+    second, total, count, padded = 0.0, 0.0, 0, False
+    try:
+        with torch.no_grad():
+            for _, ids, mask in windows(tokenizer, read_texts(texts), 128, 16, 100_000):
+                padded |= not bool(mask.all())
+                probs = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[2].double()
+                z = (probs @ seen["y"].double()[:, None]).transpose(1, 2)[mask.bool()]  # (n, H, D): real queries
+                second, total = second + torch.einsum("nhi,nhj->ij", z, z), total + z.sum((0, 1))
+                count += z.shape[0]
+    finally:
+        handle.remove()
+    assert padded
+    with safe_open(str(stats), "pt") as f:
+        m = "encoder.layer.2.attention.self"
+        assert torch.allclose(f.get_tensor(f"{m}.value_second_moment"), second / count, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(f.get_tensor(f"{m}.value_mean"), total / count, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:calibration statistics from only")

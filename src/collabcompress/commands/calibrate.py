@@ -296,7 +296,9 @@ def calibrate(model_dir: str | Path, texts_file: str | Path, out: str | Path, *,
             probs = _attention_weights(output, spec.n_head, mask.shape[1], y.shape[1])
             if probs is None:
                 return
-            p = probs.float() * mask[:, None, :, None].to(torch.float32)  # (B, H, N, M): no padding query
+            p = probs.float()  # (B, H, N, M)
+            if not bool(mask.all()):  # no padding query (a new 150 MB tensor for SmolLM2, so only when needed)
+                p = p * mask[:, None, :, None].to(p.dtype)
             # every head's rows z_h = P_h y, counted once per token
             values[spec.module].add_mixed(y.float(), p.reshape(p.shape[0], -1, p.shape[-1]), int(mask.sum()))
         return fn
