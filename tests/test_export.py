@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -216,6 +218,27 @@ def test_export_without_transformers_gives_the_install_hint(sources, tmp_path, m
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "e"), 3, "pip install 'collabcompress[hf]'")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_sharded_source_exports_the_same_model(sources, tmp_path):
+    """A source in two shards gives a sharded compress output; its export is the one model file
+    of the single-file source's export, tensor for tensor."""
+    single, sharded = sources["llama"], tmp_path / "sharded"
+    shutil.copytree(single, sharded)
+    tensors = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names, weight_map = sorted(tensors), {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(sharded / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for src in (single, sharded):
+        (tmp_path / f"out-{src.name}").mkdir()
+    exports = [_compress_export(src, tmp_path / f"out-{src.name}", 8, stock=True) for src in (single, sharded)]
+    assert (tmp_path / "out-sharded" / "c" / "model.safetensors.index.json").is_file()
+    a, b = (load_file(str(e / "model.safetensors")) for e in exports)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_evaluate_and_bench_take_an_export(sources, tmp_path):
