@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from families import ROTARY_HEAD_DIM, ROTARY_KV_HEADS
 from helpers import assert_clean_failure, digest, rerecord_outputs
 
 pytest.importorskip("transformers")
@@ -119,6 +120,25 @@ def test_compressed_tied_layouts_load_and_evaluate(cli, layouts, layout, tmp_pat
                  "--window", "32", "--prompts", "1", "--new-tokens", "4", "--json", "-")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["perplexity"]["original"] > 0
+
+
+@pytest.mark.parametrize("layout", ["head", "head-noarch", "embed-noarch"])
+def test_tied_layouts_export_the_original_at_full_width(cli, layouts, layout, tmp_path):
+    """export takes the tie under either name and writes a model plain transformers loads, tied,
+    with the original's logits."""
+    import transformers
+
+    from collabcompress import hf
+
+    out, exported = tmp_path / "out", tmp_path / "export"
+    width = json.loads((layouts[layout] / "config.json").read_text())["hidden_size"] // 2  # G*d of the fixture
+    result = cli("compress", layouts[layout], "--out", out, "--stock", "--rank", width, "--force-data-free")
+    assert result.exit_code == 0, result.stderr
+    assert (result := cli("export", out, "--out", exported)).exit_code == 0, result.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.arange(1, 17)[None]
+    assert torch.allclose(_logits(model, ids), _logits(hf.load_model(layouts["embed"]), ids), atol=1e-5)
 
 
 def _lines(tmp_path: Path) -> Path:
