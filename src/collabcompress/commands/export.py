@@ -38,8 +38,10 @@ EXPORTABLE = ("compress a rotary decoder (llama, mistral, qwen2) with `compress 
 _REMOTE_CODE = "modeling_collabcompress.py"  # compress --remote-code's file: a plain model has no use for it
 
 
-def check_stock(manifest: Manifest, out: Checkpoint, config: dict[str, Any] | None) -> tuple[int, torch.Tensor]:
-    """The shared width R and the frequency table j(r) (R/2,) of an output the stock form can hold.
+def check_stock(manifest: Manifest, out: Checkpoint,
+                config: dict[str, Any] | None) -> tuple[int, torch.Tensor, Family]:
+    """The shared width R, the frequency table j(r) (R/2,) and the family (:func:`output_family`)
+    of an output the stock form can hold.
 
     Raises:
         BadInputError: (exit 3) naming what the stock form cannot hold and how to compress instead,
@@ -56,7 +58,7 @@ def check_stock(manifest: Manifest, out: Checkpoint, config: dict[str, Any] | No
                      "multi-query attention)")
     if config is None:
         raise refuse("a directory without config.json")
-    output_family(manifest, config)
+    family = output_family(manifest, config)
     for key, want in (("head_dim", layers[0].head_dim), ("num_key_value_heads", layers[0].kv_heads)):
         if config.get(key) not in (None, want):  # the export rewrites both: the weights must agree first
             raise BadInputError(f"{manifest.path.parent / 'config.json'} gives {key} {str(config[key])[:40]}, but "
@@ -77,7 +79,7 @@ def check_stock(manifest: Manifest, out: Checkpoint, config: dict[str, Any] | No
     for la in layers[1:]:
         if not torch.equal(out.load(la.tensors.key_freq).long(), table):
             raise refuse(f"different frequency tables in {layers[0].module} and {la.module} (one table for all layers)")
-    return rank, table
+    return rank, table, family
 
 
 def output_family(manifest: Manifest, config: dict[str, Any]) -> Family:
@@ -187,10 +189,8 @@ def export(directory: str | Path, out_dir: str | Path, *, fmt: str = "stock", fo
     directory, out_dir = Path(directory), Path(out_dir)
     manifest, out = open_output(directory)
     try:
-        rank, table = check_stock(manifest, out, out.config)
-        family = output_family(manifest, out.config)
+        rank, table, family = check_stock(manifest, out, out.config)
         check_rope_settings(out.config)
-        _transformers_config(directory / "config.json", out.config)  # before its rope is read
         first = manifest.layers[0]
         _, scaling = rope_frequencies(out.config, first.head_dim)
         config = _config(out.config, rank, table, first.head_dim)
