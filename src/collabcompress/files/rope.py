@@ -9,7 +9,6 @@ asks it rather than testing for rotary itself.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -210,9 +209,13 @@ def check_rope_settings(config: dict[str, Any] | None) -> None:
             raise UnsupportedArchitectureError(
                 f"unsupported architecture: rope type {kind[:40]!r} ({where}rope_type in config.json) is not one "
                 f"transformers knows; known: {', '.join(sorted(known))}")
-    cfg = config or {}
-    if _rope_kind(cfg) != "default" and importlib.util.find_spec("transformers") is not None:
-        _rope_init(cfg, _rope_kind(cfg))  # the type's own settings (yarn's factor, llama3's bands), before any work
+    if (kind := _rope_kind(config or {})) == "default":
+        return
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # the frequencies are refused later by the commands that need them
+        return
+    _rope_init(config or {}, kind)  # the type's own settings (yarn's factor, llama3's bands), before any work
 
 
 def _transformers_rope_types() -> set[str]:
