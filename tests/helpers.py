@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -122,3 +124,23 @@ def budget_losses(manifest: dict, fraction: float) -> list[tuple[dict, dict[int,
     full = sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
     assert sum(layer["shared_dim"] for layer in layers) <= fraction * full
     return [(layer, {int(r): v for r, v in layer["allocation"]["losses"].items()}) for layer in layers]
+
+
+def write_shards(tensors: dict, directory: Path, in_first: Callable[[str], bool]) -> Path:
+    """Two shards and an index as transformers writes them: the tensors ``in_first`` names go to
+    the first shard, the rest to the second. Returns the index."""
+    from safetensors.torch import save_file
+
+    first = {k: v for k, v in tensors.items() if in_first(k)}
+    parts = (first, {k: v for k, v in tensors.items() if k not in first})
+    assert all(parts)
+    weight_map = {}
+    for i, part in enumerate(parts):
+        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        save_file(dict(sorted(part.items())), str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = directory / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                indent=2))
+    return index

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 
 from families import make_checkpoint
-from helpers import assert_clean_failure, digest
+from helpers import assert_clean_failure, digest, write_shards
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 KEY = "encoder.layer.1.attention.self.key.weight"
@@ -49,24 +49,6 @@ def _analysis(cli, path: Path, *args: str) -> dict:
     result = cli("analyze", path, *args, "--json", "-")
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> Path:
-    """Two shards and an index as transformers writes them; the query tensors go to the first
-    shard and everything else to the second, so a module's query and key sit in different files."""
-    first = {k: v for k, v in tensors.items() if ".query." in k}
-    parts = (first, {k: v for k, v in tensors.items() if k not in first})
-    assert all(parts)
-    weight_map = {}
-    for i, part in enumerate(parts):
-        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        save_file(dict(sorted(part.items())), str(directory / file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = directory / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                                indent=2))
-    return index
 
 
 # --------------------------------------------------------------------------- paths and files
@@ -125,7 +107,8 @@ def sharded(source, tmp_path) -> Path:
     directory = tmp_path / "sharded"
     directory.mkdir()
     shutil.copy(source / "config.json", directory)
-    _write_shards(_tensors(source / "model.safetensors"), directory)
+    # the query tensors in the first shard, the rest in the second: a module's query and key in two files
+    write_shards(_tensors(source / "model.safetensors"), directory, lambda name: ".query." in name)
     return directory
 
 

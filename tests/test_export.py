@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from families import make_checkpoint, make_rotary_checkpoint  # noqa: E402
-from helpers import assert_clean_failure, run_cli  # noqa: E402
+from helpers import assert_clean_failure, run_cli, write_shards  # noqa: E402
 
 from collabcompress import hf  # noqa: E402
 from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
@@ -227,12 +227,7 @@ def test_a_sharded_source_exports_the_same_model(sources, tmp_path):
     shutil.copytree(single, sharded)
     tensors = load_file(str(sharded / "model.safetensors"))
     (sharded / "model.safetensors").unlink()
-    names, weight_map = sorted(tensors), {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-        file = f"model-{i + 1:05d}-of-00002.safetensors"
-        save_file({k: tensors[k] for k in part}, str(sharded / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(tensors, sharded, lambda name: ".layers.0." in name)
     for src in (single, sharded):
         (tmp_path / f"out-{src.name}").mkdir()
     exports = [_compress_export(src, tmp_path / f"out-{src.name}", 8, stock=True) for src in (single, sharded)]
@@ -320,7 +315,6 @@ def _edit_json(name: str, change):
 def _edit_tensors(change):
     def edit(d: Path) -> None:
         from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
 
         with safe_open(str(d / "model.safetensors"), framework="pt") as f:
             meta = f.metadata()
