@@ -134,6 +134,20 @@ def test_relative_links_resolve(path):
     assert not broken, "\n".join(broken)
 
 
+def _tables_without_separator(text: str) -> list[int]:
+    """Lines starting a markdown table whose next line is not its |---| separator row."""
+    lines = text.splitlines()
+    return [k + 1 for k, line in enumerate(lines) if line.startswith("|")
+            and (k == 0 or not lines[k - 1].startswith("|"))
+            and not (k + 1 < len(lines) and re.fullmatch(r"\|[-:| ]+\|", lines[k + 1].strip()))]
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: p.name)
+def test_tables_render(path):
+    """Every table's header is followed by its separator row (rows above it break the table)."""
+    assert _tables_without_separator(path.read_text(encoding="utf-8")) == []
+
+
 def test_every_doc_is_reachable_from_the_readme():
     linked = {(README.parent / t.partition("#")[0]).resolve() for _, t in _links(README)}
     missing = [p.name for p in DOCS if p.resolve() not in linked]
@@ -157,3 +171,5 @@ def test_the_checks_catch_what_they_are_for():
                                                                            (5, "after `` here")]
     assert _slug("Rotary decoder: SmolLM2-135M-Instruct") == "rotary-decoder-smollm2-135m-instruct"
     assert _slug("What `report` counts") == "what-report-counts"
+    assert _tables_without_separator("| a | b |\n| 1 | 2 |\n|---|---|\n") == [1]
+    assert _tables_without_separator("text\n\n| a | b |\n|---|:-:|\n| 1 | 2 |\n") == []
