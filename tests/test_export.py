@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from families import make_checkpoint, make_rotary_checkpoint  # noqa: E402
-from helpers import assert_clean_failure, run_cli, write_shards  # noqa: E402
+from helpers import assert_clean_failure, digest, run_cli, write_shards  # noqa: E402
 
 from collabcompress import hf  # noqa: E402
 from collabcompress.commands.compress import CompressOptions, compress  # noqa: E402
@@ -110,6 +110,12 @@ def test_cli_export_and_force(sources, tmp_path):
     again = run_cli("export", tmp_path / "c", "--out", tmp_path / "e", "--force", "--json", "-")
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["stock"]["head_dim"] == 8
+    # --force replaces an earlier export, never a compress output (the one an export comes from, say)
+    compress(sources["llama"], tmp_path / "c2", CompressOptions(rank=8, value_rank=8, force_data_free=True), workers=1)
+    before = digest(tmp_path / "c2")
+    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "c2", "--force"), 3,
+                         "not an earlier export", "will not be replaced")
+    assert digest(tmp_path / "c2") == before
     assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "x", "--format", "gguf"), 3, "stock")
     assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "c" / "inside"), 3, "input")
     assert not (tmp_path / "x").exists()
@@ -216,7 +222,8 @@ def test_export_without_transformers_gives_the_install_hint(sources, tmp_path, m
     """The export is checked by building it in transformers: without the hf extra, the hint."""
     compress(sources["llama"], tmp_path / "c", CompressOptions(rank=8, stock=True, force_data_free=True), workers=1)
     monkeypatch.setitem(sys.modules, "transformers", None)
-    assert_clean_failure(run_cli("export", tmp_path / "c", "--out", tmp_path / "e"), 3, "pip install 'collabcompress[hf]'")
+    result = run_cli("export", tmp_path / "c", "--out", tmp_path / "e")
+    assert_clean_failure(result, 3, "pip install 'collabcompress[hf]'")
     assert not (tmp_path / "e").exists()
 
 
@@ -376,7 +383,7 @@ def test_a_tampered_output_is_refused_before_anything_is_written(compressed, tmp
     the file or tensor, never a traceback, an exit 0 with a broken export, or a leftover."""
     import shutil
 
-    from helpers import digest, rerecord_outputs
+    from helpers import rerecord_outputs
 
     src = tmp_path / "c"
     shutil.copytree(compressed / "c", src)
@@ -441,7 +448,7 @@ def test_a_signal_while_exporting_removes_the_temporary_directory(compressed, tm
     import os
 
     import signal_child
-    from helpers import digest, split_stage_lines
+    from helpers import split_stage_lines
 
     before = digest(compressed / "c")
     marker, stderr = tmp_path / "started", tmp_path / "stderr.txt"

@@ -462,7 +462,7 @@ def export(
     directory: Annotated[Path, typer.Argument(help="Output directory of `compress`.", show_default=False)],
     out: Annotated[str, typer.Option("--out", help="Directory of the exported model (created atomically).", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="stock: a plain transformers model with one key/value head of size R (served by vLLM as is).")] = "stock",
-    force: Annotated[bool, _flag("--force", help="Replace an existing export.")] = False,
+    force: Annotated[bool, _flag("--force", help="Replace an earlier export (never another directory).")] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Write a compressed rotary decoder as a plain transformers checkpoint (multi-query attention)."""

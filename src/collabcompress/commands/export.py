@@ -26,8 +26,8 @@ from ..errors import BadInputError
 from ..files.checkpoint import Checkpoint
 from ..files.families import Family, family_of_model_type
 from ..files.manifest import MANIFEST_NAME, LayerRecord, Manifest, open_output
-from ..files.output import (EXPORT_FORMAT, EXPORT_MANIFEST, atomic_directory, check_output_dir, copy_other_files,
-                            file_record, write_json, write_safetensors)
+from ..files.output import (EXPORT_FORMAT, EXPORT_MANIFEST, EXPORTS, atomic_directory, check_output_dir,
+                            copy_other_files, file_record, write_json, write_safetensors)
 from ..methods import method_for
 
 __all__ = ["FORMATS", "EXPORTABLE", "ExportedModel", "check_stock", "export", "export_source", "read_export"]
@@ -149,8 +149,9 @@ def _layer_entries(out: Checkpoint, layer: LayerRecord, family: Family, rank: in
         def load(make=make, shape=shape, name=names[role]) -> torch.Tensor:
             value = (torch.zeros(shape) if (v := make()) is None else v).to(dtype).contiguous()
             if not bool(torch.isfinite(value).all()):
+                kind = str(dtype).removeprefix("torch.")
                 raise BadInputError(f"export computed NaN or Inf in {name}; nothing was written. Likely cause: "
-                                    f"extreme values in {out.path} beyond the range of {str(dtype).removeprefix('torch.')}")
+                                    f"extreme values in {out.path} beyond the range of {kind}")
             return value
         entries.append((names[role], shape, dtype, load))
     replaced = {names["q.weight"], names["q.bias"], names["o.weight"], t.key, t.mixing, t.key_freq,
@@ -171,7 +172,8 @@ def export(directory: str | Path, out_dir: str | Path, *, fmt: str = "stock", fo
 
     Args:
         directory: an output of ``compress`` whose layers the stock form holds (:func:`check_stock`).
-        out_dir: the new directory (created atomically; an existing export is replaced with ``force``).
+        out_dir: the new directory (created atomically; with ``force`` it may replace an earlier
+            export, nothing else).
         fmt: ``"stock"``: multi-query attention with one key/value head of size R.
 
     Returns:
@@ -185,7 +187,7 @@ def export(directory: str | Path, out_dir: str | Path, *, fmt: str = "stock", fo
 
     if fmt not in FORMATS:
         raise BadInputError(f"unknown --format {fmt!r}; available: {', '.join(FORMATS)}")
-    check_output_dir(out_dir, [Path(directory)], force=force)
+    check_output_dir(out_dir, [Path(directory)], force=force, replaces=EXPORTS)
     directory, out_dir = Path(directory), Path(out_dir)
     manifest, out = open_output(directory)
     try:
@@ -206,7 +208,7 @@ def export(directory: str | Path, out_dir: str | Path, *, fmt: str = "stock", fo
         entries += [(n, out.shape(n), to_torch(out.dtype(n)), lambda n=n: out.load(n, finite=True))
                     for n in out.names() if n not in replaced and n not in names]
         _check_loads(directory / "config.json", config, entries)
-        with atomic_directory(out_dir, force=force) as tmp:
+        with atomic_directory(out_dir, force=force, replaces=EXPORTS) as tmp:
             write_safetensors(tmp / "model.safetensors", entries, {"format": "pt"})
             write_json(config, tmp / "config.json")
             outputs = [tmp / "model.safetensors", tmp / "config.json"]

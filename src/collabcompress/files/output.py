@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from .manifest import Manifest
 
 __all__ = ["atomic_directory", "file_record", "write_manifest", "copy_other_files", "check_output_path",
-           "check_output_dir", "check_output_file", "input_paths", "is_collab_output", "write_json",
+           "check_output_dir", "check_output_file", "input_paths", "is_collab_output", "is_export", "Replaceable",
+           "ANY_OUTPUT", "EXPORTS", "write_json",
            "write_safetensors", "TEMP_MARKER", "EXPORT_MANIFEST", "EXPORT_FORMAT"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
@@ -118,25 +120,45 @@ def is_collab_output(directory: Path) -> bool:
     by ``demo`` (``demo.json`` beside a ``model/`` that was written by ``compress``)."""
     from .manifest import FORMAT, MANIFEST_NAME  # the manifest reader imports torch; the light commands do not
 
-    if _read_format(directory / MANIFEST_NAME) == FORMAT or _read_format(directory / EXPORT_MANIFEST) == EXPORT_FORMAT:
+    if _read_format(directory / MANIFEST_NAME) == FORMAT or is_export(directory):
         return True
     demo = directory / "demo.json"
     return demo.is_file() and not demo.is_symlink() and _read_format(directory / "model" / MANIFEST_NAME) == FORMAT
 
 
-def check_output_dir(out: str | Path, inputs: Iterable[Path], *, force: bool, option: str = "--out") -> None:
-    """Refuse an output directory this tool must not create or replace (see the module doc).
+def is_export(directory: Path) -> bool:
+    """True when ``directory`` was written by ``export`` (its export manifest names the export format)."""
+    return _read_format(directory / EXPORT_MANIFEST) == EXPORT_FORMAT
+
+
+@dataclasses.dataclass(frozen=True)
+class Replaceable:
+    """Which existing directories an output may replace with ``--force``: ``test``, and what the
+    refusal calls them."""
+    test: Callable[[Path], bool]
+    name: str
+
+
+ANY_OUTPUT = Replaceable(is_collab_output,
+                         "a collabcompress output (no collab_manifest.json of format collabcompress/1)")
+EXPORTS = Replaceable(is_export, f"an earlier export (no {EXPORT_MANIFEST} of format {EXPORT_FORMAT})")
+
+
+def check_output_dir(out: str | Path, inputs: Iterable[Path], *, force: bool, option: str = "--out",
+                     replaces: Replaceable = ANY_OUTPUT) -> None:
+    """Refuse an output directory this tool must not create or replace (see the module doc):
+    with ``force``, an existing non-empty directory only when ``replaces`` admits it.
 
     Raises:
         BadInputError: with the reason and what to do.
     """
     try:
-        _check_output_dir(out, list(inputs), force=force, option=option)
+        _check_output_dir(out, list(inputs), force=force, option=option, replaces=replaces)
     except OSError as e:  # e.g. a name too long for the file system
         raise BadInputError(f"cannot create {_shown(out)}: {e.strerror or e}") from e
 
 
-def _check_output_dir(out: str | Path, inputs: list[Path], *, force: bool, option: str) -> None:
+def _check_output_dir(out: str | Path, inputs: list[Path], *, force: bool, option: str, replaces: Replaceable) -> None:
     if str(out).strip() == "":
         raise BadInputError(f"{option} is empty (an unset shell variable?); give the output directory")
     out = Path(out)
@@ -159,9 +181,9 @@ def _check_output_dir(out: str | Path, inputs: list[Path], *, force: bool, optio
             raise BadInputError(f"output {_shown(out)} already exists; pass --force to replace it")
         if not target.is_dir():
             raise BadInputError(f"output {_shown(out)} exists and is not a directory")
-        if any(target.iterdir()) and not is_collab_output(target):
-            raise BadInputError(f"{_shown(out)} is not a collabcompress output (no collab_manifest.json of format "
-                                "collabcompress/1) and will not be replaced; choose another directory")
+        if any(target.iterdir()) and not replaces.test(target):
+            raise BadInputError(f"{_shown(out)} is not {replaces.name} and will not be replaced; "
+                                "choose another directory")
     parent = target.parent
     if not parent.is_dir():
         raise BadInputError(f"cannot create {_shown(out)}: {_shown(parent)} is not a directory")
@@ -271,8 +293,9 @@ def _clean_stale(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a marked temporary directory beside ``out``; rename it to ``out`` on success.
+def atomic_directory(out: Path, *, force: bool, replaces: Replaceable = ANY_OUTPUT) -> Iterator[Path]:
+    """Yield a marked temporary directory beside ``out``; rename it to ``out`` on success (an
+    existing ``out`` only with ``force`` and when ``replaces`` admits it).
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
     ``out`` is left as it was. An ``OSError`` while the directory is filled or renamed (a
@@ -294,8 +317,8 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
         if out.exists() or out.is_symlink():
             if not force:
                 raise BadInputError(f"output {_shown(out)} already exists; pass --force to replace it")
-            if any(out.iterdir()) and not is_collab_output(out):
-                raise BadInputError(f"{_shown(out)} is not a collabcompress output and will not be replaced")
+            if any(out.iterdir()) and not replaces.test(out):
+                raise BadInputError(f"{_shown(out)} is not {replaces.name} and will not be replaced")
             trash, _ = _marked_temp(out, "old")
             os.replace(out, trash)
             try:
