@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .rotary import rotation
-from .scores import original_scores
+from .scores import head_groups, original_scores
 
 __all__ = ["RefineResult", "RotaryKL", "RotaryRefineResult", "refine_factors", "refine_rotary",
            "rotary_collab_logits", "rotary_original_logits"]
@@ -150,7 +150,7 @@ def rotary_original_logits(x, rows, w_query, b_query, w_key, b_key, n_head, n_kv
     xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))  # (B, Tq, D)
     q = _complex_heads(xq, w_query, b_query, n_head, head_dim) * rotation(rows, theta)[:, :, None]  # (B, Tq, H, d/2)
     k = _complex_heads(x, w_key, b_key, n_kv_head, head_dim) * rotation(torch.arange(t), theta)[:, None]
-    k = k[:, :, torch.arange(n_head) // (n_head // n_kv_head)]  # (B, T, H, d/2)
+    k = k[:, :, head_groups(n_head, n_kv_head)]  # (B, T, H, d/2)
     return scale * torch.einsum("bthj,bshj->bhts", q, k.conj()).real
 
 
@@ -161,7 +161,7 @@ def rotary_collab_logits(x, rows, w_query, b_query, key, key_bias, freq, mixing,
     t, half_r = x.shape[1], key.shape[0] // 2
     xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))  # (B, Tq, D)
     angle = theta[freq]  # (R/2,)
-    u = torch.complex(mixing[..., 0], mixing[..., 1])[torch.arange(n_head) // (n_head // mixing.shape[0])]  # (H, R/2)
+    u = torch.complex(mixing[..., 0], mixing[..., 1])[head_groups(n_head, mixing.shape[0])]  # (H, R/2)
     q = _complex_heads(xq, w_query, b_query, n_head, head_dim)[..., freq] * u.conj()  # (B, Tq, H, R/2)
     q = q * rotation(rows, angle)[:, :, None]
     c = x @ key.T + (key_bias if key_bias is not None else 0.0)  # (B, T, R)

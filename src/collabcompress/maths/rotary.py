@@ -30,6 +30,7 @@ import torch
 
 from .spectra import check_tau, cumulative_energy, rank_at_energy
 from .cp import DEFAULT_SHRINKAGE, whiten, whitening_factor
+from .scores import group_size, head_groups
 
 __all__ = [
     "rotation",
@@ -91,12 +92,6 @@ def _projection(w, b, n: int, head_dim: int, name: str) -> tuple[torch.Tensor, t
         raise ValueError(f"{name} weight must be a 2-D tensor (n*head_dim, d_model)")
     w = _floats(w, f"{name} weight", (n * head_dim, w.shape[1]))
     return w, None if b is None else _floats(b, f"{name} bias", (n * head_dim,))
-
-
-def _group_size(n_head: int, n_kv_head: int) -> int:
-    if n_head % n_kv_head:
-        raise ValueError(f"n_head={n_head} is not a multiple of n_kv_head={n_kv_head}")
-    return n_head // n_kv_head
 
 
 # --------------------------------------------------------------------------- complex rows
@@ -193,7 +188,7 @@ def group_weights(query_energy: torch.Tensor, n_kv_head: int) -> torch.Tensor:
     if not isinstance(query_energy, torch.Tensor) or query_energy.ndim != 2:
         raise ValueError("query_energy must be a 2-D tensor (n_head, head_dim/2)")
     n_head, half = query_energy.shape
-    group = _group_size(n_head, n_kv_head)
+    group = group_size(n_head, n_kv_head)
     energy = _floats(query_energy, "query_energy", (n_head, half))
     if bool((energy < 0).any()):
         raise ValueError("query_energy must be non-negative")
@@ -683,12 +678,12 @@ def rotary_scores(
     if factors is None:
         if n_kv_head is None or w_key is None:
             raise ValueError("the original scores need w_key and n_kv_head")
-        groups = torch.arange(n_head) // _group_size(n_head, n_kv_head)  # (H,) g(h)
+        groups = head_groups(n_head, n_kv_head)  # (H,) g(h)
         k = original_rotary_keys(w_key, b_key, n_kv_head, head_dim, y)[:, :, groups]  # (B, S, H, d/2)
         q_rot = q * rotation(t, theta)[:, None]  # (B, T, H, d/2)
         k_rot = k * rotation(s, theta)[:, None]  # (B, S, H, d/2)
         return scale * torch.einsum("bthj,bshj->bhts", q_rot, k_rot.conj()).real  # (B, H, T, S)
-    groups = torch.arange(n_head) // _group_size(n_head, factors.n_kv_head)  # (H,) g(h)
+    groups = head_groups(n_head, factors.n_kv_head)  # (H,) g(h)
     _check_freq(factors, half)
     angle = theta[factors.freq]  # (R/2,)
     q_mixed = q[..., factors.freq] * factors.mixing_complex()[groups].conj()  # (B, T, H, R/2) q'

@@ -7,7 +7,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["original_scores", "collaborative_scores", "attention_kl"]
+__all__ = ["original_scores", "collaborative_scores", "attention_kl", "group_size", "head_groups"]
+
+
+def group_size(n_head: int, n_kv_head: int) -> int:
+    """H/G, the heads of a key/value group."""
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f"n_head={n_head} is not a multiple of n_kv_head={n_kv_head}")
+    return n_head // n_kv_head
+
+
+def head_groups(n_head: int, n_kv_head: int) -> torch.Tensor:
+    """g(h), the key/value group of every head (H,) int64: consecutive heads share a group."""
+    return torch.arange(n_head) // group_size(n_head, n_kv_head)
 
 
 def original_scores(x: torch.Tensor, y: torch.Tensor, w_query: torch.Tensor, w_key: torch.Tensor,

@@ -25,16 +25,11 @@ import math
 import torch
 
 from .rotary import rotary_pairs
+from .scores import head_groups
 
 __all__ = ["longrope_factors", "stock_output", "stock_query"]
 
 _F64 = torch.float64
-
-
-def _groups(n_head: int, n_kv_head: int) -> torch.Tensor:
-    if n_kv_head < 1 or n_head % n_kv_head:
-        raise ValueError(f"n_head={n_head} is not a multiple of n_kv_head={n_kv_head}")
-    return torch.arange(n_head) // (n_head // n_kv_head)  # (H,) g(h)
 
 
 def stock_query(w_query: torch.Tensor, b_query: torch.Tensor | None, freq: torch.Tensor, mixing: torch.Tensor,
@@ -57,7 +52,7 @@ def stock_query(w_query: torch.Tensor, b_query: torch.Tensor | None, freq: torch
         raise ValueError(f"mixing must have shape (n_kv_head, {half}, 2), got {tuple(mixing.shape)}")
     if half and int(freq.max()) >= head_dim // 2:
         raise ValueError(f"frequency index {int(freq.max())} is past head_dim/2 = {head_dim // 2}")
-    groups = _groups(n_head, mixing.shape[0])
+    groups = head_groups(n_head, mixing.shape[0])
     u = torch.view_as_complex(mixing.to(_F64).contiguous())[groups].conj()  # (H, R/2) conj U_{g(h),r}
     factor = scale * math.sqrt(2 * half)
 
@@ -85,7 +80,7 @@ def stock_output(w_out: torch.Tensor, up: torch.Tensor, n_head: int, head_dim: i
     if tuple(w_out.shape) != (d_model, n_head * head_dim) or up.ndim != 2 or up.shape[0] % head_dim:
         raise ValueError(f"o_proj {tuple(w_out.shape)} and up-projection {tuple(up.shape)} do not fit "
                          f"{n_head} heads of width {head_dim}")
-    groups = _groups(n_head, up.shape[0] // head_dim)
+    groups = head_groups(n_head, up.shape[0] // head_dim)
     heads = w_out.to(_F64).view(d_model, n_head, head_dim).transpose(0, 1)  # (H, D, d)
     per_group = up.to(_F64).view(-1, head_dim, up.shape[1])[groups]  # (H, d, r_v)
     return (heads @ per_group).transpose(0, 1).reshape(d_model, -1)  # (D, H*r_v)
